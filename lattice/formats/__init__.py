@@ -1,8 +1,12 @@
 """Every model file format behind one loader interface.
 
     ckpt = open_checkpoint(path)   # HF folder, MLX-quantized folder or .gguf file
-    ckpt.config, ckpt.tensors (canonical HF name -> Tensor), ckpt.metadata (GGUF key -> value)
+    ckpt.config    # lattice.config.ModelConfig
+    ckpt.tensors   # canonical Hugging Face name -> Tensor (HF orientation, memory-mapped)
+    ckpt.metadata  # GGUF key -> plain Python value ({} for folders)
 """
+from .checkpoint import Checkpoint, open_checkpoint
 from .gguf_header import read_gguf_metadata
+from .tensor import Tensor
 
-__all__ = ["read_gguf_metadata"]
+__all__ = ["Checkpoint", "Tensor", "open_checkpoint", "read_gguf_metadata"]

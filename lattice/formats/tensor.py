@@ -1,0 +1,98 @@
+"""Tensor: one named weight in Hugging Face orientation, backed by memory-mapped native data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFormatError
+
+# format-native dtypes of GGUF quantized tensors -> ggml type name (gguf.GGMLQuantizationType)
+GGUF_QUANT_DTYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K",
+                     "q5_0": "Q5_0", "q6_k": "Q6_K"}
+MLX_DTYPES = {"mlx_q4": 4, "mlx_q8": 8}
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 -> float32 (bf16 is the top half of an f32)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def mlx_dequantize(packed, scales, biases, bits, group_size):
+    """MLX affine quantization: w = q * scale + bias per group of `group_size` along the last axis.
+
+    `packed` is uint32 [out, in * bits / 32]; element j of a row sits in bits (j % per_word) * bits
+    of word j // per_word (little-endian within the word)."""
+    packed = np.asarray(packed)
+    out = packed.shape[0]
+    per_word = 32 // bits
+    shifts = np.arange(per_word, dtype=np.uint32) * bits
+    q = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    q = q.reshape(out, -1, group_size).astype(np.float32)
+    scales = np.asarray(scales).astype(np.float32)[..., None]
+    biases = np.asarray(biases).astype(np.float32)[..., None]
+    return (q * scales + biases).reshape(out, -1)
+
+
+def _as_f32(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint16:        # bf16 bits
+        return bf16_to_f32(a)
+    return np.asarray(a, dtype=np.float32)
+
+
+class Tensor:
+    """A weight: `.shape` in HF orientation (Linear [out, in]), `.dtype` format-native.
+
+    `.raw` is the native data, memory-mapped where the file layout already is HF's (rows in HF order):
+    f32/f16 arrays, bf16 as uint16 bits, GGUF quantized rows as uint8 [rows, row_bytes], MLX packed
+    uint32 [out, in*bits/32] (with `.scales`, `.biases`, `.group_size`). Where the file stores a
+    different convention (GGUF row permutations, Qwen3.5 norm `+1`), `.raw` is converted on first use.
+    `.to_f32()` returns a C-contiguous float32 array of `.shape`.
+    """
+
+    def __init__(self, name, shape, dtype, path, load, *, scales=None, biases=None, group_size=None):
+        self.name = name
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self.path = Path(path)
+        self._load = load
+        self._raw = None
+        self.scales = scales
+        self.biases = biases
+        self.group_size = group_size
+
+    @property
+    def raw(self) -> np.ndarray:
+        if self._raw is None:
+            self._raw = self._load()
+        return self._raw
+
+    @property
+    def nbytes(self) -> int:
+        n = self.raw.nbytes
+        if self.scales is not None:
+            n += self.scales.nbytes + self.biases.nbytes
+        return n
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_f32(self) -> np.ndarray:
+        raw = self.raw
+        if self.dtype in ("f32", "f16", "bf16"):
+            out = _as_f32(raw)
+        elif self.dtype in GGUF_QUANT_DTYPES:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+            out = dequantize(np.asarray(raw), GGMLQuantizationType[GGUF_QUANT_DTYPES[self.dtype]])
+        elif self.dtype in MLX_DTYPES:
+            out = mlx_dequantize(raw, self.scales, self.biases, MLX_DTYPES[self.dtype],
+                                 self.group_size)
+        else:
+            raise ModelFormatError(f"tensor {self.name!r}: no f32 conversion for dtype {self.dtype}",
+                                   self.path)
+        return np.ascontiguousarray(out.reshape(self.shape), dtype=np.float32)
+
+    def __repr__(self):
+        return f"Tensor({self.name!r}, shape={self.shape}, dtype={self.dtype!r})"
