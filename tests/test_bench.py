@@ -1,0 +1,438 @@
+"""lattice-bench: statistics on known inputs, the measurement protocol with a synthetic engine whose
+times are exact, option parsing, skips, load processes, and the random-checkpoint writers."""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lattice.bench import cli, engines, make_model as mm, stats
+from lattice.bench.engines import Engine, Timing
+from lattice.bench.load import LoadProcesses
+from lattice.bench.runner import Settings, measure_engine, prompt_ids, run_in_worker, run_spec
+from lattice.bench.stats import BenchError
+from lattice.errors import ConfigError, LatticeError
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+# two-sided 95% Student t critical values (standard tables, 9+ significant digits)
+T975 = {1: 12.7062047362, 2: 4.30265272975, 4: 2.7764451052, 5: 2.57058183564, 10: 2.22813885199,
+        14: 2.14478668792, 30: 2.04227245630, 120: 1.97993040505}
+
+
+@pytest.mark.parametrize("df,expected", sorted(T975.items()))
+def test_t_quantile_matches_tables(df, expected):
+    assert stats.t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
+    assert stats.t_quantile(0.025, df) == pytest.approx(-expected, rel=1e-9)
+
+
+def test_t_quantile_other_levels_and_cdf():
+    assert stats.t_quantile(0.995, 4) == pytest.approx(4.60409487142, rel=1e-9)
+    assert stats.t_quantile(0.95, 7) == pytest.approx(1.89457860506, rel=1e-9)
+    assert stats.t_quantile(0.5, 3) == 0.0
+    assert stats.t_cdf(0.0, 9) == pytest.approx(0.5, abs=1e-15)
+    # t with 1 degree of freedom is Cauchy: CDF(1) = 3/4
+    assert stats.t_cdf(1.0, 1) == pytest.approx(0.75, rel=1e-13)
+
+
+def test_betainc_closed_forms():
+    for x in (0.01, 0.3, 0.5, 0.77, 0.99):
+        assert stats.betainc(1.0, 1.0, x) == pytest.approx(x, rel=1e-13)
+        assert stats.betainc(3.0, 1.0, x) == pytest.approx(x ** 3, rel=1e-12)
+        assert stats.betainc(1.0, 2.5, x) == pytest.approx(1 - (1 - x) ** 2.5, rel=1e-12)
+    assert stats.betainc(7.5, 7.5, 0.5) == pytest.approx(0.5, rel=1e-13)
+    assert stats.betainc(2, 3, 0.0) == 0.0 and stats.betainc(2, 3, 1.0) == 1.0
+
+
+def test_summary_of_known_sample():
+    s = stats.summarize([10.0, 12.0, 14.0, 16.0, 18.0])
+    assert (s.n, s.mean, s.median, s.trimmed_mean) == (5, 14.0, 14.0, 14.0)
+    assert s.stdev == pytest.approx(math.sqrt(10), rel=1e-15)
+    half = 2.7764451052 * math.sqrt(10) / math.sqrt(5)          # t(0.975, 4) * s / sqrt(n)
+    assert s.ci_low == pytest.approx(14 - half, rel=1e-9) and s.ci_high == pytest.approx(14 + half, rel=1e-9)
+    assert s.spread_pct == pytest.approx(8 / 14 * 100, rel=1e-15)
+
+
+def test_trimmed_mean_and_median_even():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1000.0]
+    assert stats.trimmed_mean(xs, 0.1) == 5.5                      # drops 1 and 1000
+    assert stats.median(xs) == 5.5
+    with pytest.raises(BenchError):
+        stats.trimmed_mean(xs, 0.5)
+
+
+def test_mean_is_exactly_rounded():
+    # naive left-to-right summation gives 0 here; fsum gives the exact 2/4
+    assert stats.mean([1e16, 1.0, -1e16, 1.0]) == 0.5
+
+
+def test_slope_rates_known_and_errors():
+    # 448 tokens in 4.48 s = 100 tok/s, whatever the common overhead
+    assert stats.slope_rates(64, 512, [1.0, 2.0], [5.48, 6.48]) == pytest.approx([100.0, 100.0], rel=1e-12)
+    with pytest.raises(BenchError, match="n1=512"):
+        stats.slope_rates(512, 64, [1.0], [2.0])
+    with pytest.raises(BenchError, match="not greater"):
+        stats.slope_rates(64, 512, [2.0], [2.0])
+    with pytest.raises(BenchError, match="paired"):
+        stats.slope_rates(64, 512, [1.0, 2.0], [3.0])
+    with pytest.raises(BenchError):
+        stats.summarize([])
+    with pytest.raises(BenchError):
+        stats.summarize([1.0, float("nan")])
+
+
+def test_degradation():
+    assert stats.degradation_pct(100.0, 79.0) == pytest.approx(21.0, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic engine with exact times
+
+class FakeEngine(Engine):
+    """T(prompt P, n tokens) = overhead + P * prefill + n * decode * (1 + jitter of the call)."""
+    kind = "fake"
+    formats = ("gguf", "hf")
+    DECODE_S, PREFILL_S, OVERHEAD_S = 0.01, 0.001, 0.05
+
+    def __init__(self, spec, options):
+        super().__init__(spec, options)
+        self.calls, self.jitter, self.short_by = [], [0.0], 0
+
+    def load(self, model_path, threads, context):
+        self.loaded = (model_path, threads, context)
+
+    def vocab_size(self):
+        return 1000
+
+    def generate(self, prompt_ids, n):
+        j = self.jitter[len(self.calls) % len(self.jitter)]
+        self.calls.append((len(prompt_ids), n))
+        return Timing(self.OVERHEAD_S + len(prompt_ids) * self.PREFILL_S + n * self.DECODE_S * (1 + j),
+                      n - self.short_by)
+
+    def info(self):
+        return {"backend": "fake", "quant": "none"}
+
+
+def test_protocol_end_to_end_with_exact_times():
+    eng = FakeEngine("fake", [])
+    s = Settings(n1=64, n2=512, warmup=2, runs=15, pp=512, prompt_tokens=16, threads=3)
+    rec = measure_engine(eng, "model.gguf", s)
+    assert eng.loaded == ("model.gguf", 3, s.context)
+    # every run: one N1, one N2, one prefill (max_tokens=1); warm-ups included
+    assert len(eng.calls) == 3 * (2 + 15)
+    assert sorted(set(eng.calls)) == [(16, 64), (16, 512), (512, 1)]
+    d = rec["unloaded"]["decode"]
+    assert d["n"] == 15
+    assert d["median"] == pytest.approx(100.0, rel=1e-12)       # 1 / DECODE_S
+    assert d["stdev"] == pytest.approx(0.0, abs=1e-9)
+    p = rec["unloaded"]["prefill"]
+    assert p["median"] == pytest.approx(512 / (0.05 + 0.512 + 0.01), rel=1e-12)
+    assert rec["unloaded"]["ttft_ms"]["median"] == pytest.approx(572.0, rel=1e-12)
+    assert "loaded" not in rec and rec["info"]["backend"] == "fake"
+
+
+def test_protocol_slope_follows_jitter():
+    eng = FakeEngine("fake", [])
+    # calls per run: N1, N2, prefill (even runs); N2, N1, prefill (odd runs). Jitter only on run 0's N2.
+    eng.jitter = [0.0] * 6 + [0.0, 0.25, 0.0] + [0.0] * 3
+    s = Settings(n1=64, n2=512, warmup=2, runs=2, pp=512, prompt_tokens=16)
+    rec = measure_engine(eng, "m", s)
+    slope0 = 448 / (0.05 + 0.016 + 5.12 * 1.25 - (0.05 + 0.016 + 0.64))
+    assert rec["unloaded"]["decode_tps"] == pytest.approx([slope0, 100.0], rel=1e-12)
+
+
+def test_protocol_rejects_short_generation():
+    eng = FakeEngine("fake", [])
+    eng.short_by = 1
+    with pytest.raises(BenchError, match="produced 63 tokens when asked for 64"):
+        measure_engine(eng, "m", Settings(runs=2, warmup=0))
+
+
+def test_prompt_ids_fixed_and_in_range():
+    ids = prompt_ids(384, 512)
+    assert ids == prompt_ids(384, 512) and len(ids) == 512
+    assert min(ids) >= 96 and max(ids) < 383
+
+
+def test_settings_validation():
+    for bad in (dict(n1=0), dict(n1=512, n2=64), dict(runs=1), dict(warmup=-1), dict(pp=0), dict(threads=0)):
+        with pytest.raises(BenchError):
+            Settings(**bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    monkeypatch.setitem(engines.ENGINES, "fake", FakeEngine)
+
+
+def test_cli_run_tables_json_csv(tmp_path, fake_registry):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "-e", "nosuch-but-skipped",
+                                        "--runs", "3", "--warmup", "0", "--threads", "2",
+                                        "--json", str(out_json), "--csv", str(out_csv), "--in-process"])
+    assert res.exit_code != 0 and "unknown engine 'nosuch-but-skipped'" in str(res.exception)
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "-e", "transformers",
+                                        "--runs", "3", "--warmup", "0", "--threads", "2",
+                                        "--json", str(out_json), "--csv", str(out_csv), "--in-process"])
+    assert res.exit_code == 0, res.output
+    assert "pp512" in res.output and "tg448" in res.output and "100.00 ± 0.00" in res.output
+    assert "transformers: skipped: " in res.output
+    doc = json.loads(out_json.read_text())
+    assert doc["settings"]["threads"] == 2 and "cpu" in doc["machine"] and "command" in doc["machine"]
+    fake = doc["results"][0]
+    assert fake["status"] == "ok" and fake["unloaded"]["decode"]["median"] == pytest.approx(100.0)
+    rows = out_csv.read_text().splitlines()
+    assert rows[0].startswith("engine,status,phase,metric") and len(rows) == 1 + 3 + 1
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    r = CliRunner()
+    res = r.invoke(cli.main, ["run", "--gguf", str(model), "--n1", "600", "--n2", "512"])
+    assert res.exit_code == 2 and "n1=600" in res.output
+    res = r.invoke(cli.main, ["run", "--gguf", str(model), "--load", "2", "--load-duty", "1.5"])
+    assert res.exit_code == 2 and "--load-duty" in res.output
+    res = r.invoke(cli.main, ["run"])
+    assert res.exit_code == 2 and "--gguf FILE and/or --hf FOLDER" in res.output
+    res = r.invoke(cli.main, ["run", "--gguf", str(tmp_path / "missing.gguf")])
+    assert res.exit_code == 2
+
+
+def test_cli_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 1 and "pip install 'lattice[bench]'" in res.output
+
+
+def test_help_documents_the_method():
+    res = CliRunner().invoke(cli.main, ["run", "--help"])
+    assert res.exit_code == 0
+    for phrase in ("(N2 - N1) / (T(N2) - T(N1))", "N1=64, N2=512", "15 measured runs", "Student's t",
+                   "spread % = (max - min) / mean", "--load"):
+        assert phrase in res.output
+
+
+def test_skipped_when_not_installed_or_no_matching_file():
+    class Missing(FakeEngine):
+        package = "surely_not_an_installed_package_xyz"
+    r = run_spec("missing", {"gguf": "m.gguf"}, Settings(), {"missing": Missing})
+    assert r == {"engine": "missing", "status": "skipped",
+                 "reason": "not installed (surely_not_an_installed_package_xyz is missing)"}
+
+    class HFOnly(FakeEngine):
+        formats = ("hf",)
+    r = run_spec("hfonly", {"gguf": "m.gguf", "hf": None}, Settings(), {"hfonly": HFOnly})
+    assert r["status"] == "skipped" and "needs a model in hf format" in r["reason"]
+
+
+def test_engine_specs_parse():
+    e = engines.make_engine("lattice:cpu:q8")
+    assert isinstance(e, engines.LatticeEngine) and e.options == ["cpu", "q8"]
+    assert isinstance(engines.make_engine("llama.cpp:gpu"), engines.LlamaCppEngine)
+    with pytest.raises(BenchError, match="unknown engine 'vllm'"):
+        engines.make_engine("vllm")
+
+
+def test_worker_process_reports_errors():
+    r = run_in_worker("nosuch", {"gguf": "m.gguf"}, Settings())
+    assert r["status"] == "error" and "unknown engine 'nosuch'" in r["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# load processes
+
+def _alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_cpu_load_processes_report_and_exit():
+    with LoadProcesses(2, "cpu", duty=0.2, period_ms=10) as lp:
+        pids = [p.pid for p in lp.procs]
+        time.sleep(0.3)
+    summ = lp.summary()
+    assert summ["reported"] == 2 and all(r["bursts"] > 0 for r in summ["reports"])
+    assert 0 < summ["share_pct"] < 200
+    for p in pids:                      # reaped by communicate(); nothing left running
+        assert not _alive([p]) or open(f"/proc/{p}/stat").read().split()[2] == "Z"
+
+
+def test_load_processes_stopped_on_error():
+    pids = []
+    with pytest.raises(RuntimeError):
+        with LoadProcesses(1, "cpu", duty=0.05) as lp:
+            pids = [p.pid for p in lp.procs]
+            raise RuntimeError("engine failed")
+    assert pids and not _alive(pids) and lp.procs == []
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA GPU")
+def test_gpu_load_without_cuda_fails_clearly():
+    with pytest.raises(BenchError, match="failed to start.*(CUDA|torch)"):
+        with LoadProcesses(1, "cuda", ready_timeout=120):
+            pass
+
+
+def test_load_option_errors():
+    for args in ((-1, "cpu", 0.02, 10), (1, "cpu", 0.0, 10), (1, "cpu", 0.02, 0), (1, "metal", 0.02, 10)):
+        with pytest.raises(BenchError):
+            LoadProcesses(*args)
+
+
+def test_contention_mode_with_fake_engine():
+    eng = FakeEngine("fake", [])
+    s = Settings(runs=2, warmup=0, load=1, load_device="cpu", load_duty=0.05)
+    rec = measure_engine(eng, "m", s)
+    assert rec["loaded"]["decode"]["median"] == pytest.approx(100.0)
+    assert rec["degradation_pct"]["decode"] == pytest.approx(0.0, abs=1e-9)
+    assert rec["loaded"]["load"]["reported"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# random checkpoints
+
+def test_model_specs_match_published_shapes():
+    q = mm.model_spec("qwen3.5-0.8b")
+    assert (q["num_hidden_layers"], q["hidden_size"], q["intermediate_size"], q["vocab_size"]) == (24, 1024, 3584, 248320)
+    assert q["layer_types"] == (["linear_attention"] * 3 + ["full_attention"]) * 6
+    assert (q["num_attention_heads"], q["num_key_value_heads"], q["head_dim"]) == (8, 2, 256)
+    assert (q["linear_num_key_heads"], q["linear_num_value_heads"], q["linear_key_head_dim"]) == (16, 16, 128)
+    n_params = sum(int(np.prod(t.shape)) for t in mm.hf_tensors(q))
+    assert 0.7e9 < n_params < 0.8e9                       # tied embeddings: ~0.75B text parameters
+    s = mm.model_spec("smollm2-135m")
+    assert 134e6 < sum(int(np.prod(t.shape)) for t in mm.hf_tensors(s)) < 135e6
+    with pytest.raises(ConfigError, match="unknown model shape"):
+        mm.model_spec("gpt-5")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        mm.model_spec("smollm2-135m", hidden=3)
+    with pytest.raises(ConfigError, match="vocab_size must be at least 258"):
+        mm.model_spec("smollm2-135m", tiny=True, vocab_size=100)
+
+
+@pytest.mark.parametrize("name", sorted(mm.MODELS))
+def test_make_model_cli_and_hf_round_trip(tmp_path, name):
+    from lattice.formats import open_checkpoint
+    out = tmp_path / name
+    res = CliRunner().invoke(cli.main, ["make-model", name, "--random", str(out), "--tiny", "--dtype", "f32",
+                                        "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    spec = mm.model_spec(name, tiny=True)
+    ck = open_checkpoint(out)
+    assert ck.config.num_hidden_layers == spec["num_hidden_layers"]
+    assert ck.config.vocab_size == spec["vocab_size"]
+    for hf_name, values in mm.generate(spec, seed=3, dtype="f32"):
+        canon = hf_name.replace("model.language_model.", "model.")
+        np.testing.assert_array_equal(ck.tensors[canon].to_f32(), values, err_msg=hf_name)
+        assert np.isfinite(values).all() and np.abs(values).max() < 20
+
+
+def _gguf_tensors(path):
+    import gguf
+    r = gguf.GGUFReader(path)
+    out = {}
+    for t in r.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type.name == "Q8_0" else np.array(t.data)
+        out[t.name] = (t.tensor_type.name, np.asarray(data, np.float32).reshape(tuple(int(d) for d in t.shape[::-1])))
+    return r, out
+
+
+def test_qwen35_gguf_follows_llama_cpp_conventions(tmp_path):
+    import gguf
+    spec = mm.model_spec("qwen3.5-0.8b", tiny=True)
+    path = mm.write_gguf(spec, str(tmp_path / "q.gguf"), seed=5, outtype="f32", dtype="f32")
+    reader, t = _gguf_tensors(path)
+    kv = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.ggml.")}
+    assert kv["general.architecture"] == "qwen35"
+    assert kv["qwen35.full_attention_interval"] == 4 and kv["qwen35.rope.dimension_count"] == 8
+    assert kv["qwen35.ssm.group_count"] == 2 and kv["qwen35.ssm.time_step_rank"] == 4
+    assert kv["qwen35.ssm.inner_size"] == 64 and kv["qwen35.ssm.state_size"] == 16
+    assert kv["qwen35.attention.key_length"] == 32 and kv["qwen35.rope.freq_base"] == 1e7
+    hf = dict(mm.generate(spec, seed=5, dtype="f32"))
+    p = "model.language_model.layers."
+    # names agree with the gguf package's own HF -> GGUF map
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35, spec["num_hidden_layers"])
+    for name in hf:
+        gname, _ = mm.gguf_name_and_transform(spec, name)
+        key = name.replace("model.language_model.", "model.").replace(".dt_bias", ".dt_proj.bias")
+        if not key.endswith("A_log"):
+            assert tmap.get_name(key, try_suffixes=(".weight", ".bias")) == gname, name
+    np.testing.assert_allclose(t["blk.0.attn_norm.weight"][1], 1 + hf[p + "0.input_layernorm.weight"], rtol=1e-6)
+    np.testing.assert_allclose(t["blk.3.attn_q_norm.weight"][1], 1 + hf[p + "3.self_attn.q_norm.weight"], rtol=1e-6)
+    np.testing.assert_array_equal(t["blk.0.ssm_norm.weight"][1], hf[p + "0.linear_attn.norm.weight"])
+    np.testing.assert_allclose(t["blk.0.ssm_a"][1], -np.exp(hf[p + "0.linear_attn.A_log"])[[0, 2, 1, 3]], rtol=1e-6)
+    np.testing.assert_array_equal(t["blk.3.attn_q.weight"][1], hf[p + "3.self_attn.q_proj.weight"])
+    # value heads: HF groups them by key head (k0v0 k0v1 k1v0 k1v1), ggml wants them tiled (k0v0 k1v0 k0v1 k1v1)
+    z = hf[p + "0.linear_attn.in_proj_z.weight"].reshape(4, 16, -1)
+    np.testing.assert_array_equal(t["blk.0.attn_gate.weight"][1].reshape(4, 16, -1), z[[0, 2, 1, 3]])
+    conv = hf[p + "0.linear_attn.conv1d.weight"][:, 0, :]
+    got = t["blk.0.ssm_conv1d.weight"]
+    assert got[0] == "F32" and got[1].shape == conv.shape
+    np.testing.assert_array_equal(got[1][:64], conv[:64])                     # q and k channels unchanged
+    np.testing.assert_array_equal(got[1][64:].reshape(4, 16, -1), conv[64:].reshape(4, 16, -1)[[0, 2, 1, 3]])
+    out_proj = hf[p + "0.linear_attn.out_proj.weight"].reshape(64, 4, 16)
+    np.testing.assert_array_equal(t["blk.0.ssm_out.weight"][1].reshape(64, 4, 16), out_proj[:, [0, 2, 1, 3]])
+    assert "output.weight" not in t                                           # tied embeddings
+
+
+def test_llama_gguf_permutes_q_k_and_writes_rope_factors(tmp_path):
+    spec = mm.model_spec("llama-3.2-1b", tiny=True)
+    path = mm.write_gguf(spec, str(tmp_path / "l.gguf"), seed=2, outtype="q8_0", dtype="f32")
+    _, t = _gguf_tensors(path)
+    hf = dict(mm.generate(spec, seed=2, dtype="f32"))
+    q = hf["model.layers.1.self_attn.q_proj.weight"]                          # 4 heads x 16 rows
+    # HF row order per head: [x0..x7 | y0..y7] (rotate-half); llama.cpp: x0 y0 x1 y1 ...
+    expect = q.reshape(4, 2, 8, -1).transpose(0, 2, 1, 3).reshape(q.shape)
+    assert t["blk.1.attn_q.weight"][0] == "Q8_0"
+    np.testing.assert_allclose(t["blk.1.attn_q.weight"][1], expect, atol=np.abs(q).max() / 127)
+    assert t["blk.0.attn_norm.weight"][0] == "F32"
+    np.testing.assert_array_equal(t["blk.0.attn_norm.weight"][1], hf["model.layers.0.input_layernorm.weight"])
+    f = t["rope_freqs.weight"][1]
+    assert f.shape == (8,) and f[0] == 1.0 and f[-1] == 32.0 and np.all(np.diff(f) >= 0)
+
+
+def test_gguf_f16_fallback_for_rows_not_multiple_of_32():
+    from gguf import GGMLQuantizationType as Q
+    assert mm.gguf_tensor_type("blk.0.ffn_down.weight", (64, 48), "q8_0") == Q.F16
+    assert mm.gguf_tensor_type("blk.0.ffn_down.weight", (64, 64), "q8_0") == Q.Q8_0
+    assert mm.gguf_tensor_type("blk.0.ssm_conv1d.weight", (64, 4), "q8_0") == Q.F32
+    assert mm.gguf_tensor_type("blk.0.ssm_a", (4,), "f16") == Q.F32
+    with pytest.raises(ConfigError, match="unknown GGUF type"):
+        mm.write_gguf(mm.model_spec("smollm2-135m", tiny=True), "/nonexistent/x.gguf", outtype="q4_k")
+
+
+def test_gguf_round_trip_through_lattice_reader(tmp_path):
+    """Writer and lattice.formats' GGUF reader agree: the reader undoes every llama.cpp convention."""
+    pytest.importorskip("lattice.formats.gguf", reason="lattice.formats.gguf (formats engineer) not landed yet")
+    from lattice.formats import open_checkpoint
+    for name in sorted(mm.MODELS):
+        spec = mm.model_spec(name, tiny=True)
+        for outtype, atol in (("f32", 1e-6), ("q8_0", 2e-3)):
+            path = mm.write_gguf(spec, str(tmp_path / f"{name}-{outtype}.gguf"), seed=4, outtype=outtype,
+                                 dtype="f32")
+            ck = open_checkpoint(path)
+            assert ck.config.num_hidden_layers == spec["num_hidden_layers"]
+            for hf_name, values in mm.generate(spec, seed=4, dtype="f32"):
+                canon = hf_name.replace("model.language_model.", "model.")
+                got = ck.tensors[canon].to_f32().reshape(values.shape)
+                np.testing.assert_allclose(got, values, atol=atol, rtol=1e-5, err_msg=f"{name} {outtype} {canon}")
