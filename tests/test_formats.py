@@ -60,7 +60,8 @@ def test_hf_folder_tensors_are_exact_memory_maps(folder):
     ref = load_file(str(folder / "model.safetensors"))
     assert set(ckpt.tensors) == set(ref)
     for name, t in ckpt.tensors.items():
-        assert isinstance(t, Tensor) and t.name == name and t.dtype == "f16"
+        assert isinstance(t, Tensor) and t.name == name
+        assert t.dtype == ("f32" if ref[name].dtype == np.float32 else "f16")
         assert t.shape == ref[name].shape and t.nbytes == ref[name].nbytes
         assert not t.raw.flags.owndata          # a view of the file, not a copy
         a = t.to_f32()
@@ -197,3 +198,102 @@ def test_bad_config_json(tmp_path):
     tmp_path.joinpath("config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json"):
         open_checkpoint(tmp_path)
+
+
+# --- GGUF ------------------------------------------------------------------------------------------
+# The fixtures were converted from the HF folders above by llama.cpp's own convert_hf_to_gguf.py
+# (tests/oracles/make_format_fixtures.py): loading them must give back the HF checkpoint exactly.
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen35"])
+def test_gguf_f16_equals_hf_exactly(name):
+    hf = open_checkpoint(FORMATS / f"{name}-hf")
+    g = open_checkpoint(FORMATS / f"{name}-f16.gguf")
+    assert g.format == "gguf" and g.folder is None and g.path == FORMATS / f"{name}-f16.gguf"
+    assert g.metadata["general.architecture"] in ("llama", "qwen35")
+    assert g.config == hf.config
+    assert set(g.tensors) == set(hf.tensors)
+    for k, t in hf.tensors.items():
+        got = g.tensors[k]
+        assert got.name == k and got.shape == t.shape, k
+        a = got.to_f32()
+        assert a.dtype == np.float32 and a.flags.c_contiguous
+        # norms (+1 folded and removed) and A_log (-exp, then log) go through f32 arithmetic
+        np.testing.assert_allclose(a, t.to_f32(), rtol=2e-7, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen35"])
+def test_gguf_q8_0_rows_in_hf_order(name):
+    """Quantized q/k (llama) and value-head (qwen35) rows are permuted back: every row is within
+    the Q8_0 bound of its HF row (a wrong permutation is off by O(1))."""
+    hf = open_checkpoint(FORMATS / f"{name}-hf")
+    g = open_checkpoint(FORMATS / f"{name}-q8_0.gguf")
+    assert g.config == hf.config and set(g.tensors) == set(hf.tensors)
+    n_q8 = 0
+    for k, t in hf.tensors.items():
+        ref, got = t.to_f32(), g.tensors[k]
+        if got.dtype == "q8_0":
+            n_q8 += 1
+            assert got.raw.dtype == np.uint8 and got.raw.shape == (ref.shape[0], ref.shape[1] // 32 * 34)
+            blocks = ref.reshape(ref.shape[0], -1, 32)
+            # llama.cpp: d = max|w|/127 rounded to f16 (2**-11 relative), q = round(w/d) in -127..127
+            bound = np.abs(blocks).max(-1, keepdims=True) / 127 * (0.5 + 127 * 2**-11) + 1e-7
+            assert (np.abs(got.to_f32().reshape(blocks.shape) - blocks) <= bound).all(), k
+        else:
+            np.testing.assert_allclose(got.to_f32(), ref, rtol=1e-6, atol=4e-3, err_msg=k)
+    assert n_q8 >= 14
+
+
+def test_gguf_qwen35_conventions_undone():
+    """Spot checks of the individual conventions, so a failure says which one broke."""
+    g = open_checkpoint(FORMATS / "tiny-qwen35-f16.gguf")
+    hf = open_checkpoint(FORMATS / "tiny-qwen35-hf")
+    t = g.tensors
+    assert t["model.layers.0.linear_attn.conv1d.weight"].shape == (128, 1, 4)
+    assert t["model.layers.0.linear_attn.A_log"].dtype == "f32"
+    # the GDN output norm is stored as is; the others have +1 in the file
+    raw = t["model.layers.0.linear_attn.norm.weight"].raw
+    np.testing.assert_array_equal(raw, hf.tensors["model.layers.0.linear_attn.norm.weight"].to_f32())
+    assert g.metadata["qwen35.attention.recurrent_layers"] == [True, False]
+    # value-head order: v rows of in_proj_qkv start after q and k (2 * 2 heads * 16)
+    np.testing.assert_array_equal(t["model.layers.0.linear_attn.in_proj_qkv.weight"].to_f32()[64:],
+                                  hf.tensors["model.layers.0.linear_attn.in_proj_qkv.weight"].to_f32()[64:])
+
+
+def test_gguf_smollm2_real_file(smollm2_path):
+    ckpt = open_checkpoint(smollm2_path)
+    cfg = ckpt.config
+    assert (cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == ("llama", 49152, 576, 1536)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (30, 9, 3, 64)
+    assert cfg.rope_theta == 100000.0 and cfg.rms_norm_eps == 1e-5 and cfg.tie_word_embeddings
+    assert cfg.bos_token_id == 1 and cfg.eos_token_id == [2] and cfg.max_position_embeddings == 8192
+    assert len(ckpt.tensors) == 272 and "lm_head.weight" not in ckpt.tensors
+    dtypes = {t.dtype for t in ckpt.tensors.values()}
+    assert dtypes == {"q4_1", "q8_0", "f32"}
+    q = ckpt.tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == "q4_1" and q.shape == (576, 576) and q.raw.shape == (576, 576 // 32 * 20)
+    k = ckpt.tensors["model.layers.0.self_attn.k_proj.weight"]
+    assert k.shape == (192, 576)
+    emb = ckpt.tensors["model.embed_tokens.weight"]
+    assert emb.shape == (49152, 576) and emb.dtype == "q8_0"
+    assert not emb.raw.flags.owndata
+    w = q.to_f32()
+    assert w.shape == (576, 576) and np.isfinite(w).all() and 0.01 < w.std() < 1.0
+    norm = ckpt.tensors["model.norm.weight"].to_f32()
+    assert norm.shape == (576,) and 0.1 < np.abs(norm).mean() < 10
+
+
+def test_gguf_smollm2_qk_permutation_is_undone(smollm2_path):
+    """The q/k permutation pairs rows (i, i + hd/2) of HF with (2i, 2i+1) of GGUF. Undoing it must
+    give the same rows as applying our inverse to the native rows by hand."""
+    ckpt = open_checkpoint(smollm2_path)
+    from lattice.formats.gguf_header import parse_gguf_header
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    info = {t.name: t for t in parse_gguf_header(smollm2_path).tensors}["blk.3.attn_k.weight"]
+    raw = np.memmap(smollm2_path, np.uint8, "r", offset=info.offset, shape=(192 * 18 * 20,))
+    native = dequantize(np.asarray(raw).reshape(192, -1), GGMLQuantizationType.Q4_1)
+    got = ckpt.tensors["model.layers.3.self_attn.k_proj.weight"].to_f32()
+    for head in range(3):
+        for i in range(32):
+            np.testing.assert_array_equal(got[head * 64 + i], native[head * 64 + 2 * i])
+            np.testing.assert_array_equal(got[head * 64 + 32 + i], native[head * 64 + 2 * i + 1])

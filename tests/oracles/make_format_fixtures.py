@@ -51,7 +51,52 @@ def make_hf_models():
     for model, name in ((llama, "tiny-llama-hf"), (qwen, "tiny-qwen35-hf")):
         path = OUT / name
         shutil.rmtree(path, ignore_errors=True)
-        model.half().save_pretrained(path, safe_serialization=True)
+        # matrices in f16 keep the files small; 1-D tensors stay f32 so that llama.cpp's converter
+        # folds `+1` / `-exp` in f32 (as it does for real bf16 checkpoints, which it upcasts)
+        model.half()
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.data = p.data.float()
+        model.save_pretrained(path, safe_serialization=True)
         for extra in path.glob("generation_config.json"):
             extra.unlink()
         print(name, sorted((f.name, f.stat().st_size) for f in path.iterdir()))
+
+
+CONVERT = """
+import sys
+sys.path[:0] = [{llama_cpp!r} + "/gguf-py", {llama_cpp!r}]
+import gguf
+import convert_hf_to_gguf
+from conversion.llama import LlamaModel
+from conversion.qwen import Qwen3_5TextModel
+
+def placeholder_vocab(self):
+    # random tiny models have no tokenizer: distinct single-character tokens
+    n = self.hparams["vocab_size"]
+    toks = [chr(0x100 + i) for i in range(n)]
+    self.gguf_writer.add_tokenizer_model("gpt2")
+    self.gguf_writer.add_tokenizer_pre("default")
+    self.gguf_writer.add_token_list(toks)
+    self.gguf_writer.add_token_types([gguf.TokenType.NORMAL] * n)
+    self.gguf_writer.add_token_merges([toks[0] + " " + toks[1]])
+    if self.hparams.get("bos_token_id") is not None:
+        self.gguf_writer.add_bos_token_id(self.hparams["bos_token_id"])
+    self.gguf_writer.add_eos_token_id(self.hparams["eos_token_id"])
+
+LlamaModel.set_vocab = Qwen3_5TextModel.set_vocab = placeholder_vocab
+sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outfile", {dst!r}, "--outtype", {outtype!r}] + {extra!r}
+convert_hf_to_gguf.main()
+"""
+
+
+def convert_to_gguf(llama_cpp):
+    for name in ("tiny-llama", "tiny-qwen35"):
+        for outtype in ("f16", "q8_0"):
+            dst = OUT / f"{name}-{outtype}.gguf"
+            code = CONVERT.format(llama_cpp=llama_cpp, src=str(OUT / f"{name}-hf"), dst=str(dst),
+                                  outtype=outtype, extra=["--no-mtp"] if "qwen" in name else [])
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(r.stderr[-3000:])
+            print(dst.name, dst.stat().st_size)
