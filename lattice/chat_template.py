@@ -107,6 +107,7 @@ class ChatTemplate:
         _check_messages(messages, self.source)
         context = dict(template_vars, messages=messages, add_generation_prompt=add_generation_prompt,
                        bos_token=bos_token, eos_token=eos_token, tools=tools)
+        context.setdefault("documents", None)
         try:
             return self._template.render(**context)
         except SecurityError as e:
