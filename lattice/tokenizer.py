@@ -95,8 +95,7 @@ class Tokenizer:
         elif os.path.isfile(spm_path):
             with open(spm_path, "rb") as f:
                 proto = f.read()
-            extra = _added_tokens_from_config(tokenizer_config)
-            backend = _SentencePieceBackend(proto, spm_path, extra_specials=extra)
+            backend = _SentencePieceBackend(proto, spm_path, added_tokens=_added_tokens_from_config(tokenizer_config))
         else:
             raise TokenizerError(f"{folder}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
 
@@ -333,7 +332,7 @@ class _SentencePieceBackend:
 
     Special tokens are split out of the text first; sentencepiece encodes the plain text between them."""
 
-    def __init__(self, proto: bytes, source, token_types=None, extra_specials=None):
+    def __init__(self, proto: bytes, source, token_types=None, added_tokens=None):
         import sentencepiece
         self.source = source
         try:
@@ -347,10 +346,14 @@ class _SentencePieceBackend:
             token_types = [CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else NORMAL
                            for i in range(n)]
         self._pieces = [sp.id_to_piece(i) for i in range(n)]
+        # matched whole in the text and written verbatim on decode: id -> text
         specials = {i: self._pieces[i] for i in range(n) if token_types[i] in (CONTROL, UNKNOWN, USER_DEFINED)}
-        specials.update(extra_specials or {})
-        self._special_text = specials                       # id -> text, written verbatim on decode
-        self.special_ids = frozenset(i for i in specials if i >= n or token_types[i] != USER_DEFINED)
+        special_ids = {i for i in specials if token_types[i] != USER_DEFINED}
+        for i, (text, special) in (added_tokens or {}).items():
+            specials[i] = text
+            (special_ids.add if special else special_ids.discard)(i)
+        self._special_text = specials
+        self.special_ids = frozenset(special_ids)
         self.vocab_size = max(n, max(specials, default=-1) + 1)
         by_text = {}
         for i, text in sorted(specials.items(), reverse=True):   # the lowest id wins a duplicate text
@@ -386,14 +389,20 @@ class _SentencePieceBackend:
                     run = []
                 if not (skip_special and i in self.special_ids):
                     parts.append(self._special_text[i])
-            else:
+            elif i < len(self._pieces):
                 run.append(i)
+            else:
+                raise TokenizerError(f"token id {i} is not in the vocabulary ({self.source})")
         if run:
             parts.append(self._sp.decode(run))
         return "".join(parts)
 
     def id_to_piece(self, i):
-        return self._pieces[i] if i < len(self._pieces) else self._special_text[i]
+        if i < len(self._pieces):
+            return self._pieces[i]
+        if i not in self._special_text:
+            raise TokenizerError(f"token id {i} is not in the vocabulary ({self.source})")
+        return self._special_text[i]
 
     def piece_to_id(self, piece):
         if piece in self._special_by_text:
@@ -474,14 +483,15 @@ def _first_int(*values):
 
 
 def _added_tokens_from_config(tokenizer_config) -> dict:
-    """id -> content of tokenizer_config.json's added_tokens_decoder (tokens added on top of the
-    sentencepiece vocabulary, e.g. chat markers)."""
+    """id -> (content, special) of tokenizer_config.json's added_tokens_decoder (tokens added on top
+    of the sentencepiece vocabulary, e.g. chat markers)."""
     added = tokenizer_config.get("added_tokens_decoder") or {}
     out = {}
     for key, value in added.items():
         content = _token_content(value)
         if content is not None and str(key).isdigit():
-            out[int(key)] = content
+            special = value.get("special", True) if isinstance(value, dict) else True
+            out[int(key)] = (content, bool(special))
     return out
 
 

@@ -276,3 +276,17 @@ def test_add_bos_without_bos_token_is_an_error(smollm2_metadata):
         tok.encode("hi", add_bos=True)
     with pytest.raises(TokenizerError, match="str"):
         tok.encode(b"hi")
+
+
+def test_tokenizer_model_with_added_tokens(tmp_path):
+    shutil.copy(os.path.join(TOK_FIXTURES, "tiny-spm", "tokenizer.model"), tmp_path / "tokenizer.model")
+    added = {"330": {"content": "<|tool|>", "special": True}, "331": {"content": "<think>", "special": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.vocab_size == 332
+    assert 330 in tok.special_ids and 331 not in tok.special_ids
+    ids = tok.encode("a<|tool|>b<think>", add_bos=False)
+    assert 330 in ids and ids[-1] == 331
+    assert tok.decode(ids) == "a<|tool|>b<think>"
+    assert tok.decode(ids, skip_special=True) == "ab<think>"
+    assert tok.id_to_piece(331) == "<think>"
