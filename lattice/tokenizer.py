@@ -14,8 +14,11 @@ Three sources, one `Tokenizer`:
 
 Special tokens written in the text (`<|im_start|>`, ...) are always parsed as single tokens.
 For SentencePiece vocabularies the text is split at special tokens first and every plain-text piece is
-encoded on its own (with the dummy-prefix space, when the model uses one), as llama.cpp does;
-decoding drops that space again after each special token, so decode(encode(s)) == s.
+encoded on its own (with the dummy-prefix space, when the model uses one), as llama.cpp does (and
+transformers' legacy Llama tokenizer; tokenizer.model folders follow the same rule); decoding drops that
+space again after each special token, so decode(encode(s)) == s.
+Unlike transformers and llama.cpp, encode never puts a second BOS before one already at the start of
+the text (as a chat template that writes {{ bos_token }} would leave it).
 """
 from __future__ import annotations
 
