@@ -772,6 +772,7 @@ class Program:
         self.prefill_chunk, self.logits_chunk = prefill_chunk, logits_chunk
         self.dispatches = {}        # variant -> np.ndarray[DISPATCH_DTYPE]
         self.notes = {}             # variant -> per dispatch (kernel label, layer, args dict, binding roles)
+        self.accesses = {}          # variant -> per dispatch [(arena, start, end, writes)], for barriers
         self.consts = None
         self.weights = None
         self.sizes = {}
@@ -838,8 +839,8 @@ def build(ckpt, quant=None, context=4096, prefill_chunk=64, logits_chunk=16, mat
     consts = bytearray()
     scratch = 0
     for variant, rows in (("decode", 1), ("prefill", prefill_chunk), ("logits", logits_chunk)):
-        recs, notes, size = _emit(prog, kernels, store, logits, variant, rows, consts)
-        prog.dispatches[variant], prog.notes[variant] = recs, notes
+        recs, notes, size, accesses = _emit(prog, kernels, store, logits, variant, rows, consts)
+        prog.dispatches[variant], prog.notes[variant], prog.accesses[variant] = recs, notes, accesses
         scratch = max(scratch, size)
     prog.sizes["scratch"] = scratch
     prog.consts = np.frombuffer(bytes(consts), dtype=np.uint8).copy()
@@ -1087,4 +1088,4 @@ def _emit(prog, kernels, store, logits_value, variant, rows, consts):
         accesses.append(acc)
     for rec, flag in zip(recs, needs_barrier(accesses)):
         rec["flags"] = BARRIER if flag else 0
-    return recs, notes, size
+    return recs, notes, size, accesses
