@@ -108,7 +108,7 @@ def rope(x, positions, n_heads, head_dim, rotary_dim, inv_freq):
     """NeoX rotation of pairs (i, i + rotary_dim/2) over the first rotary_dim dims of each head."""
     t = x.shape[0]
     half = rotary_dim // 2
-    angles = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=F32)[None, :half]
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=F32)[None, :]
     cos = np.cos(angles).astype(F32)[:, None, :]
     sin = np.sin(angles).astype(F32)[:, None, :]
     heads = x.reshape(t, n_heads, head_dim)

@@ -292,3 +292,133 @@ def test_smollm2_greedy_matches_f32_reference(smollm2, chat):
     dec.reset()
     tokens, _ = dec.greedy(o[f"chat{chat}_prompt"], len(o[f"chat{chat}_tokens"]))
     assert tokens == o[f"chat{chat}_tokens"].tolist()
+
+
+# ------------------------------------------------------------------------------ the ops contract, traced
+
+class Opaque:
+    """A symbolic activation: a shape and nothing else. Numpy, arithmetic, indexing and truth tests
+    on it fail, as they would in the program builder's tracer."""
+    __slots__ = ("shape",)
+
+    def __init__(self, *shape):
+        self.shape = tuple(shape)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("model code used numpy on an activation")
+
+    def __bool__(self):
+        raise TypeError("model code branched on an activation")
+
+    def __len__(self):
+        raise TypeError("model code took len() of an activation")
+
+    def __getitem__(self, key):
+        raise TypeError("model code indexed an activation")
+
+
+class ShapeOnlyWeight:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def to_f32(self):
+        raise AssertionError("model code read weight data")
+
+
+class ShapeOps:
+    """Records the op sequence and checks every shape against the contract."""
+
+    def __init__(self, cfg, layer_states):
+        self.cfg, self.layer_states, self.calls = cfg, layer_states, []
+
+    def _rec(self, name, *outs):
+        self.calls.append(name)
+        assert all(isinstance(o, Opaque) for o in outs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def embed(self, table, ids):
+        return self._rec("embed", Opaque(ids.shape[0], table.shape[1]))
+
+    def rms_norm(self, x, w, eps, add_one):
+        assert w.shape == (x.shape[1],) and isinstance(add_one, bool)
+        return self._rec("rms_norm", Opaque(*x.shape))
+
+    def head_rms_norm(self, x, w, n_heads, eps, add_one):
+        assert x.shape[1] == n_heads * w.shape[0]
+        return self._rec("head_rms_norm", Opaque(*x.shape))
+
+    def linear(self, x, w, bias=None):
+        assert x.shape[1] == w.shape[1] and (bias is None or bias.shape == (w.shape[0],))
+        return self._rec("linear", Opaque(x.shape[0], w.shape[0]))
+
+    def add(self, a, b):
+        assert a.shape == b.shape
+        return self._rec("add", Opaque(*a.shape))
+
+    def silu_mul(self, gate, up):
+        assert gate.shape == up.shape
+        return self._rec("silu_mul", Opaque(*gate.shape))
+
+    def sigmoid_mul(self, x, gate):
+        assert x.shape == gate.shape
+        return self._rec("sigmoid_mul", Opaque(*x.shape))
+
+    def split(self, x, sizes):
+        assert sum(sizes) == x.shape[1]
+        return self._rec("split", *(Opaque(x.shape[0], s) for s in sizes))
+
+    def split_heads(self, x, n_heads, sizes):
+        assert n_heads * sum(sizes) == x.shape[1]
+        return self._rec("split_heads", *(Opaque(x.shape[0], n_heads * s) for s in sizes))
+
+    def rope(self, x, n_heads, head_dim, rotary_dim, inv_freq):
+        assert x.shape[1] == n_heads * head_dim and inv_freq.shape == (rotary_dim // 2,)
+        return self._rec("rope", Opaque(*x.shape))
+
+    def attention(self, q, k, v, layer, n_heads, n_kv_heads, head_dim, scale):
+        width = self.layer_states[layer].width
+        assert k.shape[1] == v.shape[1] == width == n_kv_heads * head_dim and q.shape[1] == n_heads * head_dim
+        return self._rec("attention", Opaque(q.shape[0], n_heads * head_dim))
+
+    def conv1d_silu(self, x, w, layer):
+        assert self.layer_states[layer].conv == (w.shape[-1] - 1, x.shape[1]) == (w.shape[-1] - 1, w.shape[0])
+        return self._rec("conv1d_silu", Opaque(*x.shape))
+
+    def gated_delta_rule(self, q, k, v, a, b, A_log, dt_bias, layer, n_k_heads, n_v_heads, k_dim, v_dim):
+        assert self.layer_states[layer].recurrent == (n_v_heads, k_dim, v_dim)
+        assert q.shape[1] == k.shape[1] == n_k_heads * k_dim and v.shape[1] == n_v_heads * v_dim
+        assert a.shape[1] == b.shape[1] == A_log.shape[0] == dt_bias.shape[0] == n_v_heads
+        return self._rec("gated_delta_rule", Opaque(q.shape[0], n_v_heads * v_dim))
+
+    def gated_rms_norm(self, x, z, w, n_heads, eps):
+        assert x.shape == z.shape and x.shape[1] == n_heads * w.shape[0]
+        return self._rec("gated_rms_norm", Opaque(*x.shape))
+
+    def lm_head(self, x, w):
+        assert x.shape[1] == w.shape[1]
+        return self._rec("lm_head", Opaque(x.shape[0], w.shape[0]))
+
+
+QWEN35_08B = dict(   # the real Qwen3.5-0.8B text shape
+    model_type="qwen3_5", vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256, rope_theta=1e7, partial_rotary_factor=0.25,
+    tie_word_embeddings=True, qk_norm=True, norm_add_one=True, attn_output_gate=True,
+    layer_types=["linear_attention"] * 3 + ["full_attention"], linear_num_key_heads=16,
+    linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
+QWEN35_08B["layer_types"] = QWEN35_08B["layer_types"] * 6
+
+
+@pytest.mark.parametrize("cfg", [tiny(n).config for n in TINY] + [ModelConfig(**QWEN35_08B)],
+                         ids=TINY + ["qwen35-0.8b-shape"])
+def test_forward_traces_symbolically(cfg):
+    """Model code computes only through ops (no numpy, branching or indexing on activations, no
+    weight data read), and expected_weights / state_shapes agree with what forward uses."""
+    family = family_for(cfg.model_type)
+    weights = {k: ShapeOnlyWeight(s) for k, s in family.expected_weights(cfg).items()}
+    ops = ShapeOps(cfg, family.state_shapes(cfg))
+    logits = family.forward(ops, cfg, weights, Opaque(3))
+    assert logits.shape == (3, cfg.vocab_size)
+    n_attn = cfg.layer_types.count("full_attention")
+    assert ops.calls.count("attention") == n_attn
+    assert ops.calls.count("gated_delta_rule") == cfg.num_hidden_layers - n_attn
+    assert ops.calls[0] == "embed" and ops.calls[-1] == "lm_head"
