@@ -39,8 +39,9 @@ typedef float lt_f32;
  *   LT_WF_Q4:  WQ = uint8 [rows][cols/2], WS = f16 [rows][cols/32], WM = f16 [rows][cols/32];
  *              w = q * s + m, q in 0..15. In each 32-value block (16 bytes) byte j holds value j
  *              in its low nibble and value j + 16 in its high nibble (GGUF Q4_1's order).
- * Q8/Q4 need cols % LT_QK == 0. Small vectors (norm weights, biases, A_log, dt_bias, conv weights,
- * RoPE inverse frequencies) are plain f32.
+ * Q8/Q4 rows are padded with zeros to cols_padded = ceil(cols / 32) * 32 (lattice/quant.py): the
+ * plane row strides use cols_padded, and kernels treat x as zero beyond cols. Small vectors
+ * (norm weights, biases, A_log, dt_bias, conv weights, RoPE inverse frequencies) are plain f32.
  * ------------------------------------------------------------------------------------------- */
 #define LT_QK 32                 /* values per quant block */
 #define LT_PLANE_ALIGN 16        /* byte alignment of every weight plane */
@@ -310,7 +311,9 @@ typedef struct lt_elementwise_args {
  *     top-k, top-p, min-p (Hugging Face's order; candidates ordered by value desc, id asc), then
  *     draw u = lt_uniform(seed, step) and walk the kept candidates in ascending token id,
  *     picking the first whose cumulative probability exceeds u * total;
- *  5. logprob = log_softmax(raw logits)[token] (before penalties and temperature);
+ *  5. logprob of the token under the distribution it was drawn from: greedy, the softmax of the
+ *     penalized logits; sampled, its probability among the kept candidates (as
+ *     lattice/sampling.py's reference sampler);
  *  6. write the token to RING_TOKENS[step % ring_cap], its logprob to RING_LOGPROBS,
  *     step.token = step.next_token = token, step.next_logprob, step.pos += T, step.n_tokens = 1,
  *     step.step += 1. */

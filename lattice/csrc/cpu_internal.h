@@ -1,0 +1,163 @@
+/* Internal interface between the CPU backend's driver, its kernels and its SIMD paths. */
+#ifndef LATTICE_CPU_INTERNAL_H
+#define LATTICE_CPU_INTERNAL_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "lattice_cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define LT_OMP_BARRIER() _Pragma("omp barrier")
+#else
+#define LT_OMP_BARRIER() ((void)0)
+#endif
+
+/* Per-thread scratch: rows of x prepared for a GEMV (normalized / zero-padded), GEMV tiles,
+ * attention scores. Sized at create time from the program. */
+typedef struct lt_thread_ws {
+    float *buf;
+    size_t n;  /* floats */
+} lt_thread_ws;
+
+/* What a kernel sees. One per thread; T and pos are read once per step so that the sampler can
+ * advance the step args while other threads finish. */
+typedef struct lt_ctx {
+    uint8_t *arena[LT_N_ARENAS];
+    const uint8_t *consts;
+    lt_step_args *step;
+    uint32_t T;          /* step.n_tokens at the start of the step */
+    uint32_t pos;        /* step.pos at the start of the step */
+    int tid, nth;
+    float *tbuf;         /* this thread's scratch */
+    float *shared;       /* scratch shared by all threads (prefill GEMV inputs) */
+} lt_ctx;
+
+typedef void (*lt_kernel_fn)(const lt_ctx *c, const lt_dispatch *d);
+
+static inline void *lt_bound(const lt_ctx *c, const lt_dispatch *d, int slot) {
+    if ((uint32_t)slot >= d->n_bind || d->bind[slot].arena == LT_ARENA_NONE)
+        return NULL;
+    return c->arena[d->bind[slot].arena] + d->bind[slot].offset;
+}
+
+static inline const void *lt_args(const lt_ctx *c, const lt_dispatch *d) {
+    return c->consts + d->args_offset;
+}
+
+/* First error wins. */
+static inline void lt_raise(const lt_ctx *c, uint32_t err) {
+    __sync_bool_compare_and_swap(&c->step->error, 0u, err);
+}
+
+/* Static partition of n items over the threads, in units of `grain` items. */
+static inline void lt_split(uint32_t n, uint32_t grain, int tid, int nth, uint32_t *lo, uint32_t *hi) {
+    uint32_t units = (n + grain - 1) / grain;
+    uint32_t a = (uint32_t)((uint64_t)units * (uint32_t)tid / (uint32_t)nth);
+    uint32_t b = (uint32_t)((uint64_t)units * (uint32_t)(tid + 1) / (uint32_t)nth);
+    *lo = a * grain < n ? a * grain : n;
+    *hi = b * grain < n ? b * grain : n;
+}
+
+static inline float lt_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal: renormalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Round to nearest even; overflow -> Inf, NaN kept. */
+static inline uint16_t lt_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)
+        return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+    if (ax >= 0x477ff000u)  /* rounds to >= 65520: Inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (ax < 0x38800000u) {  /* subnormal or zero in f16 */
+        if (ax < 0x33000000u)
+            return (uint16_t)sign;
+        uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1)))
+            r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+static inline float lt_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float lt_silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* A weight matrix as the SIMD paths see it. */
+typedef struct lt_wmat {
+    uint32_t format;      /* LT_WF_* */
+    uint32_t rows, cols;
+    uint32_t stride;      /* elements per stored row: cols_padded for Q8/Q4, cols otherwise */
+    const void *q;        /* WQ plane */
+    const uint16_t *s;    /* WS plane (f16) */
+    const uint16_t *m;    /* WM plane (f16) */
+} lt_wmat;
+
+/* out[t * nrows + i] = dot(W row (row0 + i), x + t * xs) for t < nt (<= LT_TOK_TILE), i < nrows.
+ * For Q8/Q4, x holds w->stride floats per token (zero beyond cols). */
+#define LT_TOK_TILE 4
+typedef void (*lt_gemm_fn)(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
+                           size_t xs, uint32_t nt, float *out);
+
+typedef struct lt_simd {
+    const char *name;
+    lt_gemm_fn gemm[4];                                        /* by LT_WF_* */
+    float (*dot_f16)(const float *x, const uint16_t *h, uint32_t n);   /* sum x[i] * h[i] */
+    void (*axpy_f16)(float *y, float a, const uint16_t *h, uint32_t n); /* y += a * h */
+} lt_simd;
+
+extern const lt_simd lt_simd_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const lt_simd lt_simd_avx2;
+extern const lt_simd lt_simd_avx512;
+#endif
+#if defined(__aarch64__)
+extern const lt_simd lt_simd_neon;
+#endif
+
+const lt_simd *lt_simd_get(void);
+
+/* Kernels (kernels_*.c). */
+void lt_k_embed(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_rmsnorm(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_elementwise(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_gemv(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_lm_head(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_rope_kv(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_attention(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_gdn(const lt_ctx *c, const lt_dispatch *d);
+void lt_k_sample(const lt_ctx *c, const lt_dispatch *d);
+
+/* Workspace needs of one dispatch (floats), for lt_cpu_create / run. */
+size_t lt_gemv_thread_floats(const lt_gemv_args *a);
+size_t lt_gemv_shared_floats(const lt_gemv_args *a, uint32_t T);
+size_t lt_attention_thread_floats(const lt_attention_args *a);
+size_t lt_gdn_thread_floats(const lt_gdn_args *a);
+
+/* Shared helpers. */
+void lt_prepare_x(const float *x, uint32_t cols, uint32_t padded, const float *norm_w, int add_one,
+                  float eps, float *out);
+
+#endif /* LATTICE_CPU_INTERNAL_H */

@@ -1,0 +1,165 @@
+/* GEMV / GEMM with fused RMSNorm prologue and bias / SiLU-mul / residual epilogues, and the LM
+ * head (GEMV of the last token + argmax/logsumexp partials for the sampler).
+ *
+ * Rows are split statically across threads (ROW_GRAIN rows at a time, LT_ARGMAX_BLOCK for the LM
+ * head so that each partial block belongs to one thread). Within a thread, ROW_TILE rows are
+ * multiplied with LT_TOK_TILE tokens at a time, so in prefill each weight row is widened once per
+ * token tile and the tile of x stays in cache across rows. */
+#include "cpu_internal.h"
+
+#define ROW_GRAIN 16
+#define ROW_TILE 16
+
+static uint32_t stored_cols(uint32_t format, uint32_t cols) {
+    return format >= LT_WF_Q8 ? (cols + LT_QK - 1) / LT_QK * LT_QK : cols;
+}
+
+/* x needs a prepared copy when it is normalized, or zero-padded for a quant format. */
+static int needs_prep(const lt_gemv_args *a) {
+    return (a->flags & LT_GEMV_NORM) || stored_cols(a->wformat, a->cols) != a->cols;
+}
+
+size_t lt_gemv_thread_floats(const lt_gemv_args *a) {
+    return (needs_prep(a) ? stored_cols(a->wformat, a->cols) : 0) + LT_TOK_TILE * ROW_TILE;
+}
+
+size_t lt_gemv_shared_floats(const lt_gemv_args *a, uint32_t T) {
+    return needs_prep(a) && T > 1 ? (size_t)T * stored_cols(a->wformat, a->cols) : 0;
+}
+
+void lt_prepare_x(const float *x, uint32_t cols, uint32_t padded, const float *norm_w, int add_one,
+                  float eps, float *out) {
+    if (norm_w) {
+        float ss = 0.0f;
+        for (uint32_t k = 0; k < cols; k++)
+            ss += x[k] * x[k];
+        float r = 1.0f / sqrtf(ss / (float)cols + eps);
+        for (uint32_t k = 0; k < cols; k++)
+            out[k] = x[k] * r * (add_one ? 1.0f + norm_w[k] : norm_w[k]);
+    } else {
+        memcpy(out, x, cols * sizeof(float));
+    }
+    for (uint32_t k = cols; k < padded; k++)
+        out[k] = 0.0f;
+}
+
+/* Writes tile rows [row0, row0 + nr) of tokens [t0, t0 + nt) through the epilogues into y. */
+static void epilogue(const lt_gemv_args *a, const float *tile, uint32_t row0, uint32_t nr,
+                     uint32_t t0, uint32_t nt, const float *bias, const float *resid, float *y) {
+    for (uint32_t t = 0; t < nt; t++) {
+        const float *v = tile + t * nr;
+        float *yt = y + (size_t)(t0 + t) * a->y_stride;
+        const float *rt = resid ? resid + (size_t)(t0 + t) * a->resid_stride : NULL;
+        if (a->flags & LT_GEMV_SILU_MUL) {
+            for (uint32_t i = 0; i < nr; i += 2) {
+                float g = v[i], u = v[i + 1];
+                if (bias) {
+                    g += bias[row0 + i];
+                    u += bias[row0 + i + 1];
+                }
+                uint32_t o = (row0 + i) / 2;
+                float out = lt_silu(g) * u;
+                yt[o] = rt ? rt[o] + out : out;
+            }
+        } else {
+            for (uint32_t i = 0; i < nr; i++) {
+                uint32_t o = row0 + i;
+                float out = v[i] + (bias ? bias[o] : 0.0f);
+                yt[o] = rt ? rt[o] + out : out;
+            }
+        }
+    }
+}
+
+static void partials(const float *logits, uint32_t lo, uint32_t hi, lt_argmax_partial *p) {
+    for (uint32_t b0 = lo; b0 < hi; b0 += LT_ARGMAX_BLOCK) {
+        uint32_t b1 = b0 + LT_ARGMAX_BLOCK < hi ? b0 + LT_ARGMAX_BLOCK : hi;
+        float mx = -INFINITY;
+        uint32_t arg = b0, bad = 0;
+        for (uint32_t i = b0; i < b1; i++) {
+            float v = logits[i];
+            if (!isfinite(v))
+                bad++;
+            else if (v > mx) {
+                mx = v;
+                arg = i;
+            }
+        }
+        float se = 0.0f;
+        if (mx > -INFINITY)
+            for (uint32_t i = b0; i < b1; i++)
+                if (isfinite(logits[i]))
+                    se += expf(logits[i] - mx);
+        lt_argmax_partial *q = &p[b0 / LT_ARGMAX_BLOCK];
+        q->max = mx;
+        q->argmax = arg;
+        q->sumexp = se;
+        q->n_nonfinite = bad;
+    }
+}
+
+static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
+    const lt_gemv_args *a = lt_args(c, d);
+    const lt_simd *simd = lt_simd_get();
+    lt_wmat w = {a->wformat, a->rows, a->cols, stored_cols(a->wformat, a->cols),
+                 lt_bound(c, d, LT_GEMV_B_WQ), lt_bound(c, d, LT_GEMV_B_WS),
+                 lt_bound(c, d, LT_GEMV_B_WM)};
+    const float *x = lt_bound(c, d, LT_GEMV_B_X);
+    float *y = lt_bound(c, d, LT_GEMV_B_Y);
+    const float *bias = (a->flags & LT_GEMV_BIAS) ? lt_bound(c, d, LT_GEMV_B_BIAS) : NULL;
+    const float *resid = (a->flags & LT_GEMV_RESID) ? lt_bound(c, d, LT_GEMV_B_RESID) : NULL;
+    const float *norm_w = (a->flags & LT_GEMV_NORM) ? lt_bound(c, d, LT_GEMV_B_NORM) : NULL;
+    size_t xs = a->x_stride;
+    uint32_t T = c->T;
+    if (lm_head && !(a->flags & LT_GEMV_ALL_TOKENS)) {
+        x += (size_t)(T - 1) * xs;
+        T = 1;
+    }
+    float *tile = c->tbuf;
+    int prep = needs_prep(a);
+    if (prep) {
+        int add_one = (a->flags & LT_GEMV_NORM_ADD_ONE) != 0;
+        float *buf;
+        if (T == 1) {  /* each thread prepares its own copy: no barrier needed */
+            buf = c->tbuf;
+            lt_prepare_x(x, a->cols, w.stride, norm_w, add_one, a->eps, buf);
+            tile = c->tbuf + w.stride;
+        } else {
+            uint32_t lo, hi;
+            buf = c->shared;
+            lt_split(T, 1, c->tid, c->nth, &lo, &hi);
+            for (uint32_t t = lo; t < hi; t++)
+                lt_prepare_x(x + t * xs, a->cols, w.stride, norm_w, add_one, a->eps,
+                             buf + (size_t)t * w.stride);
+            LT_OMP_BARRIER();
+        }
+        x = buf;
+        xs = w.stride;
+    }
+    uint32_t lo, hi;
+    lt_split(a->rows, lm_head ? LT_ARGMAX_BLOCK : ROW_GRAIN, c->tid, c->nth, &lo, &hi);
+    for (uint32_t r = lo; r < hi; r += ROW_TILE) {
+        uint32_t nr = hi - r < ROW_TILE ? hi - r : ROW_TILE;
+        for (uint32_t t0 = 0; t0 < T; t0 += LT_TOK_TILE) {
+            uint32_t nt = T - t0 < LT_TOK_TILE ? T - t0 : LT_TOK_TILE;
+            simd->gemm[a->wformat](&w, r, nr, x + t0 * xs, xs, nt, tile);
+            epilogue(a, tile, r, nr, t0, nt, bias, resid, y);
+        }
+    }
+    if (lm_head) {
+        lt_argmax_partial *p = lt_bound(c, d, LT_GEMV_B_PARTIALS);
+        if (p)
+            partials(y + (size_t)(T - 1) * a->y_stride, lo, hi, p);
+    }
+    if (prep && T > 1) {  /* the shared input buffer is reused by the next GEMV */
+        LT_OMP_BARRIER();
+    }
+}
+
+void lt_k_gemv(const lt_ctx *c, const lt_dispatch *d) {
+    gemv(c, d, 0);
+}
+
+void lt_k_lm_head(const lt_ctx *c, const lt_dispatch *d) {
+    gemv(c, d, 1);
+}
