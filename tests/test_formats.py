@@ -297,3 +297,81 @@ def test_gguf_smollm2_qk_permutation_is_undone(smollm2_path):
         for i in range(32):
             np.testing.assert_array_equal(got[head * 64 + i], native[head * 64 + 2 * i])
             np.testing.assert_array_equal(got[head * 64 + 32 + i], native[head * 64 + 2 * i + 1])
+
+
+# --- MLX-quantized folders -------------------------------------------------------------------------
+# Made by mlx-lm's convert from the HF folders above; the expected values are mx.dequantize's.
+
+MLX_FOLDERS = [("tiny-qwen35", 4, 32), ("tiny-llama", 8, 64)]
+
+
+@pytest.mark.parametrize("name,bits,group", MLX_FOLDERS, ids=["qwen35-q4-g32", "llama-q8-g64"])
+def test_mlx_dequantize_matches_mlx(name, bits, group):
+    from lattice.formats.checkpoint import canonical_name
+    ckpt = open_checkpoint(FORMATS / f"{name}-mlx{bits}")
+    assert ckpt.format == "mlx" and ckpt.folder == FORMATS / f"{name}-mlx{bits}"
+    expected = np.load(FORMATS / f"{name}-mlx{bits}-expected.npz")
+    assert len(expected.files) >= 2
+    for stored in expected.files:
+        t = ckpt.tensors[canonical_name(stored)]
+        assert t.dtype == f"mlx_q{bits}" and t.group_size == group
+        assert t.raw.dtype == np.uint32 and t.raw.shape == (t.shape[0], t.shape[1] * bits // 32)
+        assert t.nbytes == t.raw.nbytes + t.scales.nbytes + t.biases.nbytes
+        np.testing.assert_array_equal(t.to_f32(), expected[stored])
+
+
+@pytest.mark.parametrize("name,bits,group", MLX_FOLDERS, ids=["qwen35-q4-g32", "llama-q8-g64"])
+def test_mlx_folder_matches_hf(name, bits, group):
+    """Same names, config and float tensors as the HF folder (Qwen3.5: mlx-lm's `+1` norms and
+    [C, K, 1] conv1d undone); quantized weights within the affine quantization error."""
+    hf = open_checkpoint(FORMATS / f"{name}-hf")
+    ckpt = open_checkpoint(FORMATS / f"{name}-mlx{bits}")
+    assert ckpt.config == hf.config and set(ckpt.tensors) == set(hf.tensors)
+    for k, t in ckpt.tensors.items():
+        ref = hf.tensors[k].to_f32()
+        got = t.to_f32()
+        assert got.shape == ref.shape, k
+        if t.dtype.startswith("mlx_"):
+            groups = ref.reshape(ref.shape[0], -1, group)
+            step = (groups.max(-1) - groups.min(-1)) / (2 ** bits - 1)
+            err = np.abs(got.reshape(groups.shape) - groups).max(-1)
+            # mlx shifts the grid so that 0 is exactly representable: up to one step of error
+            assert (err <= step + 1e-3).all(), k
+        else:
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7, err_msg=k)
+
+
+def _mlx_copy(tmp_path, edit=None, name="tiny-qwen35-mlx4"):
+    src = FORMATS / name
+    cfg = json.loads((src / "config.json").read_text())
+    if edit:
+        edit(cfg)
+    tmp_path.joinpath("config.json").write_text(json.dumps(cfg))
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_mlx_per_module_override(tmp_path):
+    # the override is keyed by mlx-lm's module path; claiming 8 bits contradicts the stored shapes
+    module = "language_model.model.layers.0.mlp.up_proj"
+    _mlx_copy(tmp_path, lambda c: c["quantization"].update({module: {"bits": 8, "group_size": 32}}))
+    with pytest.raises(TensorShapeError, match="up_proj.scales.*8 bits"):
+        open_checkpoint(tmp_path)
+    _mlx_copy(tmp_path, lambda c: c["quantization"].update({module: False}))
+    with pytest.raises(ModelFormatError, match="up_proj.*not quantized"):
+        open_checkpoint(tmp_path)
+
+
+def test_mlx_unsupported_bits_and_mode(tmp_path):
+    _mlx_copy(tmp_path, lambda c: c["quantization"].update(bits=3))
+    with pytest.raises(UnsupportedModelError, match="3 bits"):
+        open_checkpoint(tmp_path)
+    _mlx_copy(tmp_path, lambda c: c["quantization"].update(mode="mxfp4"))
+    with pytest.raises(UnsupportedModelError, match="mxfp4"):
+        open_checkpoint(tmp_path)
+
+
+def test_hf_quantization_method_unsupported(tmp_path):
+    _copy_folder(LLAMA_HF, tmp_path, lambda c: c.update(quantization_config={"quant_method": "gptq"}))
+    with pytest.raises(UnsupportedModelError, match="gptq"):
+        open_checkpoint(tmp_path)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..errors import ConfigError, MissingTensorError, ModelFormatError, TensorShapeError
+from ..errors import (ConfigError, MissingTensorError, ModelFormatError, TensorShapeError,
+                      UnsupportedModelError)
 from .hf_config import config_from_hf
 from .safetensors import SafetensorsFile
 from .tensor import Tensor
@@ -79,7 +80,13 @@ def _weight_files(folder: Path) -> list[Path]:
 def _open_folder(folder: Path) -> Checkpoint:
     raw_cfg = _read_json(folder / "config.json", "config.json")
     config = config_from_hf(raw_cfg, folder / "config.json")
-    quant = raw_cfg.get("quantization") or raw_cfg.get("quantization_config")
+    quant = raw_cfg.get("quantization")
+    if quant is None and isinstance(raw_cfg.get("quantization_config"), dict):
+        method = raw_cfg["quantization_config"].get("quant_method")
+        if method is not None:
+            raise UnsupportedModelError(f"{folder}: Hugging Face quantization method {method!r} "
+                                        f"is not supported (MLX-quantized folders and GGUF are)")
+        quant = raw_cfg["quantization_config"]
     arrays = {}   # canonical name -> (SafetensorsFile, stored name)
     for f in _weight_files(folder):
         st = SafetensorsFile(f)
@@ -92,7 +99,7 @@ def _open_folder(folder: Path) -> Checkpoint:
             arrays[canon] = (st, name)
     if quant is not None:
         from .mlx import mlx_tensors
-        tensors = mlx_tensors(arrays, quant, folder)
+        tensors = mlx_tensors(arrays, quant, folder, config.model_type)
         fmt = "mlx"
     else:
         tensors = {canon: _float_tensor(st, name, canon) for canon, (st, name) in arrays.items()}

@@ -52,9 +52,10 @@ def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
             f"{path}: unsupported model_type {model_type!r} "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type == "qwen3_5":
-        text = cfg.get("text_config")
+        # the vision-language wrapper nests the text model; mlx-lm writes it flat
+        text = cfg.get("text_config", cfg)
         if not isinstance(text, dict):
-            raise ConfigError(f"{path}: qwen3_5 config is missing 'text_config'")
+            raise ConfigError(f"{path}: qwen3_5 'text_config' is not an object")
         text = dict(text)
         # the wrapper's own fields govern weight tying and special tokens when present
         for key in ("eos_token_id", "bos_token_id"):

@@ -29,8 +29,8 @@ def mlx_dequantize(packed, scales, biases, bits, group_size):
     shifts = np.arange(per_word, dtype=np.uint32) * bits
     q = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
     q = q.reshape(out, -1, group_size).astype(np.float32)
-    scales = np.asarray(scales).astype(np.float32)[..., None]
-    biases = np.asarray(biases).astype(np.float32)[..., None]
+    scales = _as_f32(scales)[..., None]
+    biases = _as_f32(biases)[..., None]
     return (q * scales + biases).reshape(out, -1)
 
 

@@ -100,3 +100,62 @@ def convert_to_gguf(llama_cpp):
             if r.returncode:
                 sys.exit(r.stderr[-3000:])
             print(dst.name, dst.stat().st_size)
+
+
+MLX_CONVERT = """
+import json, shutil, sys
+import numpy as np
+import mlx.core as mx
+from mlx_lm import convert
+src, dst, bits, group, npz = sys.argv[1:6]
+convert(src, mlx_path=dst, quantize=True, q_group_size=int(group), q_bits=int(bits))
+weights = mx.load(dst + "/model.safetensors")
+expected = {}
+for name in sys.argv[6:]:
+    base = name[:-len(".weight")]
+    # dequantize with f32 scales/biases: the reference for the bit layout, free of f16 rounding
+    w = mx.dequantize(weights[name], weights[base + ".scales"].astype(mx.float32),
+                      weights[base + ".biases"].astype(mx.float32), int(group), int(bits))
+    expected[name] = np.array(w.astype(mx.float32))
+np.savez_compressed(npz, **expected)
+"""
+
+
+def make_mlx(mlx_path):
+    env = dict(os.environ, PYTHONPATH=mlx_path)
+    jobs = [("tiny-qwen35", 4, 32, ["language_model.model.layers.0.linear_attn.in_proj_a.weight",
+                                    "language_model.model.layers.1.self_attn.k_proj.weight",
+                                    "language_model.model.layers.0.mlp.down_proj.weight"]),
+            ("tiny-llama", 8, 64, ["model.layers.0.self_attn.k_proj.weight",
+                                   "model.layers.1.mlp.down_proj.weight"])]
+    for name, bits, group, names in jobs:
+        src = TMP / f"{name}-src"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(OUT / f"{name}-hf", src)
+        # mlx-lm insists on loading a tokenizer: a trivial one (not part of the fixture)
+        from tokenizers import Tokenizer, models
+        Tokenizer(models.WordLevel({chr(0x100 + i): i for i in range(256)}, unk_token=chr(0x100))
+                  ).save(str(src / "tokenizer.json"))
+        if name == "tiny-qwen35":
+            # mlx-lm knows the model_type qwen3_5 (flat) and builds layers from the interval only
+            cfg = json.loads((src / "config.json").read_text())
+            cfg.update(model_type="qwen3_5", full_attention_interval=2)
+            (src / "config.json").write_text(json.dumps(cfg))
+        dst = OUT / f"{name}-mlx{bits}"
+        shutil.rmtree(dst, ignore_errors=True)
+        npz = OUT / f"{name}-mlx{bits}-expected.npz"
+        r = subprocess.run([sys.executable, "-c", MLX_CONVERT, str(src), str(dst), str(bits),
+                            str(group), str(npz)] + names, env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(r.stderr[-3000:])
+        for extra in dst.iterdir():
+            if extra.name not in ("config.json", "model.safetensors"):
+                extra.unlink()
+        print(dst.name, sorted((f.name, f.stat().st_size) for f in dst.iterdir()), npz.stat().st_size)
+
+
+if __name__ == "__main__":
+    TMP.mkdir(parents=True, exist_ok=True)
+    make_hf_models()
+    convert_to_gguf(os.environ["LLAMA_CPP"])
+    make_mlx(os.environ["MLX_PATH"])
