@@ -1,0 +1,292 @@
+"""The compiled runtime: whole-program parity with the reference decoder, sessions, sampling,
+prefix reuse, context policy, errors, interruption, threads and memory."""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from lattice._runtime import Runtime
+from lattice.errors import ConfigError, ContextLengthError, NumericalError, SamplingError, TokenizerError
+from lattice.formats import open_checkpoint
+from lattice.program import build
+from lattice.quant import from_tensor
+from lattice.reference import ReferenceDecoder
+
+TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen35"]
+QUANTS = [None, "q8", "q4"]
+
+
+class _Dequantized:
+    """A weight as the runtime sees it after quantization: the reference runs on these values."""
+
+    def __init__(self, t, kind):
+        self.name, self.shape, self.dtype, self._t, self._kind = t.name, t.shape, "f32", t, kind
+
+    def to_f32(self):
+        return from_tensor(self._t, self._kind).dequantize()
+
+
+class _Ckpt:
+    def __init__(self, config, tensors):
+        self.config, self.tensors = config, tensors
+
+
+def _reference_checkpoint(ck, quant):
+    if quant is None:
+        return ck
+    return _Ckpt(ck.config, {n: _Dequantized(t, quant) if len(t.shape) == 2 else t for n, t in ck.tensors.items()})
+
+
+_cache = {}
+
+
+def _runtime(fixture, quant=None, threads=1, context=64):
+    key = (fixture, quant, threads, context)
+    if key not in _cache:
+        ck = open_checkpoint(os.path.join(FIXTURES, fixture))
+        _cache[key] = Runtime(build(ck, quant=quant, context=context), n_threads=threads)
+    return _cache[key]
+
+
+def _oracle(fixture):
+    return np.load(os.path.join(FIXTURES, f"{fixture}_oracle.npz"))
+
+
+def _close(a, b, rel=2e-3):
+    return np.abs(a - b).max() <= rel * np.abs(b).max() + 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("fixture", TINY)
+def test_parity_with_reference_decoder(fixture, quant, threads):
+    """16 greedy steps: same tokens as the reference decoder on the same (dequantized) weights,
+    and logits close, both for the prefill and every decode step."""
+    prompt = _oracle(fixture)["prompt"]
+    ref = ReferenceDecoder(_reference_checkpoint(open_checkpoint(os.path.join(FIXTURES, fixture)), quant))
+    ref_prefill = ref.prefill(prompt)
+    ref.reset()
+    ref_tokens, ref_logits = ref.greedy(prompt, 16)
+    rt = _runtime(fixture, quant, threads)
+    st = rt.new_state()
+    assert _close(rt.logits(st, prompt), ref_prefill)
+    res = rt.generate(st, prompt, 16, want_logits=True)
+    assert res["tokens"] == ref_tokens
+    assert res["finish_reason"] == "length"
+    assert _close(res["logits"], ref_logits)
+    # logprobs are log-softmax of the raw logits of each chosen token
+    lse = np.log(np.exp(ref_logits - ref_logits.max(1, keepdims=True)).sum(1)) + ref_logits.max(1)
+    expect = ref_logits[np.arange(16), ref_tokens] - lse
+    assert np.allclose(res["logprobs"], expect, atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", TINY)
+def test_matches_transformers_oracle(fixture):
+    """Native f32 weights: the transformers-made oracle (prefill logits and greedy tokens)."""
+    o = _oracle(fixture)
+    rt = _runtime(fixture)
+    st = rt.new_state()
+    assert _close(rt.logits(st, o["prompt"]), o["prefill"], rel=5e-3)
+    assert rt.generate(st, o["prompt"], 16)["tokens"] == o["tokens"].tolist()
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
+def test_prefill_in_chunks_equals_one_chunk(fixture):
+    o = _oracle(fixture)
+    ck = open_checkpoint(os.path.join(FIXTURES, fixture))
+    small = Runtime(build(ck, context=64, prefill_chunk=5, logits_chunk=3), n_threads=1)
+    big = _runtime(fixture)
+    a, b = small.new_state(), big.new_state()
+    assert _close(small.logits(a, o["prompt"]), big.logits(b, o["prompt"]), rel=1e-5)
+    assert small.generate(a, o["prompt"], 8)["tokens"] == big.generate(b, o["prompt"], 8)["tokens"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
+def test_prefix_reuse_multi_turn(fixture):
+    """A second turn that extends the history prefills only the new tokens and gives the same
+    tokens as a fresh session."""
+    o = _oracle(fixture)
+    rt = _runtime(fixture)
+    st = rt.new_state()
+    first = rt.generate(st, o["prompt"], 6)
+    assert first["reused_tokens"] == 0
+    assert st.position == len(o["prompt"]) + 5       # the last token was sampled, not fed
+    turn2 = list(o["prompt"]) + first["tokens"] + [7, 8, 9]
+    second = rt.generate(st, turn2, 6)
+    assert second["reused_tokens"] == len(o["prompt"]) + 5
+    fresh = rt.generate(rt.new_state(), turn2, 6)
+    assert second["tokens"] == fresh["tokens"]
+
+
+def test_prefix_reuse_partial_for_attention_models():
+    """Attention-only models reuse the longest common prefix even when the prompt diverges."""
+    o = _oracle("tiny-llama")
+    rt = _runtime("tiny-llama")
+    st = rt.new_state()
+    rt.generate(st, o["prompt"], 4)
+    edited = list(o["prompt"][:8]) + [3, 1, 4]
+    res = rt.generate(st, edited, 6)
+    assert res["reused_tokens"] == 8
+    assert res["tokens"] == rt.generate(rt.new_state(), edited, 6)["tokens"]
+
+
+def test_recurrent_model_restarts_on_divergence():
+    o = _oracle("tiny-qwen35")
+    rt = _runtime("tiny-qwen35")
+    st = rt.new_state()
+    rt.generate(st, o["prompt"], 4)
+    edited = list(o["prompt"][:8]) + [3, 1, 4]
+    res = rt.generate(st, edited, 6)
+    assert res["reused_tokens"] == 0
+    assert res["tokens"] == rt.generate(rt.new_state(), edited, 6)["tokens"]
+    assert rt.generate(st, edited, 6)["reused_tokens"] == 0     # same prompt again: nothing to extend
+
+
+def test_context_policy():
+    rt = _runtime("tiny-llama", context=16)
+    st = rt.new_state()
+    with pytest.raises(ContextLengthError, match="context of 16"):
+        rt.generate(st, list(range(17)), 4)
+    assert st.position == 0
+    res = rt.generate(st, list(range(12)), 100)
+    assert res["finish_reason"] == "context"
+    assert st.position == 16 and len(res["tokens"]) == 5
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"min_p": 1.5},
+                                 {"repetition_penalty": 0}, {"seed": -1}, {"temprature": 0.5}, "hot"])
+def test_invalid_sampling_raises_before_work(bad):
+    rt = _runtime("tiny-llama")
+    st = rt.new_state()
+    rt.generate(st, [1, 2, 3], 2)
+    before = list(st.history)
+    with pytest.raises(SamplingError) as e:
+        rt.generate(st, [1, 2, 3, 4, 5], 4, sampling=bad)
+    assert isinstance(e.value, ValueError)
+    assert st.history == before
+    with pytest.raises(SamplingError, match="max_tokens"):
+        rt.generate(st, [1, 2], -1)
+
+
+def test_bad_token_ids():
+    rt = _runtime("tiny-llama")
+    st = rt.new_state()
+    with pytest.raises(TokenizerError, match="out of range"):
+        rt.generate(st, [1, 256], 2)
+    with pytest.raises(TokenizerError, match="at least one"):
+        rt.generate(st, [], 2)
+
+
+def test_bad_runtime_arguments():
+    from lattice.program import ShapeOnlyCheckpoint
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    with pytest.raises(ConfigError, match="without weights"):
+        Runtime(build(ShapeOnlyCheckpoint(ck.config), materialize=False))
+    with pytest.raises(ConfigError, match="n_threads"):
+        Runtime(build(ck, context=16), n_threads=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_seeded_sampling_reproducible(threads):
+    o = _oracle("tiny-qwen35")
+    rt = _runtime("tiny-qwen35", threads=threads)
+    params = {"temperature": 1.5, "top_k": 50, "top_p": 0.95, "min_p": 0.01, "repetition_penalty": 1.1,
+              "presence_penalty": 0.2, "frequency_penalty": 0.1, "seed": 1234}
+    a = rt.generate(rt.new_state(), o["prompt"], 16, sampling=params)
+    b = rt.generate(rt.new_state(), o["prompt"], 16, sampling=params)
+    assert a["tokens"] == b["tokens"] and a["logprobs"] == b["logprobs"]
+    greedy = rt.generate(rt.new_state(), o["prompt"], 16)["tokens"]
+    top1 = rt.generate(rt.new_state(), o["prompt"], 16, sampling={"temperature": 1.0, "top_k": 1, "seed": 5})
+    assert top1["tokens"] == greedy
+
+
+def test_stop_ids_and_on_token():
+    o = _oracle("tiny-llama")
+    rt = _runtime("tiny-llama")
+    full = rt.generate(rt.new_state(), o["prompt"], 10)["tokens"]
+    res = rt.generate(rt.new_state(), o["prompt"], 10, stop_ids=[full[4]])
+    assert res["finish_reason"] == "stop" and res["tokens"] == full[:full.index(full[4])]
+    seen = []
+    res = rt.generate(rt.new_state(), o["prompt"], 10, on_token=lambda t, lp: seen.append((t, lp)) or len(seen) < 3)
+    assert res["tokens"] == full[:3] and [t for t, _ in seen] == full[:3]
+    assert res["finish_reason"] == "stop"
+
+
+def test_two_sessions_two_threads_equal_alone():
+    rt = _runtime("tiny-qwen35", threads=2)
+    prompts = [list(_oracle("tiny-qwen35")["prompt"]), [5, 9, 2, 7, 1]]
+    alone = [rt.generate(rt.new_state(), p, 24)["tokens"] for p in prompts]
+    results = [None, None]
+
+    def work(i):
+        st = rt.new_state()
+        for _ in range(5):
+            results[i] = rt.generate(st, prompts[i], 24)["tokens"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+
+
+def test_nan_in_logits_raises_numerical_error():
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    norm = ck.tensors["model.norm.weight"]
+
+    class Poisoned:
+        name, shape, dtype = norm.name, norm.shape, "f32"
+
+        def to_f32(self):
+            w = norm.to_f32().copy()
+            w[3] = np.nan
+            return w
+
+    rt = Runtime(build(_Ckpt(ck.config, {**ck.tensors, "model.norm.weight": Poisoned()}), context=32), n_threads=1)
+    st = rt.new_state()
+    with pytest.raises(NumericalError, match="NaN"):
+        rt.generate(st, [1, 2, 3], 4)
+    assert st.position == 0
+
+
+def test_keyboard_interrupt_leaves_session_usable():
+    o = _oracle("tiny-qwen35")
+    rt = _runtime("tiny-qwen35")
+    expected = rt.generate(rt.new_state(), o["prompt"], 12)["tokens"]
+    st = rt.new_state()
+    count = []
+
+    def interrupt(tok, lp):
+        count.append(tok)
+        if len(count) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rt.generate(st, o["prompt"], 12, on_token=interrupt)
+    assert st.position == len(o["prompt"]) + 3 and count == expected[:4]
+    # continuing the interrupted turn reuses its cache (the 3 tokens fed before the interrupt)
+    res = rt.generate(st, list(o["prompt"]) + expected[:5], 4)
+    assert res["reused_tokens"] == len(o["prompt"]) + 3 and res["tokens"] == expected[5:9]
+    assert rt.generate(st, o["prompt"], 12)["tokens"] == expected
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc (Linux)")
+def test_memory_flat_over_1000_generations():
+    rt = _runtime("tiny-llama")
+    st = rt.new_state()
+    for i in range(100):
+        rt.generate(st, [1 + i % 7, 2, 3], 3, sampling={"temperature": 0.7, "seed": i})
+    before = _rss_bytes()
+    for i in range(1000):
+        rt.generate(st, [1 + i % 7, 2, 3], 3, sampling={"temperature": 0.7, "seed": i})
+        if i % 100 == 0:
+            rt.logits(rt.new_state(), [4, 5, 6])
+    assert _rss_bytes() - before < 8 * 2**20
