@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 
@@ -90,9 +91,11 @@ MLX read --hf.
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write summary rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw decode tok/s distributions (needs matplotlib: pip install 'lattice[bench]').")
+@click.option("--python", "pythons", multiple=True, metavar="KIND=PYTHON",
+              help="Interpreter for one engine kind, e.g. llama.cpp=/opt/venv/bin/python (repeatable).")
 @click.option("--in-process", is_flag=True, help="Run engines in this process (debugging).")
 def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prompt_tokens, load, load_duty,
-            load_period_ms, load_device, json_path, csv_path, plot_path, in_process):
+            load_period_ms, load_device, json_path, csv_path, plot_path, pythons, in_process):
     if plot_path:
         _require_matplotlib()
     if not gguf_path and not hf_path:
@@ -100,7 +103,13 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
     threads = threads or _default_threads()
     s = Settings(n1=n1, n2=n2, warmup=warmup, runs=runs, pp=pp, prompt_tokens=prompt_tokens, threads=threads,
                  load=load, load_device=_default_load_device() if load_device == "auto" else load_device,
-                 load_duty=load_duty, load_period_ms=load_period_ms)
+                 load_duty=load_duty, load_period_ms=load_period_ms, load_python=sys.executable)
+    interpreters = {}
+    for item in pythons:
+        kind, sep, exe = item.partition("=")
+        if not sep or not kind or not exe:
+            raise click.BadParameter(f"expected KIND=PYTHON, got {item!r}", param_hint="--python")
+        interpreters[kind] = exe
     try:
         s.validate()
         from .load import check_load_options
@@ -112,7 +121,8 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
     results = []
     for spec in engines:
         click.echo(f"[{spec}] measuring ...", err=True)
-        rec = run_spec(spec, files, s, ENGINES) if in_process else run_in_worker(spec, files, s)
+        python = interpreters.get(spec.split(":")[0])
+        rec = run_spec(spec, files, s, ENGINES) if in_process else run_in_worker(spec, files, s, python)
         if rec["status"] != "ok":
             click.echo(f"[{spec}] {rec['status']}: {rec['reason']}", err=True)
         results.append(rec)
@@ -192,12 +202,27 @@ def render_report(doc: dict) -> str:
                             "decode loss %", "prefill loss %", "load share %"], rows),
                 f"(load: {s['load']} x {s['load_device']} processes, {s['load_duty'] * 100:g}% of every "
                 f"{s['load_period_ms']:g} ms; share = device time the load's own work took"
-                + (", % of one core per process, summed)" if s["load_device"] == "cpu" else ")")]
+                + (", % of one core per process, summed)" if s["load_device"] == "cpu" else
+                   "; by CUDA events, queueing included: "
+                   + ", ".join(f"{r['engine']} {_fmt(r['loaded']['load'].get('share_events_pct', math.nan))}%"
+                               for r in ok if "loaded" in r) + ")")]
+    rows = [[r["engine"], os.path.basename(r["model_file"]), _fmt(_size_mb(r["model_file"]), 1),
+             _fmt(r["peak_rss_mb"], 1), _fmt(r["load_s"])] for r in ok]
+    if rows:
+        out += ["", _table(["engine", "model", "model MB", "peak RSS MB", "load s"], rows)]
     for r in doc["results"]:
         if r["status"] != "ok":
             out.append(f"{r['engine']}: {r['status']}: {r['reason']}")
     out.append(f"command: {m['command']}")
     return "\n".join(out)
+
+
+def _size_mb(path: str) -> float:
+    """Bytes of a model file, or of every file in a model folder, in MB."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, f))) / 1e6
+    return os.path.getsize(path) / 1e6 if os.path.exists(path) else float("nan")
 
 
 CSV_FIELDS = ["engine", "status", "phase", "metric", "n", "mean", "median", "trimmed_mean", "stdev", "ci_low",

@@ -129,15 +129,15 @@ class LoadProcesses:
     them all and collect their reports. Children also exit by themselves when this process dies."""
 
     def __init__(self, n: int, device: str = "cpu", duty: float = 0.02, period_ms: float = 10.0,
-                 ready_timeout: float = 120.0):
+                 ready_timeout: float = 120.0, python: str | None = None):
         check_load_options(n, duty, period_ms, device)
         self.n, self.device, self.duty, self.period_ms = n, device, duty, period_ms
-        self.ready_timeout = ready_timeout
+        self.ready_timeout, self.python = ready_timeout, python or sys.executable
         self.procs: list[subprocess.Popen] = []
         self.reports: list[dict] = []
 
     def __enter__(self):
-        cmd = [sys.executable, "-m", "lattice.bench.load", "--device", self.device, "--duty", str(self.duty),
+        cmd = [self.python, "-m", "lattice.bench.load", "--device", self.device, "--duty", str(self.duty),
                "--period-ms", str(self.period_ms), "--parent", str(os.getpid())]
         try:
             for _ in range(self.n):

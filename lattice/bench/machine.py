@@ -64,6 +64,14 @@ def versions() -> dict:
     return out
 
 
+def command_line() -> str:
+    """The command as typed: `lattice-bench ...` when installed, `python -m lattice.bench.cli ...` otherwise."""
+    prog = os.path.basename(sys.argv[0])
+    if prog == "cli.py":
+        prog = "python -m lattice.bench.cli"
+    return " ".join([prog, shlex.join(sys.argv[1:])]).strip()
+
+
 def machine_info() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -72,5 +80,5 @@ def machine_info() -> dict:
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
             "memory_gb": memory_gb(), "gpus": gpus(), "os": platform.platform(),
             "machine": platform.machine(), "versions": versions(),
-            "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+            "command": command_line(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -32,6 +32,7 @@ class Settings:
     load_device: str = "cpu"
     load_duty: float = 0.02
     load_period_ms: float = 10.0
+    load_python: str = ""       # interpreter of the load processes (one with torch for cuda) [this one]
 
     def validate(self):
         if not (1 <= self.n1 < self.n2):
@@ -101,7 +102,8 @@ def measure_engine(engine: Engine, model_path: str, s: Settings) -> dict:
             _phase(engine, s, decode_prompt, prefill_prompt, s.warmup)
         record["unloaded"] = summarize_phase(_phase(engine, s, decode_prompt, prefill_prompt, s.runs), s)
         if s.load:
-            with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms) as lp:
+            with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
+                               python=s.load_python or None) as lp:
                 raw = _phase(engine, s, decode_prompt, prefill_prompt, s.runs)
             record["loaded"] = summarize_phase(raw, s)
             record["loaded"]["load"] = lp.summary()
@@ -127,13 +129,20 @@ def run_spec(spec: str, files: dict, s: Settings, registry: dict | None = None) 
         return {"engine": spec, "status": "skipped", "reason": str(e)}
 
 
-def run_in_worker(spec: str, files: dict, s: Settings) -> dict:
-    """Measure one engine in a fresh Python process: engines do not share thread pools, allocators or
-    memory, and peak RSS is the engine's own."""
+def run_in_worker(spec: str, files: dict, s: Settings, python: str | None = None) -> dict:
+    """Measure one engine in a fresh Python process (`python`, e.g. a venv where only that engine is
+    installed; this interpreter by default): engines do not share thread pools, allocators or memory,
+    and peak RSS is the engine's own."""
     import subprocess
     job = json.dumps({"spec": spec, "files": files, "settings": asdict(s)})
-    p = subprocess.Popen([sys.executable, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    exe = python or sys.executable
+    try:
+        p = subprocess.Popen([exe, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    except OSError as e:
+        return {"engine": spec, "status": "error", "reason": f"cannot start the worker with {exe}: {e}"}
     try:
         out, err = p.communicate(job)
     except BaseException:
