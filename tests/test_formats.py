@@ -375,3 +375,179 @@ def test_hf_quantization_method_unsupported(tmp_path):
     _copy_folder(LLAMA_HF, tmp_path, lambda c: c.update(quantization_config={"quant_method": "gptq"}))
     with pytest.raises(UnsupportedModelError, match="gptq"):
         open_checkpoint(tmp_path)
+
+
+# --- GGUF quantized types: byte layouts -----------------------------------------------------------
+# A minimal GGUF writer (independent of the gguf package) so that tests control every byte.
+
+import struct
+
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize as gguf_quantize
+
+
+def _gguf_string(s):
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _gguf_value(v):
+    """(type id, bytes) for the metadata values tests use."""
+    if isinstance(v, bool):
+        return 7, struct.pack("<?", v)
+    if isinstance(v, int):
+        return 4, struct.pack("<I", v)
+    if isinstance(v, float):
+        return 6, struct.pack("<f", v)
+    if isinstance(v, str):
+        return 8, _gguf_string(v)
+    if isinstance(v, list):
+        etype, _ = _gguf_value(v[0])
+        return 9, struct.pack("<IQ", etype, len(v)) + b"".join(_gguf_value(x)[1] for x in v)
+    raise TypeError(v)
+
+
+def gguf_bytes(metadata, tensors, version=3, n_tensors=None, n_kv=None, alignment=32):
+    """metadata: {key: value}; tensors: [(name, numpy shape, ggml type, raw bytes)]."""
+    kv = b"".join(_gguf_string(k) + struct.pack("<I", _gguf_value(v)[0]) + _gguf_value(v)[1]
+                  for k, v in metadata.items())
+    infos, data = b"", b""
+    for name, shape, qtype, raw in tensors:
+        data += b"\0" * (-len(data) % alignment)
+        infos += _gguf_string(name) + struct.pack("<I", len(shape))
+        infos += b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        infos += struct.pack("<IQ", int(qtype), len(data))
+        data += raw
+    head = b"GGUF" + struct.pack("<IQQ", version,
+                                 len(tensors) if n_tensors is None else n_tensors,
+                                 len(metadata) if n_kv is None else n_kv) + kv + infos
+    return head + b"\0" * (-len(head) % alignment) + data
+
+
+def llama_meta(hidden=256, vocab=4, **extra):
+    meta = {"general.architecture": "llama", "llama.block_count": 1,
+            "llama.embedding_length": hidden, "llama.feed_forward_length": hidden,
+            "llama.attention.head_count": 2, "llama.attention.head_count_kv": 2,
+            "llama.context_length": 64, "llama.vocab_size": vocab,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "tokenizer.ggml.eos_token_id": 2}
+    meta.update(extra)
+    return meta
+
+
+def llama_gguf(tmp_path, extra_tensors=(), meta=None, name="m.gguf", **kw):
+    emb = np.arange(4 * 256, dtype=np.float32).reshape(4, 256) / 1024
+    tensors = [("token_embd.weight", (4, 256), QT.F32, emb.tobytes())] + list(extra_tensors)
+    path = tmp_path / name
+    path.write_bytes(gguf_bytes(meta or llama_meta(), tensors, **kw))
+    return path
+
+
+def _f16(x):
+    return np.array(x, np.float16).tobytes()
+
+
+def decode_q4_k(block: bytes) -> np.ndarray:
+    """Q4_K, 256 weights in 144 bytes: f16 d, f16 dmin, 12 bytes of eight 6-bit (scale, min)
+    pairs, 128 bytes of nibbles. Sub-block j (32 weights): w = d * sc[j] * q - dmin * m[j].
+    Pairs 0-3: sc = s[j] & 63, m = s[j+4] & 63; pairs 4-7 take their low 4 bits from s[j+4]
+    (sc low nibble, m high nibble) and their top 2 bits from the top bits of s[j-4] / s[j].
+    Nibbles: 64-weight chunk c uses bytes 32c..32c+31, low nibbles -> sub-block 2c, high -> 2c+1."""
+    d, dmin = np.frombuffer(block[:4], np.float16).astype(np.float64)
+    s, qs = block[4:16], block[16:]
+    out = np.zeros(256)
+    for j in range(8):
+        if j < 4:
+            sc, m = s[j] & 63, s[j + 4] & 63
+        else:
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)
+            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4)
+        c, high = divmod(j, 2)
+        for l in range(32):
+            q = (qs[32 * c + l] >> 4) if high else (qs[32 * c + l] & 0xF)
+            out[32 * j + l] = d * sc * q - dmin * m
+    return out
+
+
+def decode_q6_k(block: bytes) -> np.ndarray:
+    """Q6_K, 256 weights in 210 bytes: 128 bytes low nibbles (ql), 64 bytes of 2-bit highs (qh),
+    16 int8 scales, f16 d. Each 128-weight half h uses ql[64h:], qh[32h:], scales[8h:]; for
+    l < 32, weights l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high, ql[l+32] high
+    with qh[l] bits 0-1, 2-3, 4-5, 6-7 on top; q - 32 times d * scale[l // 16 + 0/2/4/6]."""
+    ql, qh = block[:128], block[128:192]
+    sc = np.frombuffer(block[192:208], np.int8).astype(np.float64)
+    d = float(np.frombuffer(block[208:210], np.float16)[0])
+    out = np.zeros(256)
+    for h in range(2):
+        L, H, S = ql[64 * h:], qh[32 * h:], sc[8 * h:]
+        for l in range(32):
+            qs = [(L[l] & 0xF) | (((H[l] >> 0) & 3) << 4), (L[l + 32] & 0xF) | (((H[l] >> 2) & 3) << 4),
+                  (L[l] >> 4) | (((H[l] >> 4) & 3) << 4), (L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)]
+            for i, q in enumerate(qs):
+                out[128 * h + l + 32 * i] = d * S[l // 16 + 2 * i] * (q - 32)
+    return out
+
+
+def decode_q5_0(block: bytes) -> np.ndarray:
+    """Q5_0, 32 weights in 22 bytes: f16 d, u32 qh (5th bits), 16 bytes of nibbles; weight j < 16 is
+    low nibble of byte j with bit j of qh, weight j + 16 the high nibble with bit j + 16; (q-16)*d."""
+    d = float(np.frombuffer(block[:2], np.float16)[0])
+    qh = int.from_bytes(block[2:6], "little")
+    out = np.zeros(32)
+    for j in range(16):
+        out[j] = d * (((block[6 + j] & 0xF) | (((qh >> j) & 1) << 4)) - 16)
+        out[j + 16] = d * (((block[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
+    return out
+
+
+def _hand_blocks(rng, qtype):
+    """Two rows of 256 weights of random quant bytes with chosen, finite f16 scales."""
+    if qtype == QT.Q4_K:
+        b = bytearray(rng.integers(0, 256, 144, dtype=np.uint8).tobytes())
+        b[:4] = _f16([0.0123, 0.0045])
+        return [bytes(b)], decode_q4_k
+    if qtype == QT.Q6_K:
+        b = bytearray(rng.integers(0, 256, 210, dtype=np.uint8).tobytes())
+        b[208:] = _f16(0.0031)
+        return [bytes(b)], decode_q6_k
+    blocks = []
+    for i in range(8):
+        b = bytearray(rng.integers(0, 256, 22, dtype=np.uint8).tobytes())
+        b[:2] = _f16(0.01 * (i + 1))
+        blocks.append(bytes(b))
+    return blocks, decode_q5_0
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q5_0], ids=["Q4_K", "Q6_K", "Q5_0"])
+def test_gguf_hand_built_blocks(tmp_path, qtype):
+    rng = np.random.default_rng(int(qtype))
+    rows = []
+    for _ in range(2):
+        blocks, decode = _hand_blocks(rng, qtype)
+        rows.append(b"".join(blocks))
+    raw = b"".join(rows)
+    if qtype == QT.Q5_0:   # 8 blocks of 32 per row of 256
+        expected = np.stack([np.concatenate([decode_q5_0(r[i:i + 22]) for i in range(0, len(r), 22)])
+                             for r in rows])
+    else:
+        expected = np.stack([decode(r) for r in rows])
+    path = llama_gguf(tmp_path, [("blk.0.ffn_up.weight", (2, 256), qtype, raw)])
+    t = open_checkpoint(path).tensors["model.layers.0.mlp.up_proj.weight"]
+    assert t.dtype == qtype.name.lower() and t.shape == (2, 256) and t.raw.shape == (2, len(rows[0]))
+    np.testing.assert_allclose(t.to_f32(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.F16, QT.BF16, QT.F32],
+                         ids=lambda q: q.name)
+def test_gguf_round_trip_types(tmp_path, qtype):
+    """Weights quantized by the gguf package, read back through open_checkpoint."""
+    from gguf.quants import dequantize
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3, 256)).astype(np.float32)
+    raw = gguf_quantize(w, qtype)
+    path = llama_gguf(tmp_path, [("blk.0.ffn_down.weight", (3, 256), qtype, raw.tobytes())])
+    t = open_checkpoint(path).tensors["model.layers.0.mlp.down_proj.weight"]
+    assert t.dtype == {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(qtype.name, qtype.name.lower())
+    got = t.to_f32()
+    np.testing.assert_array_equal(got, dequantize(raw, qtype).reshape(3, 256).astype(np.float32))
+    tol = {QT.Q4_0: 0.25, QT.Q4_1: 0.2, QT.Q5_0: 0.12, QT.Q8_0: 0.02, QT.BF16: 0.02}.get(qtype, 1e-3)
+    assert np.abs(got - w).max() < tol
