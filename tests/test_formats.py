@@ -551,3 +551,160 @@ def test_gguf_round_trip_types(tmp_path, qtype):
     np.testing.assert_array_equal(got, dequantize(raw, qtype).reshape(3, 256).astype(np.float32))
     tol = {QT.Q4_0: 0.25, QT.Q4_1: 0.2, QT.Q5_0: 0.12, QT.Q8_0: 0.02, QT.BF16: 0.02}.get(qtype, 1e-3)
     assert np.abs(got - w).max() < tol
+
+
+# --- Bad input: every case raises a LatticeError naming the file (and tensor) ------------------------
+
+def _write(tmp_path, data, name="bad.gguf"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_gguf_truncated_anywhere(tmp_path):
+    good = (FORMATS / "tiny-llama-f16.gguf").read_bytes()
+    from lattice.formats.gguf_header import parse_gguf_header
+    header = parse_gguf_header(FORMATS / "tiny-llama-f16.gguf")
+    cuts = [0, 3, 7, 20, 100, 1000, header.data_offset - 9, header.data_offset + 10, len(good) - 1]
+    for cut in cuts:
+        p = _write(tmp_path, good[:cut], f"cut{cut}.gguf")
+        with pytest.raises(ModelFormatError, match=f"cut{cut}.gguf"):
+            open_checkpoint(p)
+
+
+def test_gguf_not_gguf_and_versions(tmp_path):
+    with pytest.raises(ModelFormatError, match="not a GGUF file"):
+        open_checkpoint(_write(tmp_path, b"PK\x03\x04" + b"\0" * 100))
+    for version, msg in ((1, "unsupported GGUF version 1"), (3 << 24, "big-endian")):
+        data = gguf_bytes(llama_meta(), [], version=version)
+        with pytest.raises(ModelFormatError, match=msg):
+            open_checkpoint(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("field", ["n_tensors", "n_kv"])
+def test_gguf_absurd_counts(tmp_path, field):
+    data = gguf_bytes(llama_meta(), [], **{field: 2 ** 62})
+    with pytest.raises(ModelFormatError, match="absurd"):
+        open_checkpoint(_write(tmp_path, data))
+
+
+def test_gguf_absurd_lengths(tmp_path):
+    base = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    # a key whose length runs past the end of the file
+    with pytest.raises(ModelFormatError, match="key of metadata entry 0 needs 1152921504606846976 bytes"):
+        open_checkpoint(_write(tmp_path, base + struct.pack("<Q", 2 ** 60) + b"abc" * 20))
+    # an array with 2**61 u32 elements
+    arr = _gguf_string("k") + struct.pack("<IIQ", 9, 4, 2 ** 61) + b"\0" * 64
+    with pytest.raises(ModelFormatError, match="elements of 'k'"):
+        open_checkpoint(_write(tmp_path, base + arr))
+    # an array of 2**61 strings
+    arr = _gguf_string("k") + struct.pack("<IIQ", 9, 8, 2 ** 61) + b"\0" * 64
+    with pytest.raises(ModelFormatError, match="strings of 'k'"):
+        open_checkpoint(_write(tmp_path, base + arr))
+    # an unknown value type
+    with pytest.raises(ModelFormatError, match="unknown value type 77"):
+        open_checkpoint(_write(tmp_path, base + _gguf_string("k") + struct.pack("<I", 77) + b"\0" * 16))
+
+
+def test_gguf_absurd_dimensions(tmp_path):
+    meta = llama_meta()
+    data = gguf_bytes(meta, [("token_embd.weight", (1,) * 40, QT.F32, b"\0" * 4)])
+    with pytest.raises(ModelFormatError, match="'token_embd.weight' has absurd dimension count 40"):
+        open_checkpoint(_write(tmp_path, data))
+    # huge dimensions: the byte count is checked against the file, nothing is allocated
+    data = gguf_bytes(meta, [("token_embd.weight", (2 ** 40, 2 ** 20), QT.F32, b"\0" * 64)])
+    with pytest.raises(ModelFormatError, match="'token_embd.weight'.*runs past the end"):
+        open_checkpoint(_write(tmp_path, data))
+
+
+def test_gguf_offset_out_of_range_and_misaligned(tmp_path):
+    good = gguf_bytes(llama_meta(), [("token_embd.weight", (4, 256), QT.F32, b"\0" * 4096)])
+    with pytest.raises(ModelFormatError, match="'token_embd.weight'.*runs past the end"):
+        open_checkpoint(_write(tmp_path, good[:-1]))
+    # patch the tensor's data offset (the last 8 bytes of its info) to a huge / misaligned value
+    info_end = good.index(b"token_embd.weight") + len("token_embd.weight") + 4 + 16 + 4 + 8
+    for offset, msg in ((2 ** 40, "runs past the end"), (3, "not a multiple of 32")):
+        bad = good[:info_end - 8] + struct.pack("<Q", offset) + good[info_end:]
+        with pytest.raises(ModelFormatError, match=msg):
+            open_checkpoint(_write(tmp_path, bad))
+
+
+def test_gguf_unknown_and_unsupported_types(tmp_path):
+    raw = b"\0" * 66
+    p = llama_gguf(tmp_path, [("blk.0.ffn_up.weight", (1, 256), QT.IQ2_XXS, raw)])
+    with pytest.raises(UnsupportedModelError, match="'blk.0.ffn_up.weight'.*IQ2_XXS.*Q6_K"):
+        open_checkpoint(p)
+    p = llama_gguf(tmp_path, [("blk.0.ffn_up.weight", (1, 256), 200, raw)])
+    with pytest.raises(UnsupportedModelError, match="'blk.0.ffn_up.weight'.*unknown type 200"):
+        open_checkpoint(p)
+
+
+def test_gguf_block_size_mismatch(tmp_path):
+    p = llama_gguf(tmp_path, [("blk.0.ffn_up.weight", (2, 48), QT.Q8_0, b"\0" * 68)])
+    with pytest.raises(ModelFormatError, match="'blk.0.ffn_up.weight'.*row length 48"):
+        open_checkpoint(p)
+
+
+def test_gguf_metadata_problems(tmp_path):
+    meta = llama_meta()
+    del meta["llama.embedding_length"]
+    with pytest.raises(ConfigError, match="m.gguf.*llama.embedding_length"):
+        open_checkpoint(llama_gguf(tmp_path, meta=meta))
+    with pytest.raises(UnsupportedModelError, match="'gemma3'.*llama.*qwen35"):
+        open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(**{"general.architecture": "gemma3"})))
+    with pytest.raises(ConfigError, match="m.gguf.*num_attention_heads"):
+        open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(**{"llama.attention.head_count": 3})))
+    # config/weights mismatch: the embedding table is [4, 256]
+    with pytest.raises(TensorShapeError, match="m.gguf.*embed_tokens.*\\(4, 128\\)"):
+        open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(hidden=128)))
+
+
+def test_gguf_bad_tensor_names(tmp_path):
+    emb = ("blk.0.ffn_up.weight", (1, 256), QT.F32, b"\0" * 1024)
+    with pytest.raises(ModelFormatError, match="duplicate tensor name 'blk.0.ffn_up.weight'"):
+        open_checkpoint(llama_gguf(tmp_path, [emb, emb]))
+    with pytest.raises(UnsupportedModelError, match="unknown tensor 'blk.0.mystery.weight'"):
+        open_checkpoint(llama_gguf(tmp_path, [("blk.0.mystery.weight", (1, 256), QT.F32, b"\0" * 1024)]))
+    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+        open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", (64,), QT.F32, b"\0" * 256)]))
+
+
+def _bad_safetensors(tmp_path, data):
+    """An HF folder around a hand-made model.safetensors."""
+    shutil.copy(LLAMA_HF / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(data)
+    return tmp_path
+
+
+def _st(header, data=b"", n=None):
+    text = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    return struct.pack("<Q", len(text) if n is None else n) + text + data
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b"\x01\x02", "truncated safetensors"),
+    (_st({}, n=10 ** 9), "header length 1000000000 runs past the end"),
+    (_st(b"{not json"), "not valid JSON"),
+    (_st(b"\xff\xfe{}"), "not valid JSON"),
+    (_st([1, 2]), "not a JSON object"),
+    (_st({"w": 3}), "'w': header entry is not an object"),
+    (_st({"w": {"dtype": "F12", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "'w': unknown dtype 'F12'"),
+    (_st({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "'w': shape"),
+    (_st({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4), "'w': data_offsets"),
+    (_st({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 2), "'w': data_offsets.*out of range"),
+    (_st({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8), "'w': F32 \\[2\\] needs 8 bytes"),
+    (_st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "'a' and 'b' overlap"),
+], ids=["tiny", "header-past-eof", "bad-json", "bad-utf8", "not-object", "entry-not-object",
+        "unknown-dtype", "negative-shape", "bad-offsets", "offsets-out-of-range", "byte-count", "overlap"])
+def test_safetensors_bad_headers(tmp_path, data, msg):
+    folder = _bad_safetensors(tmp_path, data)
+    with pytest.raises(ModelFormatError, match=f"model.safetensors.*{msg}"):
+        open_checkpoint(folder)
+
+
+def test_safetensors_truncated_fixture(tmp_path):
+    good = (LLAMA_HF / "model.safetensors").read_bytes()
+    for cut in (5, 100, len(good) - 1):
+        with pytest.raises(ModelFormatError, match="model.safetensors"):
+            open_checkpoint(_bad_safetensors(tmp_path, good[:cut]))
