@@ -16,25 +16,27 @@ def main(request_path):
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
-    blocks, pointers, lengths = [], [], []
+    blocks = []
     with open(req["map_path"], "w") as m:
-        for i, b in enumerate(req["buffers"]):
-            if b is None:
-                blocks.append(None); pointers.append(None); lengths.append(0)
-                continue
-            data, offset = b
+        for data in req["blocks"]:
             p = libc.malloc(max(1, len(data)))
             ctypes.memmove(p, data, len(data))
             blocks.append((p, len(data)))
+        pointers, lengths = [], []
+        for i, binding in enumerate(req["bindings"]):
+            if binding is None:
+                pointers.append(None); lengths.append(0)
+                continue
+            (p, n), offset = blocks[binding[0]], binding[1]
             pointers.append(p + offset)
-            lengths.append(len(data) - offset)
-            m.write(f"{i} {p} {len(data)}\n")
+            lengths.append(n - offset)
+            m.write(f"{i} {p} {n}\n")
     lib = ctypes.CDLL(req["so"])
     launch, keep = make_launch(pointers, lengths, req["grid"], req["tg"], req["tg_lengths"], req["seed"],
                                req["stack_size"])
     getattr(lib, "msl_launch_" + req["kernel"])(ctypes.byref(launch))
     response = dict(error=launch_error(keep),
-                    buffers=[None if b is None else ctypes.string_at(b[0], b[1]) for b in blocks])
+                    blocks=[ctypes.string_at(p, n) for p, n in blocks])
     with open(req["out"], "wb") as f:
         pickle.dump(response, f)
 

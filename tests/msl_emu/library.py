@@ -26,7 +26,7 @@ THREADGROUP_MEMORY_LIMIT = 32768
 STACK_SIZE = 64 * 1024        # per GPU thread; kernels keep small frames
 ASAN_STACK_SIZE = 512 * 1024  # AddressSanitizer frames carry redzones
 
-FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-gline-tables-only", "-ffp-contract=off",
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fsigned-char", "-gline-tables-only", "-ffp-contract=off",
          "-Wno-unknown-attributes", "-ferror-limit=8", "-Xclang", "-ffloat16-excess-precision=none", "-I" + INCLUDE]
 PCH_FLAGS = ["-fpch-validate-input-files-content"]  # a touched but unchanged header stays valid
 ASAN_FLAGS = ["-fsanitize=address", "-shared-libasan", "-fno-omit-frame-pointer"]
@@ -224,7 +224,7 @@ class Library:
         memories, pointers, lengths = self._buffers(k, buffers)
         tg_lengths = self._threadgroup_memory(k, threadgroup_memory)
         if self.sanitize:
-            return self._dispatch_asan(k, memories, buffers, grid, tg, tg_lengths, order_seed)
+            return self._dispatch_asan(k, memories, grid, tg, tg_lengths, order_seed)
         launch, keep = make_launch(pointers, lengths, grid, tg, tg_lengths, order_seed, self.stack_size)
         getattr(self._lib, "msl_launch_" + kernel)(ctypes.byref(launch))
         error = launch_error(keep)
@@ -282,12 +282,14 @@ class Library:
         return lengths
 
     # ------------------------------------------------------------------ AddressSanitizer path
-    def _dispatch_asan(self, k, memories, buffers, grid, tg, tg_lengths, order_seed):
+    def _dispatch_asan(self, k, memories, grid, tg, tg_lengths, order_seed):
+        blocks = self._asan_blocks(k, memories)
+        views = blocks.pop("block_views")
         with tempfile.TemporaryDirectory(prefix="msl-asan-") as tmp:
             request = dict(
                 so=self.so_path, kernel=k.name, grid=grid, tg=tg, tg_lengths=tg_lengths, seed=order_seed,
                 stack_size=self.stack_size, map_path=os.path.join(tmp, "map"), out=os.path.join(tmp, "out"),
-                buffers=[None if m is None else (m[0].tobytes(), m[1]) for m in memories])
+                **blocks)
             req_path = os.path.join(tmp, "request")
             with open(req_path, "wb") as f:
                 pickle.dump(request, f)
@@ -298,11 +300,35 @@ class Library:
                 raise self._asan_error(k, r, request["map_path"])
             with open(request["out"], "rb") as f:
                 response = pickle.load(f)
-        for m, data in zip(memories, response["buffers"]):
-            if m is not None:
-                m[0][:] = np.frombuffer(data, dtype=np.uint8)
+        for mem, data in zip(views, response["blocks"]):
+            mem[:] = np.frombuffer(data, dtype=np.uint8)
         if response["error"]:
             raise MSLKernelError(f"kernel {k.name} ({os.path.basename(self.path)}): {response['error']}")
+
+    @staticmethod
+    def _asan_blocks(k, memories):
+        """One malloc block per distinct array, so bindings that alias (the same array at several
+        offsets, as arenas are bound) still alias in the worker."""
+        views, blocks, bindings = [], [], []
+        for i, m in enumerate(memories):
+            if m is None:
+                bindings.append(None)
+                continue
+            mem, offset = m
+            start, end = mem.ctypes.data, mem.ctypes.data + mem.nbytes
+            for j, v in enumerate(views):
+                vs, ve = v.ctypes.data, v.ctypes.data + v.nbytes
+                if (vs, ve) == (start, end):
+                    break
+                if vs < end and start < ve:
+                    raise MSLDispatchError(f"{k.name}: buffer({i}) partly overlaps another binding; under "
+                                           f"AddressSanitizer bind the same array with byte offsets instead")
+            else:
+                j = len(views)
+                views.append(mem)
+                blocks.append(mem.tobytes())
+            bindings.append((j, offset))
+        return dict(blocks=blocks, bindings=bindings, block_views=views)
 
     def _asan_error(self, k, r, map_path):
         report = r.stderr
