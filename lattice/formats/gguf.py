@@ -108,6 +108,17 @@ def _f32_value(x):
 
 
 def config_from_gguf(meta: dict, infos: dict, path) -> ModelConfig:
+    try:
+        return ModelConfig(**_config_fields(meta, infos, path))
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from e
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{path}: invalid GGUF metadata value: {e}") from e
+
+
+def _config_fields(meta, infos, path) -> dict:
     arch = meta["general.architecture"]
 
     def key(name, default=...):
@@ -167,12 +178,7 @@ def config_from_gguf(meta: dict, infos: dict, path) -> ModelConfig:
             linear_key_head_dim=key("ssm.state_size"),
             linear_value_head_dim=key("ssm.inner_size") // hv if isinstance(hv, int) and hv else 0,
             linear_conv_kernel_dim=key("ssm.conv_kernel"))
-    try:
-        return ModelConfig(**fields)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: invalid GGUF metadata value: {e}") from e
+    return fields
 
 
 # --- tensors ------------------------------------------------------------------------------------
@@ -214,6 +220,8 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
     dtype, np_dtype, block, block_bytes = GGUF_TYPES[info.type_id]
     np_shape = tuple(reversed(info.dims))
     n_elems = int(np.prod(np_shape, dtype=object))
+    if n_elems == 0:
+        raise ModelFormatError(f"tensor {info.name!r} has an empty shape {np_shape}", path)
     if info.dims[0] % block:
         raise ModelFormatError(f"tensor {info.name!r}: row length {info.dims[0]} is not a multiple "
                                f"of the {dtype} block size {block}", path)
@@ -223,38 +231,18 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
                                f" runs past the end of the file ({header.file_size} bytes)", path)
     quantized = block > 1
     # native layout: floats as their numpy shape, quantized as rows of bytes
-    raw_shape = (n_elems // info.dims[0], info.dims[0] // block * block_bytes) if quantized \
-        else np_shape
+    raw_shape = (int(np.prod(np_shape[:-1], dtype=object)), info.dims[0] // block * block_bytes) \
+        if quantized else np_shape
 
     def native():
         return fmap.bytes(info.offset, nbytes).view(np_dtype).reshape(raw_shape)
 
-    hf_shape = np_shape
-    rows = cols = None
-    fix = None
     short = info.name.split(".", 2)[-1] if info.name.startswith("blk.") else info.name
-    if arch == "llama" and short in ("attn_q.weight", "attn_q.bias"):
-        rows = _llama_qk_rows(np_shape[0], cfg.num_attention_heads)
-    elif arch == "llama" and short in ("attn_k.weight", "attn_k.bias"):
-        rows = _llama_qk_rows(np_shape[0], cfg.num_key_value_heads)
-    elif arch == "qwen35":
-        if short in QWEN35_PLUS_ONE:
-            fix = lambda a: a - np.float32(1)          # noqa: E731
-        elif short == "ssm_a":
-            fix = lambda a: np.log(-a)                 # noqa: E731  (ssm_a = -exp(A_log))
-        if short == "ssm_conv1d.weight":
-            hf_shape = (np_shape[0], 1, np_shape[1])
-        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        if hk and hv and hk != hv:
-            qk = 2 * hk * cfg.linear_key_head_dim
-            v = _v_heads(hk, hv, cfg.linear_value_head_dim)
-            rows = {"attn_qkv.weight": np.concatenate([np.arange(qk), qk + v]),
-                    "ssm_conv1d.weight": np.concatenate([np.arange(qk), qk + v]),
-                    "attn_gate.weight": v,
-                    "ssm_beta.weight": _v_heads(hk, hv, 1), "ssm_alpha.weight": _v_heads(hk, hv, 1),
-                    "ssm_a": _v_heads(hk, hv, 1), "ssm_dt.bias": _v_heads(hk, hv, 1)}.get(short)
-            if short == "ssm_out.weight":
-                cols = v
+    try:
+        hf_shape, rows, cols, fix = _hf_layout(arch, short, np_shape, cfg)
+    except ValueError as e:
+        raise ModelFormatError(f"tensor {info.name!r} has shape {np_shape}, inconsistent with "
+                               f"the metadata: {e}", path) from e
     for perm, axis in ((rows, 0), (cols, -1)):
         if perm is not None and len(perm) != np_shape[axis]:
             raise ModelFormatError(f"tensor {info.name!r} has shape {np_shape}, inconsistent with "
@@ -280,3 +268,46 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
     if not quantized and fix is None:      # float column permutation keeps the native dtype
         return Tensor(hf_name, hf_shape, dtype, path, lambda: native()[:, cols])
     return Tensor(hf_name, hf_shape, "f32", path, converted)
+
+
+def _qwen35_value_heads(short, np_shape, cfg):
+    """(row index, column index) that undo the tiled value-head order of one qwen35 tensor."""
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    qk, dv = 2 * hk * cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    # rows kept in place, then value heads of `dim` rows each
+    layout = {"attn_qkv.weight": (qk, dv), "ssm_conv1d.weight": (qk, dv),
+              "attn_gate.weight": (0, dv), "ssm_beta.weight": (0, 1), "ssm_alpha.weight": (0, 1),
+              "ssm_a": (0, 1), "ssm_dt.bias": (0, 1)}
+    if short == "ssm_out.weight":
+        if len(np_shape) != 2 or np_shape[1] != hv * dv:
+            raise ValueError(f"out_proj needs {hv * dv} columns")
+        return None, _v_heads(hk, hv, dv)
+    if short not in layout:
+        return None, None
+    keep, dim = layout[short]
+    if np_shape[0] != keep + hv * dim:
+        raise ValueError(f"expected {keep + hv * dim} rows")
+    return np.concatenate([np.arange(keep), keep + _v_heads(hk, hv, dim)]), None
+
+
+def _hf_layout(arch, short, np_shape, cfg):
+    """(HF shape, row index, column index, value fix) for a GGUF tensor; see the module docstring."""
+    hf_shape = np_shape
+    rows = cols = fix = None
+    if arch == "llama" and short in ("attn_q.weight", "attn_q.bias"):
+        rows = _llama_qk_rows(np_shape[0], cfg.num_attention_heads)
+    elif arch == "llama" and short in ("attn_k.weight", "attn_k.bias"):
+        rows = _llama_qk_rows(np_shape[0], cfg.num_key_value_heads)
+    elif arch == "qwen35":
+        if short in QWEN35_PLUS_ONE:
+            fix = lambda a: a - np.float32(1)          # noqa: E731
+        elif short == "ssm_a":
+            fix = lambda a: np.log(-a)                 # noqa: E731  (ssm_a = -exp(A_log))
+        if short == "ssm_conv1d.weight":
+            if len(np_shape) != 2:
+                raise ValueError("conv1d must be 2-D [channels, kernel]")
+            hf_shape = (np_shape[0], 1, np_shape[1])
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if hk and hv and hk != hv:
+            rows, cols = _qwen35_value_heads(short, np_shape, cfg)
+    return hf_shape, rows, cols, fix

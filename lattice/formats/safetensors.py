@@ -71,7 +71,7 @@ def _check_entry(path, name, info, data_start, data_size):
     if not isinstance(info, dict):
         bad("header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         bad(f"unknown dtype {dtype!r} (known: {', '.join(ST_DTYPES)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         bad(f"shape must be a list of non-negative integers, got {shape!r}")

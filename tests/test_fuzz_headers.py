@@ -1,0 +1,126 @@
+"""Fuzzing the GGUF and safetensors header parsers (hypothesis, bounded).
+
+Mutated files must either load (and then every tensor converts to float32) or raise a LatticeError;
+never another exception, never a huge allocation or a hang."""
+import json
+import shutil
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import FIXTURES
+from lattice.errors import LatticeError
+from lattice.formats import open_checkpoint
+from lattice.formats.gguf_header import parse_gguf_header
+
+FORMATS = Path(FIXTURES) / "formats"
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _load_everything(path):
+    """open_checkpoint + every tensor's to_f32; True when it worked, False on LatticeError."""
+    try:
+        ckpt = open_checkpoint(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # random bytes make NaN/Inf weights
+            for t in ckpt.tensors.values():
+                assert t.to_f32().shape == t.shape
+        return True
+    except LatticeError as e:
+        assert str(path) in str(e), f"error does not name the file: {e}"
+        return False
+
+
+def _mutate(data: bytes, edits, limit):
+    """Overwrite bytes at (position, value) pairs, positions taken modulo `limit`."""
+    b = bytearray(data)
+    for pos, value in edits:
+        b[pos % limit] = value
+    return bytes(b)
+
+
+# GGUF: the qwen35 fixture exercises every convention; its header (metadata + tensor infos) is the
+# part worth mutating, data bytes only change values
+GGUF_FILE = FORMATS / "tiny-qwen35-q8_0.gguf"
+GGUF_BYTES = GGUF_FILE.read_bytes()
+GGUF_HEADER_END = parse_gguf_header(GGUF_FILE).data_offset
+
+edits = st.lists(st.tuples(st.integers(0, 2 ** 31), st.integers(0, 255)), min_size=1, max_size=6)
+
+
+@FUZZ
+@given(edits=edits)
+def test_fuzz_gguf_byte_edits(edits):
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.gguf"
+        p.write_bytes(_mutate(GGUF_BYTES, edits, GGUF_HEADER_END))
+        _load_everything(p)
+
+
+# the counts and lengths that matter most: u64 fields of the fixed header and of tensor infos
+FIELD_OFFSETS = [8, 16] + [m.start() for m in [__import__("re").search(rb"blk\.0\.ssm_a", GGUF_BYTES)]]
+
+
+@FUZZ
+@given(which=st.integers(0, 2), value=st.one_of(st.integers(0, 64), st.integers(0, 2 ** 64 - 1)),
+       cut=st.integers(0, len(GGUF_BYTES)))
+def test_fuzz_gguf_counts_and_truncation(which, value, cut):
+    b = bytearray(GGUF_BYTES)
+    pos = FIELD_OFFSETS[which] - (8 if which == 2 else 0)   # the ssm_a name's length field
+    b[pos:pos + 8] = struct.pack("<Q", value)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.gguf"
+        p.write_bytes(bytes(b[:max(cut, GGUF_HEADER_END // 2)]))
+        _load_everything(p)
+
+
+# safetensors: byte edits in the JSON header, and structured edits of its entries
+ST_FOLDER = FORMATS / "tiny-llama-hf"
+ST_BYTES = (ST_FOLDER / "model.safetensors").read_bytes()
+ST_HEADER_LEN = struct.unpack("<Q", ST_BYTES[:8])[0]
+ST_HEADER = json.loads(ST_BYTES[8:8 + ST_HEADER_LEN])
+
+
+def _st_folder(d, data):
+    folder = Path(d)
+    shutil.copy(ST_FOLDER / "config.json", folder / "config.json")
+    (folder / "model.safetensors").write_bytes(data)
+    return folder
+
+
+@FUZZ
+@given(edits=edits)
+def test_fuzz_safetensors_byte_edits(edits):
+    with tempfile.TemporaryDirectory() as d:
+        _load_everything(_st_folder(d, _mutate(ST_BYTES, edits, 8 + ST_HEADER_LEN)))
+
+
+json_values = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(),
+                        st.text(max_size=8),
+                        st.lists(st.integers(-5, 2 ** 40), max_size=4))
+
+
+@FUZZ
+@given(index=st.integers(0, len(ST_HEADER) - 1), field=st.sampled_from(["dtype", "shape", "data_offsets"]),
+       value=st.one_of(json_values, st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "BOOL"])))
+def test_fuzz_safetensors_entries(index, field, value):
+    header = json.loads(json.dumps(ST_HEADER))
+    name = sorted(k for k in header if k != "__metadata__")[index % (len(header) - 1)]
+    header[name][field] = value
+    text = json.dumps(header).encode()
+    data = struct.pack("<Q", len(text)) + text + ST_BYTES[8 + ST_HEADER_LEN:]
+    with tempfile.TemporaryDirectory() as d:
+        _load_everything(_st_folder(d, data))
+
+
+def test_unmodified_fixtures_load():
+    """The fuzz seeds themselves are valid (so the fuzzers explore near-valid inputs)."""
+    with tempfile.TemporaryDirectory() as d:
+        assert _load_everything(_st_folder(d, ST_BYTES))
+    assert _load_everything(GGUF_FILE)
