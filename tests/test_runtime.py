@@ -290,3 +290,23 @@ def test_memory_flat_over_1000_generations():
         if i % 100 == 0:
             rt.logits(rt.new_state(), [4, 5, 6])
     assert _rss_bytes() - before < 8 * 2**20
+
+
+def test_ctrl_c_during_generation_stops_within_a_step():
+    """SIGINT while the loop runs in C: the runtime checks signals after every step, raises
+    KeyboardInterrupt from inside generate, and the session stays consistent."""
+    import signal
+    import traceback
+    rt = _runtime("tiny-llama", context=4096)
+    st = rt.new_state()
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            for _ in range(20):                 # far longer than 0.3 s
+                rt.generate(st, [1, 2, 3], 4000)
+    finally:
+        timer.cancel()
+    assert any(f.filename.endswith("_runtime.pyx") for f in traceback.extract_tb(e.value.__traceback__))
+    assert 3 <= st.position < 4096
+    assert rt.generate(st, [1, 2, 3], 8)["tokens"] == rt.generate(rt.new_state(), [1, 2, 3], 8)["tokens"]
