@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lattice.errors import TokenizerError
-from lattice.formats import read_gguf_metadata
+from lattice.formats import open_checkpoint, read_gguf_metadata
 from lattice.tokenizer import StreamingDetokenizer, Tokenizer
 
 from conftest import FIXTURES
@@ -117,15 +117,15 @@ def test_smollm2_tokenization_matches_llamacpp(smollm2):
         assert smollm2.encode(text, add_bos=False) == ids, text
 
 
-def test_from_checkpoint_uses_gguf_metadata_or_folder(smollm2_metadata):
-    class GGUFCheckpoint:
-        folder, metadata, path = None, smollm2_metadata, "SmolLM2.gguf"
-
-    class FolderCheckpoint:
-        folder, metadata, path = os.path.join(TOK_FIXTURES, "tiny-bpe"), {}, "tiny-bpe"
-
-    assert Tokenizer.from_checkpoint(GGUFCheckpoint()).vocab_size == 49152
-    assert Tokenizer.from_checkpoint(FolderCheckpoint()).vocab_size == 320
+def test_from_checkpoint_uses_gguf_metadata_or_folder(smollm2_path, tmp_path):
+    tok = Tokenizer.from_checkpoint(open_checkpoint(smollm2_path))
+    assert tok.vocab_size == 49152 and tok.source == str(smollm2_path)
+    # a Hugging Face folder: tiny-llama's weights with tiny-bpe's tokenizer files
+    for src in ("tiny-llama/config.json", "tiny-llama/model.safetensors", "tokenizer/tiny-bpe/tokenizer.json",
+                "tokenizer/tiny-bpe/tokenizer_config.json"):
+        shutil.copy(os.path.join(FIXTURES, src), tmp_path)
+    tok = Tokenizer.from_checkpoint(open_checkpoint(tmp_path))
+    assert tok.vocab_size == 320 and tok.has_chat_template
 
 
 # ---- tokenizer.json: identical to transformers ---------------------------------------------------
