@@ -1,6 +1,10 @@
 import os
 
-import pytest
+# Before numpy loads: on this 2-core machine multi-threaded OpenBLAS makes the small matmuls of the
+# reference decoder ~50x slower (thread oversubscription with the test's own threads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
