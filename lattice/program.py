@@ -238,7 +238,7 @@ class _Graph:
 
     def only_user(self, v, op):
         """True when `op` is the one consumer of v (through views too)."""
-        return [u for u in self.users.get(id(root(v)[0]), [])] == [op] and v.src is None
+        return v.src is None and self.users.get(id(v), []) == [op]
 
 
 def _layer_of(names):
@@ -277,7 +277,11 @@ def fuse(ops, storage):
                 absorbed.append(x.op)
                 x = x.op.ins[0]
             srcs[role] = x
-        rope = q.op
+        rope, k_rope = q.op, k.op
+        if (rope.params["rotary_dim"], rope.weights["inv_freq"]) != (k_rope.params["rotary_dim"],
+                                                                       k_rope.weights["inv_freq"]):
+            raise UnsupportedModelError(f"layer {p['layer']}: q and k use different RoPE settings")
+        qk_norm = norms["q"] or norms["k"]
         q_roped = Value(q.width)
         pre = Kernel("qk_rope_kv", reads={"q": srcs["q"], "k": srcs["k"], "v": v}, writes={"q_out": q_roped},
                      weights={"q_norm": norms["q"] and norms["q"].weights["w"],
@@ -286,8 +290,8 @@ def fuse(ops, storage):
                      state={"k_cache": (p["layer"], "k"), "v_cache": (p["layer"], "v")},
                      params=dict(n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
                                  rotary_dim=rope.params["rotary_dim"],
-                                 eps=(norms["q"] or norms["k"]).params["eps"] if (norms["q"] or norms["k"]) else 0.0,
-                                 add_one=(norms["q"] or norms["k"]).params["add_one"] if (norms["q"] or norms["k"]) else False),
+                                 eps=qk_norm.params["eps"] if qk_norm else 0.0,
+                                 add_one=qk_norm.params["add_one"] if qk_norm else False),
                      layer=p["layer"], order=op.index - 0.5)
         out = op.out[0]
         att = Kernel("attention", reads={"q": q_roped}, writes={"out": out},
@@ -321,7 +325,7 @@ def fuse(ops, storage):
         q, k, v, a, b = op.ins
         p = op.params
         conv = root(q)[0].op
-        kd, vd = p["n_k_heads"] * p["k_dim"], p["n_v_heads"] * p["v_dim"]
+        kd = p["n_k_heads"] * p["k_dim"]
         if (conv is None or conv.kind != "conv1d_silu" or not all(root(x) == (conv.out[0], c) for x, c in
                                                                       ((q, 0), (k, kd), (v, 2 * kd)))):
             raise UnsupportedModelError(f"layer {p['layer']}: gated_delta_rule q|k|v must be a split of conv1d_silu")
@@ -778,6 +782,7 @@ class Program:
         self.sizes = {}
         self.layout = {}
         self.recurrent = "linear_attention" in config.layer_types
+        self.weight_entries = {}    # weight key -> format, shape and plane offsets in WEIGHTS
 
     @property
     def vocab(self):
