@@ -228,33 +228,35 @@ class StreamingDetokenizer:
     It decodes a short window of recent tokens and emits what the newest tokens added, so every decoder
     quirk (dropped dummy-prefix spaces, byte fallback) acts exactly as in a full decode."""
 
+    # A UTF-8 character has at most 4 bytes and a token at least one, so text still incomplete after this
+    # many held tokens is invalid bytes, not a split character: emit it (as U+FFFD, like decode does)
+    # rather than hold text and re-decode a growing window forever.
+    MAX_HELD_TOKENS = 8
+
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
-        self.ids: list[int] = []
-        self._prefix = 0   # window start: the tokens before it are emitted and no longer needed
-        self._read = 0     # tokens before this index are emitted
+        self._window: list[int] = []   # the last emitted token(s) (decoder context), then held tokens
+        self._read = 0                 # window[:read] is already emitted
 
     def add(self, token_id: int) -> str:
-        self.ids.append(_as_int(token_id))
-        try:
-            return self._emit(final=False)
-        except TokenizerError:
-            self.ids.pop()
-            raise
+        token_id = _as_int(token_id)
+        self.tokenizer._check_ids([token_id])
+        self._window.append(token_id)
+        return self._emit(final=len(self._window) - self._read > self.MAX_HELD_TOKENS)
 
     def flush(self) -> str:
         """The text still held back (an incomplete character at the end of the stream comes out as U+FFFD)."""
         return self._emit(final=True)
 
     def _emit(self, final):
-        decode = self.tokenizer.decode
-        known = decode(self.ids[self._prefix:self._read], self.skip_special)
-        text = decode(self.ids[self._prefix:], self.skip_special)
+        known = self.tokenizer.decode(self._window[:self._read], self.skip_special)
+        text = self.tokenizer.decode(self._window, self.skip_special)
         # a trailing U+FFFD is an incomplete UTF-8 sequence that the next token may complete
-        if len(text) <= len(known) or (text.endswith("\ufffd") and not final):
+        if not final and (text.endswith("\ufffd") or len(text) < len(known)):
             return ""
-        self._prefix, self._read = self._read, len(self.ids)
+        del self._window[:self._read]
+        self._read = len(self._window)
         return text[len(known):]
 
 

@@ -290,3 +290,12 @@ def test_tokenizer_model_with_added_tokens(tmp_path):
     assert tok.decode(ids) == "a<|tool|>b<think>"
     assert tok.decode(ids, skip_special=True) == "ab<think>"
     assert tok.id_to_piece(331) == "<think>"
+
+
+def test_streaming_invalid_bytes_are_not_held_forever(smollm2):
+    continuation_byte = smollm2.encode("\U00040000")[0]   # 0x80: never completes a character
+    det = StreamingDetokenizer(smollm2)
+    pieces = [det.add(continuation_byte) for _ in range(50)]
+    assert pieces[0] == "" and any(pieces)
+    assert len(det._window) <= 2 * (StreamingDetokenizer.MAX_HELD_TOKENS + 1)   # bounded re-decoding
+    assert "".join(pieces) + det.flush() == "\ufffd" * 50
