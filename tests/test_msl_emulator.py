@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from msl_emu import Library, MSLCompileError, MSLDispatchError, MSLKernelError
+from msl_emu import Library, MSLCompileError, MSLDispatchError, MSLKernelError, MSLToolchainError, find_compiler
 from msl_emu import rewriter
 
 KERNELS = os.path.join(os.path.dirname(__file__), "msl_emu", "kernels_selftest")
@@ -335,3 +335,24 @@ def test_build_is_cached_by_content(tmp_path):
     a, out = np.arange(32, dtype=np.float32), np.zeros(32, np.float32)
     changed.dispatch("scale_add_f32", [a, out, ctypes.c_float(1.0)], (1,), (32,))
     np.testing.assert_array_equal(out, a + 2)
+
+
+def test_scalar_threadgroup_variables_references_and_atomics(features):
+    x = np.random.default_rng(6).standard_normal(64).astype(np.float32)
+    out, counter = np.zeros(5, np.float32), np.array([5], np.uint32)
+    features.dispatch("misc", [x, out, counter], (3,), (32,))
+    np.testing.assert_allclose(out, [x.max(), 64, 65504, np.e, 8], rtol=1e-6)
+    assert counter[0] == 5 + 3 * 32 * 2
+
+
+def test_msl_emu_cxx_picks_the_compiler(tmp_path, monkeypatch):
+    def fake_clang(name, major):
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\necho 'Debian clang version {major}.0.6'\n")
+        path.chmod(0o755)
+        return str(path)
+    monkeypatch.setenv("MSL_EMU_CXX", fake_clang("clang++-old", 14))
+    with pytest.raises(MSLToolchainError, match=r"needs clang\+\+ >= 16 \(found: .*clang\+\+-old \(clang version 14\)"):
+        find_compiler.__wrapped__()
+    monkeypatch.setenv("MSL_EMU_CXX", fake_clang("clang++-new", 17))
+    assert find_compiler.__wrapped__()[0] == str(tmp_path / "clang++-new")

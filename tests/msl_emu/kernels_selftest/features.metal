@@ -106,3 +106,30 @@ kernel void transpose_tile(device const float* in   [[buffer(0)]],
     simdgroup_barrier(mem_flags::mem_threadgroup);   // a row is one simdgroup (32 threads)
     if (tid.x == 0) sums[tid.y] = row_sum(rows + tid.y * 32, 32);
 }
+
+// scalar threadgroup variables, threadgroup references, device atomics, half limits, fast math
+static void store_max(threadgroup float& slot, float v) { slot = max(float(slot), v); }
+
+kernel void misc(device const float* x       [[buffer(0)]],
+                 device float*       out     [[buffer(1)]],
+                 device atomic_uint* counter [[buffer(2)]],
+                 uint tid [[thread_position_in_threadgroup]])
+{
+    threadgroup float best;
+    threadgroup uint count;
+    if (tid == 0) { best = -INFINITY; count = 0; }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) {
+        for (uint i = 0; i < 64; i++) store_max(best, x[i]);
+        count += 64;
+    }
+    atomic_fetch_add_explicit(counter, 2u, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) {
+        out[0] = best;
+        out[1] = float(count);
+        out[2] = float(numeric_limits<half>::max());
+        out[3] = fast::exp(1.0f);
+        out[4] = float(popcount(0xF0F0u));
+    }
+}
