@@ -326,6 +326,10 @@ def test_model_specs_match_published_shapes():
         mm.model_spec("gpt-5")
     with pytest.raises(ConfigError, match="unknown config field"):
         mm.model_spec("smollm2-135m", hidden=3)
+    with pytest.raises(ConfigError, match="num_hidden_layers must be a positive integer, got 0"):
+        mm.model_spec("qwen3.5-0.8b", num_hidden_layers=0)
+    with pytest.raises(ConfigError, match="unknown dtype 'f8'"):
+        mm.write_hf(mm.model_spec("smollm2-135m", tiny=True), "/nonexistent/out", dtype="f8")
     with pytest.raises(ConfigError, match="vocab_size must be at least 258"):
         mm.model_spec("smollm2-135m", tiny=True, vocab_size=100)
 
@@ -355,6 +359,18 @@ def _gguf_tensors(path):
         data = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type.name == "Q8_0" else np.array(t.data)
         out[t.name] = (t.tensor_type.name, np.asarray(data, np.float32).reshape(tuple(int(d) for d in t.shape[::-1])))
     return r, out
+
+
+def test_make_model_cli_rejects_bad_sizes(tmp_path):
+    res = CliRunner().invoke(cli.main, ["make-model", "qwen3.5-0.8b", "--random", str(tmp_path / "q"),
+                                        "--layers", "-2"])
+    assert res.exit_code == 1 and "num_hidden_layers must be a positive integer, got -2" in res.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_make_model_layers_override_keeps_the_hybrid_pattern():
+    spec = mm.model_spec("qwen3.5-0.8b", tiny=True, num_hidden_layers=6)
+    assert spec["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 2
 
 
 def test_qwen35_gguf_follows_llama_cpp_conventions(tmp_path):

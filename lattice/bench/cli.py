@@ -290,7 +290,7 @@ with the same weights laid out as llama.cpp's converter does.
 @click.option("--layers", type=int, default=None, help="Override the number of layers.")
 def make_model_cmd(model, out, gguf_type, gguf_out, dtype, seed, tiny, layers):
     try:
-        spec = model_spec(model, tiny=tiny, **({"num_hidden_layers": layers} if layers else {}))
+        spec = model_spec(model, tiny=tiny, **({"num_hidden_layers": layers} if layers is not None else {}))
         write_hf(spec, out, seed=seed, dtype=dtype)
         click.echo(f"wrote {out}")
         if gguf_type:

@@ -98,6 +98,10 @@ def model_spec(name: str, tiny: bool = False, **overrides) -> dict:
     if unknown:
         raise ConfigError(f"unknown config field(s) {sorted(unknown)} for {name}")
     spec.update(overrides)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        if not isinstance(spec[key], int) or spec[key] < 1:
+            raise ConfigError(f"{name}: {key} must be a positive integer, got {spec[key]!r}")
     if spec["model_type"] == "qwen3_5" and len(spec["layer_types"]) != spec["num_hidden_layers"]:
         reps = -(-spec["num_hidden_layers"] // 4)
         spec["layer_types"] = (_QWEN35_PATTERN * reps)[:spec["num_hidden_layers"]]
@@ -287,8 +291,9 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple, str]], produce:
 
 
 def write_hf(spec: dict, out_dir: str, seed: int = 0, dtype: str = "bf16") -> str:
+    _store_dtype(dtype)                     # rejects an unknown dtype before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    st_dtype = HF_DTYPES[dtype][1] if dtype in HF_DTYPES else _store_dtype(dtype)
+    st_dtype = HF_DTYPES[dtype][1]
     decl = [(t.name, t.shape, st_dtype) for t in hf_tensors(spec)]
     write_safetensors(os.path.join(out_dir, "model.safetensors"), decl,
                       (arr for _, arr in generate(spec, seed, dtype)))
