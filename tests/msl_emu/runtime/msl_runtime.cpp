@@ -1,7 +1,7 @@
 // msl_runtime.cpp -- the CPU execution model behind msl_shim.h (built once per compiler and flags).
 //
 // One dispatch runs its threadgroups one after another. Inside a threadgroup every GPU thread is a
-// fiber (ucontext, small mmap'd stack with a guard page); a fiber runs until it blocks at a
+// fiber (small mmap'd stack with a guard page); a fiber runs until it blocks at a
 // threadgroup_barrier or a simd_* collective, and the scheduler releases a barrier only when every
 // thread of the group (or every lane of the simdgroup) waits at the same call. Everything that would
 // be undefined behaviour on a GPU and that the emulator can see is reported as an error string that
@@ -36,6 +36,58 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 
 namespace msl_rt {
 namespace {
+// ---------------------------------------------------------------- context switching
+// x86-64: save the callee-saved registers and swap stacks, a few instructions (swapcontext makes a
+// signal-mask system call on every switch, which dominated the run time). Elsewhere: ucontext.
+#if defined(__x86_64__) && !defined(MSL_EMU_UCONTEXT)
+extern "C" void msl_emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .globl msl_emu_switch
+  .hidden msl_emu_switch
+  .type msl_emu_switch, @function
+msl_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size msl_emu_switch, .-msl_emu_switch
+)");
+
+struct Context { void* sp = nullptr; };
+
+// A new context "returns" into entry with the stack aligned as after a call; entry never returns.
+void context_init(Context& c, char* stack, size_t size, void (*entry)()) {
+  void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack + size)) & ~uintptr_t(15));
+  *--sp = nullptr;                               // entry's return address
+  *--sp = reinterpret_cast<void*>(entry);        // taken by `ret`
+  for (int i = 0; i < 6; i++) *--sp = nullptr;   // rbp rbx r12 r13 r14 r15
+  c.sp = sp;
+}
+void context_switch(Context& from, Context& to) { msl_emu_switch(&from.sp, to.sp); }
+#else
+struct Context { ucontext_t uc; };
+void context_init(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 constexpr size_t THREADGROUP_MEMORY_LIMIT = 32768;
 constexpr uint16_t MANY = 0xFFFF;
 
@@ -45,7 +97,7 @@ enum class State : uint8_t { ready, at_barrier, at_simd, done, aborted };
 struct WaitPoint { const char* what = ""; const char* file = ""; int line = 0; uint64_t seq = 0; };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;
   State state = State::ready;
   WaitPoint wait;
@@ -65,7 +117,7 @@ struct Group {
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   std::vector<Fiber> fibers;
-  ucontext_t sched_ctx;
+  Context sched_ctx;
   std::vector<unsigned char> simd_slots;  // [simdgroup][lane][SIMD_SLOT]
   std::vector<ParamRegion> params;        // [[threadgroup(i)]]
   std::vector<uint64_t> sg_phase;         // per simdgroup, bumped by simdgroup_barrier
@@ -99,10 +151,10 @@ void to_scheduler() {
 #ifdef MSL_EMU_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, G.sched_stack_bottom, G.sched_stack_size);
-  swapcontext(&f.ctx, &G.sched_ctx);
+  context_switch(f.ctx, G.sched_ctx);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  swapcontext(&f.ctx, &G.sched_ctx);
+  context_switch(f.ctx, G.sched_ctx);
 #endif
 }
 
@@ -153,11 +205,13 @@ void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &G.sched_stack_bottom, &G.sched_stack_size);
 #endif
   G.body(G.body_arg);
-  cur_fiber().state = State::done;
+  Fiber& f = cur_fiber();
+  f.state = State::done;
 #ifdef MSL_EMU_ASAN
-  __sanitizer_start_switch_fiber(nullptr, G.sched_stack_bottom, G.sched_stack_size);
+  __sanitizer_start_switch_fiber(nullptr, G.sched_stack_bottom, G.sched_stack_size);  // this fiber ends
 #endif
-  // returning continues at uc_link: the scheduler
+  context_switch(f.ctx, G.sched_ctx);  // never resumed
+  abort();
 }
 
 void resume(Group& G, u32 i) {
@@ -165,10 +219,10 @@ void resume(Group& G, u32 i) {
   Fiber& f = G.fibers[i];
 #ifdef MSL_EMU_ASAN
   __sanitizer_start_switch_fiber(&G.sched_fake_stack, f.stack, G.launch->stack_size);
-  swapcontext(&G.sched_ctx, &f.ctx);
+  context_switch(G.sched_ctx, f.ctx);
   __sanitizer_finish_switch_fiber(G.sched_fake_stack, &G.sched_stack_bottom, &G.sched_stack_size);
 #else
-  swapcontext(&G.sched_ctx, &f.ctx);
+  context_switch(G.sched_ctx, f.ctx);
 #endif
   G.current = -1;
 }
@@ -263,11 +317,7 @@ void run_group(Group& G, std::mt19937_64* rng, std::vector<u32>& order) {
                      i, i % SIMD_WIDTH, i / SIMD_WIDTH, SIMD_WIDTH, G.n_simdgroups};
     f.state = State::ready;
     f.n_simd_calls = 0;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = L.stack_size;
-    f.ctx.uc_link = &G.sched_ctx;
-    makecontext(&f.ctx, fiber_entry, 0);
+    context_init(f.ctx, f.stack, L.stack_size, fiber_entry);
   }
   for (;;) {
     if (rng) std::shuffle(order.begin(), order.end(), *rng);
