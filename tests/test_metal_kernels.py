@@ -132,6 +132,30 @@ def test_rmsnorm_skips_rows_beyond_step_tokens(rmsnorm_lib):
     assert (out[2:] == 9).all()
 
 
+# ---------------------------------------------------------------- ELEMENTWISE
+@pytest.mark.parametrize("op", ["add", "silu_mul", "sigmoid_mul", "copy"])
+def test_elementwise_matches_reference(op):
+    rng = np.random.default_rng(len(op))
+    T, n = 3, 300
+    x, y = padded(T, n, n + 2, rng), padded(T, n, n + 5, rng)
+    out = padded(T, 0, n + 1, rng)
+    a = args("elementwise", op=program.EW_OP[op], n=n, a_stride=n + 2, b_stride=n + 5, out_stride=n + 1)
+    lib("elementwise.metal").dispatch("lt_elementwise", [a, step_args(T), x, y, out], (T + 1,), (128,))
+    ref = {"add": reference.add, "silu_mul": reference.silu_mul, "sigmoid_mul": reference.sigmoid_mul,
+           "copy": lambda p, q: p}[op](x[:, :n], y[:, :n])
+    np.testing.assert_allclose(out[:, :n], ref, rtol=1e-6, atol=1e-6)
+    assert np.isnan(out[:, n:]).all()
+
+
+def test_elementwise_output_may_alias_an_input():
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((1, 64)).astype(np.float32), rng.standard_normal((1, 64)).astype(np.float32)
+    expected = reference.silu_mul(x, y)
+    a = args("elementwise", op=program.EW_OP["silu_mul"], n=64, a_stride=64, b_stride=64, out_stride=64)
+    lib("elementwise.metal").dispatch("lt_elementwise", [a, step_args(1), x, y, y], (1,), (32,))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- GEMV
 FLAG = program.GEMV_FLAG
 
