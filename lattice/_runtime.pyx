@@ -38,7 +38,7 @@ from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 
 from .errors import BackendError, ContextLengthError, ConfigError, NumericalError, SamplingError, TokenizerError
-from .program import ARENA, DISPATCH_DTYPE, ERRORS, N_ARENAS, STEP_DTYPE, STEP_WANT_LOGITS, VARIANTS
+from .program import ARENA, DISPATCH_DTYPE, STEP_DTYPE, VARIANTS
 from .quant import aligned_empty
 from .sampling import SamplingParams
 
@@ -78,8 +78,7 @@ cdef uint8_t *_ptr(arr) except NULL:
     return &view[0]
 
 
-_INT_FIELDS = {"top_k"}
-_ERR_NONFINITE, _ERR_CONTEXT = 1, 3
+_ERR_NONFINITE = 1     # LT_ERR_NONFINITE
 
 
 def _sampling_params(sampling):
@@ -266,7 +265,7 @@ cdef class State:
         self.history = h[:reuse]
         return reuse
 
-    def _set_sampling(self, params, want_logits):
+    def _set_sampling(self, params):
         """Sampling parameters and seed into the step-args; penalty history from the reused prefix."""
         cdef lt_step_args *s = self._step
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -276,7 +275,7 @@ cdef class State:
         s.presence_penalty = params.presence_penalty
         s.frequency_penalty = params.frequency_penalty
         s.penalty_last_n = 0
-        s.flags = STEP_WANT_LOGITS if want_logits else 0
+        s.flags = 0             # logits are read from the OUTPUT arena after each step
         s.step, s.error = 0, 0
         counts = self._region("counts").view(np.uint32)
         hist = self._region("hist").view(np.uint32)
@@ -331,7 +330,7 @@ cdef class State:
     def _generate(self, list ids, int max_tokens, stops, params, on_token, bint want_logits):
         cdef Py_ssize_t context = self._prog.context
         reused = self._prepare(ids)
-        self._set_sampling(params, want_logits)
+        self._set_sampling(params)
         tokens, logprobs, logits = [], [], []
         t0 = time.perf_counter()
         self._prefill(ids[reused:], 1, self._prog.prefill_chunk)
@@ -371,7 +370,7 @@ cdef class State:
         if len(self.history) + len(ids) > self._prog.context:
             raise ContextLengthError(f"{len(self.history)} cached + {len(ids)} new tokens do not fit "
                                      f"the context of {self._prog.context}")
-        self._set_sampling(SamplingParams(seed=0), False)
+        self._set_sampling(SamplingParams(seed=0))
         rows = []
         self._prefill(ids, 2, self._prog.logits_chunk, rows)
         return np.concatenate(rows)

@@ -310,3 +310,35 @@ def test_ctrl_c_during_generation_stops_within_a_step():
     assert any(f.filename.endswith("_runtime.pyx") for f in traceback.extract_tb(e.value.__traceback__))
     assert 3 <= st.position < 4096
     assert rt.generate(st, [1, 2, 3], 8)["tokens"] == rt.generate(rt.new_state(), [1, 2, 3], 8)["tokens"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
+def test_penalties_match_reference_sampler(fixture):
+    """Greedy with repetition/presence/frequency penalties: the on-device counts (prompt tokens,
+    then every fed token, rebuilt from the history on reuse) give the reference sampler's tokens."""
+    from lattice.sampling import SamplingParams, sample
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.4)
+    ck = open_checkpoint(os.path.join(FIXTURES, fixture))
+    ref = ReferenceDecoder(ck)
+    vocab = ck.config.vocab_size
+
+    def reference(prompt, n):
+        ref.reset()
+        counts = np.bincount(prompt, minlength=vocab)
+        logits, out = ref.prefill(prompt)[-1], []
+        for _ in range(n):
+            tok, _ = sample(logits, params, np.random.default_rng(0), counts)
+            out.append(tok)
+            counts[tok] += 1
+            logits = ref.step(tok)
+        return out
+
+    prompt = list(_oracle(fixture)["prompt"])
+    rt = _runtime(fixture)
+    st = rt.new_state()
+    first = rt.generate(st, prompt, 10, sampling=params)["tokens"]
+    assert first == reference(prompt, 10)
+    turn2 = prompt + first + [11, 12]
+    second = rt.generate(st, turn2, 10, sampling=params)
+    assert second["reused_tokens"] == len(prompt) + 9
+    assert second["tokens"] == reference(turn2, 10)
