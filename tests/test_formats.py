@@ -19,8 +19,8 @@ def test_gguf_metadata_smollm2(smollm2_path):
 
 # --- Hugging Face safetensors folders -------------------------------------------------------------
 
+import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +86,17 @@ def test_hf_qwen35_config():
     assert (cfg.linear_num_key_heads, cfg.linear_num_value_heads) == (2, 4)
     assert (cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim) == (16, 16, 4)
     assert cfg.bos_token_id is None and cfg.eos_token_id == [255] and not cfg.tie_word_embeddings
+
+
+def test_hf_qwen2_qwen3_configs():
+    q2 = open_checkpoint(FORMATS / "tiny-qwen2-hf")
+    q3 = open_checkpoint(FORMATS / "tiny-qwen3-hf")
+    assert q2.config.model_type == "qwen2" and q2.config.attention_bias and not q2.config.qk_norm
+    assert "model.layers.0.self_attn.q_proj.bias" in q2.tensors
+    assert q3.config.model_type == "qwen3" and q3.config.qk_norm and not q3.config.attention_bias
+    assert "model.layers.0.self_attn.q_norm.weight" in q3.tensors
+    for c in (q2.config, q3.config):
+        assert c.eos_token_id == [5, 7] and c.bos_token_id is None and c.rope_theta == 1e6
 
 
 def test_hf_qwen35_full_attention_interval(tmp_path):
@@ -204,13 +215,15 @@ def test_bad_config_json(tmp_path):
 # The fixtures were converted from the HF folders above by llama.cpp's own convert_hf_to_gguf.py
 # (tests/oracles/make_format_fixtures.py): loading them must give back the HF checkpoint exactly.
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen35"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen35", "tiny-qwen2", "tiny-qwen3"])
 def test_gguf_f16_equals_hf_exactly(name):
     hf = open_checkpoint(FORMATS / f"{name}-hf")
     g = open_checkpoint(FORMATS / f"{name}-f16.gguf")
     assert g.format == "gguf" and g.folder is None and g.path == FORMATS / f"{name}-f16.gguf"
-    assert g.metadata["general.architecture"] in ("llama", "qwen35")
-    assert g.config == hf.config
+    assert g.metadata["general.architecture"] == name[len("tiny-"):]
+    # GGUF keeps one eos id (the converter writes the first of HF's list)
+    assert g.config.eos_token_id == hf.config.eos_token_id[:1]
+    assert dataclasses.replace(g.config, eos_token_id=hf.config.eos_token_id) == hf.config
     assert set(g.tensors) == set(hf.tensors)
     for k, t in hf.tensors.items():
         got = g.tensors[k]

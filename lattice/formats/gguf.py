@@ -14,6 +14,9 @@ llama.cpp's own `convert_hf_to_gguf.py`):
   in_proj_qkv (v part), in_proj_z, in_proj_a/b, A_log, dt_bias, conv1d (v channels) and in the
   COLUMNS of out_proj. A column permutation splits quantized blocks: such a tensor is dequantized
   and presented as f32 (only models with grouped value heads, e.g. not Qwen3.5-0.8B).
+
+Metadata: ModelConfig.eos_token_id collects the eos, eot and eom ids (GGUF has one of each, HF a
+list of stop ids); float values stored as f32 are rounded back to their shortest decimal.
 """
 from __future__ import annotations
 
@@ -156,7 +159,9 @@ def _config_fields(meta, infos, path) -> dict:
         max_position_embeddings=key("context_length", 4096),
         tie_word_embeddings="output.weight" not in infos,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        eos_token_id=list(dict.fromkeys(
+            meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                              "tokenizer.ggml.eom_token_id") if k in meta)),
         attention_bias="blk.0.attn_q.bias" in infos,
         qk_norm="blk.0.attn_q_norm.weight" in infos or arch in ("qwen3", "qwen35"),
     )

@@ -6,10 +6,11 @@ converter from the llama-cpp-python sdist, mlx + mlx-lm; none of these are neede
     LLAMA_CPP=.../vendor/llama.cpp MLX_PATH=/tmp/mlxpkgs:/tmp/mlxlm python tests/oracles/make_format_fixtures.py
 
 Writes:
-  tiny-llama-hf/, tiny-qwen35-hf/      random tiny transformers checkpoints (f16 safetensors)
-  tiny-llama-{f16,q8_0}.gguf, tiny-qwen35-{f16,q8_0}.gguf   the same, through llama.cpp's converter
-  tiny-qwen35-mlx4/, tiny-llama-mlx8/  mlx-lm quantized folders (affine, group 32)
-  mlx_expected.npz                     mx.dequantize of every quantized MLX weight
+  tiny-{llama,qwen35,qwen2,qwen3}-hf/   random tiny transformers checkpoints (f16 matrices)
+  tiny-{llama,qwen35}-{f16,q8_0}.gguf, tiny-{qwen2,qwen3}-f16.gguf   the same, through llama.cpp's
+                                        converter (placeholder vocabulary)
+  tiny-qwen35-mlx4/, tiny-llama-mlx8/  mlx-lm quantized folders (4-bit group 32, 8-bit group 64)
+  tiny-*-mlx*-expected.npz             mx.dequantize of a few of their weights
 """
 import json
 import os
@@ -24,7 +25,8 @@ TMP = Path(os.environ.get("TMPDIR", "/tmp")) / "lattice-format-fixtures"
 
 def make_hf_models():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
@@ -42,13 +44,20 @@ def make_hf_models():
         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
                          "partial_rotary_factor": 0.25},
         eos_token_id=255, bos_token_id=None, pad_token_id=None))
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                 initializer_range=0.25, rope_theta=1000000.0, tie_word_embeddings=False,
+                 bos_token_id=None, eos_token_id=[5, 7])
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**small))
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**small))
     with torch.no_grad():
-        for model in (llama, qwen):
+        for model in (llama, qwen, qwen2, qwen3):
             # random init leaves norms at 0/1, dt_bias at 1, A_log regular: perturb everything
             for name, p in model.named_parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
-    for model, name in ((llama, "tiny-llama-hf"), (qwen, "tiny-qwen35-hf")):
+    for model, name in ((llama, "tiny-llama-hf"), (qwen, "tiny-qwen35-hf"), (qwen2, "tiny-qwen2-hf"),
+                        (qwen3, "tiny-qwen3-hf")):
         path = OUT / name
         shutil.rmtree(path, ignore_errors=True)
         # matrices in f16 keep the files small; 1-D tensors stay f32 so that llama.cpp's converter
@@ -69,7 +78,7 @@ sys.path[:0] = [{llama_cpp!r} + "/gguf-py", {llama_cpp!r}]
 import gguf
 import convert_hf_to_gguf
 from conversion.llama import LlamaModel
-from conversion.qwen import Qwen3_5TextModel
+from conversion.qwen import Qwen2Model, Qwen3Model, Qwen3_5TextModel
 
 def placeholder_vocab(self):
     # random tiny models have no tokenizer: distinct single-character tokens
@@ -82,20 +91,23 @@ def placeholder_vocab(self):
     self.gguf_writer.add_token_merges([toks[0] + " " + toks[1]])
     if self.hparams.get("bos_token_id") is not None:
         self.gguf_writer.add_bos_token_id(self.hparams["bos_token_id"])
-    self.gguf_writer.add_eos_token_id(self.hparams["eos_token_id"])
+    eos = self.hparams["eos_token_id"]
+    self.gguf_writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
 
-LlamaModel.set_vocab = Qwen3_5TextModel.set_vocab = placeholder_vocab
+LlamaModel.set_vocab = Qwen2Model.set_vocab = Qwen3Model.set_vocab = placeholder_vocab
+Qwen3_5TextModel.set_vocab = placeholder_vocab
 sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outfile", {dst!r}, "--outtype", {outtype!r}] + {extra!r}
 convert_hf_to_gguf.main()
 """
 
 
 def convert_to_gguf(llama_cpp):
-    for name in ("tiny-llama", "tiny-qwen35"):
-        for outtype in ("f16", "q8_0"):
+    for name, outtypes in (("tiny-llama", ("f16", "q8_0")), ("tiny-qwen35", ("f16", "q8_0")),
+                           ("tiny-qwen2", ("f16",)), ("tiny-qwen3", ("f16",))):
+        for outtype in outtypes:
             dst = OUT / f"{name}-{outtype}.gguf"
             code = CONVERT.format(llama_cpp=llama_cpp, src=str(OUT / f"{name}-hf"), dst=str(dst),
-                                  outtype=outtype, extra=["--no-mtp"] if "qwen" in name else [])
+                                  outtype=outtype, extra=["--no-mtp"] if name == "tiny-qwen35" else [])
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if r.returncode:
                 sys.exit(r.stderr[-3000:])
