@@ -439,9 +439,9 @@ def fuse(ops, storage):
         if op.kind == "rms_norm":
             kernels.append(Kernel("rms_norm", reads={"x": op.ins[0]}, writes={"out": op.out[0]},
                                   weights={"w": op.weights["w"]}, params=dict(op.params), order=op.index))
-        elif op.kind == "add":
-            kernels.append(Kernel("add", reads={"a": op.ins[0], "b": op.ins[1]}, writes={"out": op.out[0]},
-                                  order=op.index))
+        elif op.kind in ("add", "silu_mul", "sigmoid_mul"):
+            kernels.append(Kernel("elementwise", reads={"a": op.ins[0], "b": op.ins[1]}, writes={"out": op.out[0]},
+                                  params={"op": op.kind}, order=op.index))
         else:
             raise UnsupportedModelError(f"no kernel for ops.{op.kind} in this context (op #{op.index})")
         claim(op)
@@ -1061,20 +1061,19 @@ def _emit(prog, kernels, store, logits_value, variant, rows, consts):
             vec("w", kern.weights["w"])
             args["n_heads"], args["head_dim"] = 1, kern.reads["x"].width
             args["flags"], args["eps"] = 1 if p["add_one"] else 0, p["eps"]
-        elif kind == "add":
+        elif kind == "elementwise":
             read("a", kern.reads["a"], "a_stride")
             read("b", kern.reads["b"], "b_stride")
             write("out", kern.writes["out"], "out_stride")
-            args["op"], args["n"] = EW_OP["add"], kern.writes["out"].width
+            args["op"], args["n"] = EW_OP[kern.params["op"]], kern.writes["out"].width
         else:
             raise UnsupportedModelError(f"no kernel for {kind}")
         if kind in ("embed",):
             acc.append((ARENA["step"],) + (ids[1], ids[1] + 4 * rows, False))
 
-        ckind = "elementwise" if kind == "add" else kind
-        slots = SLOTS[ckind]
+        slots = SLOTS[kind]
         rec = recs[i]
-        rec["kernel"] = KERNEL_ID[ckind]
+        rec["kernel"] = KERNEL_ID[kind]
         used = [slots.index(r) for r in bind]
         rec["n_bind"] = max(used) + 1
         rec["bind"]["arena"] = ARENA_NONE
@@ -1087,7 +1086,7 @@ def _emit(prog, kernels, store, logits_value, variant, rows, consts):
         rec["args_offset"] = len(consts)
         consts += args.tobytes()
         argd = {f: (args[f].item() if args[f].ndim == 0 else None) for f in args.dtype.names if f != "pad"}
-        grid, group = _launch(ckind, argd, rows)
+        grid, group = _launch(kind, argd, rows)
         rec["grid"], rec["group"] = grid, group
         notes.append((kind, kern.layer, argd, slots[:rec["n_bind"]]))
         accesses.append(acc)

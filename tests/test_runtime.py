@@ -342,3 +342,34 @@ def test_penalties_match_reference_sampler(fixture):
     second = rt.generate(st, turn2, 10, sampling=params)
     assert second["reused_tokens"] == len(prompt) + 9
     assert second["tokens"] == reference(turn2, 10)
+
+
+def test_unfused_ops_run_as_generic_kernels(monkeypatch):
+    """A forward whose ops match no fusion pattern (norm read by a non-linear, silu_mul of two
+    GEMVs with different inputs, adds of activations) compiles to RMSNORM / ELEMENTWISE kernels
+    and matches the eager numpy execution of the same forward."""
+    import lattice.program as program
+    from lattice.models import llama
+    from lattice.reference import NumpyOps, SequenceState
+
+    def forward(ops, cfg, w, ids):
+        x = ops.embed(w["model.embed_tokens.weight"], ids)
+        h = ops.rms_norm(x, w["model.layers.0.input_layernorm.weight"], cfg.rms_norm_eps, False)
+        gate = ops.linear(h, w["model.layers.0.mlp.gate_proj.weight"])
+        up = ops.linear(x, w["model.layers.0.mlp.up_proj.weight"])
+        y = ops.linear(ops.silu_mul(gate, up), w["model.layers.0.mlp.down_proj.weight"])
+        x = ops.add(ops.add(x, h), ops.sigmoid_mul(y, x))
+        x = ops.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps, False)
+        return ops.lm_head(x, w["lm_head.weight"])
+
+    family = type("Family", (), {"forward": staticmethod(forward), "state_shapes": staticmethod(llama.state_shapes)})
+    monkeypatch.setattr(program, "family_for", lambda model_type: family)
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    prog = build(ck, context=32)
+    kinds = [k for k, _, _, _ in prog.notes["decode"]]
+    assert kinds.count("rms_norm") == 1 and kinds.count("elementwise") == 4
+    ids = [5, 17, 200, 3, 99]
+    expect = forward(NumpyOps(SequenceState([])), ck.config, ck.tensors, np.array(ids))
+    rt = Runtime(prog, n_threads=2)
+    got = rt.generate(rt.new_state(), ids, 1, want_logits=True)["logits"]
+    assert _close(got[0], expect[-1])
