@@ -88,6 +88,23 @@ def test_hf_qwen35_config():
     assert cfg.bos_token_id is None and cfg.eos_token_id == [255] and not cfg.tie_word_embeddings
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("style", ["rope_scaling", "rope_parameters"])
+def test_hf_llama3_rope_scaling(tmp_path, style):
+    def edit(c):
+        c.pop("rope_theta", None)
+        c.pop("rope_parameters", None)
+        if style == "rope_scaling":          # transformers 4 style
+            c.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+        else:                                # transformers 5 style
+            c.update(rope_parameters=dict(LLAMA3_SCALING, rope_theta=500000.0))
+    cfg = open_checkpoint(_copy_folder(LLAMA_HF, tmp_path, edit)).config
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == LLAMA3_SCALING
+
+
 def test_hf_qwen2_qwen3_configs():
     q2 = open_checkpoint(FORMATS / "tiny-qwen2-hf")
     q3 = open_checkpoint(FORMATS / "tiny-qwen3-hf")
@@ -678,8 +695,30 @@ def test_gguf_bad_tensor_names(tmp_path):
         open_checkpoint(llama_gguf(tmp_path, [emb, emb]))
     with pytest.raises(UnsupportedModelError, match="unknown tensor 'blk.0.mystery.weight'"):
         open_checkpoint(llama_gguf(tmp_path, [("blk.0.mystery.weight", (1, 256), QT.F32, b"\0" * 1024)]))
-    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+    with pytest.raises(UnsupportedModelError, match="rope_freqs.*not Llama 3"):
         open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", (64,), QT.F32, b"\0" * 256)]))
+
+
+def _llama3_divisors(head_dim, theta, factor, low, high, context):
+    """HF's Llama 3 rope scaling as per-frequency divisors (what llama.cpp stores in rope_freqs)."""
+    freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / freq
+    smooth = (context / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, mid))
+
+
+@pytest.mark.parametrize("scaling", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (4.0, 1.0, 8.0, 4096)])
+def test_gguf_llama3_rope_freqs_to_rope_scaling(tmp_path, scaling):
+    """Llama 3.x GGUF files carry rope scaling only as rope_freqs.weight: the HF dict is recovered."""
+    factor, low, high, context = scaling
+    divisors = _llama3_divisors(128, 500000.0, *scaling).astype(np.float32)
+    meta = llama_meta(**{"llama.rope.freq_base": 500000.0})
+    ckpt = open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", (64,), QT.F32, divisors.tobytes())],
+                                      meta=meta))
+    assert ckpt.config.rope_scaling == {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                        "high_freq_factor": high, "original_max_position_embeddings": context}
+    assert "rope_freqs.weight" not in ckpt.tensors
 
 
 def _bad_safetensors(tmp_path, data):

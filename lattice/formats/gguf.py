@@ -79,10 +79,14 @@ def open_gguf(path) -> Checkpoint:
         raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
                                     f"(supported: {', '.join(SUPPORTED_ARCHS)})")
     infos = {t.name: t for t in header.tensors}
-    config = config_from_gguf(meta, infos, path)
     fmap = _FileMap(path)
+    rope_freqs = infos.pop("rope_freqs.weight", None)
+    config = config_from_gguf(meta, infos, path)
+    if rope_freqs is not None:
+        factors = _make_tensor(rope_freqs, "rope_freqs", arch, config, header, fmap).to_f32()
+        config.rope_scaling = llama3_scaling_from_factors(factors, config, path)
     tensors = {}
-    for info in header.tensors:
+    for info in infos.values():
         hf_name = _hf_name(arch, info.name, path)
         tensors[hf_name] = _make_tensor(info, hf_name, arch, config, header, fmap)
     check_against_config(config, tensors, path)
@@ -97,9 +101,6 @@ def _hf_name(arch, name, path):
         table = dict(LAYER_NAMES, **QWEN35_LAYER_NAMES) if arch == "qwen35" else LAYER_NAMES
         if m.group(2) in table:
             return f"model.layers.{m.group(1)}.{table[m.group(2)]}"
-    if name == "rope_freqs.weight":
-        raise UnsupportedModelError(f"{path}: tensor 'rope_freqs.weight' (Llama 3 rope scaling "
-                                    f"baked into GGUF frequency factors) is not supported yet")
     raise UnsupportedModelError(f"{path}: unknown tensor {name!r} for GGUF architecture {arch!r}")
 
 
@@ -184,6 +185,38 @@ def _config_fields(meta, infos, path) -> dict:
             linear_value_head_dim=key("ssm.inner_size") // hv if isinstance(hv, int) and hv else 0,
             linear_conv_kernel_dim=key("ssm.conv_kernel"))
     return fields
+
+
+def llama3_scaling_from_factors(factors, cfg: ModelConfig, path) -> dict | None:
+    """Recover HF's Llama 3 `rope_scaling` from the per-frequency divisors llama.cpp stores in
+    `rope_freqs.weight`. HF: with wavelength w = 2 pi / freq and context L, the divisor is 1 for
+    w < L/high, `factor` for w > L/low, and 1 / ((1 - s) / factor + s) in between with
+    s = (L/w - low) / (high - low), which is linear in freq: s = a freq + b. Fitting a and b on the
+    in-between frequencies determines L/(high-low) and low/(high-low); any `low` reproduces the
+    same divisors, so we take HF's default low = 1."""
+    def fail(why):
+        raise UnsupportedModelError(f"{path}: tensor 'rope_freqs.weight' is not Llama 3 rope "
+                                    f"scaling ({why})")
+    f = np.asarray(factors, np.float64).reshape(-1)
+    rot = cfg.rotary_dim
+    if len(f) != rot // 2 or not np.isfinite(f).all() or (f < 1 - 1e-6).any():
+        fail(f"{len(f)} finite factors >= 1 expected for rotary dim {rot}")
+    factor = float(f.max())
+    if factor <= 1 + 1e-6:
+        return None
+    freq = cfg.rope_theta ** (-np.arange(0, rot, 2) / rot)
+    mid = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
+    if mid.sum() < 2:
+        fail("fewer than two frequencies in the smooth band")
+    s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(freq[mid], s, 1)
+    if b >= 0 or np.abs(a * freq[mid] + b - s).max() > 1e-3:
+        fail("the smooth band is not linear in frequency")
+    high = 1 - 1 / b
+    context = -2 * np.pi * a / b
+    return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
+            "high_freq_factor": round(float(high), 3),
+            "original_max_position_embeddings": int(round(context))}
 
 
 # --- tensors ------------------------------------------------------------------------------------
