@@ -208,18 +208,19 @@ def test_threadgroup_pointers_2d_arrays_and_simdgroup_barrier(features):
 # ---------------------------------------------------------------- bugs the emulator reports
 def test_reports_missing_barrier(buggy):
     with pytest.raises(MSLKernelError, match=r"kernel missing_barrier .*missing barrier: reads threadgroup "
-                                             r"memory `t` byte 0, written by thread 0"):
+                                             r"memory `t` byte 0, written by thread 0 after the last threadgroup_barrier "
+                                             r"\(at buggy.metal:11\)"):
         buggy.dispatch("missing_barrier", [np.zeros(64, np.float32)], (1,), (64,))
 
 
 def test_reports_write_racing_a_read(buggy):
-    with pytest.raises(MSLKernelError, match=r"kernel overwrite_while_read .*missing barrier"):
+    with pytest.raises(MSLKernelError, match=r"kernel overwrite_while_read .*missing barrier.*\(at buggy.metal:31\)"):
         buggy.dispatch("overwrite_while_read", [np.zeros(64, np.float32)], (1,), (64,))
 
 
 def test_reports_uninitialised_threadgroup_memory(buggy):
     with pytest.raises(MSLKernelError, match=r"kernel uninitialised_read .*thread 0: reads threadgroup memory "
-                                             r"`t` byte 252, which no thread .* has written"):
+                                             r"`t` byte 252, which no thread .* has written .*\(at buggy.metal:21\)"):
         buggy.dispatch("uninitialised_read", [np.zeros(64, np.float32)], (1,), (64,))
 
 
@@ -246,7 +247,8 @@ def test_reports_mismatched_simd_calls_and_barriers(buggy):
 
 
 def test_reports_threadgroup_index_out_of_bounds(buggy):
-    with pytest.raises(MSLKernelError, match=r"thread 32: index 32 out of bounds of threadgroup array `t` \(extent 32\)"):
+    with pytest.raises(MSLKernelError, match=r"thread 32: index 32 out of bounds of threadgroup array `t` \(extent 32\) "
+                                             r"\(at buggy.metal:87\)"):
         buggy.dispatch("threadgroup_overflow", [np.zeros(64, np.float32)], (1,), (64,))
 
 

@@ -26,7 +26,8 @@ THREADGROUP_MEMORY_LIMIT = 32768
 STACK_SIZE = 64 * 1024        # per GPU thread; kernels keep small frames
 ASAN_STACK_SIZE = 512 * 1024  # AddressSanitizer frames carry redzones
 
-FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fsigned-char", "-gline-tables-only", "-ffp-contract=off",
+# -gdwarf-4: binutils' addr2line follows inlining chains (tg proxies inlined into kernels) in DWARF 4
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fsigned-char", "-gline-tables-only", "-gdwarf-4", "-ffp-contract=off",
          "-Wno-unknown-attributes", "-ferror-limit=8", "-Xclang", "-ffloat16-excess-precision=none", "-I" + INCLUDE]
 PCH_FLAGS = ["-fpch-validate-input-files-content"]  # a touched but unchanged header stays valid
 ASAN_FLAGS = ["-fsanitize=address", "-shared-libasan", "-fno-omit-frame-pointer"]
@@ -154,6 +155,27 @@ def runtime_build(sanitize, cache):
     return base + ".so", base + ".pch"
 
 
+def metal_line(module, offset):
+    """`file.metal:LINE` of an address in a kernel library (innermost .metal frame of the inlining
+    chain), or None."""
+    if not shutil.which("addr2line"):
+        return None
+    out = subprocess.run(["addr2line", "-i", "-e", module, offset], capture_output=True, text=True).stdout
+    m = re.search(r"([^/\s]+\.metal):(\d+)", out)
+    return f"{m.group(1)}:{m.group(2)}" if m else None
+
+
+def with_source_line(error):
+    """Replace the runtime's "@@library+offset" frame markers by the first .metal source line."""
+    message, *frames = error.split("\n@@")
+    for frame in frames:
+        module, _, offset = frame.rpartition("+")
+        line = metal_line(module, offset)
+        if line:
+            return f"{message} (at {line})"
+    return message
+
+
 def asan_runtime(cxx):
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine())
     path = subprocess.run([cxx, f"-print-file-name=libclang_rt.asan-{arch}.so"], capture_output=True,
@@ -229,7 +251,7 @@ class Library:
         getattr(self._lib, "msl_launch_" + kernel)(ctypes.byref(launch))
         error = launch_error(keep)
         if error:
-            raise MSLKernelError(f"kernel {kernel} ({os.path.basename(self.path)}): {error}")
+            raise MSLKernelError(f"kernel {kernel} ({os.path.basename(self.path)}): {with_source_line(error)}")
 
     @staticmethod
     def _dims(kernel, what, dims):
@@ -303,7 +325,7 @@ class Library:
         for mem, data in zip(views, response["blocks"]):
             mem[:] = np.frombuffer(data, dtype=np.uint8)
         if response["error"]:
-            raise MSLKernelError(f"kernel {k.name} ({os.path.basename(self.path)}): {response['error']}")
+            raise MSLKernelError(f"kernel {k.name} ({os.path.basename(self.path)}): {with_source_line(response['error'])}")
 
     @staticmethod
     def _asan_blocks(k, memories):
@@ -350,12 +372,9 @@ class Library:
         (symbolized here with addr2line: ASan's own symbolizer may be missing)."""
         stack = report.split("is located")[0]
         for module, offset in re.findall(r"#\d+ 0x[0-9a-f]+\s+\((\S+)\+(0x[0-9a-f]+)\)", stack):
-            if module != self.so_path or not shutil.which("addr2line"):
-                continue
-            out = subprocess.run(["addr2line", "-e", module, offset], capture_output=True, text=True).stdout
-            m = re.search(r"([^/\s]+\.metal):(\d+)", out)
-            if m:
-                return f"at {m.group(1)}:{m.group(2)}"
+            line = metal_line(module, offset) if module == self.so_path else None
+            if line:
+                return f"at {line}"
         return ""
 
     @staticmethod

@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <dlfcn.h>
+#include <execinfo.h>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -158,10 +160,28 @@ void to_scheduler() {
 #endif
 }
 
+// The failing fiber's return addresses inside kernel libraries, as "\n@@library+0xoffset" lines that
+// the Python side turns into .metal source lines (addr2line on the line tables).
+std::string kernel_frames() {
+  void* frames[32];
+  const int n = backtrace(frames, 32);
+  Dl_info self{};
+  dladdr(reinterpret_cast<void*>(&kernel_frames), &self);
+  std::string out;
+  for (int i = 0; i < n; i++) {
+    Dl_info info{};
+    if (!dladdr(frames[i], &info) || !info.dli_fname || info.dli_fbase == self.dli_fbase) continue;
+    char offset[32];  // a return address: the call is one byte before it
+    snprintf(offset, sizeof offset, "+0x%zx", (size_t)((char*)frames[i] - (char*)info.dli_fbase) - 1);
+    out += std::string("\n@@") + info.dli_fname + offset;
+  }
+  return out;
+}
+
 [[noreturn]] void fail_str(const std::string& msg) {
   Group& G = *g_group;
   if (G.error.empty())
-    G.error = "threadgroup " + fmt_pos(G.pos) + ", thread " + std::to_string(G.current) + ": " + msg;
+    G.error = "threadgroup " + fmt_pos(G.pos) + ", thread " + std::to_string(G.current) + ": " + msg + kernel_frames();
   cur_fiber().state = State::aborted;
   to_scheduler();
   abort();  // unreachable: an aborted fiber is never resumed
