@@ -18,6 +18,13 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
+def _as_f32(a: np.ndarray) -> np.ndarray:
+    """f32/f16 arrays, or bf16 held as uint16 bits -> float32."""
+    if a.dtype == np.uint16:        # bf16 bits
+        return bf16_to_f32(a)
+    return np.asarray(a, dtype=np.float32)
+
+
 def mlx_dequantize(packed, scales, biases, bits, group_size):
     """MLX affine quantization: w = q * scale + bias per group of `group_size` along the last axis.
 
@@ -34,20 +41,18 @@ def mlx_dequantize(packed, scales, biases, bits, group_size):
     return (q * scales + biases).reshape(out, -1)
 
 
-def _as_f32(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint16:        # bf16 bits
-        return bf16_to_f32(a)
-    return np.asarray(a, dtype=np.float32)
-
-
 class Tensor:
     """A weight: `.shape` in HF orientation (Linear [out, in]), `.dtype` format-native.
 
     `.raw` is the native data, memory-mapped where the file layout already is HF's (rows in HF order):
     f32/f16 arrays, bf16 as uint16 bits, GGUF quantized rows as uint8 [rows, row_bytes], MLX packed
-    uint32 [out, in*bits/32] (with `.scales`, `.biases`, `.group_size`). Where the file stores a
-    different convention (GGUF row permutations, Qwen3.5 norm `+1`), `.raw` is converted on first use.
-    `.to_f32()` returns a C-contiguous float32 array of `.shape`.
+    uint32 [out, in*bits/32] (with `.scales`, `.biases`, `.group_size`); `.raw.shape` can differ
+    from `.shape` (quantized rows, GGUF's squeezed conv1d). Where the file orders rows differently
+    (GGUF q/k and value-head permutations) `.raw` is a permuted copy made on first use; where it
+    stores different values (Qwen3.5 norm `+1`, `-exp(A_log)`) or permutes quantized columns, the
+    tensor is presented as `dtype == "f32"` with the HF values.
+    `.to_f32()` returns a C-contiguous float32 array of `.shape` (for f32 files, a read-only view
+    of the file: no copy).
     """
 
     def __init__(self, name, shape, dtype, path, load, *, scales=None, biases=None, group_size=None):
