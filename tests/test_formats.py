@@ -221,6 +221,20 @@ def test_missing_weights_and_shards(tmp_path):
         open_checkpoint(tmp_path / "nothing-here")
 
 
+def test_open_checkpoint_path_forms(tmp_path):
+    assert open_checkpoint(LLAMA_HF / "config.json").folder == LLAMA_HF
+    assert open_checkpoint(LLAMA_HF / "model.safetensors").format == "safetensors"
+    shutil.copy(FORMATS / "tiny-qwen3-f16.gguf", tmp_path / "a.gguf")
+    assert open_checkpoint(tmp_path).path == tmp_path / "a.gguf"
+    shutil.copy(FORMATS / "tiny-qwen2-f16.gguf", tmp_path / "b.gguf")
+    with pytest.raises(ModelFormatError, match="several GGUF files.*a.gguf, b.gguf"):
+        open_checkpoint(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="config.json not found"):
+        open_checkpoint(empty)
+
+
 def test_bad_config_json(tmp_path):
     shutil.copy(LLAMA_HF / "model.safetensors", tmp_path / "model.safetensors")
     tmp_path.joinpath("config.json").write_text("{not json")

@@ -26,11 +26,23 @@ class Checkpoint:
 
 
 def open_checkpoint(path) -> Checkpoint:
+    """Open a Hugging Face / MLX folder (or its config.json / *.safetensors), or a GGUF file (or a
+    folder holding exactly one GGUF file and no config.json)."""
+    from .gguf import open_gguf
     path = Path(path)
+    if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
+        path = path.parent
     if path.is_dir():
-        return _open_folder(path)
+        if (path / "config.json").is_file():
+            return _open_folder(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return open_gguf(ggufs[0])
+        if ggufs:
+            raise ModelFormatError(f"folder has several GGUF files, pick one: "
+                                   f"{', '.join(g.name for g in ggufs)}", path)
+        raise ConfigError(f"{path / 'config.json'}: config.json not found (and no GGUF file)")
     if path.is_file():
-        from .gguf import open_gguf
         return open_gguf(path)
     raise ModelFormatError("no such model file or folder", path)
 
