@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from msl_emu import Library, MSLCompileError, MSLDispatchError, MSLKernelError, MSLToolchainError, find_compiler
+from msl_emu import (Library, MSLCompileError, MSLCompileWarning, MSLDispatchError, MSLKernelError,
+                     MSLToolchainError, find_compiler)
 from msl_emu import rewriter
 
 KERNELS = os.path.join(os.path.dirname(__file__), "msl_emu", "kernels_selftest")
@@ -358,3 +359,13 @@ def test_msl_emu_cxx_picks_the_compiler(tmp_path, monkeypatch):
         find_compiler.__wrapped__()
     monkeypatch.setenv("MSL_EMU_CXX", fake_clang("clang++-new", 17))
     assert find_compiler.__wrapped__()[0] == str(tmp_path / "clang++-new")
+
+
+def test_compiler_warnings_are_reported_also_from_the_cache(tmp_path):
+    # `kernel` is an MSL keyword: a shared header using it as a field name breaks the real compiler
+    src = tmp_path / "w.metal"
+    src.write_text("#include <metal_stdlib>\nstruct Record { uint kernel; uint flags; };\n"
+                   "kernel void f(device Record* r [[buffer(0)]]) { r->flags = 1; }\n")
+    for _ in range(2):
+        with pytest.warns(MSLCompileWarning, match=r"w.metal:2:.*declaration does not declare anything"):
+            Library(str(src))

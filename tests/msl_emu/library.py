@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -43,6 +44,10 @@ class MSLToolchainError(MSLError):
 
 class MSLCompileError(MSLError):
     """The .metal source is outside the supported subset or does not compile."""
+
+
+class MSLCompileWarning(UserWarning):
+    """The compiler warned about a .metal file (the real Metal compiler may reject it)."""
 
 
 class MSLDispatchError(MSLError, ValueError):
@@ -122,6 +127,9 @@ def compile_shared(cxx, flags, source_text, inputs, out_path, what):
         r = subprocess.run([cxx, *flags, tmp_cpp, *inputs, "-o", tmp_so], capture_output=True, text=True)
         if r.returncode != 0:
             raise MSLCompileError(f"{what} does not compile with {cxx}:\n{r.stderr.strip()}")
+        # kept next to the library, so a cached build reports its warnings again
+        with open(out_path + ".warnings", "w") as f:
+            f.write(r.stderr.strip())
         os.replace(tmp_so, out_path)
     finally:
         for p in (tmp_cpp, tmp_so):
@@ -220,6 +228,11 @@ class Library:
         if not os.path.exists(self.so_path):
             # linked by absolute path (no SONAME), so the loader finds the runtime without rpath
             compile_shared(self.cxx, flags, cpp, [self.runtime_path], self.so_path, self.path)
+        if os.path.exists(self.so_path + ".warnings"):
+            with open(self.so_path + ".warnings") as f:
+                text = f.read()
+            if text:  # e.g. an MSL keyword used as a field name in a shared header (`kernel`)
+                warnings.warn(MSLCompileWarning(f"{self.path}:\n{text}"), stacklevel=2)
         self.stack_size = ASAN_STACK_SIZE if self.sanitize else STACK_SIZE
         self._lib = None if self.sanitize else ctypes.CDLL(self.so_path)
 
