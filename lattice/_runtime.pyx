@@ -138,6 +138,7 @@ cdef class Runtime:
             raise SamplingError(f"max_tokens must be >= 0, got {max_tokens}")
         if on_token is not None and not callable(on_token):
             raise SamplingError("on_token must be callable")
+        self._own(st)
         ids = st._check_ids(prompt_ids)
         stops = frozenset(int(t) for t in stop_ids)
         with st._use():
@@ -146,9 +147,14 @@ cdef class Runtime:
     def logits(self, State st, ids, bint append=False):
         """Teacher-forced logits [T, vocab] (f32) of ids. The session starts over unless append,
         in which case ids continue its cached history."""
+        self._own(st)
         ids = st._check_ids(ids)
         with st._use():
             return st._logits(ids, append)
+
+    def _own(self, State st):
+        if st.runtime is not self:
+            raise ValueError("this session state belongs to another Runtime")
 
 
 cdef class State:

@@ -373,3 +373,46 @@ def test_unfused_ops_run_as_generic_kernels(monkeypatch):
     rt = Runtime(prog, n_threads=2)
     got = rt.generate(rt.new_state(), ids, 1, want_logits=True)["logits"]
     assert _close(got[0], expect[-1])
+
+
+def test_one_session_one_call_at_a_time():
+    rt = _runtime("tiny-llama")
+    st = rt.new_state()
+    with st._use():                     # as if another thread were generating with it
+        with pytest.raises(RuntimeError, match="in use"):
+            rt.generate(st, [1, 2, 3], 2)
+    assert rt.generate(st, [1, 2, 3], 2)["tokens"]
+    with pytest.raises(ValueError, match="another Runtime"):
+        _runtime("tiny-llama", threads=2).generate(st, [1, 2, 3], 2)
+
+
+class _F16:
+    """A weight stored as float16 (native format kept by quant=None)."""
+
+    def __init__(self, t):
+        self.name, self.shape, self.dtype = t.name, t.shape, "f16"
+        self.raw = t.to_f32().astype(np.float16)
+
+    def to_f32(self):
+        return self.raw.astype(np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mixed_formats_without_barrier_between_independent_gemvs(threads):
+    """f32 q_proj and f16 k|v_proj become two GEMVs that run without a barrier between them;
+    the result still matches the reference on the same weights."""
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    tensors = dict(ck.tensors)
+    for i in range(ck.config.num_hidden_layers):
+        for p in ("k_proj", "v_proj"):
+            name = f"model.layers.{i}.self_attn.{p}.weight"
+            tensors[name] = _F16(tensors[name])
+    mixed = _Ckpt(ck.config, tensors)
+    prog = build(mixed, context=64)
+    assert not prog.dispatches["decode"]["flags"][2] & 1
+    prompt = _oracle("tiny-llama")["prompt"]
+    ref_tokens, ref_logits = ReferenceDecoder(mixed).greedy(prompt, 12)
+    rt = Runtime(prog, n_threads=threads)
+    res = rt.generate(rt.new_state(), prompt, 12, want_logits=True)
+    assert res["tokens"] == ref_tokens
+    assert _close(res["logits"], ref_logits)
