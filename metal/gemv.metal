@@ -32,17 +32,21 @@ static float chunk_dot(uint format, device const uchar* wq, device const half* w
         for (uint j = 0; j < LT_QK && k0 + j < cols; j++) acc += float(wr[k0 + j]) * xv[j];
         return acc;
     }
-    case LT_WF_Q8: {
-        device const char* q = (device const char*)wq + (ulong(row) * nb + c) * LT_QK;
-        for (uint j = 0; j < LT_QK; j++) acc += float(q[j]) * xv[j];
+    case LT_WF_Q8: {  // a block is 32 bytes at a 32-byte multiple of a 16-byte aligned plane
+        device const char4* q = (device const char4*)(wq + (ulong(row) * nb + c) * LT_QK);
+        for (uint j = 0; j < LT_QK / 4; j++)
+            acc += dot(float4(q[j]), float4(xv[4 * j], xv[4 * j + 1], xv[4 * j + 2], xv[4 * j + 3]));
         return acc * float(ws[ulong(row) * nb + c]);
     }
     default: {  // LT_WF_Q4: byte j holds value j (low nibble) and value j + 16 (high nibble)
-        device const uchar* q = wq + (ulong(row) * nb + c) * (LT_QK / 2);
+        device const uchar4* q = (device const uchar4*)(wq + (ulong(row) * nb + c) * (LT_QK / 2));
         float xsum = 0.0f;
-        for (uint j = 0; j < LT_QK / 2; j++) {
-            acc += float(q[j] & 0x0F) * xv[j] + float(q[j] >> 4) * xv[j + 16];
-            xsum += xv[j] + xv[j + 16];
+        for (uint j = 0; j < LT_QK / 8; j++) {
+            const uchar4 b = q[j];
+            const float4 lo = float4(xv[4 * j], xv[4 * j + 1], xv[4 * j + 2], xv[4 * j + 3]);
+            const float4 hi = float4(xv[4 * j + 16], xv[4 * j + 17], xv[4 * j + 18], xv[4 * j + 19]);
+            acc += dot(float4(b & uchar(0x0F)), lo) + dot(float4(b >> uchar(4)), hi);
+            xsum += lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
         }
         return acc * float(ws[ulong(row) * nb + c]) + xsum * float(wm[ulong(row) * nb + c]);
     }
