@@ -416,3 +416,24 @@ def test_mixed_formats_without_barrier_between_independent_gemvs(threads):
     res = rt.generate(rt.new_state(), prompt, 12, want_logits=True)
     assert res["tokens"] == ref_tokens
     assert _close(res["logits"], ref_logits)
+
+
+def test_smollm2_q4_1_gguf_matches_reference(smollm2_path):
+    """The real default model, native Q4_1 kept exactly as Lattice Q4: same greedy tokens as the
+    float32 reference decoder on the same weights, logits distribution within KL 1e-4."""
+    ck = open_checkpoint(smollm2_path)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282,
+              4649, 47, 2, 198, 1, 520, 9531, 198]
+    ref_tokens, ref_logits = ReferenceDecoder(ck).greedy(prompt, 6)
+    rt = Runtime(build(ck, quant=None, context=128), n_threads=2)
+    res = rt.generate(rt.new_state(), prompt, 6, want_logits=True)
+    assert res["tokens"] == ref_tokens
+    p = np.exp(ref_logits - ref_logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+
+    def log_softmax(x):
+        x = x - x.max(1, keepdims=True)
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+    kl = (p * (log_softmax(ref_logits) - log_softmax(res["logits"]))).sum(1)
+    assert kl.mean() < 1e-4
