@@ -26,54 +26,91 @@ AVX2 static inline __m256 h8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-/* Dequantized block of 32 weights in w[0..3] (8 lanes each). */
-AVX2 static inline void q8_block(const int8_t *q, float s, __m256 w[4]) {
-    __m256 vs = _mm256_set1_ps(s);
-    for (int j = 0; j < 4; j++)
-        w[j] = _mm256_mul_ps(i8x8(q + 8 * j), vs);
+AVX2 static inline float h1(uint16_t h) {
+    return _cvtsh_ss(h);
 }
 
-AVX2 static inline void q4_block(const uint8_t *q, float s, float m, __m256 w[4]) {
+/* The 32 weights of a block, without the block's scale (Q8: q; Q4: the 0..15 nibbles).
+ * Written out (no loops over register arrays) so that -O2 keeps everything in registers. */
+AVX2 static inline void q8_block(const int8_t *q, __m256 w[4]) {
+    w[0] = i8x8(q);
+    w[1] = i8x8(q + 8);
+    w[2] = i8x8(q + 16);
+    w[3] = i8x8(q + 24);
+}
+
+AVX2 static inline void q4_block(const uint8_t *q, __m256 w[4]) {
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m128i v = _mm_loadu_si128((const __m128i *)q);
     __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
-    w[0] = _mm256_fmadd_ps(u8x8(lo), vs, vm);
-    w[1] = _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), vs, vm);
-    w[2] = _mm256_fmadd_ps(u8x8(hi), vs, vm);
-    w[3] = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), vs, vm);
+    w[0] = u8x8(lo);
+    w[1] = u8x8(_mm_srli_si128(lo, 8));
+    w[2] = u8x8(hi);
+    w[3] = u8x8(_mm_srli_si128(hi, 8));
 }
 
-/* One weight row against nt tokens; blocks of 32 produced by `block`. Two accumulators per
- * token (four for a single token) keep the FMA chains short. */
-#define QUANT_ROW(BLOCK_CALL)                                                                   \
+/* sum_j w[j] * x[j] over one block, as 8 lanes (a short tree keeps the chain short). */
+AVX2 static inline __m256 block_dot(const __m256 w[4], const float *x) {
+    __m256 a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(x)));
+    __m256 b = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(x + 16)));
+    return _mm256_add_ps(a, b);
+}
+
+/* Per token, the sum of x over each block: Q4's min term is min * sum(x). */
+AVX2 static void block_sums(const float *x, size_t xs, uint32_t nt, uint32_t nb, float *sums) {
+    for (uint32_t t = 0; t < nt; t++)
+        for (uint32_t b = 0; b < nb; b++) {
+            const float *xb = x + t * xs + b * LT_QK;
+            __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
+            sums[t * nb + b] = hsum(a);
+        }
+}
+
+/* One weight row: acc += scale_b * dot(block_b, x) (+ min_b * sum_b(x) for Q4).
+ * One token: two accumulators over alternate blocks so the scale FMAs do not chain.
+ * Token tiles: always four tokens (missing ones repeat the last), each block widened once. */
+#define QUANT_ROW(LOAD_BLOCK, MIN)                                                              \
     if (nt == 1) {                                                                              \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];                       \
-        for (uint32_t b = 0; b < nb; b++) {                                                     \
-            BLOCK_CALL;                                                                         \
-            const float *xb = x + b * LT_QK;                                                    \
-            a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), a0);                                \
-            a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), a1);                            \
-            a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), a2);                           \
-            a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), a3);                           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, w[4];                                         \
+        float m0 = 0.0f;                                                                        \
+        uint32_t b = 0;                                                                         \
+        for (; b + 2 <= nb; b += 2) {                                                           \
+            LOAD_BLOCK(b);                                                                      \
+            a0 = _mm256_fmadd_ps(block_dot(w, x + b * LT_QK), _mm256_set1_ps(h1(s[b])), a0);    \
+            MIN(m0, 0, b);                                                                      \
+            LOAD_BLOCK(b + 1);                                                                  \
+            a1 = _mm256_fmadd_ps(block_dot(w, x + (b + 1) * LT_QK), _mm256_set1_ps(h1(s[b + 1])), a1); \
+            MIN(m0, 0, b + 1);                                                                  \
         }                                                                                       \
-        out[i] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));             \
+        if (b < nb) {                                                                           \
+            LOAD_BLOCK(b);                                                                      \
+            a0 = _mm256_fmadd_ps(block_dot(w, x + b * LT_QK), _mm256_set1_ps(h1(s[b])), a0);    \
+            MIN(m0, 0, b);                                                                      \
+        }                                                                                       \
+        out[i] = hsum(_mm256_add_ps(a0, a1)) + m0;                                              \
     } else {                                                                                    \
-        __m256 acc[LT_TOK_TILE][2], w[4];                                                       \
-        for (uint32_t t = 0; t < LT_TOK_TILE; t++)                                              \
-            acc[t][0] = acc[t][1] = _mm256_setzero_ps();                                        \
+        uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;               \
+        const float *x0 = x, *x1 = x + t1 * xs, *x2 = x + t2 * xs, *x3 = x + t3 * xs;           \
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, w[4];                       \
+        float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f;                                       \
         for (uint32_t b = 0; b < nb; b++) {                                                     \
-            BLOCK_CALL;                                                                         \
-            for (uint32_t t = 0; t < nt; t++) {                                                 \
-                const float *xb = x + t * xs + b * LT_QK;                                       \
-                acc[t][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[t][0]);              \
-                acc[t][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), acc[t][1]);          \
-                acc[t][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), acc[t][0]);         \
-                acc[t][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), acc[t][1]);         \
-            }                                                                                   \
+            LOAD_BLOCK(b);                                                                      \
+            __m256 vs = _mm256_set1_ps(h1(s[b]));                                               \
+            size_t o = (size_t)b * LT_QK;                                                       \
+            c0 = _mm256_fmadd_ps(block_dot(w, x0 + o), vs, c0);                                 \
+            c1 = _mm256_fmadd_ps(block_dot(w, x1 + o), vs, c1);                                 \
+            c2 = _mm256_fmadd_ps(block_dot(w, x2 + o), vs, c2);                                 \
+            c3 = _mm256_fmadd_ps(block_dot(w, x3 + o), vs, c3);                                 \
+            MIN(m0, 0, b);                                                                      \
+            MIN(m1, t1, b);                                                                     \
+            MIN(m2, t2, b);                                                                     \
+            MIN(m3, t3, b);                                                                     \
         }                                                                                       \
-        for (uint32_t t = 0; t < nt; t++)                                                       \
-            out[t * nrows + i] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));                     \
+        out[i] = hsum(c0) + m0;                                                                 \
+        out[t1 * nrows + i] = hsum(c1) + m1;                                                    \
+        out[t2 * nrows + i] = hsum(c2) + m2;                                                    \
+        out[t3 * nrows + i] = hsum(c3) + m3;                                                    \
     }
 
 AVX2 static void gemm_q8(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x,
@@ -83,18 +120,24 @@ AVX2 static void gemm_q8(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const
         size_t r = row0 + i;
         const int8_t *q = (const int8_t *)w_->q + r * w_->stride;
         const uint16_t *s = w_->s + r * nb;
-        QUANT_ROW(q8_block(q + b * LT_QK, lt_f16_to_f32(s[b]), w))
+#define LOAD_Q8(b) q8_block(q + (b) * LT_QK, w)
+#define NO_MIN(acc, t, b) (void)(acc)
+        QUANT_ROW(LOAD_Q8, NO_MIN)
     }
 }
 
 AVX2 static void gemm_q4(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x,
                          size_t xs, uint32_t nt, float *out) {
     uint32_t nb = w_->stride / LT_QK;
+    float sums[nt * nb];
+    block_sums(x, xs, nt, nb, sums);
     for (uint32_t i = 0; i < nrows; i++) {
         size_t r = row0 + i;
         const uint8_t *q = (const uint8_t *)w_->q + r * (w_->stride / 2);
         const uint16_t *s = w_->s + r * nb, *m = w_->m + r * nb;
-        QUANT_ROW(q4_block(q + b * (LT_QK / 2), lt_f16_to_f32(s[b]), lt_f16_to_f32(m[b]), w))
+#define LOAD_Q4(b) q4_block(q + (b) * (LT_QK / 2), w)
+#define Q4_MIN(acc, t, b) ((acc) += h1(m[b]) * sums[(t) * nb + (b)])
+        QUANT_ROW(LOAD_Q4, Q4_MIN)
     }
 }
 

@@ -30,20 +30,28 @@ AVX512 static inline void q4_block(const uint8_t *q, float s, float m, __m512 w[
     w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vs, vm);
 }
 
+/* One weight row against nt tokens; token tiles are always four tokens (missing ones repeat the
+ * last) with explicit registers, so that -O2 keeps everything in registers. */
 #define QUANT_ROW(BLOCK_CALL)                                                                   \
-    __m512 acc[LT_TOK_TILE][2], w[2];                                                           \
-    for (uint32_t t = 0; t < LT_TOK_TILE; t++)                                                  \
-        acc[t][0] = acc[t][1] = _mm512_setzero_ps();                                            \
+    uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;                   \
+    const float *x0 = x, *x1 = x + t1 * xs, *x2 = x + t2 * xs, *x3 = x + t3 * xs;               \
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, w[2];                           \
     for (uint32_t b = 0; b < nb; b++) {                                                         \
         BLOCK_CALL;                                                                             \
-        for (uint32_t t = 0; t < nt; t++) {                                                     \
-            const float *xb = x + t * xs + b * LT_QK;                                           \
-            acc[t][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc[t][0]);                  \
-            acc[t][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc[t][1]);             \
+        size_t o = (size_t)b * LT_QK;                                                           \
+        c0 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x0 + o + 16), _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x0 + o), c0)); \
+        if (nt > 1) {                                                                           \
+            c1 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x1 + o + 16), _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x1 + o), c1)); \
+            c2 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x2 + o + 16), _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x2 + o), c2)); \
+            c3 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x3 + o + 16), _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x3 + o), c3)); \
         }                                                                                       \
     }                                                                                           \
-    for (uint32_t t = 0; t < nt; t++)                                                           \
-        out[t * nrows + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    out[i] = _mm512_reduce_add_ps(c0);                                                          \
+    if (nt > 1) {                                                                               \
+        out[t1 * nrows + i] = _mm512_reduce_add_ps(c1);                                         \
+        out[t2 * nrows + i] = _mm512_reduce_add_ps(c2);                                         \
+        out[t3 * nrows + i] = _mm512_reduce_add_ps(c3);                                         \
+    }
 
 AVX512 static void gemm_q8(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x,
                            size_t xs, uint32_t nt, float *out) {

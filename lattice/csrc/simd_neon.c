@@ -11,45 +11,71 @@ static inline float32x4_t lo4_u16(uint16x8_t v) { return vcvtq_f32_u32(vmovl_u16
 static inline float32x4_t hi4_u16(uint16x8_t v) { return vcvtq_f32_u32(vmovl_u16(vget_high_u16(v))); }
 static inline float32x4_t h4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 
-/* 32 dequantized weights in w[0..7] (4 lanes each). */
+/* 32 dequantized weights in w[0..7] (4 lanes each), written out so -O2 keeps them in registers. */
 static inline void q8_block(const int8_t *q, float s, float32x4_t w[8]) {
     int8x16_t a = vld1q_s8(q), b = vld1q_s8(q + 16);
-    int16x8_t p[4] = {vmovl_s8(vget_low_s8(a)), vmovl_s8(vget_high_s8(a)),
-                      vmovl_s8(vget_low_s8(b)), vmovl_s8(vget_high_s8(b))};
-    for (int j = 0; j < 4; j++) {
-        w[2 * j] = vmulq_n_f32(lo4_s16(p[j]), s);
-        w[2 * j + 1] = vmulq_n_f32(hi4_s16(p[j]), s);
-    }
+    int16x8_t p0 = vmovl_s8(vget_low_s8(a)), p1 = vmovl_s8(vget_high_s8(a));
+    int16x8_t p2 = vmovl_s8(vget_low_s8(b)), p3 = vmovl_s8(vget_high_s8(b));
+    w[0] = vmulq_n_f32(lo4_s16(p0), s);
+    w[1] = vmulq_n_f32(hi4_s16(p0), s);
+    w[2] = vmulq_n_f32(lo4_s16(p1), s);
+    w[3] = vmulq_n_f32(hi4_s16(p1), s);
+    w[4] = vmulq_n_f32(lo4_s16(p2), s);
+    w[5] = vmulq_n_f32(hi4_s16(p2), s);
+    w[6] = vmulq_n_f32(lo4_s16(p3), s);
+    w[7] = vmulq_n_f32(hi4_s16(p3), s);
 }
 
 static inline void q4_block(const uint8_t *q, float s, float m, float32x4_t w[8]) {
     uint8x16_t v = vld1q_u8(q);
     uint8x16_t lo = vandq_u8(v, vdupq_n_u8(0x0f)), hi = vshrq_n_u8(v, 4);
-    uint16x8_t p[4] = {vmovl_u8(vget_low_u8(lo)), vmovl_u8(vget_high_u8(lo)),
-                       vmovl_u8(vget_low_u8(hi)), vmovl_u8(vget_high_u8(hi))};
+    uint16x8_t p0 = vmovl_u8(vget_low_u8(lo)), p1 = vmovl_u8(vget_high_u8(lo));
+    uint16x8_t p2 = vmovl_u8(vget_low_u8(hi)), p3 = vmovl_u8(vget_high_u8(hi));
     float32x4_t vm = vdupq_n_f32(m);
-    for (int j = 0; j < 4; j++) {
-        w[2 * j] = vfmaq_n_f32(vm, lo4_u16(p[j]), s);
-        w[2 * j + 1] = vfmaq_n_f32(vm, hi4_u16(p[j]), s);
-    }
+    w[0] = vfmaq_n_f32(vm, lo4_u16(p0), s);
+    w[1] = vfmaq_n_f32(vm, hi4_u16(p0), s);
+    w[2] = vfmaq_n_f32(vm, lo4_u16(p1), s);
+    w[3] = vfmaq_n_f32(vm, hi4_u16(p1), s);
+    w[4] = vfmaq_n_f32(vm, lo4_u16(p2), s);
+    w[5] = vfmaq_n_f32(vm, hi4_u16(p2), s);
+    w[6] = vfmaq_n_f32(vm, lo4_u16(p3), s);
+    w[7] = vfmaq_n_f32(vm, hi4_u16(p3), s);
 }
 
+/* dot of one block with x, as 4 lanes */
+static inline float32x4_t block_dot(const float32x4_t w[8], const float *x) {
+    float32x4_t a = vmulq_f32(w[0], vld1q_f32(x)), b = vmulq_f32(w[1], vld1q_f32(x + 4));
+    a = vfmaq_f32(a, w[2], vld1q_f32(x + 8));
+    b = vfmaq_f32(b, w[3], vld1q_f32(x + 12));
+    a = vfmaq_f32(a, w[4], vld1q_f32(x + 16));
+    b = vfmaq_f32(b, w[5], vld1q_f32(x + 20));
+    a = vfmaq_f32(a, w[6], vld1q_f32(x + 24));
+    b = vfmaq_f32(b, w[7], vld1q_f32(x + 28));
+    return vaddq_f32(a, b);
+}
+
+/* One weight row against nt tokens; token tiles are always four tokens (missing ones repeat the
+ * last). */
 #define QUANT_ROW(BLOCK_CALL)                                                                   \
-    float32x4_t acc[LT_TOK_TILE][2], w[8];                                                      \
-    for (uint32_t t = 0; t < LT_TOK_TILE; t++)                                                  \
-        acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);                                              \
+    uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;                   \
+    const float *x0 = x, *x1 = x + t1 * xs, *x2 = x + t2 * xs, *x3 = x + t3 * xs;               \
+    float32x4_t c0 = vdupq_n_f32(0.0f), c1 = c0, c2 = c0, c3 = c0, w[8];                        \
     for (uint32_t b = 0; b < nb; b++) {                                                         \
         BLOCK_CALL;                                                                             \
-        for (uint32_t t = 0; t < nt; t++) {                                                     \
-            const float *xb = x + t * xs + b * LT_QK;                                           \
-            for (int j = 0; j < 8; j += 2) {                                                    \
-                acc[t][0] = vfmaq_f32(acc[t][0], w[j], vld1q_f32(xb + 4 * j));                  \
-                acc[t][1] = vfmaq_f32(acc[t][1], w[j + 1], vld1q_f32(xb + 4 * j + 4));          \
-            }                                                                                   \
+        size_t o = (size_t)b * LT_QK;                                                           \
+        c0 = vaddq_f32(c0, block_dot(w, x0 + o));                                               \
+        if (nt > 1) {                                                                           \
+            c1 = vaddq_f32(c1, block_dot(w, x1 + o));                                           \
+            c2 = vaddq_f32(c2, block_dot(w, x2 + o));                                           \
+            c3 = vaddq_f32(c3, block_dot(w, x3 + o));                                           \
         }                                                                                       \
     }                                                                                           \
-    for (uint32_t t = 0; t < nt; t++)                                                           \
-        out[t * nrows + i] = vaddvq_f32(vaddq_f32(acc[t][0], acc[t][1]));
+    out[i] = vaddvq_f32(c0);                                                                    \
+    if (nt > 1) {                                                                               \
+        out[t1 * nrows + i] = vaddvq_f32(c1);                                                   \
+        out[t2 * nrows + i] = vaddvq_f32(c2);                                                   \
+        out[t3 * nrows + i] = vaddvq_f32(c3);                                                   \
+    }
 
 static void gemm_q8(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x, size_t xs,
                     uint32_t nt, float *out) {
