@@ -191,6 +191,12 @@ def test_missing_config_field(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def test_absurd_layer_count(tmp_path):
+    _copy_folder(LLAMA_HF, tmp_path, lambda c: c.update(num_hidden_layers=10 ** 12))
+    with pytest.raises(ConfigError, match="config.json.*num_hidden_layers.*1000000000000"):
+        open_checkpoint(tmp_path)
+
+
 def test_config_weights_mismatch(tmp_path):
     _copy_folder(LLAMA_HF, tmp_path, lambda c: c.update(hidden_size=128, head_dim=32))
     with pytest.raises(TensorShapeError, match="embed_tokens.*hidden_size"):
@@ -434,13 +440,15 @@ def _gguf_value(v):
     if isinstance(v, bool):
         return 7, struct.pack("<?", v)
     if isinstance(v, int):
-        return 4, struct.pack("<I", v)
+        if 0 <= v < 2 ** 32:
+            return 4, struct.pack("<I", v)
+        return (10, struct.pack("<Q", v)) if v > 0 else (11, struct.pack("<q", v))
     if isinstance(v, float):
         return 6, struct.pack("<f", v)
     if isinstance(v, str):
         return 8, _gguf_string(v)
     if isinstance(v, list):
-        etype, _ = _gguf_value(v[0])
+        etype, _ = _gguf_value(v[0]) if v else (4, b"")
         return 9, struct.pack("<IQ", etype, len(v)) + b"".join(_gguf_value(x)[1] for x in v)
     raise TypeError(v)
 
@@ -688,6 +696,8 @@ def test_gguf_metadata_problems(tmp_path):
         open_checkpoint(llama_gguf(tmp_path, meta=meta))
     with pytest.raises(UnsupportedModelError, match="'gemma3'.*llama.*qwen35"):
         open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(**{"general.architecture": "gemma3"})))
+    with pytest.raises(ConfigError, match="m.gguf.*llama.block_count.*4294967295"):
+        open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(**{"llama.block_count": 2 ** 32 - 1})))
     with pytest.raises(ConfigError, match="m.gguf.*num_attention_heads"):
         open_checkpoint(llama_gguf(tmp_path, meta=llama_meta(**{"llama.attention.head_count": 3})))
     # config/weights mismatch: the embedding table is [4, 256]

@@ -17,6 +17,7 @@ from conftest import FIXTURES
 from lattice.errors import LatticeError
 from lattice.formats import open_checkpoint
 from lattice.formats.gguf_header import parse_gguf_header
+from test_formats import gguf_bytes
 
 FORMATS = Path(FIXTURES) / "formats"
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -78,6 +79,48 @@ def test_fuzz_gguf_counts_and_truncation(which, value, cut):
         p = Path(d) / "fuzz.gguf"
         p.write_bytes(bytes(b[:max(cut, GGUF_HEADER_END // 2)]))
         _load_everything(p)
+
+
+# metadata values of the right keys but wrong types or absurd sizes, rebuilt into a valid file
+GGUF_HEADER = parse_gguf_header(GGUF_FILE)
+ARCH_KEYS = sorted(k for k in GGUF_HEADER.metadata if k.startswith(("qwen35.", "tokenizer.ggml.eos")))
+metadata_values = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1), st.integers(-3, 70), st.booleans(),
+                            st.floats(width=32), st.text(max_size=6),
+                            st.lists(st.one_of(st.booleans(), st.integers(0, 9)), max_size=5))
+
+
+def _rebuild_gguf(metadata):
+    from lattice.formats.gguf import GGUF_TYPES
+    tensors = []
+    for t in GGUF_HEADER.tensors:
+        _, _, block, block_bytes = GGUF_TYPES[t.type_id]
+        nbytes = int(np.prod(t.dims)) // block * block_bytes
+        tensors.append((t.name, tuple(reversed(t.dims)), t.type_id, GGUF_BYTES[t.offset:t.offset + nbytes]))
+    return gguf_bytes(metadata, tensors)
+
+
+@FUZZ
+@given(key=st.sampled_from(ARCH_KEYS), value=metadata_values, drop=st.booleans())
+def test_fuzz_gguf_metadata_values(key, value, drop):
+    meta = dict(GGUF_HEADER.metadata)
+    if drop:
+        del meta[key]
+    else:
+        meta[key] = value
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzz.gguf"
+        p.write_bytes(_rebuild_gguf(meta))
+        _load_everything(p)
+
+
+def test_rebuilt_gguf_is_identical():
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "same.gguf"
+        p.write_bytes(_rebuild_gguf(dict(GGUF_HEADER.metadata)))
+        a, b = open_checkpoint(p), open_checkpoint(GGUF_FILE)
+        assert a.config == b.config and a.metadata == b.metadata
+        for k, t in b.tensors.items():
+            np.testing.assert_array_equal(a.tensors[k].to_f32(), t.to_f32())
 
 
 # safetensors: byte edits in the JSON header, and structured edits of its entries

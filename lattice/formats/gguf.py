@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ModelFormatError, UnsupportedModelError
 from .checkpoint import Checkpoint, check_against_config
 from .gguf_header import GGUFTensorInfo, parse_gguf_header
+from .hf_config import check_layer_count
 from .tensor import Tensor
 
 # ggml type number -> (Lattice dtype, numpy storage dtype, block elements, block bytes)
@@ -134,6 +135,7 @@ def _config_fields(meta, infos, path) -> dict:
     hidden = key("embedding_length")
     heads = key("attention.head_count")
     n_layers = key("block_count")
+    check_layer_count(n_layers, f"{arch}.block_count", path)
     if isinstance(heads, list) or isinstance(key("attention.head_count_kv", 0), list):
         raise UnsupportedModelError(f"{path}: per-layer head counts are not supported")
     head_dim = key("attention.key_length", None) or (

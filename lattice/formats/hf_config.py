@@ -5,6 +5,12 @@ from ..config import ModelConfig
 from ..errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text")
+MAX_LAYERS = 4096   # far beyond any real model; bounds per-layer lists built from a corrupt config
+
+
+def check_layer_count(n, what, path):
+    if type(n) is not int or not 0 < n <= MAX_LAYERS:
+        raise ConfigError(f"{path}: {what} must be an integer in 1..{MAX_LAYERS}, got {n!r}")
 
 
 def _field(cfg, name, path, default=...):
@@ -69,6 +75,7 @@ def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
         hidden = _field(cfg, "hidden_size", path)
         heads = _field(cfg, "num_attention_heads", path)
         n_layers = _field(cfg, "num_hidden_layers", path)
+        check_layer_count(n_layers, "num_hidden_layers", path)
         theta, partial, scaling = _rope(cfg)
         head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int)
                                            and isinstance(heads, int) and heads else 0)
