@@ -120,6 +120,12 @@ def test_hf_qwen2_qwen3_configs():
         assert c.eos_token_id == [5, 7] and c.bos_token_id is None and c.rope_theta == 1e6
 
 
+@pytest.mark.parametrize("eos,expected", [(0, [0]), ([3, 0], [3, 0]), (None, [])])
+def test_hf_eos_forms(tmp_path, eos, expected):
+    cfg = open_checkpoint(_copy_folder(LLAMA_HF, tmp_path, lambda c: c.update(eos_token_id=eos))).config
+    assert cfg.eos_token_id == expected
+
+
 def test_hf_qwen35_full_attention_interval(tmp_path):
     def edit(c):
         del c["layer_types"]

@@ -94,7 +94,7 @@ def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id") or [],
+            eos_token_id=cfg.get("eos_token_id"),
         )
         if model_type == "llama":
             return ModelConfig(model_type="llama",
