@@ -63,7 +63,7 @@ def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
         if not isinstance(text, dict):
             raise ConfigError(f"{path}: qwen3_5 'text_config' is not an object")
         text = dict(text)
-        # the wrapper's own fields govern weight tying and special tokens when present
+        # special token ids fill in from the wrapper; its tie_word_embeddings governs the lm_head
         for key in ("eos_token_id", "bos_token_id"):
             if key in cfg and key not in text:
                 text[key] = cfg[key]
