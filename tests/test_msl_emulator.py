@@ -253,6 +253,15 @@ def test_reports_threadgroup_index_out_of_bounds(buggy):
         buggy.dispatch("threadgroup_overflow", [np.zeros(64, np.float32)], (1,), (64,))
 
 
+def test_reports_stack_overflow_and_wild_access_instead_of_crashing(buggy):
+    # (under MSL_EMU_SANITIZE=address, AddressSanitizer's own report of the same faults)
+    with pytest.raises(MSLKernelError, match=r"kernel stack_overflow .*(stack overflow: more than \d+ KiB|stack-overflow)"):
+        buggy.dispatch("stack_overflow", [np.zeros(4, np.float32)], (1,), (4,))
+    with pytest.raises(MSLKernelError, match=r"kernel wild_read .*(segmentation fault at address|SEGV)"):
+        buggy.dispatch("wild_read", [np.zeros(4, np.float32), np.zeros(4, np.float32)], (1,), (4,))
+    buggy.dispatch("missing_barrier", [np.zeros(64, np.float32)], (1,), (1,))  # the process goes on
+
+
 def test_reports_out_of_bounds_device_read_with_asan():
     lib = Library(os.path.join(KERNELS, "oob.metal"), sanitize="address")
     x, y = np.ones(64, np.float32), np.zeros(64, np.float32)

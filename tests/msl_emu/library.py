@@ -27,8 +27,10 @@ THREADGROUP_MEMORY_LIMIT = 32768
 STACK_SIZE = 64 * 1024        # per GPU thread; kernels keep small frames
 ASAN_STACK_SIZE = 512 * 1024  # AddressSanitizer frames carry redzones
 
-# -gdwarf-4: binutils' addr2line follows inlining chains (tg proxies inlined into kernels) in DWARF 4
-FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fsigned-char", "-gline-tables-only", "-gdwarf-4", "-ffp-contract=off",
+# -gdwarf-4: binutils' addr2line follows inlining chains (tg proxies inlined into kernels) in DWARF 4;
+# -fstack-clash-protection: a large frame touches the guard page below a fiber stack instead of
+# jumping over it into the neighbouring fiber's stack
+FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fsigned-char", "-fstack-clash-protection", "-gline-tables-only", "-gdwarf-4", "-ffp-contract=off",
          "-Wno-unknown-attributes", "-ferror-limit=8", "-Xclang", "-ffloat16-excess-precision=none", "-I" + INCLUDE]
 PCH_FLAGS = ["-fpch-validate-input-files-content"]  # a touched but unchanged header stays valid
 ASAN_FLAGS = ["-fsanitize=address", "-shared-libasan", "-fno-omit-frame-pointer"]
@@ -368,7 +370,7 @@ class Library:
     def _asan_error(self, k, r, map_path):
         report = r.stderr
         head = f"kernel {k.name} ({os.path.basename(self.path)})"
-        m = re.search(r"ERROR: AddressSanitizer: ([\w-]+) on address (0x[0-9a-f]+)", report)
+        m = re.search(r"ERROR: AddressSanitizer: ([\w-]+) on (?:unknown )?address (0x[0-9a-f]+)", report)
         if not m:
             return MSLKernelError(f"{head}: the AddressSanitizer worker failed (exit {r.returncode}):\n"
                                   f"{report[-3000:]}", report)

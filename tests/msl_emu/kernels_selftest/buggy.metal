@@ -98,3 +98,20 @@ kernel void shift_in_place(device float* y [[buffer(0)]],
     const float right = gid + 1 < n ? y[gid + 1] : 0.0f;
     y[gid] = right;
 }
+
+// BUG: 1 MiB of thread-local array, far more than a GPU thread (or the emulator's fiber) has
+kernel void stack_overflow(device float* y [[buffer(0)]],
+                           uint gid [[thread_position_in_grid]])
+{
+    float big[262144];
+    for (uint i = 0; i < 262144; i++) big[i] = float(i ^ gid);
+    y[gid] = big[gid * 7919 % 262144];
+}
+
+// BUG: an index 4 GiB past the buffer: not a neighbouring allocation, an unmapped page
+kernel void wild_read(device const float* x [[buffer(0)]],
+                      device float*       y [[buffer(1)]],
+                      uint gid [[thread_position_in_grid]])
+{
+    y[gid] = x[ulong(gid) + (1ul << 40)];
+}

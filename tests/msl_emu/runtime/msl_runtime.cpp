@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <dlfcn.h>
 #include <execinfo.h>
+#include <signal.h>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -129,6 +130,7 @@ struct Group {
   uint64_t group_start = 0;   // phase at the start of this threadgroup
   uint64_t phase = 0;         // current barrier interval
   size_t tg_bytes = 0;        // threadgroup memory in use by this threadgroup
+  size_t guard = 0;           // bytes of the PROT_NONE page below each fiber stack
   std::string error;
   int current = -1;
 #ifdef MSL_EMU_ASAN
@@ -218,6 +220,58 @@ void poison(Region& r) {
   r.group = g_group->serial;
   memset(r.data, 0xFF, r.size);
 }
+
+// A fault inside a fiber (a guard page hit by a stack overflow, or a wild device access) becomes
+// the dispatch's error: the handler runs on an alternate stack and abandons the fiber like fail().
+// Faults anywhere else go to the previous handler (Python's faulthandler, or the default crash).
+thread_local struct sigaction g_old_segv, g_old_bus;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  Group* G = g_group;
+  if (!G || G->current < 0) {
+    sigaction(SIGSEGV, &g_old_segv, nullptr);
+    sigaction(SIGBUS, &g_old_bus, nullptr);
+    return;  // the faulting instruction runs again under the old handler
+  }
+  const char* addr = static_cast<const char*>(info->si_addr);
+  const Fiber& f = G->fibers[G->current];
+  char msg[200];
+  if (addr >= f.stack - G->guard && addr < f.stack)
+    snprintf(msg, sizeof msg, "stack overflow: more than %zu KiB of stack per GPU thread (large thread-local arrays?)",
+             (size_t)(G->launch->stack_size / 1024));
+  else
+    snprintf(msg, sizeof msg, "%s at address %p (a device access far out of bounds? run it with sanitize=\"address\")",
+             sig == SIGBUS ? "bus error" : "segmentation fault", info->si_addr);
+  fail_str(msg);
+}
+
+// Installs on_fault and an alternate signal stack for the duration of a dispatch.
+struct FaultGuard {
+  stack_t old_stack{};
+  std::vector<char> alt_stack = std::vector<char>(256 * 1024);
+  bool active = false;
+  FaultGuard() {
+#ifndef MSL_EMU_ASAN  // AddressSanitizer reports these faults itself
+    stack_t st{};
+    st.ss_sp = alt_stack.data();
+    st.ss_size = alt_stack.size();
+    sigaltstack(&st, &old_stack);
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;  // NODEFER: we leave by a context switch
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+    active = true;
+#endif
+  }
+  ~FaultGuard() {
+    if (!active) return;
+    sigaction(SIGSEGV, &g_old_segv, nullptr);
+    sigaction(SIGBUS, &g_old_bus, nullptr);
+    sigaltstack(&old_stack, nullptr);
+  }
+};
 
 void fiber_entry() {
   Group& G = *g_group;
@@ -490,12 +544,16 @@ void dispatch(const Launch& L, const char* const* tg_names, u32 n_tg_names, void
   std::vector<u32> order(nt);
   for (u32 i = 0; i < nt; i++) order[i] = i;
 
+  G.guard = page;
   Group* outer = g_group;
   g_group = &G;
-  for (U3 pos : groups) {
-    G.pos = pos;
-    run_group(G, L.random_order ? &rng : nullptr, order);
-    if (!G.error.empty()) break;
+  {
+    FaultGuard fault_guard;
+    for (U3 pos : groups) {
+      G.pos = pos;
+      run_group(G, L.random_order ? &rng : nullptr, order);
+      if (!G.error.empty()) break;
+    }
   }
   g_group = outer;
   munmap(stacks, slot * nt);
