@@ -38,8 +38,7 @@ from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 
 from .errors import BackendError, ContextLengthError, ConfigError, NumericalError, SamplingError, TokenizerError
-from .program import ARENA, DISPATCH_DTYPE, STEP_DTYPE, VARIANTS
-from .quant import aligned_empty
+from .program import ARENA, DISPATCH_DTYPE, STEP_DTYPE, VARIANTS, aligned_zeros
 from .sampling import SamplingParams
 
 
@@ -184,9 +183,7 @@ cdef class State:
         self.history = []
         self._arenas = {}
         for name in ("state", "scratch", "step", "output"):
-            a = aligned_empty((max(prog.sizes[name], 64),), np.uint8, 64)
-            a[:] = 0
-            self._arenas[name] = a
+            self._arenas[name] = aligned_zeros(prog.sizes[name])
         self._arenas["weights"] = rt._weights
         for name, idx in ARENA.items():
             if name == "const":

@@ -476,6 +476,14 @@ def _align(n, a=64):
     return (n + a - 1) // a * a
 
 
+def aligned_zeros(nbytes, align=64):
+    """A zeroed uint8 array whose data pointer is a multiple of align. np.zeros maps fresh pages
+    lazily, so a large KV cache costs resident memory only as it fills."""
+    buf = np.zeros(max(nbytes, 1) + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + max(nbytes, 1)]
+
+
 def layout_scratch(kernels, rows, skip=()):
     """Byte offsets in SCRATCH for every activation root written by `kernels` ([rows, width] f32
     each), reusing space by liveness: a block is free again once the last kernel reading it has
@@ -702,9 +710,7 @@ class WeightStore:
 
     def fill(self):
         """Convert every placed weight into one 64-byte aligned uint8 array (the WEIGHTS arena)."""
-        from .quant import aligned_empty
-        blob = aligned_empty((max(self.size, 64),), np.uint8, 64)
-        blob[:] = 0
+        blob = aligned_zeros(self.size)
         for key, e in self.entries.items():
             slots = list(e["planes"].values())
             if isinstance(key, tuple):
