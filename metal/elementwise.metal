@@ -8,12 +8,12 @@ static_assert(LT_EW_B_A == 0 && LT_EW_B_B == 1 && LT_EW_B_OUT == 2, "lt_elementw
 
 static float sigmoid(float v) { return 1.0f / (1.0f + exp(-v)); }
 
-kernel void lt_elementwise(constant lt_elementwise_args& a    [[buffer(0)]],
-                           device const lt_step_args&    step [[buffer(1)]],
-                           device const float*           x    [[buffer(2)]],
-                           device const float*           y    [[buffer(3)]],
-                           device float*                 out  [[buffer(4)]],
-                           uint t   [[threadgroup_position_in_grid]],
+kernel void lt_elementwise(device const lt_elementwise_args& a    [[buffer(0)]],
+                           device const lt_step_args&        step [[buffer(1)]],
+                           device const float*               x    [[buffer(2)]],
+                           device const float*               y    [[buffer(3)]],
+                           device float*                     out  [[buffer(4)]],
+                           uint t [[threadgroup_position_in_grid]],
                            uint tid [[thread_position_in_threadgroup]],
                            uint ntg [[threads_per_threadgroup]])
 {

@@ -7,14 +7,14 @@ using namespace metal;
 static_assert(LT_EMBED_B_IDS == 0 && LT_EMBED_B_OUT == 1 && LT_EMBED_B_WQ == 2 && LT_EMBED_B_WS == 3 &&
               LT_EMBED_B_WM == 4, "lt_embed: binding i is [[buffer(2 + i)]]");
 
-kernel void lt_embed(constant lt_embed_args& a    [[buffer(0)]],
-                     device lt_step_args&    step [[buffer(1)]],
-                     device const uint*      ids  [[buffer(2)]],
-                     device float*           out  [[buffer(3)]],
-                     device const uchar*     wq   [[buffer(4)]],
-                     device const half*      ws   [[buffer(5)]],
-                     device const half*      wm   [[buffer(6)]],
-                     uint t   [[threadgroup_position_in_grid]],
+kernel void lt_embed(device const lt_embed_args& a    [[buffer(0)]],
+                     device lt_step_args&        step [[buffer(1)]],
+                     device const uint*          ids  [[buffer(2)]],
+                     device float*               out  [[buffer(3)]],
+                     device const uchar*         wq   [[buffer(4)]],
+                     device const half*          ws   [[buffer(5)]],
+                     device const half*          wm   [[buffer(6)]],
+                     uint t [[threadgroup_position_in_grid]],
                      uint tid [[thread_position_in_threadgroup]],
                      uint ntg [[threads_per_threadgroup]])
 {

@@ -53,22 +53,22 @@ static float chunk_dot(uint format, device const uchar* wq, device const half* w
     }
 }
 
-kernel void lt_gemv(constant lt_gemv_args&      a      [[buffer(0)]],
-                    device const lt_step_args&  step   [[buffer(1)]],
-                    device const float*         x      [[buffer(2)]],
-                    device float*               y      [[buffer(3)]],
-                    device const uchar*         wq     [[buffer(4)]],
-                    device const half*          ws     [[buffer(5)]],
-                    device const half*          wm     [[buffer(6)]],
-                    device const float*         norm_w [[buffer(7)]],
-                    device const float*         bias   [[buffer(8)]],
-                    device const float*         resid  [[buffer(9)]],
+kernel void lt_gemv(device const lt_gemv_args& a      [[buffer(0)]],
+                    device const lt_step_args& step   [[buffer(1)]],
+                    device const float*        x      [[buffer(2)]],
+                    device float*              y      [[buffer(3)]],
+                    device const uchar*        wq     [[buffer(4)]],
+                    device const half*         ws     [[buffer(5)]],
+                    device const half*         wm     [[buffer(6)]],
+                    device const float*        norm_w [[buffer(7)]],
+                    device const float*        bias   [[buffer(8)]],
+                    device const float*        resid  [[buffer(9)]],
                     uint group [[threadgroup_position_in_grid]],
-                    uint tid   [[thread_index_in_threadgroup]],
-                    uint ntg   [[threads_per_threadgroup]],
-                    uint lane  [[thread_index_in_simdgroup]],
-                    uint sg    [[simdgroup_index_in_threadgroup]],
-                    uint nsg   [[simdgroups_per_threadgroup]])
+                    uint tid [[thread_index_in_threadgroup]],
+                    uint ntg [[threads_per_threadgroup]],
+                    uint lane [[thread_index_in_simdgroup]],
+                    uint sg [[simdgroup_index_in_threadgroup]],
+                    uint nsg [[simdgroups_per_threadgroup]])
 {
     threadgroup float partial[32];
     threadgroup float dots[32];

@@ -10,18 +10,18 @@ static_assert(LT_NORM_B_X == 0 && LT_NORM_B_OUT == 1 && LT_NORM_B_W == 2 && LT_N
 
 static float silu(float v) { return v / (1.0f + exp(-v)); }
 
-kernel void lt_rmsnorm(constant lt_rmsnorm_args&   a    [[buffer(0)]],
-                       device const lt_step_args&  step [[buffer(1)]],
-                       device const float*         x    [[buffer(2)]],
-                       device float*               out  [[buffer(3)]],
-                       device const float*         w    [[buffer(4)]],
-                       device const float*         z    [[buffer(5)]],
-                       uint t    [[threadgroup_position_in_grid]],
-                       uint tid  [[thread_position_in_threadgroup]],
-                       uint ntg  [[threads_per_threadgroup]],
+kernel void lt_rmsnorm(device const lt_rmsnorm_args& a    [[buffer(0)]],
+                       device const lt_step_args&    step [[buffer(1)]],
+                       device const float*           x    [[buffer(2)]],
+                       device float*                 out  [[buffer(3)]],
+                       device const float*           w    [[buffer(4)]],
+                       device const float*           z    [[buffer(5)]],
+                       uint t [[threadgroup_position_in_grid]],
+                       uint tid [[thread_position_in_threadgroup]],
+                       uint ntg [[threads_per_threadgroup]],
                        uint lane [[thread_index_in_simdgroup]],
-                       uint sg   [[simdgroup_index_in_threadgroup]],
-                       uint nsg  [[simdgroups_per_threadgroup]])
+                       uint sg [[simdgroup_index_in_threadgroup]],
+                       uint nsg [[simdgroups_per_threadgroup]])
 {
     threadgroup float partial[32];
     if (t >= step.n_tokens) return;
