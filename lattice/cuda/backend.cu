@@ -1,0 +1,520 @@
+/* The CUDA backend's host bridge: validates a program, resolves its bindings to device pointers,
+ * picks each kernel's launch shape, captures one decode step as a CUDA graph and replays it.
+ * Build: nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC backend.cu -o liblattice_cuda.so */
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "kernels.cuh"
+#include "lattice_cuda.h"
+
+namespace {
+
+/* One dispatch, ready to launch. */
+struct launch {
+    uint32_t kernel;
+    lt_binds b;
+    const uint8_t *args;   /* host copy of the args struct */
+    /* GEMV */
+    gemv_geom gg;
+    int ks, rpw;
+    /* ATTENTION */
+    att_geom ag;
+};
+
+struct program {
+    std::vector<launch> l;
+    std::vector<uint8_t> consts;
+    uint32_t max_tokens = 1;
+    float *conv_ws = nullptr;   /* GDN conv outputs [max_tokens][channels] */
+    float *attn_ws = nullptr;   /* attention split partials */
+    cudaGraphExec_t graph = nullptr;
+};
+
+const size_t ARGS_SIZE[LT_K_COUNT] = {0, sizeof(lt_embed_args), sizeof(lt_rmsnorm_args), sizeof(lt_gemv_args),
+                                      sizeof(lt_rope_kv_args), sizeof(lt_attention_args), sizeof(lt_gdn_args),
+                                      sizeof(lt_elementwise_args), sizeof(lt_gemv_args), sizeof(lt_sample_args)};
+
+uint32_t stored_cols(uint32_t format, uint32_t cols) {
+    return format >= LT_WF_Q8 ? (cols + LT_QK - 1) / LT_QK * LT_QK : cols;
+}
+
+}  // namespace
+
+struct lt_cuda {
+    int device = 0;
+    uint8_t *arena[LT_N_ARENAS] = {};
+    size_t size[LT_N_ARENAS] = {};
+    cudaStream_t stream = nullptr;
+    int eager = 0;
+    int sms = 132;
+    std::vector<program *> progs;
+    uint8_t *pinned = nullptr;
+    size_t pinned_n = 0;
+    char msg[256] = "";
+};
+
+#define CK(call)                                                                                    \
+    do {                                                                                            \
+        cudaError_t e_ = (call);                                                                    \
+        if (e_ != cudaSuccess) {                                                                    \
+            snprintf(c->msg, sizeof c->msg, "%s: %s", #call, cudaGetErrorString(e_));               \
+            return LT_ERR_CUDA;                                                                     \
+        }                                                                                           \
+    } while (0)
+
+/* ------------------------------------------------------------------------------ validation */
+
+static int check_args(uint32_t kernel, const uint8_t *args) {
+    switch (kernel) {
+    case LT_K_GEMV:
+    case LT_K_LM_HEAD: {
+        const lt_gemv_args *a = (const lt_gemv_args *)args;
+        if (a->wformat > LT_WF_Q4 || a->rows == 0 || a->cols == 0 || ((a->flags & LT_GEMV_SILU_MUL) && (a->rows & 1)))
+            return LT_ERR_ARGS;
+        if (stored_cols(a->wformat, a->cols) > 12288)  /* x staged in shared memory */
+            return LT_ERR_ARGS;
+        return LT_OK;
+    }
+    case LT_K_EMBED: {
+        const lt_embed_args *a = (const lt_embed_args *)args;
+        return a->wformat > LT_WF_Q4 || a->dim == 0 || a->vocab == 0 ? LT_ERR_ARGS : LT_OK;
+    }
+    case LT_K_RMSNORM: {
+        const lt_rmsnorm_args *a = (const lt_rmsnorm_args *)args;
+        return a->n_heads == 0 || a->head_dim == 0 ? LT_ERR_ARGS : LT_OK;
+    }
+    case LT_K_ROPE_KV: {
+        const lt_rope_kv_args *a = (const lt_rope_kv_args *)args;
+        return a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 || a->head_dim > 512
+                       || a->rotary_dim > a->head_dim || (a->rotary_dim & 1) || a->ctx_cap == 0
+                   ? LT_ERR_ARGS : LT_OK;
+    }
+    case LT_K_ATTENTION: {
+        /* f16 rows read as 16-byte vectors: head_dim a multiple of 8, at most 512 */
+        const lt_attention_args *a = (const lt_attention_args *)args;
+        return a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 || a->n_heads % a->n_kv_heads
+                       || a->ctx_cap == 0 || a->head_dim % 8 || a->head_dim > 512
+                   ? LT_ERR_ARGS : LT_OK;
+    }
+    case LT_K_GDN: {
+        const lt_gdn_args *a = (const lt_gdn_args *)args;
+        if (a->n_k_heads == 0 || a->n_v_heads == 0 || a->n_v_heads % a->n_k_heads || a->k_dim == 0
+            || a->v_dim == 0 || a->k_dim > 512 || a->v_dim > 512 || a->conv_kernel < 1)
+            return LT_ERR_ARGS;
+        uint32_t dv32 = (a->v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32;
+        return (a->k_dim + nsl - 1) / nsl > 64 ? LT_ERR_ARGS : LT_OK;  /* state rows per thread */
+    }
+    case LT_K_ELEMENTWISE:
+        return ((const lt_elementwise_args *)args)->op > LT_EW_COPY ? LT_ERR_ARGS : LT_OK;
+    case LT_K_SAMPLE:
+        return ((const lt_sample_args *)args)->vocab == 0 ? LT_ERR_ARGS : LT_OK;
+    }
+    return LT_ERR_KERNEL;
+}
+
+/* GEMV launch shape: enough warps to fill the GPU. Few rows: KS warps split each row's columns;
+ * many rows: RPW rows per warp share the staged x. Interleaved gate/up pairs stay in one block. */
+static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_binding *bind) {
+    uint32_t kp = stored_cols(a->wformat, a->cols);
+    gemv_geom &g = L.gg;
+    static const uint32_t esize[] = {4, 2, 1, 0};
+    g.xcols = (kp + 31) / 32 * 32;
+    g.nblk = kp / LT_QK;
+    if (a->wformat == LT_WF_Q8) {
+        g.row_bytes = kp;
+        g.nvec = kp / 16;
+        g.vec_ok = 1;
+    } else if (a->wformat == LT_WF_Q4) {
+        g.row_bytes = kp / 2;
+        g.nvec = kp / 32;
+        g.vec_ok = 1;
+    } else {
+        g.row_bytes = a->cols * esize[a->wformat];
+        g.nvec = g.row_bytes / 16;
+        g.vec_ok = g.row_bytes % 16 == 0 && bind[LT_GEMV_B_WQ].offset % 16 == 0;
+    }
+    uint32_t want_warps = (uint32_t)c->sms * 32;
+    L.rpw = 1;
+    L.ks = 1;
+    if (a->rows >= 8 * want_warps / 2) {
+        L.rpw = 4;
+        return;
+    }
+    uint32_t max_ks = (a->flags & LT_GEMV_SILU_MUL) ? 4 : 8;
+    while (L.ks < max_ks && a->rows * L.ks < want_warps && g.nvec / (32u * (L.ks * 2)) >= 1)
+        L.ks *= 2;
+}
+
+/* ------------------------------------------------------------------------------ launching */
+
+template <int FMT, int NT>
+static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm,
+                            dim3 grid, size_t smem, cudaStream_t s) {
+#define LT_GEMV_CASE(KS, RPW)                                                                     \
+    if (L.ks == KS && L.rpw == RPW) {                                                             \
+        k_gemv<FMT, KS, RPW, NT><<<grid, 256, smem, s>>>(a, L.b, st, T, L.gg, lm);                \
+        return;                                                                                   \
+    }
+    if constexpr (NT == 1)
+        LT_GEMV_CASE(1, 4)
+    LT_GEMV_CASE(1, 1)
+    LT_GEMV_CASE(2, 1)
+    LT_GEMV_CASE(4, 1)
+    LT_GEMV_CASE(8, 1)
+#undef LT_GEMV_CASE
+}
+
+/* x is staged in dynamic shared memory: up to 4 tokens x 12288 floats (check_args bounds cols) */
+template <int FMT>
+static void set_gemv_smem() {
+    const int bytes = 4 * 12288 * 4;
+    cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#define LT_SMEM(KS)                                                                               \
+    cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
+    cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
+#undef LT_SMEM
+}
+
+static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStream_t s) {
+    const lt_gemv_args &a = *(const lt_gemv_args *)L0.args;
+    int lm = L0.kernel == LT_K_LM_HEAD;
+    uint32_t n_tok = lm && !(a.flags & LT_GEMV_ALL_TOKENS) ? 1 : T;
+    int nt = n_tok > 1 ? 4 : 1;
+    launch L = L0;
+    if (nt == 4 && L.rpw == 4)  /* 4 rows x 4 tokens per warp spills: one row per warp */
+        L.rpw = 1;
+    uint32_t rpb = 8 / L.ks * L.rpw;
+    dim3 grid((a.rows + rpb - 1) / rpb, (n_tok + nt - 1) / nt);
+    size_t smem = (size_t)nt * L.gg.xcols * sizeof(float);
+#define LT_FMT(F)                                                                                 \
+    case F:                                                                                       \
+        if (nt == 1)                                                                              \
+            launch_gemv_fmt<F, 1>(L, a, st, T, lm, grid, smem, s);                                \
+        else                                                                                      \
+            launch_gemv_fmt<F, 4>(L, a, st, T, lm, grid, smem, s);                                \
+        break;
+    switch (a.wformat) {
+        LT_FMT(LT_WF_F32)
+        LT_FMT(LT_WF_F16)
+        LT_FMT(LT_WF_Q8)
+        LT_FMT(LT_WF_Q4)
+    }
+#undef LT_FMT
+    if (lm && L.b.p[LT_GEMV_B_PARTIALS]) {
+        const float *logits = (const float *)L.b.p[LT_GEMV_B_Y]
+                              + (size_t)((a.flags & LT_GEMV_ALL_TOKENS) ? T - 1 : 0) * a.y_stride;
+        k_partials<<<(a.rows + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK, LT_ARGMAX_BLOCK, 0, s>>>(
+            logits, a.rows, (lt_argmax_partial *)L.b.p[LT_GEMV_B_PARTIALS], st);
+    }
+}
+
+static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s) {
+    switch (L.kernel) {
+    case LT_K_EMBED: {
+        const lt_embed_args &a = *(const lt_embed_args *)L.args;
+        k_embed<<<dim3((a.dim + 255) / 256, T), 256, 0, s>>>(a, L.b, st, T);
+        break;
+    }
+    case LT_K_RMSNORM: {
+        const lt_rmsnorm_args &a = *(const lt_rmsnorm_args *)L.args;
+        k_rmsnorm<<<dim3(a.n_heads, T), a.head_dim >= 256 ? 256 : 128, 0, s>>>(a, L.b, st, T);
+        break;
+    }
+    case LT_K_ELEMENTWISE: {
+        const lt_elementwise_args &a = *(const lt_elementwise_args *)L.args;
+        k_elementwise<<<dim3((a.n + 255) / 256, T), 256, 0, s>>>(a, L.b, st, T);
+        break;
+    }
+    case LT_K_GEMV:
+    case LT_K_LM_HEAD:
+        launch_gemv(L, st, T, s);
+        break;
+    case LT_K_ROPE_KV: {
+        const lt_rope_kv_args &a = *(const lt_rope_kv_args *)L.args;
+        k_rope_kv<<<dim3(a.n_heads + a.n_kv_heads, T), 128, 0, s>>>(a, L.b, st, T);
+        break;
+    }
+    case LT_K_ATTENTION: {
+        const lt_attention_args &a = *(const lt_attention_args *)L.args;
+        k_attention<<<dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s>>>(a, L.b, st, T, L.ag, p.attn_ws);
+        if (L.ag.n_split > 1)
+            k_attention_reduce<<<dim3(a.n_heads, T), ATT_THREADS, 0, s>>>(a, L.b, st, T, L.ag, p.attn_ws);
+        break;
+    }
+    case LT_K_GDN: {
+        const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
+        k_gdn_conv<<<(a.channels + 255) / 256, 256, 0, s>>>(a, L.b, st, T, p.conv_ws);
+        uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
+        if (rows <= 32)
+            k_gdn_step<32><<<a.n_v_heads, GDN_THREADS, 0, s>>>(a, L.b, st, T, p.conv_ws);
+        else
+            k_gdn_step<64><<<a.n_v_heads, GDN_THREADS, 0, s>>>(a, L.b, st, T, p.conv_ws);
+        break;
+    }
+    case LT_K_SAMPLE: {
+        const lt_sample_args &a = *(const lt_sample_args *)L.args;
+        k_sample<<<1, SAMPLE_THREADS, 0, s>>>(a, L.b, st, T);
+        break;
+    }
+    }
+}
+
+static void launch_step(lt_cuda *c, const program &p, uint32_t T) {
+    lt_step_args *st = (lt_step_args *)c->arena[LT_ARENA_STEP];
+    for (const launch &L : p.l)
+        launch_one(L, p, st, T, c->stream);
+}
+
+/* ------------------------------------------------------------------------------ C interface */
+
+extern "C" {
+
+int lt_cuda_device(int device, char *buf, size_t n) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || device >= count) {
+        snprintf(buf, n, "no CUDA device: %s", e != cudaSuccess ? cudaGetErrorString(e) : "index out of range");
+        return -1;
+    }
+    cudaDeviceProp p;
+    if ((e = cudaGetDeviceProperties(&p, device)) != cudaSuccess) {
+        snprintf(buf, n, "cudaGetDeviceProperties: %s", cudaGetErrorString(e));
+        return -1;
+    }
+    snprintf(buf, n, "%s (sm_%d%d, %d SMs, %.1f GiB)", p.name, p.major, p.minor, p.multiProcessorCount,
+             p.totalGlobalMem / 1073741824.0);
+    return p.major >= 7 ? 0 : -1;
+}
+
+void lt_cuda_free(lt_cuda *c) {
+    if (!c)
+        return;
+    cudaSetDevice(c->device);
+    if (c->stream)
+        cudaStreamSynchronize(c->stream);
+    for (program *p : c->progs) {
+        if (p->graph)
+            cudaGraphExecDestroy(p->graph);
+        cudaFree(p->conv_ws);
+        cudaFree(p->attn_ws);
+        delete p;
+    }
+    for (int i = 0; i < LT_N_ARENAS; i++)
+        cudaFree(c->arena[i]);
+    if (c->pinned)
+        cudaFreeHost(c->pinned);
+    if (c->stream)
+        cudaStreamDestroy(c->stream);
+    delete c;
+}
+
+static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
+    CK(cudaSetDevice(c->device));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, c->device));
+    c->sms = prop.multiProcessorCount;
+    int least, greatest;
+    CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking, greatest));
+    for (int i = 0; i < LT_N_ARENAS; i++) {
+        if (i == LT_ARENA_CONST)
+            continue;
+        size_t n = sizes[i] > 64 ? sizes[i] : 64;
+        if (i == LT_ARENA_STEP && n < sizeof(lt_step_args))
+            n = sizeof(lt_step_args);
+        CK(cudaMalloc(&c->arena[i], n));
+        CK(cudaMemset(c->arena[i], 0, n));
+        c->size[i] = n;
+    }
+    set_gemv_smem<LT_WF_F32>();
+    set_gemv_smem<LT_WF_F16>();
+    set_gemv_smem<LT_WF_Q8>();
+    set_gemv_smem<LT_WF_Q4>();
+    CK(cudaGetLastError());
+    return LT_OK;
+}
+
+lt_cuda *lt_cuda_create(const size_t sizes[LT_N_ARENAS], int device, char *msg, size_t msg_n) {
+    lt_cuda *c = new lt_cuda;
+    c->device = device;
+    if (create(c, sizes) != LT_OK) {
+        snprintf(msg, msg_n, "%s", c->msg);
+        lt_cuda_free(c);
+        return nullptr;
+    }
+    return c;
+}
+
+static int check_dispatch(const lt_cuda *c, const lt_dispatch *d, size_t n_consts) {
+    if (d->kernel == LT_K_NONE || d->kernel >= LT_K_COUNT)
+        return LT_ERR_KERNEL;
+    if (d->n_bind > LT_MAX_BIND || d->args_offset % LT_ARGS_ALIGN || (size_t)d->args_offset + ARGS_SIZE[d->kernel] > n_consts)
+        return LT_ERR_BINDING;
+    for (uint32_t i = 0; i < d->n_bind; i++) {
+        const lt_binding *b = &d->bind[i];
+        if (b->arena == LT_ARENA_NONE)
+            continue;
+        if (b->arena >= LT_N_ARENAS || b->arena == LT_ARENA_CONST || b->offset >= c->size[b->arena])
+            return LT_ERR_BINDING;
+    }
+    return LT_OK;
+}
+
+int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
+                        uint32_t max_tokens, uint32_t *err_index) {
+    *err_index = 0;
+    if (max_tokens == 0)
+        return -LT_ERR_ARGS;
+    program *p = new program;
+    p->max_tokens = max_tokens;
+    p->consts.assign(consts, consts + n_consts);
+    p->l.resize(n);
+    size_t conv_floats = 0, attn_floats = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const lt_dispatch *d = &prog[i];
+        int e = check_dispatch(c, d, n_consts);
+        if (e == LT_OK)
+            e = check_args(d->kernel, consts + d->args_offset);
+        if (e != LT_OK) {
+            *err_index = i;
+            delete p;
+            return -e;
+        }
+        launch &L = p->l[i];
+        L.kernel = d->kernel;
+        L.args = p->consts.data() + d->args_offset;
+        for (int s = 0; s < LT_MAX_BIND; s++) {
+            const lt_binding *b = &d->bind[s];
+            L.b.p[s] = (uint32_t)s < d->n_bind && b->arena != LT_ARENA_NONE ? c->arena[b->arena] + b->offset : nullptr;
+        }
+        if (d->kernel == LT_K_GEMV || d->kernel == LT_K_LM_HEAD) {
+            gemv_shape(c, L, (const lt_gemv_args *)L.args, d->bind);
+        } else if (d->kernel == LT_K_ATTENTION) {
+            const lt_attention_args *a = (const lt_attention_args *)L.args;
+            /* at most 64 splits of >= 256 positions each */
+            uint32_t chunk = (a->ctx_cap + 63) / 64;
+            chunk = chunk < 256 ? 256 : (chunk + 255) / 256 * 256;
+            uint32_t nvec = a->head_dim / 8, G = 1;
+            while (G < nvec && G < 32)
+                G *= 2;
+            L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};
+            if (L.ag.n_split > 1) {
+                size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);
+                attn_floats = f > attn_floats ? f : attn_floats;
+            }
+        } else if (d->kernel == LT_K_GDN) {
+            size_t f = (size_t)max_tokens * ((const lt_gdn_args *)L.args)->channels;
+            conv_floats = f > conv_floats ? f : conv_floats;
+        }
+    }
+    /* the consts vector must not move after L.args point into it */
+    cudaError_t e1 = conv_floats ? cudaMalloc(&p->conv_ws, conv_floats * 4) : cudaSuccess;
+    cudaError_t e2 = attn_floats ? cudaMalloc(&p->attn_ws, attn_floats * 4) : cudaSuccess;
+    if (e1 != cudaSuccess || e2 != cudaSuccess) {
+        snprintf(c->msg, sizeof c->msg, "workspace: %s", cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
+        cudaFree(p->conv_ws);
+        cudaFree(p->attn_ws);
+        delete p;
+        return -LT_ERR_NOMEM;
+    }
+    c->progs.push_back(p);
+    return (int)c->progs.size() - 1;
+}
+
+int lt_cuda_write(lt_cuda *c, uint32_t arena, size_t offset, const void *src, size_t n) {
+    if (arena >= LT_N_ARENAS || !c->arena[arena] || offset + n > c->size[arena] || offset + n < offset)
+        return LT_ERR_BINDING;
+    CK(cudaMemcpyAsync(c->arena[arena] + offset, src, n, cudaMemcpyHostToDevice, c->stream));
+    CK(cudaStreamSynchronize(c->stream));
+    return LT_OK;
+}
+
+int lt_cuda_read(lt_cuda *c, uint32_t arena, size_t offset, void *dst, size_t n) {
+    if (arena >= LT_N_ARENAS || !c->arena[arena] || offset + n > c->size[arena] || offset + n < offset)
+        return LT_ERR_BINDING;
+    CK(cudaMemcpyAsync(dst, c->arena[arena] + offset, n, cudaMemcpyDeviceToHost, c->stream));
+    CK(cudaStreamSynchronize(c->stream));
+    return LT_OK;
+}
+
+void lt_cuda_set_eager(lt_cuda *c, int eager) {
+    c->eager = eager;
+}
+
+static int capture(lt_cuda *c, program &p) {
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    launch_step(c, p, 1);
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    if (e != cudaSuccess) {
+        snprintf(c->msg, sizeof c->msg, "graph capture: %s", cudaGetErrorString(e));
+        return LT_ERR_CUDA;
+    }
+    e = cudaGraphInstantiate(&p.graph, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        snprintf(c->msg, sizeof c->msg, "cudaGraphInstantiate: %s", cudaGetErrorString(e));
+        return LT_ERR_CUDA;
+    }
+    CK(cudaGraphUpload(p.graph, c->stream));
+    return LT_OK;
+}
+
+int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t out_offset, size_t out_n) {
+    if (prog < 0 || (size_t)prog >= c->progs.size() || T == 0)
+        return LT_ERR_ARGS;
+    program &p = *c->progs[prog];
+    if (T > p.max_tokens || out_offset + out_n > c->size[LT_ARENA_OUTPUT])
+        return LT_ERR_ARGS;
+    size_t need = sizeof(lt_step_args) + out_n;
+    if (need > c->pinned_n) {
+        if (c->pinned)
+            cudaFreeHost(c->pinned);
+        c->pinned = nullptr;
+        c->pinned_n = 0;
+        CK(cudaHostAlloc((void **)&c->pinned, need, cudaHostAllocDefault));
+        c->pinned_n = need;
+    }
+    for (uint32_t s = 0; s < n_steps; s++) {
+        uint32_t t = s == 0 ? T : 1;
+        if (t == 1 && !c->eager) {
+            if (!p.graph) {
+                int e = capture(c, p);
+                if (e != LT_OK)
+                    return e;
+            }
+            CK(cudaGraphLaunch(p.graph, c->stream));
+        } else {
+            launch_step(c, p, t);
+            CK(cudaGetLastError());
+        }
+    }
+    CK(cudaMemcpyAsync(c->pinned, c->arena[LT_ARENA_STEP], sizeof(lt_step_args), cudaMemcpyDeviceToHost, c->stream));
+    if (out_n)
+        CK(cudaMemcpyAsync(c->pinned + sizeof(lt_step_args), c->arena[LT_ARENA_OUTPUT] + out_offset, out_n,
+                           cudaMemcpyDeviceToHost, c->stream));
+    return LT_OK;
+}
+
+int lt_cuda_wait(lt_cuda *c, const void **host) {
+    CK(cudaStreamSynchronize(c->stream));
+    CK(cudaGetLastError());
+    if (host)
+        *host = c->pinned;
+    return (int)((const lt_step_args *)c->pinned)->error;
+}
+
+int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T) {
+    int e = lt_cuda_launch(c, prog, n_steps, T, 0, 0);
+    return e != LT_OK ? e : lt_cuda_wait(c, nullptr);
+}
+
+const char *lt_cuda_message(lt_cuda *c) {
+    return c->msg;
+}
+
+}  // extern "C"

@@ -1,0 +1,1134 @@
+/* CUDA kernels of the Lattice program (metal/lattice_shared.h gives the meaning of every kernel;
+ * lattice/csrc is the CPU model of the same semantics).
+ *
+ * Every kernel takes its args struct by value, the resolved binding pointers (lt_binds), the step
+ * args in device memory and T (tokens of this step, known to the host when it launches). Kernels
+ * read the position from the step args, so one captured graph serves every decode step. After any
+ * kernel raised an error (step.error != 0) every later kernel returns at once: the host stops at
+ * the first step that failed, and the steps it had queued behind it do nothing. */
+#pragma once
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "../../metal/lattice_shared.h"
+
+struct lt_binds {
+    void *p[LT_MAX_BIND];
+};
+
+#define LT_WARP 32
+
+__device__ __forceinline__ void lt_raise(lt_step_args *st, uint32_t err) {
+    atomicCAS(&st->error, 0u, err);
+}
+
+__device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Block-wide reductions; every thread gets the result. `red` holds >= 32 entries; the calls
+ * synchronize before returning, so `red` can be reused by the next call. */
+__device__ float block_sum(float v, float *red) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float *red) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+__device__ uint32_t block_count(uint32_t v, uint32_t *red) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* (value, id) argmax: larger value wins, the lower id on ties; NaN never wins. */
+__device__ __forceinline__ void arg_better(float &v, uint32_t &i, float v2, uint32_t i2) {
+    if (v2 > v || (v2 == v && i2 < i)) {
+        v = v2;
+        i = i2;
+    }
+}
+
+__device__ void block_argmax(float &v, uint32_t &i, float *redv, uint32_t *redi) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        arg_better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+    __syncthreads();
+    if (lane == 0) {
+        redv[w] = v;
+        redi[w] = i;
+    }
+    __syncthreads();
+    v = lane < nw ? redv[lane] : -INFINITY;
+    i = lane < nw ? redi[lane] : 0xffffffffu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        arg_better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+}
+
+/* Exclusive prefix sum over the block's threads (in thread order) and the total. */
+template <typename V>
+__device__ V block_exclusive_scan(V v, V *scan, V *total) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    V inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        V n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o)
+            inc += n;
+    }
+    __syncthreads();
+    if (lane == 31)
+        scan[w] = inc;
+    __syncthreads();
+    if (w == 0) {
+        V s = lane < nw ? scan[lane] : V(0), si = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            V n = __shfl_up_sync(0xffffffffu, si, o);
+            if (lane >= o)
+                si += n;
+        }
+        if (lane < nw)
+            scan[lane] = si - s;  /* exclusive per warp */
+        if (lane == 31)
+            scan[32] = si;
+    }
+    __syncthreads();
+    V out = scan[w] + inc - v;
+    *total = scan[32];
+    __syncthreads();
+    return out;
+}
+
+/* ============================================================================ EMBED */
+__global__ void k_embed(lt_embed_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    if (st->error)
+        return;
+    uint32_t t = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T || k >= a.dim)
+        return;
+    uint32_t id = ((const uint32_t *)b.p[LT_EMBED_B_IDS])[t];
+    if (id >= a.vocab) {
+        lt_raise(st, LT_ERR_TOKEN);
+        return;
+    }
+    const void *wq = b.p[LT_EMBED_B_WQ];
+    const __half *ws = (const __half *)b.p[LT_EMBED_B_WS], *wm = (const __half *)b.p[LT_EMBED_B_WM];
+    uint32_t nb = (a.dim + LT_QK - 1) / LT_QK, stride = nb * LT_QK, blk = k / LT_QK;
+    float v;
+    switch (a.wformat) {
+    case LT_WF_F32: v = ((const float *)wq)[(size_t)id * a.dim + k]; break;
+    case LT_WF_F16: v = __half2float(((const __half *)wq)[(size_t)id * a.dim + k]); break;
+    case LT_WF_Q8:
+        v = (float)((const int8_t *)wq)[(size_t)id * stride + k] * __half2float(ws[(size_t)id * nb + blk]);
+        break;
+    default: {
+        uint8_t byte = ((const uint8_t *)wq)[(size_t)id * (stride / 2) + blk * 16 + (k % 32) % 16];
+        uint32_t q = (k % 32) < 16 ? (byte & 0x0fu) : (uint32_t)(byte >> 4);
+        v = (float)q * __half2float(ws[(size_t)id * nb + blk]) + __half2float(wm[(size_t)id * nb + blk]);
+    }
+    }
+    ((float *)b.p[LT_EMBED_B_OUT])[(size_t)t * a.out_stride + k] = v * a.scale;
+}
+
+/* ============================================================================ RMSNORM */
+/* grid (n_heads, T). out may alias x: every thread writes only elements it read itself. */
+__global__ void k_rmsnorm(lt_rmsnorm_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    __shared__ float red[32];
+    if (st->error)
+        return;
+    uint32_t h = blockIdx.x, t = blockIdx.y, n = a.head_dim;
+    const float *x = (const float *)b.p[LT_NORM_B_X] + (size_t)t * a.in_stride + (size_t)h * n;
+    float *o = (float *)b.p[LT_NORM_B_OUT] + (size_t)t * a.out_stride + (size_t)h * n;
+    const float *w = (const float *)b.p[LT_NORM_B_W];
+    const float *z = (a.flags & LT_NORM_SILU_GATE)
+        ? (const float *)b.p[LT_NORM_B_Z] + (size_t)t * a.z_stride + (size_t)h * n : nullptr;
+    float ss = 0.0f;
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x)
+        ss += x[k] * x[k];
+    ss = block_sum(ss, red);
+    float r = rsqrtf(ss / (float)n + a.eps);
+    bool add_one = a.flags & LT_NORM_ADD_ONE;
+    for (uint32_t k = threadIdx.x; k < n; k += blockDim.x) {
+        float v = x[k] * r * (add_one ? 1.0f + w[k] : w[k]);
+        o[k] = z ? v * lt_silu_d(z[k]) : v;
+    }
+}
+
+/* ============================================================================ ELEMENTWISE */
+__global__ void k_elementwise(lt_elementwise_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    if (st->error)
+        return;
+    uint32_t t = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= a.n)
+        return;
+    float x = ((const float *)b.p[LT_EW_B_A])[(size_t)t * a.a_stride + k];
+    const float *pb = (const float *)b.p[LT_EW_B_B];
+    float y = pb ? pb[(size_t)t * a.b_stride + k] : 0.0f, r;
+    switch (a.op) {
+    case LT_EW_ADD: r = x + y; break;
+    case LT_EW_SILU_MUL: r = lt_silu_d(x) * y; break;
+    case LT_EW_SIGMOID_MUL: r = x * lt_sigmoid_d(y); break;
+    default: r = x;
+    }
+    ((float *)b.p[LT_EW_B_OUT])[(size_t)t * a.out_stride + k] = r;
+}
+
+/* ============================================================================ GEMV / GEMM */
+/* One 16-byte weight vector: 16 int8 (Q8), 32 nibbles (Q4), 8 f16 or 4 f32 values. The block
+ * stages x (normalized, zero-padded) in shared memory; each warp streams 16-byte weight vectors,
+ * four loads in flight per lane before the first use; KS warps share one row (split-K) when rows
+ * are few, RPW rows per warp reuse the x registers when rows are many. */
+template <int FMT> struct wfmt;
+template <> struct wfmt<LT_WF_F32> { static constexpr int VALS = 4; };
+template <> struct wfmt<LT_WF_F16> { static constexpr int VALS = 8; };
+template <> struct wfmt<LT_WF_Q8> { static constexpr int VALS = 16; };
+template <> struct wfmt<LT_WF_Q4> { static constexpr int VALS = 32; };
+
+struct wrow {
+    const uint8_t *q;       /* the row's first byte in WQ */
+    const __half *s, *m;    /* the row's scales / mins (Q8, Q4) */
+};
+
+/* dot of weight vector `v` (16 bytes w) with x (VALS floats in shared memory). */
+template <int FMT>
+__device__ __forceinline__ float vec_dot(uint4 w, const float *x, const wrow &r, uint32_t v) {
+    if (FMT == LT_WF_F32) {
+        float4 xv = *(const float4 *)x;
+        return __uint_as_float(w.x) * xv.x + __uint_as_float(w.y) * xv.y + __uint_as_float(w.z) * xv.z
+               + __uint_as_float(w.w) * xv.w;
+    } else if (FMT == LT_WF_F16) {
+        const __half2 *h = (const __half2 *)&w;
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(h[i]);
+            float2 xv = *(const float2 *)(x + 2 * i);
+            acc += f.x * xv.x + f.y * xv.y;
+        }
+        return acc;
+    } else if (FMT == LT_WF_Q8) {
+        const uint32_t wd[4] = {w.x, w.y, w.z, w.w};
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float4 xv = *(const float4 *)(x + 4 * i);
+            acc += (float)(int8_t)(wd[i]) * xv.x + (float)(int8_t)(wd[i] >> 8) * xv.y
+                   + (float)(int8_t)(wd[i] >> 16) * xv.z + (float)(int8_t)(wd[i] >> 24) * xv.w;
+        }
+        return acc * __half2float(r.s[v / 2]);
+    } else {
+        const uint32_t wd[4] = {w.x, w.y, w.z, w.w};
+        float acc = 0.0f, xs = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float4 lo = *(const float4 *)(x + 4 * i), hi = *(const float4 *)(x + 16 + 4 * i);
+            uint32_t d = wd[i];
+            acc += (float)(d & 15u) * lo.x + (float)((d >> 8) & 15u) * lo.y + (float)((d >> 16) & 15u) * lo.z
+                   + (float)((d >> 24) & 15u) * lo.w;
+            acc += (float)((d >> 4) & 15u) * hi.x + (float)((d >> 12) & 15u) * hi.y
+                   + (float)((d >> 20) & 15u) * hi.z + (float)(d >> 28) * hi.w;
+            xs += lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+        }
+        return acc * __half2float(r.s[v]) + xs * __half2float(r.m[v]);
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ float scalar_weight(const wrow &r, uint32_t k) {
+    if (FMT == LT_WF_F32)
+        return ((const float *)r.q)[k];
+    return __half2float(((const __half *)r.q)[k]);
+}
+
+struct gemv_geom {
+    uint32_t xcols;     /* floats per staged x row in shared memory (multiple of 32) */
+    uint32_t row_bytes; /* bytes per WQ row */
+    uint32_t nvec;      /* 16-byte vectors per row (vector path) */
+    uint32_t nblk;      /* quant blocks per row */
+    uint32_t vec_ok;    /* rows are 16-byte aligned whole vectors */
+};
+
+/* KS warps per row group, RPW rows per warp, NT tokens per block (grid.y = token tiles).
+ * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. */
+template <int FMT, int KS, int RPW, int NT>
+__global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
+                                              gemv_geom g, int lm_head) {
+    extern __shared__ float xs[];               /* [NT][g.xcols] */
+    __shared__ float red[8][RPW][NT];
+    __shared__ float rowsum[8 / KS * RPW][NT];
+    __shared__ float redb[32];
+    if (st->error)
+        return;
+    constexpr int RPB = 8 / KS * RPW;            /* rows per block */
+    const float *x = (const float *)b.p[LT_GEMV_B_X];
+    uint32_t t_first = 0, n_tok = T;
+    if (lm_head && !(a.flags & LT_GEMV_ALL_TOKENS)) {
+        t_first = T - 1;
+        n_tok = 1;
+    }
+    uint32_t t0 = blockIdx.y * NT;
+    if (t0 >= n_tok)
+        return;
+    /* prologue: stage x (optionally RMS-normalized) for this block's tokens */
+    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
+    bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
+    for (int nt = 0; nt < NT; nt++) {
+        float *xr = xs + nt * g.xcols;
+        uint32_t t = t0 + nt;
+        if (t >= n_tok) {
+            for (uint32_t k = threadIdx.x; k < g.xcols; k += blockDim.x)
+                xr[k] = 0.0f;
+            continue;
+        }
+        const float *src = x + (size_t)(t_first + t) * a.x_stride;
+        float ss = 0.0f;
+        for (uint32_t k = threadIdx.x; k < g.xcols; k += blockDim.x) {
+            float v = k < a.cols ? src[k] : 0.0f;
+            xr[k] = v;
+            ss += v * v;
+        }
+        if (nw) {
+            ss = block_sum(ss, redb);
+            float r = rsqrtf(ss / (float)a.cols + a.eps);
+            for (uint32_t k = threadIdx.x; k < a.cols; k += blockDim.x)
+                xr[k] = xr[k] * r * (add_one ? 1.0f + nw[k] : nw[k]);
+        }
+    }
+    __syncthreads();
+
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int group = warp / KS, kpart = warp % KS;
+    uint32_t row0 = blockIdx.x * RPB + group * RPW;
+    float acc[RPW][NT];
+#pragma unroll
+    for (int r = 0; r < RPW; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            acc[r][nt] = 0.0f;
+    const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
+    const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wm = (const __half *)b.p[LT_GEMV_B_WM];
+    wrow rr[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        uint32_t row = min(row0 + r, a.rows - 1);  /* rows past the end compute a copy, unused */
+        rr[r].q = wq + (size_t)row * g.row_bytes;
+        rr[r].s = ws ? ws + (size_t)row * g.nblk : nullptr;
+        rr[r].m = wm ? wm + (size_t)row * g.nblk : nullptr;
+    }
+    constexpr int VALS = wfmt<FMT>::VALS;
+    if (g.vec_ok) {
+        constexpr int U = RPW >= 4 ? 2 : 4;      /* vectors in flight per row */
+        for (uint32_t base = kpart * 32 + lane; base < g.nvec; base += 32 * KS * U) {
+            uint4 w[RPW][U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                uint32_t v = base + u * 32 * KS;
+#pragma unroll
+                for (int r = 0; r < RPW; r++)
+                    if (v < g.nvec)
+                        w[r][u] = __ldg((const uint4 *)rr[r].q + v);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                uint32_t v = base + u * 32 * KS;
+                if (v < g.nvec) {
+#pragma unroll
+                    for (int r = 0; r < RPW; r++)
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+                            acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, rr[r], v);
+                }
+            }
+        }
+    } else if (FMT == LT_WF_F32 || FMT == LT_WF_F16) {
+        for (uint32_t k = kpart * 32 + lane; k < a.cols; k += 32 * KS)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                float wv = scalar_weight<FMT>(rr[r], k);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+                    acc[r][nt] += wv * xs[nt * g.xcols + k];
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            acc[r][nt] = warp_sum(acc[r][nt]);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                red[warp][r][nt] = acc[r][nt];
+    __syncthreads();
+    if (threadIdx.x < RPB * NT) {
+        int lr = threadIdx.x / NT, nt = threadIdx.x % NT, gr = lr / RPW, r = lr % RPW;
+        float s = 0.0f;
+        for (int k = 0; k < KS; k++)
+            s += red[gr * KS + k][r][nt];
+        rowsum[lr][nt] = s;
+    }
+    __syncthreads();
+    /* epilogues: + bias, SiLU(gate) * up over interleaved rows, + residual */
+    if (threadIdx.x < RPB * NT) {
+        int lr = threadIdx.x / NT, nt = threadIdx.x % NT;
+        uint32_t row = blockIdx.x * RPB + lr, t = t0 + nt;
+        if (row >= a.rows || t >= n_tok)
+            return;
+        const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
+        const float *resid = (a.flags & LT_GEMV_RESID)
+            ? (const float *)b.p[LT_GEMV_B_RESID] + (size_t)t * a.resid_stride : nullptr;
+        float *y = (float *)b.p[LT_GEMV_B_Y] + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : t)
+                   * a.y_stride;
+        float out;
+        uint32_t o;
+        if (a.flags & LT_GEMV_SILU_MUL) {
+            if (lr & 1)
+                return;
+            float gt = rowsum[lr][nt], up = rowsum[lr + 1][nt];
+            if (bias) {
+                gt += bias[row];
+                up += bias[row + 1];
+            }
+            out = lt_silu_d(gt) * up;
+            o = row / 2;
+        } else {
+            out = rowsum[lr][nt] + (bias ? bias[row] : 0.0f);
+            o = row;
+        }
+        y[o] = resid ? resid[o] + out : out;
+    }
+}
+
+/* LM head partials: per LT_ARGMAX_BLOCK logits, max / argmax (lowest id on ties) / sum of
+ * exp(l - max) over finite logits / count of NaN and Inf. One block of LT_ARGMAX_BLOCK threads
+ * per partial. */
+__global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logits, uint32_t rows,
+                                                              lt_argmax_partial *p, lt_step_args *st) {
+    __shared__ float redv[32];
+    __shared__ uint32_t redi[32];
+    if (st->error)
+        return;
+    uint32_t i = blockIdx.x * LT_ARGMAX_BLOCK + threadIdx.x;
+    float v = i < rows ? logits[i] : -INFINITY;
+    bool fin = i < rows && isfinite(v);
+    uint32_t bad = block_count(i < rows && !fin, redi);
+    float m = fin ? v : -INFINITY;
+    uint32_t arg = fin ? i : 0xffffffffu;
+    block_argmax(m, arg, redv, redi);
+    float se = (fin && m > -INFINITY) ? expf(v - m) : 0.0f;
+    se = block_sum(se, redv);
+    if (threadIdx.x == 0) {
+        lt_argmax_partial *q = &p[blockIdx.x];
+        q->max = m;
+        q->argmax = m > -INFINITY ? arg : blockIdx.x * LT_ARGMAX_BLOCK;
+        q->sumexp = se;
+        q->n_nonfinite = bad;
+    }
+}
+
+/* ============================================================================ ROPE_KV */
+/* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. */
+__global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    __shared__ float tmp[512], rot[512];
+    __shared__ float red[32];
+    if (st->error)
+        return;
+    uint32_t pos = st->pos;
+    if (pos + T > a.ctx_cap) {
+        lt_raise(st, LT_ERR_CONTEXT);
+        return;
+    }
+    uint32_t h = blockIdx.x, t = blockIdx.y, p = pos + t, D = a.head_dim, half = a.rotary_dim / 2;
+    bool split = a.flags & LT_ROPE_SPLIT_GATE, add_one = a.flags & LT_ROPE_NORM_ADD_ONE;
+    bool is_q = h < a.n_heads;
+    const float *src, *nw = nullptr;
+    if (is_q) {
+        src = (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * (split ? 2 * D : D);
+        if (a.flags & LT_ROPE_QK_NORM)
+            nw = (const float *)b.p[LT_ROPE_B_Q_NORM];
+    } else {
+        src = (const float *)b.p[LT_ROPE_B_K] + (size_t)t * a.k_stride + (size_t)(h - a.n_heads) * D;
+        if (a.flags & LT_ROPE_QK_NORM)
+            nw = (const float *)b.p[LT_ROPE_B_K_NORM];
+    }
+    float ss = 0.0f;
+    for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+        tmp[i] = src[i];
+        ss += tmp[i] * tmp[i];
+    }
+    if (nw) {
+        ss = block_sum(ss, red);
+        float r = rsqrtf(ss / (float)D + a.eps);
+        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
+            tmp[i] = tmp[i] * r * (add_one ? 1.0f + nw[i] : nw[i]);
+    }
+    __syncthreads();  /* q_out may alias q: everything is read before anything is written */
+    const float *inv_freq = (const float *)b.p[LT_ROPE_B_INV_FREQ];
+    for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+        if (i < half) {
+            double ang = (double)p * (double)inv_freq[i];  /* double angles, like the reference */
+            float cs = (float)cos(ang), sn = (float)sin(ang), x1 = tmp[i], x2 = tmp[i + half];
+            rot[i] = x1 * cs - x2 * sn;
+            rot[i + half] = x2 * cs + x1 * sn;
+        } else if (i >= 2 * half) {
+            rot[i] = tmp[i];
+        }
+    }
+    __syncthreads();
+    if (is_q) {
+        float *qo = (float *)b.p[LT_ROPE_B_Q_OUT] + (size_t)t * a.q_out_stride + (size_t)h * D;
+        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
+            qo[i] = rot[i];
+        if (split) {
+            float *go = (float *)b.p[LT_ROPE_B_GATE_OUT] + (size_t)t * a.gate_stride + (size_t)h * D;
+            for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
+                go[i] = src[D + i];
+        }
+    } else {
+        uint32_t kh = h - a.n_heads;
+        size_t slot = ((size_t)kh * a.ctx_cap + p) * D;
+        __half *kc = (__half *)b.p[LT_ROPE_B_K_CACHE] + slot, *vc = (__half *)b.p[LT_ROPE_B_V_CACHE] + slot;
+        const float *vs = (const float *)b.p[LT_ROPE_B_V] + (size_t)t * a.v_stride + (size_t)kh * D;
+        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+            kc[i] = __float2half_rn(rot[i]);
+            vc[i] = __float2half_rn(vs[i]);
+        }
+    }
+}
+
+/* ============================================================================ ATTENTION */
+/* Split-K decode attention. grid (n_heads, n_split, T), 128 threads. Block (h, s, t) covers cache
+ * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1) with an online
+ * softmax over sub-chunks of ATT_SUB positions. G lanes share one cache row (16-byte f16 loads,
+ * G = nvec rounded up to a power of two, at most 32). With one split the block writes the output;
+ * otherwise it writes (max, sum, acc[D]) and k_attention_reduce combines the splits. */
+#define ATT_THREADS 128
+#define ATT_SUB 256
+
+struct att_geom {
+    uint32_t n_split, chunk, G;
+};
+
+__global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
+                                                           uint32_t T, att_geom g, float *part) {
+    __shared__ __align__(16) float qs[512];
+    __shared__ float sc[ATT_SUB];
+    __shared__ float red[32];
+    if (st->error)
+        return;
+    uint32_t pos = st->pos;
+    if (pos + T > a.ctx_cap) {
+        lt_raise(st, LT_ERR_CONTEXT);
+        return;
+    }
+    uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
+    uint32_t len = pos + t + 1, j_begin = s * g.chunk, j_end = min(j_begin + g.chunk, len);
+    if (j_begin >= len)
+        return;
+    uint32_t kvh = h / (a.n_heads / a.n_kv_heads), nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
+    const float *q = (const float *)b.p[LT_ATTN_B_Q] + (size_t)t * a.q_stride + (size_t)h * D;
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+        qs[i] = q[i];
+    __syncthreads();
+    const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    uint32_t gi = threadIdx.x / G, li = threadIdx.x % G;
+    float acc[2][8];
+#pragma unroll
+    for (int u = 0; u < 2; u++)
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            acc[u][e] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    for (uint32_t j0 = j_begin; j0 < j_end; j0 += ATT_SUB) {
+        uint32_t j1 = min(j0 + ATT_SUB, j_end);
+        /* scores */
+        for (uint32_t jb = j0; jb < j1; jb += NG) {
+            uint32_t j = jb + gi;
+            float d = 0.0f;
+            if (j < j1) {
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    uint32_t v = li + u * G;
+                    if (v < nvec) {
+                        uint4 w = *((const uint4 *)(kc + (size_t)j * D) + v);
+                        const __half2 *h2 = (const __half2 *)&w;
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            float2 f = __half22float2(h2[e]);
+                            d += f.x * qs[v * 8 + 2 * e] + f.y * qs[v * 8 + 2 * e + 1];
+                        }
+                    }
+                }
+            }
+            for (uint32_t o = G / 2; o > 0; o >>= 1)
+                d += __shfl_xor_sync(0xffffffffu, d, o);
+            if (j < j1 && li == 0)
+                sc[j - j0] = d * a.scale;
+        }
+        __syncthreads();
+        float mx = -INFINITY;
+        for (uint32_t j = threadIdx.x; j < j1 - j0; j += ATT_THREADS)
+            mx = fmaxf(mx, sc[j]);
+        mx = block_max(mx, red);
+        float m_new = fmaxf(m, mx), corr = expf(m - m_new);
+        float ps = 0.0f;
+        for (uint32_t j = threadIdx.x; j < j1 - j0; j += ATT_THREADS) {
+            float e = expf(sc[j] - m_new);
+            sc[j] = e;
+            ps += e;
+        }
+        ps = block_sum(ps, red);  /* synchronizes: sc is complete */
+        l = l * corr + ps;
+        m = m_new;
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                acc[u][e] *= corr;
+        for (uint32_t j = j0 + gi; j < j1; j += NG) {
+            float pj = sc[j - j0];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                uint32_t v = li + u * G;
+                if (v < nvec) {
+                    uint4 w = *((const uint4 *)(vc + (size_t)j * D) + v);
+                    const __half2 *h2 = (const __half2 *)&w;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float2 f = __half22float2(h2[e]);
+                        acc[u][2 * e] += pj * f.x;
+                        acc[u][2 * e + 1] += pj * f.y;
+                    }
+                }
+            }
+        }
+        __syncthreads();  /* sc is reused by the next sub-chunk */
+    }
+    /* sum acc over the NG groups: shared [NG][D] in passes of 16 floats per thread */
+    float *outp;
+    bool direct = g.n_split == 1;
+    const float *gate = (a.flags & LT_ATTN_OUT_GATE)
+        ? (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D : nullptr;
+    if (direct)
+        outp = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
+    else
+        outp = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
+    float inv = direct ? 1.0f / l : 1.0f;
+    /* sum acc over the NG position groups, one group at a time; qs is free now: it becomes the
+     * [D] accumulator */
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+        qs[i] = 0.0f;
+    __syncthreads();
+    for (uint32_t grp = 0; grp < NG; grp++) {
+        if (gi == grp) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                uint32_t v = li + u * G;
+                if (v < nvec)
+#pragma unroll
+                    for (int e = 0; e < 8; e++)
+                        qs[v * 8 + e] += acc[u][e];
+            }
+        }
+        __syncthreads();
+    }
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
+        float o = qs[i] * inv;
+        if (direct && gate)
+            o *= lt_sigmoid_d(gate[i]);
+        outp[direct ? i : i + 2] = o;
+    }
+    if (!direct && threadIdx.x == 0) {
+        outp[0] = m;
+        outp[1] = l;
+    }
+}
+
+/* Combines the splits of k_attention: grid (n_heads, T), 128 threads. */
+__global__ void __launch_bounds__(ATT_THREADS) k_attention_reduce(lt_attention_args a, lt_binds b,
+                                                                  lt_step_args *st, uint32_t T, att_geom g,
+                                                                  const float *part) {
+    if (st->error)
+        return;
+    uint32_t h = blockIdx.x, t = blockIdx.y, D = a.head_dim, len = st->pos + t + 1;
+    uint32_t used = (len + g.chunk - 1) / g.chunk;
+    const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
+    float M = -INFINITY;
+    for (uint32_t s = 0; s < used; s++)
+        M = fmaxf(M, ps[s * (D + 2)]);
+    float L = 0.0f;
+    for (uint32_t s = 0; s < used; s++)
+        L += ps[s * (D + 2) + 1] * expf(ps[s * (D + 2)] - M);
+    const float *gate = (a.flags & LT_ATTN_OUT_GATE)
+        ? (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D : nullptr;
+    float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
+    for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+        float o = 0.0f;
+        for (uint32_t s = 0; s < used; s++)
+            o += ps[s * (D + 2) + 2 + i] * expf(ps[s * (D + 2)] - M);
+        o /= L;
+        out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
+    }
+}
+
+/* ============================================================================ GDN */
+/* Part 1: causal depthwise conv + SiLU for every channel and token into `conv_out` [T][C], then
+ * the conv state update; one thread owns one channel (its state and its outputs). */
+__global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
+    if (st->error)
+        return;
+    uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x, C = a.channels, K = a.conv_kernel;
+    if (ch >= C)
+        return;
+    const float *x = (const float *)b.p[LT_GDN_B_X], *w = (const float *)b.p[LT_GDN_B_CONV_W] + (size_t)ch * K;
+    float *state = (float *)b.p[LT_GDN_B_CONV_STATE];
+    for (uint32_t t = 0; t < T; t++) {
+        float acc = 0.0f;
+        for (uint32_t j = 0; j < K; j++) {
+            int64_t r = (int64_t)t - (int64_t)(K - 1) + j;
+            float in = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * a.x_stride + ch];
+            acc += w[j] * in;
+        }
+        conv_out[(size_t)t * C + ch] = lt_silu_d(acc);
+    }
+    for (uint32_t i = 0; i + 1 < K; i++) {
+        int64_t r = (int64_t)T - (int64_t)(K - 1) + i;
+        state[(size_t)i * C + ch] = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * a.x_stride + ch];
+    }
+}
+
+/* Part 2: one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
+ * [slice * R, slice * R + R) of column j of the head's f32 state in registers for the whole scan
+ * (read once, written once); column sums over the slices go through shared memory. */
+#define GDN_THREADS 512
+template <int R>
+__global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T,
+                                                   const float *conv_out) {
+    __shared__ float qs[512], ks[512], vs[512], delta[512], red[32];
+    __shared__ float colsum[GDN_THREADS];
+    if (st->error)
+        return;
+    uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels;
+    uint32_t group = a.n_v_heads / a.n_k_heads, kh = h / group;
+    uint32_t dv32 = (Dv + 31) / 32 * 32, nsl = blockDim.x / dv32;
+    uint32_t j = threadIdx.x % dv32, sl = threadIdx.x / dv32, rows_per = (Dk + nsl - 1) / nsl;
+    bool active = sl < nsl && j < Dv;
+    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv;
+    float s_reg[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sl * rows_per + r;
+        s_reg[r] = (active && r < (int)rows_per && i < Dk) ? S[(size_t)i * Dv + j] : 0.0f;
+    }
+    const float *pa = (const float *)b.p[LT_GDN_B_A], *pb = (const float *)b.p[LT_GDN_B_B];
+    const float *a_log = (const float *)b.p[LT_GDN_B_A_LOG], *dt_bias = (const float *)b.p[LT_GDN_B_DT_BIAS];
+    const float *norm_w = (const float *)b.p[LT_GDN_B_NORM_W];
+    float q_scale = 1.0f / sqrtf((float)Dk);
+    for (uint32_t t = 0; t < T; t++) {
+        const float *cw = conv_out + (size_t)t * C;
+        float sq = 0.0f, sk = 0.0f;
+        for (uint32_t i = threadIdx.x; i < Dk; i += blockDim.x) {
+            float qv = cw[a.q_offset + kh * Dk + i], kv = cw[a.k_offset + kh * Dk + i];
+            qs[i] = qv;
+            ks[i] = kv;
+            sq += qv * qv;
+            sk += kv * kv;
+        }
+        for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x)
+            vs[i] = cw[a.v_offset + h * Dv + i];
+        sq = block_sum(sq, red);
+        sk = block_sum(sk, red);
+        float rq = q_scale / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
+        for (uint32_t i = threadIdx.x; i < Dk; i += blockDim.x) {
+            qs[i] *= rq;
+            ks[i] *= rk;
+        }
+        __syncthreads();
+        float beta = lt_sigmoid_d(pb[(size_t)t * a.b_stride + h]);
+        float xa = pa[(size_t)t * a.a_stride + h] + dt_bias[h];
+        float sp = xa > 20.0f ? xa : log1pf(expf(xa));
+        float decay = expf(-expf(a_log[h]) * sp);
+        /* S *= decay; kv_mem_j = sum_i S[i][j] k_i */
+        float part = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t i = sl * rows_per + r;
+            if (r < (int)rows_per && i < Dk) {
+                s_reg[r] *= decay;
+                part += s_reg[r] * ks[i];
+            }
+        }
+        colsum[threadIdx.x] = part;
+        __syncthreads();
+        if (sl == 0 && j < Dv) {
+            float o = 0.0f;
+            for (uint32_t k = 0; k < nsl; k++)
+                o += colsum[k * dv32 + j];
+            delta[j] = (vs[j] - o) * beta;
+        }
+        __syncthreads();
+        /* S += k (x) delta; o_j = sum_i S[i][j] q_i */
+        part = 0.0f;
+        float dj = j < Dv ? delta[j] : 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t i = sl * rows_per + r;
+            if (r < (int)rows_per && i < Dk) {
+                s_reg[r] += ks[i] * dj;
+                part += s_reg[r] * qs[i];
+            }
+        }
+        colsum[threadIdx.x] = part;
+        __syncthreads();
+        float o = 0.0f;
+        if (sl == 0 && j < Dv)
+            for (uint32_t k = 0; k < nsl; k++)
+                o += colsum[k * dv32 + j];
+        float ss = block_sum(sl == 0 && j < Dv ? o * o : 0.0f, red);
+        if (sl == 0 && j < Dv) {
+            float r = 1.0f / sqrtf(ss / (float)Dv + a.norm_eps);
+            float z = ((const float *)b.p[LT_GDN_B_Z])[(size_t)t * a.z_stride + h * Dv + j];
+            ((float *)b.p[LT_GDN_B_OUT])[(size_t)t * a.out_stride + h * Dv + j] = o * r * norm_w[j] * lt_silu_d(z);
+        }
+        __syncthreads();  /* qs/ks/vs/colsum are rewritten by the next token */
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sl * rows_per + r;
+        if (active && r < (int)rows_per && i < Dk)
+            S[(size_t)i * Dv + j] = s_reg[r];
+    }
+}
+
+/* ============================================================================ SAMPLE */
+/* One block of SAMPLE_THREADS. The steps and their order are those of lattice/csrc/sampler.c;
+ * the sorts become threshold searches (radix-style, bit by bit over the float's ordered bits),
+ * and every "in ascending token id" walk splits the vocabulary into one contiguous chunk per
+ * thread with a block prefix sum over the chunks. Sums are taken in a different order than the
+ * CPU's, so a draw can differ only when u * total falls within rounding of a boundary. */
+#define SAMPLE_THREADS 1024
+
+struct pen_view {
+    const float *logits;
+    const uint32_t *counts;
+    float rep, presence, freq;
+    bool active;
+    __device__ __forceinline__ float operator()(uint32_t v) const {
+        float l = logits[v];
+        uint32_t n = active ? counts[v] : 0u;
+        if (n) {
+            l = l > 0.0f ? l / rep : l * rep;
+            l -= freq * (float)n + presence;
+        }
+        return l;
+    }
+};
+
+/* Orderable key of a float: larger float, larger key. */
+__device__ __forceinline__ uint32_t f2key(float f) {
+    uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key2f(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+/* Of the entries with p[v] == tie, keeps the first `want` in ascending id and sets the others to
+ * -1. Every thread passes its contiguous chunk [lo, hi). */
+__device__ void keep_first_ties(float *p, uint32_t lo, uint32_t hi, float tie, uint32_t want, uint32_t *scan) {
+    uint32_t mine = 0, total;
+    for (uint32_t v = lo; v < hi; v++)
+        mine += p[v] == tie;
+    uint32_t rank = block_exclusive_scan<uint32_t>(mine, scan, &total);
+    for (uint32_t v = lo; v < hi; v++)
+        if (p[v] == tie) {
+            if (rank >= want)
+                p[v] = -1.0f;
+            rank++;
+        }
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_binds b, lt_step_args *st,
+                                                           uint32_t T) {
+    __shared__ float redv[33];
+    __shared__ uint32_t redi[33];
+    __shared__ uint32_t flag;
+    if (st->error)
+        return;
+    const uint32_t V = a.vocab, tid = threadIdx.x;
+    const float *logits = (const float *)b.p[LT_SAMPLE_B_LOGITS];
+    if (a.flags & LT_SAMPLE_LOGITS_ALL_TOKENS)
+        logits += (size_t)(T - 1) * a.logits_stride;
+    const lt_argmax_partial *part = (const lt_argmax_partial *)b.p[LT_SAMPLE_B_PARTIALS];
+    const uint32_t *ids = (const uint32_t *)b.p[LT_SAMPLE_B_IDS];
+    uint32_t *counts = (uint32_t *)b.p[LT_SAMPLE_B_COUNTS], *hist = (uint32_t *)b.p[LT_SAMPLE_B_HIST];
+
+    /* 1. penalty history (one thread: it is a short sequential update) */
+    if (tid == 0) {
+        flag = 0;
+        if (counts && st->penalty_last_n && st->penalty_last_n > a.hist_cap) {
+            lt_raise(st, LT_ERR_ARGS);
+            flag = 1;
+        } else if (counts && ids) {
+            for (uint32_t t = 0; t < T; t++) {
+                uint32_t id = ids[t];
+                if (id >= V)
+                    continue;
+                if (hist && a.hist_cap) {
+                    if (st->penalty_last_n && st->n_seen >= st->penalty_last_n) {
+                        uint32_t old = hist[(st->n_seen - st->penalty_last_n) % a.hist_cap];
+                        if (counts[old])
+                            counts[old]--;
+                    }
+                    hist[st->n_seen % a.hist_cap] = id;
+                }
+                counts[id]++;
+                st->n_seen++;
+            }
+        }
+    }
+    __syncthreads();
+    if (flag)
+        return;
+
+    /* 2. max, argmax, sum of exp and NaN/Inf count of the raw logits */
+    float mx = -INFINITY, z = 0.0f;
+    uint32_t arg = 0xffffffffu, bad = 0;
+    if (part) {
+        uint32_t nb = (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
+        for (uint32_t i = tid; i < nb; i += SAMPLE_THREADS) {
+            bad += part[i].n_nonfinite;
+            arg_better(mx, arg, part[i].max, part[i].argmax);
+        }
+        bad = block_count(bad, redi);
+        block_argmax(mx, arg, redv, redi);
+        for (uint32_t i = tid; i < nb; i += SAMPLE_THREADS)
+            if (part[i].max > -INFINITY)
+                z += part[i].sumexp * expf(part[i].max - mx);
+        z = block_sum(z, redv);
+    } else {
+        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS) {
+            float l = logits[v];
+            if (!isfinite(l))
+                bad++;
+            else
+                arg_better(mx, arg, l, v);
+        }
+        bad = block_count(bad, redi);
+        block_argmax(mx, arg, redv, redi);
+        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+            z += expf(logits[v] - mx);
+        z = block_sum(z, redv);
+    }
+    if (bad) {
+        if (tid == 0)
+            lt_raise(st, LT_ERR_NONFINITE);
+        return;
+    }
+    if (arg == 0xffffffffu)
+        arg = 0;
+    float *ring_logits = (float *)b.p[LT_SAMPLE_B_RING_LOGITS];
+    if ((st->flags & LT_STEP_WANT_LOGITS) && ring_logits && a.logits_cap) {
+        float *dst = ring_logits + (size_t)(st->step % a.logits_cap) * V;
+        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+            dst[v] = logits[v];
+    }
+
+    pen_view pen{logits, counts, st->repetition_penalty, st->presence_penalty, st->frequency_penalty, false};
+    pen.active = counts && (pen.rep != 1.0f || pen.presence != 0.0f || pen.freq != 0.0f);
+    uint32_t tok = arg;
+    float logprob = logits[arg] - mx - logf(z);
+    const float temperature = st->temperature;
+    if (temperature <= 0.0f) {
+        if (pen.active) {  /* greedy over the penalized logits; logprob under their softmax */
+            float best = -INFINITY;
+            uint32_t bi = 0xffffffffu;
+            for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                arg_better(best, bi, pen(v), v);
+            block_argmax(best, bi, redv, redi);
+            float se = 0.0f;
+            for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                se += expf(pen(v) - best);
+            se = block_sum(se, redv);
+            tok = bi == 0xffffffffu ? 0 : bi;
+            logprob = -logf(se);
+        }
+    } else {
+        float *p = (float *)b.p[LT_SAMPLE_B_WORK];  /* p[v] >= 0 kept (unnormalized), -1 dropped */
+        const float inv_t = 1.0f / temperature;
+        const uint32_t chunk = (V + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+        const uint32_t lo = min(tid * chunk, V), hi = min(lo + chunk, V);
+        float smax = -INFINITY;
+        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+            smax = fmaxf(smax, pen(v) * inv_t);
+        smax = block_max(smax, redv);
+        uint32_t top_k = st->top_k;
+        if (top_k > 0 && top_k < V) {
+            /* the top_k-th largest scaled logit: the largest key K with count(key >= K) >= top_k */
+            uint32_t K = 0;
+            for (int bit = 31; bit >= 0; bit--) {
+                uint32_t cand = K | (1u << bit), c = 0;
+                for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                    c += f2key(pen(v) * inv_t) >= cand;
+                if (block_count(c, redi) >= top_k)
+                    K = cand;
+            }
+            float thr = key2f(K);
+            uint32_t c = 0;
+            for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                c += pen(v) * inv_t > thr;
+            uint32_t above = block_count(c, redi);
+            for (uint32_t v = lo; v < hi; v++) {
+                float s = pen(v) * inv_t;
+                p[v] = s > thr ? expf(s - smax) : (s == thr ? -2.0f : -1.0f);  /* -2: a tie, decided next */
+            }
+            __syncthreads();
+            keep_first_ties(p, lo, hi, -2.0f, top_k - above, redi);
+            for (uint32_t v = lo; v < hi; v++)
+                if (p[v] == -2.0f)
+                    p[v] = expf(thr - smax);
+                else if (p[v] < 0.0f)
+                    p[v] = -1.0f;
+        } else {
+            for (uint32_t v = lo; v < hi; v++)
+                p[v] = expf(pen(v) * inv_t - smax);
+        }
+        __syncthreads();
+        if (st->top_p < 1.0f) {
+            float total = 0.0f;
+            for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                total += fmaxf(p[v], 0.0f);
+            total = block_sum(total, redv);
+            float target = st->top_p * total;
+            /* tau: the smallest kept probability of the nucleus = the largest existing value
+             * whose sum over p >= tau reaches the target (p >= 0: raw bits are ordered) */
+            uint32_t K = 0;
+            for (int bit = 30; bit >= 0; bit--) {
+                uint32_t cand = K | (1u << bit), c = 0;
+                float s = 0.0f;
+                for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
+                    if (p[v] >= 0.0f && __float_as_uint(p[v]) >= cand) {
+                        s += p[v];
+                        c++;
+                    }
+                s = block_sum(s, redv);
+                if (block_count(c, redi) > 0 && s >= target)
+                    K = cand;
+            }
+            float tau = __uint_as_float(K), s_gt = 0.0f;
+            uint32_t nties = 0;
+            for (uint32_t v = tid; v < V; v += SAMPLE_THREADS) {
+                if (p[v] > tau)
+                    s_gt += p[v];
+                nties += p[v] == tau;
+            }
+            s_gt = block_sum(s_gt, redv);
+            nties = block_count(nties, redi);
+            uint32_t want = 0;
+            float cum = s_gt;
+            do {  /* ties join in ascending id until the cumulative sum reaches the target */
+                cum += tau;
+                want++;
+            } while (want < nties && cum < target);
+            for (uint32_t v = lo; v < hi; v++)
+                if (p[v] >= 0.0f && p[v] < tau)
+                    p[v] = -1.0f;
+            __syncthreads();
+            keep_first_ties(p, lo, hi, tau, want, redi);
+        }
+        float min_p = st->min_p;
+        if (min_p > 0.0f) {  /* p is relative to the top candidate, whose p is 1 */
+            for (uint32_t v = lo; v < hi; v++)
+                if (p[v] >= 0.0f && p[v] < min_p)
+                    p[v] = -1.0f;
+            __syncthreads();
+        }
+        /* draw: the first kept id (ascending) whose cumulative p exceeds u * total */
+        float mine = 0.0f, total;
+        for (uint32_t v = lo; v < hi; v++)
+            mine += fmaxf(p[v], 0.0f);
+        float base = block_exclusive_scan<float>(mine, redv, &total);
+        float target = lt_uniform(st->seed_lo, st->seed_hi, st->step) * total;
+        uint32_t hit = 0xffffffffu, last = 0;
+        float cum = base;
+        for (uint32_t v = lo; v < hi; v++)
+            if (p[v] >= 0.0f) {
+                last = v + 1;
+                cum += p[v];
+                if (cum > target && hit == 0xffffffffu)
+                    hit = v;
+            }
+        /* lowest hit id; if none (rounding), the last kept id, like the CPU's fallback */
+        float hv = hit == 0xffffffffu ? -INFINITY : 0.0f;
+        uint32_t hit_id = hit;
+        block_argmax(hv, hit_id, redv, redi);
+        float lv = (float)last;  /* ids < 2^24: exact in f32 */
+        lv = block_max(lv, redv);
+        uint32_t hi_id = hv == -INFINITY ? (uint32_t)lv - 1 : hit_id;
+        tok = hi_id;
+        logprob = logf(p[tok] / total);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        uint32_t *ring = (uint32_t *)b.p[LT_SAMPLE_B_RING_TOKENS];
+        float *ring_lp = (float *)b.p[LT_SAMPLE_B_RING_LOGPROBS];
+        if (st->ring_cap) {
+            if (ring)
+                ring[st->step % st->ring_cap] = tok;
+            if (ring_lp)
+                ring_lp[st->step % st->ring_cap] = logprob;
+        }
+        st->token = st->next_token = tok;
+        st->next_logprob = logprob;
+        st->pos += T;
+        st->n_tokens = 1;
+        st->step += 1;
+    }
+}

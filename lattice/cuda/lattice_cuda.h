@@ -1,0 +1,69 @@
+/* The CUDA backend's C interface: the shape of lattice/csrc/lattice_cpu.h, except that the
+ * arenas live in device memory, owned by the backend, and the host reaches them through
+ * lt_cuda_write / lt_cuda_read.
+ *
+ * One lt_cuda holds the arenas and the stream (created with the highest stream priority); one or
+ * more programs (decode, prefill, logits) are added to it and share its arenas. A decode step
+ * (T = 1) is one CUDA graph launch: the program is captured once, on its first T = 1 run; steps
+ * with T > 1 (prefill) and the eager mode launch the kernels one by one. */
+#ifndef LATTICE_CUDA_H
+#define LATTICE_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../metal/lattice_shared.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct lt_cuda lt_cuda;
+
+/* A CUDA runtime call failed (the message is in lt_cuda_message). Beyond the LT_ERR_* codes. */
+#define LT_ERR_CUDA 100
+
+/* Allocates the arenas (sizes[LT_ARENA_CONST] is ignored: each program brings its constants),
+ * zeroed, on device `device`. Returns NULL on failure with the reason in msg. */
+lt_cuda *lt_cuda_create(const size_t sizes[LT_N_ARENAS], int device, char *msg, size_t msg_n);
+
+/* Validates a program against the arenas and adds it; max_tokens bounds T of its runs (sizes its
+ * workspaces). Returns the program's index (>= 0), or -LT_ERR_* with *err_index = the dispatch. */
+int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts,
+                        size_t n_consts, uint32_t max_tokens, uint32_t *err_index);
+
+/* Copies host bytes into an arena (ordered after the work already queued) / an arena into host
+ * memory (waits for the queued work). Return LT_OK, LT_ERR_BINDING (outside the arena) or
+ * LT_ERR_CUDA. */
+int lt_cuda_write(lt_cuda *c, uint32_t arena, size_t offset, const void *src, size_t n);
+int lt_cuda_read(lt_cuda *c, uint32_t arena, size_t offset, void *dst, size_t n);
+
+/* 1: plain kernel launches for every step (the ablation); 0 (default): CUDA graph per step. */
+void lt_cuda_set_eager(lt_cuda *c, int eager);
+
+/* Queues n_steps replays of program `prog` with T tokens in the first step (later steps have
+ * T = 1: the sampler sets step.n_tokens), then an asynchronous copy of the step args and of
+ * OUTPUT bytes [out_offset, out_offset + out_n) into pinned host memory. Returns at once. */
+int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t out_offset, size_t out_n);
+
+/* Waits for the last launch. *host (if not NULL) points at the pinned copy: lt_step_args, then
+ * the OUTPUT bytes asked for. Returns the step's error code (LT_OK, LT_ERR_*) or LT_ERR_CUDA. */
+int lt_cuda_wait(lt_cuda *c, const void **host);
+
+/* lt_cuda_launch + lt_cuda_wait without the output copy. */
+int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T);
+
+/* The last CUDA error message, or "". */
+const char *lt_cuda_message(lt_cuda *c);
+
+/* Device name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)", or the
+ * reason there is none. Returns 0 if a device is usable. */
+int lt_cuda_device(int device, char *buf, size_t n);
+
+void lt_cuda_free(lt_cuda *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LATTICE_CUDA_H */

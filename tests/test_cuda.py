@@ -1,0 +1,267 @@
+"""The CUDA backend (lattice/cuda): every kernel against lattice/reference.py, whole programs against
+the CPU backend, graph replay against eager launches, the device sampler against the CPU sampler.
+
+Kernel tests are the CPU backend's own (tests/test_cpu_kernels.py, same inputs and tolerances), run
+through `CudaKernelLib`, which serves the `lt_cpu_*` calls those tests make with the CUDA backend.
+Everything that needs a GPU skips without one (no nvidia-smi GPU, no nvcc); tests/gpu/run_gpu_tests.sh
+runs this file on a GPU machine.
+"""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from lattice import cuda as lcuda
+from lattice.errors import BackendError, ContextLengthError, TokenizerError
+from lattice.formats import open_checkpoint
+from lattice.program import build
+from lattice.sampling import SamplingParams
+
+from test_cpu_kernels import (  # noqa: F401  (collected here, with this module's `lib`)
+    test_attention, test_attention_context_full, test_elementwise, test_embed, test_embed_token_out_of_range,
+    test_gdn, test_gemv, test_gemv_fused, test_invalid_dispatch_is_rejected, test_lm_head_all_tokens,
+    test_lm_head_last_token_and_partials, test_program_replays_steps, test_program_stops_on_error,
+    test_rmsnorm, test_rope_kv, test_sample_greedy, test_sample_greedy_with_penalties_and_window,
+    test_sample_matches_spec, test_sample_rejects_nonfinite_logits)
+
+GPU_OK, GPU_WHY = lcuda.available()
+needs_gpu = pytest.mark.skipif(not GPU_OK, reason=f"CUDA backend unavailable: {GPU_WHY}")
+
+TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen35"]
+QUANTS = [None, "q8", "q4"]
+STEP_N_TOKENS = 8  # byte offset of lt_step_args.n_tokens
+
+
+# ---------------------------------------------------------------------------------------------- shim
+
+class _Handle:
+    def __init__(self, be, idx, ptrs, sizes):
+        self.be, self.idx, self.ptrs, self.sizes = be, idx, ptrs, sizes
+
+
+class CudaKernelLib:
+    """lt_cpu_run_one / lt_cpu_create / lt_cpu_run / lt_cpu_free over the CUDA backend: the host
+    arenas are uploaded before every run and the writable ones downloaded after it."""
+
+    def __init__(self):
+        self.so = lcuda.load_library()
+
+    @staticmethod
+    def lt_cpu_error_string(err):
+        return lcuda.ERRORS.get(err, "unknown error").encode()
+
+    def lt_cpu_create(self, prog, n, consts, n_consts, ptrs, sizes, threads, err, where):
+        sizes_l = [int(sizes[i]) for i in range(lcuda.N_ARENAS)]
+        be = lcuda.CudaBackend(sizes_l)
+        T = ctypes.c_uint32.from_address(ptrs[lcuda.STEP] + STEP_N_TOKENS).value
+        addr = ctypes.addressof(prog._obj) if isinstance(prog, type(ctypes.byref(ctypes.c_int()))) \
+            else ctypes.addressof(prog)
+        w = ctypes.c_uint32()
+        idx = self.so.lt_cuda_add_program(be.h, addr, n, ctypes.c_char_p(consts), n_consts, max(1, T),
+                                          ctypes.byref(w))
+        if idx < 0:
+            err._obj.value, where._obj.value = -idx, w.value
+            be.close()
+            return None
+        return _Handle(be, idx, ptrs, sizes_l)
+
+    def lt_cpu_run(self, h, n_steps):
+        for a in range(lcuda.N_ARENAS):
+            if a != lcuda.CONST:
+                assert self.so.lt_cuda_write(h.be.h, a, 0, ctypes.c_void_p(h.ptrs[a]), h.sizes[a]) == 0
+        T = ctypes.c_uint32.from_address(h.ptrs[lcuda.STEP] + STEP_N_TOKENS).value
+        err = self.so.lt_cuda_run(h.be.h, h.idx, n_steps, T)
+        assert err != lcuda.ERR_CUDA, self.so.lt_cuda_message(h.be.h)
+        for a in (lcuda.STATE, lcuda.SCRATCH, lcuda.STEP, lcuda.OUTPUT):
+            assert self.so.lt_cuda_read(h.be.h, a, 0, ctypes.c_void_p(h.ptrs[a]), h.sizes[a]) == 0
+        return err
+
+    @staticmethod
+    def lt_cpu_free(h):
+        if h is not None:
+            h.be.close()
+
+    def lt_cpu_run_one(self, d, consts, n_consts, ptrs, sizes, threads):
+        err, where = ctypes.c_int(), ctypes.c_uint32()
+        h = self.lt_cpu_create(d, 1, consts, n_consts, ptrs, sizes, threads, ctypes.byref(err), ctypes.byref(where))
+        if h is None:
+            return err.value
+        try:
+            return self.lt_cpu_run(h, 1)
+        finally:
+            self.lt_cpu_free(h)
+
+
+@pytest.fixture(scope="session")
+def lib():
+    if not GPU_OK:
+        pytest.skip(f"CUDA backend unavailable: {GPU_WHY}")
+    return CudaKernelLib()
+
+
+@pytest.fixture
+def simd():
+    return "cuda"
+
+
+# ---------------------------------------------------------------------------------------------- no GPU
+
+def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(lcuda, "_lib", None)
+    monkeypatch.setenv("LATTICE_NVCC", str(tmp_path / "no-nvcc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BackendError, match="nvcc"):
+        lcuda.load_library()
+
+
+def test_available_reports_a_reason():
+    ok, why = lcuda.available()
+    assert isinstance(ok, bool) and why
+
+
+# ---------------------------------------------------------------------------------------------- programs
+
+_built = {}
+
+
+def _program(fixture, quant, context=48):
+    key = (fixture, quant, context)
+    if key not in _built:
+        ck = open_checkpoint(os.path.join(FIXTURES, fixture))
+        _built[key] = build(ck, quant=quant, context=context, prefill_chunk=5, logits_chunk=3)
+    return _built[key]
+
+
+def _cpu(prog):
+    from lattice._runtime import Runtime
+    rt = Runtime(prog, n_threads=1)
+    return rt, rt.new_state()
+
+
+def _prompt(prog, n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, prog.vocab, n)]
+
+
+def _same_greedy(cpu, st, prompt, want, got):
+    """Greedy tokens agree, or first differ where the CPU's top two logits are within rounding."""
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a != b:
+            logits = cpu.logits(st, prompt + want[:i])[-1]
+            gap = abs(float(logits[a]) - float(logits[b]))
+            assert gap <= 1e-3 * float(np.abs(logits).max()), (i, a, b, gap)
+            return
+    assert len(want) == len(got)
+
+
+@needs_gpu
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("fixture", TINY)
+def test_program_matches_cpu_backend(fixture, quant):
+    prog = _program(fixture, quant)
+    cpu, st = _cpu(prog)
+    gpu = lcuda.CudaRuntime(prog, steps_ahead=4)
+    prompt = _prompt(prog, 11)
+    want, got = cpu.logits(st, prompt), gpu.logits(prompt)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    rc, rg = cpu.generate(st, prompt, 20), gpu.generate(prompt, 20)
+    _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
+    assert np.allclose(rc["logprobs"][:3], rg["logprobs"][:3], atol=2e-3)
+    sp = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.2, seed=7)
+    assert cpu.generate(st, prompt, 16, sampling=sp)["tokens"] == gpu.generate(prompt, 16, sampling=sp)["tokens"]
+    gpu.close()
+
+
+@needs_gpu
+@pytest.mark.parametrize("params", [
+    dict(temperature=1.0, seed=1), dict(temperature=0.7, top_k=5, seed=2), dict(temperature=1.3, top_p=0.5, seed=3),
+    dict(temperature=0.8, min_p=0.1, seed=4), dict(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.3,
+                                                   presence_penalty=0.2)])
+def test_device_sampler_matches_cpu_sampler(params):
+    prog = _program("tiny-qwen3", "q8")
+    cpu, st = _cpu(prog)
+    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    prompt = _prompt(prog, 6, seed=5)
+    sp = SamplingParams(**params)
+    rc, rg = cpu.generate(st, prompt, 24, sampling=sp), gpu.generate(prompt, 24, sampling=sp)
+    assert rc["tokens"] == rg["tokens"]
+    assert np.allclose(rc["logprobs"], rg["logprobs"], atol=2e-3)
+    gpu.close()
+
+
+@needs_gpu
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
+def test_eager_launches_match_graph_replay(fixture):
+    prog = _program(fixture, "q4")
+    prompt = _prompt(prog, 7, seed=3)
+    graph, eager = lcuda.CudaRuntime(prog), lcuda.CudaRuntime(prog, eager=True)
+    sp = SamplingParams(temperature=0.8, top_k=30, seed=11)
+    assert graph.generate(prompt, 25, sampling=sp) ["tokens"] == eager.generate(prompt, 25, sampling=sp)["tokens"]
+    graph.close()
+    eager.close()
+
+
+@needs_gpu
+@pytest.mark.parametrize("fixture", ["tiny-qwen2", "tiny-qwen35"])
+def test_stop_discards_overshoot_and_session_continues(fixture):
+    """A stop inside a queued submission: tokens after it are dropped, and the next call (prefix
+    reuse on KV models, a restart on recurrent ones) still matches the CPU backend."""
+    prog = _program(fixture, "q8")
+    cpu, st = _cpu(prog)
+    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    prompt = _prompt(prog, 5, seed=9)
+    free = cpu.generate(st, prompt, 12)["tokens"]
+    stop = free[4]
+    first = free.index(stop)
+    rc, rg = cpu.generate(st, prompt, 12, stop_ids=[stop]), gpu.generate(prompt, 12, stop_ids=[stop])
+    assert rg["tokens"] == rc["tokens"] == free[:first] and rg["finish_reason"] == "stop"
+    follow = prompt + rg["tokens"] + _prompt(prog, 3, seed=10)
+    rc, rg = cpu.generate(st, follow, 8), gpu.generate(follow, 8)
+    _same_greedy(cpu, st, follow, rc["tokens"], rg["tokens"])
+    gpu.close()
+
+
+@needs_gpu
+def test_context_limit_and_errors():
+    prog = _program("tiny-llama", "q8", context=16)
+    cpu, st = _cpu(prog)
+    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    prompt = _prompt(prog, 10, seed=1)
+    rc, rg = cpu.generate(st, prompt, 50), gpu.generate(prompt, 50)
+    assert rg["finish_reason"] == rc["finish_reason"] == "context"
+    _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
+    with pytest.raises(TokenizerError):
+        gpu.generate([prog.vocab], 4)
+    with pytest.raises(ContextLengthError):
+        gpu.generate(_prompt(prog, 17), 4)
+    gpu.close()
+
+
+@needs_gpu
+def test_program_rejected_with_dispatch_index():
+    prog = _program("tiny-llama", None)
+    be = lcuda.CudaBackend([max(int(prog.sizes[k]), 64) for k in ("weights", "state", "scratch", "step", "output")]
+                           + [0])
+    bad = prog.dispatches["decode"].copy()
+    bad[2]["bind"][0]["offset"] = 1 << 31
+    with pytest.raises(BackendError, match="dispatch 2"):
+        be.add_program(bad, prog.consts, 1)
+    be.close()
+
+
+SMOLLM2 = os.path.expanduser("~/.cache/lattice/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@needs_gpu
+@pytest.mark.skipif(not os.path.exists(SMOLLM2), reason="SmolLM2 GGUF not in the local cache (the GPU machine "
+                                                         "has no network); tests/gpu/run_gpu_tests.sh uses a "
+                                                         "shape-exact random SmolLM2 there")
+def test_smollm2_matches_cpu_backend():
+    prog = build(open_checkpoint(SMOLLM2), context=256)
+    cpu, st = _cpu(prog)
+    gpu = lcuda.CudaRuntime(prog, steps_ahead=16)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30]
+    rc, rg = cpu.generate(st, prompt, 32), gpu.generate(prompt, 32)
+    _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
+    gpu.close()
