@@ -14,17 +14,41 @@ static uint32_t stored_cols(uint32_t format, uint32_t cols) {
     return format >= LT_WF_Q8 ? (cols + LT_QK - 1) / LT_QK * LT_QK : cols;
 }
 
-/* x needs a prepared copy when it is normalized, or zero-padded for a quant format. */
-static int needs_prep(const lt_gemv_args *a) {
-    return (a->flags & LT_GEMV_NORM) || stored_cols(a->wformat, a->cols) != a->cols;
+/* x needs a prepared copy when it is normalized, zero-padded for a quant format, or quantized to
+ * int16 for the path's quant GEMVs. */
+static int needs_prep(const lt_gemv_args *a, int x16) {
+    return (a->flags & LT_GEMV_NORM) || stored_cols(a->wformat, a->cols) != a->cols
+           || (x16 && a->wformat >= LT_WF_Q8);
 }
 
+/* Sizes hold for every SIMD path (a path may be forced after lt_cpu_create). Per thread: an f32
+ * staging row, a prepared token (f32 row or lt_x16 record, <= kp floats) and the output tile. */
 size_t lt_gemv_thread_floats(const lt_gemv_args *a) {
-    return (needs_prep(a) ? stored_cols(a->wformat, a->cols) : 0) + LT_TOK_TILE * ROW_TILE;
+    return 2 * (size_t)stored_cols(a->wformat, a->cols) + LT_TOK_TILE * ROW_TILE;
 }
 
 size_t lt_gemv_shared_floats(const lt_gemv_args *a, uint32_t T) {
-    return needs_prep(a) && T > 1 ? (size_t)T * stored_cols(a->wformat, a->cols) : 0;
+    return needs_prep(a, 1) && T > 1 ? (size_t)T * stored_cols(a->wformat, a->cols) : 0;
+}
+
+void lt_quantize_x16(const float *x, uint32_t kp, float *record) {
+    uint32_t nb = kp / LT_QK;
+    int16_t *q = (int16_t *)record;
+    float *d = record + kp / 2, *sum = d + nb;
+    for (uint32_t b = 0; b < nb; b++) {
+        const float *xb = x + b * LT_QK;
+        float amax = 0.0f, s = 0.0f;
+        for (int j = 0; j < LT_QK; j++) {
+            float v = fabsf(xb[j]);
+            amax = v > amax ? v : amax;
+            s += xb[j];
+        }
+        float scale = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        for (int j = 0; j < LT_QK; j++)
+            q[b * LT_QK + j] = (int16_t)lrintf(xb[j] * inv);
+        d[b] = scale;
+        sum[b] = s;
+    }
 }
 
 void lt_prepare_x(const float *x, uint32_t cols, uint32_t padded, const float *norm_w, int add_one,
@@ -115,26 +139,26 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
         x += (size_t)(T - 1) * xs;
         T = 1;
     }
-    float *tile = c->tbuf;
-    int prep = needs_prep(a);
+    float *tile = c->tbuf + 2 * (size_t)w.stride;
+    int x16 = simd->x16 && a->wformat >= LT_WF_Q8, prep = needs_prep(a, simd->x16);
     if (prep) {
         int add_one = (a->flags & LT_GEMV_NORM_ADD_ONE) != 0;
-        float *buf;
-        if (T == 1) {  /* each thread prepares its own copy: no barrier needed */
-            buf = c->tbuf;
-            lt_prepare_x(x, a->cols, w.stride, norm_w, add_one, a->eps, buf);
-            tile = c->tbuf + w.stride;
-        } else {
-            uint32_t lo, hi;
-            buf = c->shared;
+        size_t ps = x16 ? lt_x16_floats(w.stride) : w.stride;  /* prepared token, floats */
+        float *staging = c->tbuf, *buf = T == 1 ? c->tbuf + w.stride : c->shared;
+        uint32_t lo = 0, hi = 1;
+        if (T > 1)  /* tokens shared out; a barrier before anyone reads them */
             lt_split(T, 1, c->tid, c->nth, &lo, &hi);
-            for (uint32_t t = lo; t < hi; t++)
-                lt_prepare_x(x + t * xs, a->cols, w.stride, norm_w, add_one, a->eps,
-                             buf + (size_t)t * w.stride);
+        for (uint32_t t = lo; t < hi; t++) {
+            float *dst = buf + t * ps;
+            lt_prepare_x(x + t * xs, a->cols, w.stride, norm_w, add_one, a->eps, x16 ? staging : dst);
+            if (x16)
+                lt_quantize_x16(staging, w.stride, dst);
+        }
+        if (T > 1) {
             LT_OMP_BARRIER();
         }
         x = buf;
-        xs = w.stride;
+        xs = ps;
     }
     uint32_t lo, hi;
     lt_split(a->rows, lm_head ? LT_ARGMAX_BLOCK : ROW_GRAIN, c->tid, c->nth, &lo, &hi);

@@ -4,7 +4,9 @@
  * the dispatch list, each dispatch is split across threads (by rows / heads), and threads wait
  * for each other only at dispatches flagged LT_DISPATCH_BARRIER and between steps.
  * SIMD: chosen once at run time (cpuid), overridable with LATTICE_SIMD=scalar|avx2|avx512|neon
- * or lt_cpu_set_simd. Activations stay f32; weights are widened to f32 in registers.
+ * or lt_cpu_set_simd. Activations are f32; Q8/Q4 GEMVs on AVX2/AVX-512 quantize them to int16 per
+ * block of 32 (error <= 2^-16 of the block's max |x|) for integer multiply-adds, other paths and
+ * formats widen the weights to f32.
  */
 #ifndef LATTICE_CPU_H
 #define LATTICE_CPU_H

@@ -1,5 +1,6 @@
-/* x86-64 AVX2 + FMA + F16C path: weights widened to f32 in registers, f32 FMA against f32
- * activations. Compiled with per-function target attributes, selected only when cpuid says so. */
+/* x86-64 AVX2 + FMA + F16C path. Q8/Q4: int8/uint4 weights x int16-quantized activations with
+ * pmaddwd; f16/f32 weights: widened to f32, FMA against f32 activations. Compiled with
+ * per-function target attributes, selected only when cpuid says so. */
 #include "cpu_internal.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -14,14 +15,6 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static inline __m256 i8x8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-AVX2 static inline __m256 u8x8(__m128i v) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-}
-
 AVX2 static inline __m256 h8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
@@ -30,115 +23,130 @@ AVX2 static inline float h1(uint16_t h) {
     return _cvtsh_ss(h);
 }
 
-/* The 32 weights of a block, without the block's scale (Q8: q; Q4: the 0..15 nibbles).
- * Written out (no loops over register arrays) so that -O2 keeps everything in registers. */
-AVX2 static inline void q8_block(const int8_t *q, __m256 w[4]) {
-    w[0] = i8x8(q);
-    w[1] = i8x8(q + 8);
-    w[2] = i8x8(q + 16);
-    w[3] = i8x8(q + 24);
+/* Q8/Q4 rows against int16-quantized activations (lt_x16 records): per block, pmaddwd of the
+ * widened weights with x gives exact int32 sums; acc += float(sum) * w_scale * x_scale, and for
+ * Q4 + w_min * sum(x). Block scales are combined 8 blocks at a time and broadcast from memory. */
+
+/* The block's 32 weights as int16: Q8 sign-extended, Q4 the 0..15 nibbles. */
+AVX2 static inline void widen_q8(const int8_t *q, __m256i *w0, __m256i *w1) {
+    *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
 }
 
-AVX2 static inline void q4_block(const uint8_t *q, __m256 w[4]) {
+AVX2 static inline void widen_q4(const uint8_t *q, __m256i *w0, __m256i *w1) {
     const __m128i mask = _mm_set1_epi8(0x0f);
     __m128i v = _mm_loadu_si128((const __m128i *)q);
-    __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    w[0] = u8x8(lo);
-    w[1] = u8x8(_mm_srli_si128(lo, 8));
-    w[2] = u8x8(hi);
-    w[3] = u8x8(_mm_srli_si128(hi, 8));
+    *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+    *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
 }
 
-/* sum_j w[j] * x[j] over one block, as 8 lanes (a short tree keeps the chain short). */
-AVX2 static inline __m256 block_dot(const __m256 w[4], const float *x) {
-    __m256 a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(x)));
-    __m256 b = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(x + 16)));
-    return _mm256_add_ps(a, b);
+/* float lanes of sum over one block of w * x (int16 products summed exactly in int32) */
+AVX2 static inline __m256 block_dot16(__m256i w0, __m256i w1, const int16_t *x) {
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
+                                 _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
+    return _mm256_cvtepi32_ps(p);
 }
 
-/* Per token, the sum of x over each block: Q4's min term is min * sum(x). */
-AVX2 static void block_sums(const float *x, size_t xs, uint32_t nt, uint32_t nb, float *sums) {
-    for (uint32_t t = 0; t < nt; t++)
-        for (uint32_t b = 0; b < nb; b++) {
-            const float *xb = x + t * xs + b * LT_QK;
-            __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                     _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)));
-            sums[t * nb + b] = hsum(a);
+/* sc[j] = w_scale[b0 + j] * x_scale[b0 + j] for the n <= 8 blocks from b0 */
+AVX2 static inline void combine_scales(const uint16_t *ws, const float *xd, uint32_t n, float *sc) {
+    if (n == 8) {
+        _mm256_storeu_ps(sc, _mm256_mul_ps(h8(ws), _mm256_loadu_ps(xd)));
+    } else {
+        for (uint32_t j = 0; j < n; j++)
+            sc[j] = h1(ws[j]) * xd[j];
+    }
+}
+
+/* sum over the n <= 8 blocks from b0 of w_min * sum(x) */
+AVX2 static inline float min_terms(const uint16_t *wm, const float *xs, uint32_t n) {
+    if (n == 8)
+        return hsum(_mm256_mul_ps(h8(wm), _mm256_loadu_ps(xs)));
+    float acc = 0.0f;
+    for (uint32_t j = 0; j < n; j++)
+        acc += h1(wm[j]) * xs[j];
+    return acc;
+}
+
+__attribute__((always_inline)) AVX2 static inline void quant_rows(
+        const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x, size_t xs, uint32_t nt,
+        float *out, int q4) {
+    uint32_t kp = w->stride, nb = kp / LT_QK;
+    uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;
+    const float *rec[4] = {x, x + t1 * xs, x + t2 * xs, x + t3 * xs};
+    const int16_t *xq[4];
+    const float *xd[4], *xsum[4];
+    for (int t = 0; t < 4; t++) {
+        xq[t] = (const int16_t *)rec[t];
+        xd[t] = rec[t] + kp / 2;
+        xsum[t] = xd[t] + nb;
+    }
+    for (uint32_t i = 0; i < nrows; i++) {
+        size_t r = row0 + i;
+        const int8_t *q8 = (const int8_t *)w->q + r * kp;
+        const uint8_t *q4p = (const uint8_t *)w->q + r * (kp / 2);
+        const uint16_t *s = w->s + r * nb, *m = q4 ? w->m + r * nb : NULL;
+        __m256i w0, w1;
+        if (nt == 1) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            float mins = 0.0f, sc[8];
+            for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
+                uint32_t n = nb - b0 < 8 ? nb - b0 : 8;
+                combine_scales(s + b0, xd[0] + b0, n, sc);
+                if (q4)
+                    mins += min_terms(m + b0, xsum[0] + b0, n);
+                for (uint32_t j = 0; j < n; j++) {
+                    uint32_t b = b0 + j;
+                    if (q4)
+                        widen_q4(q4p + b * 16, &w0, &w1);
+                    else
+                        widen_q8(q8 + b * LT_QK, &w0, &w1);
+                    __m256 p = block_dot16(w0, w1, xq[0] + b * LT_QK);
+                    if (j & 1)
+                        a1 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[j]), a1);
+                    else
+                        a0 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[j]), a0);
+                }
+            }
+            out[i] = hsum(_mm256_add_ps(a0, a1)) + mins;
+        } else {
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            float mins[4] = {0}, sc[4][8];
+            for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
+                uint32_t n = nb - b0 < 8 ? nb - b0 : 8;
+                for (int t = 0; t < 4; t++) {
+                    combine_scales(s + b0, xd[t] + b0, n, sc[t]);
+                    if (q4)
+                        mins[t] += min_terms(m + b0, xsum[t] + b0, n);
+                }
+                for (uint32_t j = 0; j < n; j++) {
+                    uint32_t b = b0 + j;
+                    if (q4)
+                        widen_q4(q4p + b * 16, &w0, &w1);
+                    else
+                        widen_q8(q8 + b * LT_QK, &w0, &w1);
+                    size_t o = (size_t)b * LT_QK;
+                    c0 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[0] + o), _mm256_broadcast_ss(&sc[0][j]), c0);
+                    c1 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[1] + o), _mm256_broadcast_ss(&sc[1][j]), c1);
+                    c2 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[2] + o), _mm256_broadcast_ss(&sc[2][j]), c2);
+                    c3 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[3] + o), _mm256_broadcast_ss(&sc[3][j]), c3);
+                }
+            }
+            out[i] = hsum(c0) + mins[0];
+            out[t1 * nrows + i] = hsum(c1) + mins[1];
+            out[t2 * nrows + i] = hsum(c2) + mins[2];
+            out[t3 * nrows + i] = hsum(c3) + mins[3];
         }
-}
-
-/* One weight row: acc += scale_b * dot(block_b, x) (+ min_b * sum_b(x) for Q4).
- * One token: two accumulators over alternate blocks so the scale FMAs do not chain.
- * Token tiles: always four tokens (missing ones repeat the last), each block widened once. */
-#define QUANT_ROW(LOAD_BLOCK, MIN)                                                              \
-    if (nt == 1) {                                                                              \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, w[4];                                         \
-        float m0 = 0.0f;                                                                        \
-        uint32_t b = 0;                                                                         \
-        for (; b + 2 <= nb; b += 2) {                                                           \
-            LOAD_BLOCK(b);                                                                      \
-            a0 = _mm256_fmadd_ps(block_dot(w, x + b * LT_QK), _mm256_set1_ps(h1(s[b])), a0);    \
-            MIN(m0, 0, b);                                                                      \
-            LOAD_BLOCK(b + 1);                                                                  \
-            a1 = _mm256_fmadd_ps(block_dot(w, x + (b + 1) * LT_QK), _mm256_set1_ps(h1(s[b + 1])), a1); \
-            MIN(m0, 0, b + 1);                                                                  \
-        }                                                                                       \
-        if (b < nb) {                                                                           \
-            LOAD_BLOCK(b);                                                                      \
-            a0 = _mm256_fmadd_ps(block_dot(w, x + b * LT_QK), _mm256_set1_ps(h1(s[b])), a0);    \
-            MIN(m0, 0, b);                                                                      \
-        }                                                                                       \
-        out[i] = hsum(_mm256_add_ps(a0, a1)) + m0;                                              \
-    } else {                                                                                    \
-        uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;               \
-        const float *x0 = x, *x1 = x + t1 * xs, *x2 = x + t2 * xs, *x3 = x + t3 * xs;           \
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, w[4];                       \
-        float m0 = 0.0f, m1 = 0.0f, m2 = 0.0f, m3 = 0.0f;                                       \
-        for (uint32_t b = 0; b < nb; b++) {                                                     \
-            LOAD_BLOCK(b);                                                                      \
-            __m256 vs = _mm256_set1_ps(h1(s[b]));                                               \
-            size_t o = (size_t)b * LT_QK;                                                       \
-            c0 = _mm256_fmadd_ps(block_dot(w, x0 + o), vs, c0);                                 \
-            c1 = _mm256_fmadd_ps(block_dot(w, x1 + o), vs, c1);                                 \
-            c2 = _mm256_fmadd_ps(block_dot(w, x2 + o), vs, c2);                                 \
-            c3 = _mm256_fmadd_ps(block_dot(w, x3 + o), vs, c3);                                 \
-            MIN(m0, 0, b);                                                                      \
-            MIN(m1, t1, b);                                                                     \
-            MIN(m2, t2, b);                                                                     \
-            MIN(m3, t3, b);                                                                     \
-        }                                                                                       \
-        out[i] = hsum(c0) + m0;                                                                 \
-        out[t1 * nrows + i] = hsum(c1) + m1;                                                    \
-        out[t2 * nrows + i] = hsum(c2) + m2;                                                    \
-        out[t3 * nrows + i] = hsum(c3) + m3;                                                    \
-    }
-
-AVX2 static void gemm_q8(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x,
-                         size_t xs, uint32_t nt, float *out) {
-    uint32_t nb = w_->stride / LT_QK;
-    for (uint32_t i = 0; i < nrows; i++) {
-        size_t r = row0 + i;
-        const int8_t *q = (const int8_t *)w_->q + r * w_->stride;
-        const uint16_t *s = w_->s + r * nb;
-#define LOAD_Q8(b) q8_block(q + (b) * LT_QK, w)
-#define NO_MIN(acc, t, b) (void)(acc)
-        QUANT_ROW(LOAD_Q8, NO_MIN)
     }
 }
 
-AVX2 static void gemm_q4(const lt_wmat *w_, uint32_t row0, uint32_t nrows, const float *x,
+AVX2 static void gemm_q8(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
                          size_t xs, uint32_t nt, float *out) {
-    uint32_t nb = w_->stride / LT_QK;
-    float sums[nt * nb];
-    block_sums(x, xs, nt, nb, sums);
-    for (uint32_t i = 0; i < nrows; i++) {
-        size_t r = row0 + i;
-        const uint8_t *q = (const uint8_t *)w_->q + r * (w_->stride / 2);
-        const uint16_t *s = w_->s + r * nb, *m = w_->m + r * nb;
-#define LOAD_Q4(b) q4_block(q + (b) * (LT_QK / 2), w)
-#define Q4_MIN(acc, t, b) ((acc) += h1(m[b]) * sums[(t) * nb + (b)])
-        QUANT_ROW(LOAD_Q4, Q4_MIN)
-    }
+    quant_rows(w, row0, nrows, x, xs, nt, out, 0);
+}
+
+AVX2 static void gemm_q4(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
+                         size_t xs, uint32_t nt, float *out) {
+    quant_rows(w, row0, nrows, x, xs, nt, out, 1);
 }
 
 /* f16 / f32 rows: 8 lanes at a time, scalar tail (cols need not be a multiple of 8). */
@@ -203,7 +211,7 @@ AVX2 static void axpy_f16(float *y, float a, const uint16_t *h, uint32_t n) {
 }
 
 const lt_simd lt_simd_avx2 = {
-    "avx2", {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
+    "avx2", 1, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
 };
 
 #endif
