@@ -21,7 +21,7 @@ python3 setup.py build_ext --inplace >"$OUT/build_ext.log" 2>&1 || { tail -30 "$
 python3 -c 'import lattice.cuda as c; print(c.build_library()); print(c.device_name())' 2>&1 | tee "$OUT/cuda_build.log"
 
 echo "== tests"
-timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -x -n "${WORKERS:-8}" tests/test_cuda.py 2>&1 \
+timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --maxfail=30 -n "${WORKERS:-8}" tests/test_cuda.py 2>&1 \
     | tee "$OUT/pytest.log" | tail -40
 status=${PIPESTATUS[0]}
 
