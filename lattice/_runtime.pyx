@@ -136,7 +136,7 @@ cdef class Runtime:
         if max_tokens < 0:
             raise SamplingError(f"max_tokens must be >= 0, got {max_tokens}")
         if on_token is not None and not callable(on_token):
-            raise SamplingError("on_token must be callable")
+            raise TypeError(f"on_token must be callable, got {type(on_token).__name__}")
         self._own(st)
         ids = st._check_ids(prompt_ids)
         stops = frozenset(int(t) for t in stop_ids)

@@ -168,6 +168,9 @@ def test_invalid_sampling_raises_before_work(bad):
     assert st.history == before
     with pytest.raises(SamplingError, match="max_tokens"):
         rt.generate(st, [1, 2], -1)
+    with pytest.raises(TypeError, match="on_token"):
+        rt.generate(st, [1, 2], 2, on_token="print")
+    assert st.history == before
 
 
 def test_bad_token_ids():
