@@ -327,7 +327,9 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
         if (i == LT_ARENA_STEP && n < sizeof(lt_step_args))
             n = sizeof(lt_step_args);
         CK(cudaMalloc(&c->arena[i], n));
-        CK(cudaMemset(c->arena[i], 0, n));
+        /* on the backend's stream: a non-blocking stream does not wait for the legacy default
+         * stream, so a plain cudaMemset could land after the first upload */
+        CK(cudaMemsetAsync(c->arena[i], 0, n, c->stream));
         c->size[i] = n;
     }
     set_gemv_smem<LT_WF_F32>();
@@ -335,6 +337,7 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     set_gemv_smem<LT_WF_Q8>();
     set_gemv_smem<LT_WF_Q4>();
     CK(cudaGetLastError());
+    CK(cudaStreamSynchronize(c->stream));
     return LT_OK;
 }
 

@@ -76,6 +76,35 @@ def decode_rates(rt, prompt, n1, n2, runs):
     return slope_rates(n1, n2, t1s, t2s)
 
 
+def profile(rt, reps=200):
+    """Per kernel kind: dispatches per step and microseconds per step, each dispatch replayed
+    alone reps times as a one-node graph (an upper bound: a graph launch costs ~2 us by itself)."""
+    prog = rt.program
+    decode = prog.dispatches["decode"]
+    per_kind = {}
+    for i, (kind, layer, _, _) in enumerate(prog.notes["decode"]):
+        idx = rt.be.add_program(decode[i:i + 1], prog.consts, 1)
+        for _ in range(2):
+            rt.step["pos"], rt.step["step"], rt.step["error"] = 16, 0, 0
+            rt.be.write(3, 0, rt.step)
+            rt.be.run(idx, 5)
+            rt.step["pos"] = 16
+            rt.be.write(3, 0, rt.step)
+            t0 = time.perf_counter()
+            err = rt.be.run(idx, reps)
+            dt = (time.perf_counter() - t0) / reps * 1e6
+        assert err == 0, (i, kind, err)
+        n, us = per_kind.get(kind, (0, 0.0))
+        per_kind[kind] = (n + 1, us + dt)
+    rt.step["pos"], rt.step["step"] = 16, 0
+    rt.be.write(3, 0, rt.step)
+    t0 = time.perf_counter()
+    rt.be.run(rt.progs["decode"], reps)
+    whole = (time.perf_counter() - t0) / reps * 1e6
+    return {"per_kind_us": {k: {"dispatches": n, "us_per_step": us} for k, (n, us) in per_kind.items()},
+            "whole_step_us": whole}
+
+
 def bench_model(name, quant, args, bandwidth):
     from ..bench.make_model import model_spec, write_hf
     from ..formats import open_checkpoint
@@ -90,6 +119,9 @@ def bench_model(name, quant, args, bandwidth):
     res = {"model": name, "quant": quant, "context": args.context, "steps_ahead": args.steps_ahead,
            "dispatches_per_step": int(len(prog.dispatches["decode"])), "weight_bytes_per_step": wbytes,
            "roofline_tok_s": bandwidth / wbytes, "build_seconds": made, "modes": {}}
+    if args.profile:
+        res["profile"] = profile(rt)
+        print(json.dumps(res["profile"], indent=1), flush=True)
     loads = [0] + ([args.load] if args.load else [])
     for load in loads:
         ctx = None
@@ -129,6 +161,7 @@ def main(argv=None):
     ap.add_argument("--n2", type=int, default=320)
     ap.add_argument("--load", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="time every kernel kind of a decode step")
     args = ap.parse_args(argv)
     models = args.model or ["smollm2-135m", "qwen3.5-0.8b"]
     bw = copy_bandwidth()

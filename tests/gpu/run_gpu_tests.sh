@@ -6,6 +6,7 @@
 #   tests/gpu/run_gpu_tests.sh            # tests + benchmark
 #   BENCH=0 tests/gpu/run_gpu_tests.sh    # tests only
 #   LOAD=10 tests/gpu/run_gpu_tests.sh    # benchmark also under 10 GPU load processes
+#   BENCH_ARGS=--profile ...              # extra benchmark options (per-kernel timings)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lattice-gpu}
@@ -28,6 +29,6 @@ status=${PIPESTATUS[0]}
 if [ "${BENCH:-1}" = 1 ]; then
     echo "== benchmark"
     timeout "${BENCH_TIMEOUT:-400}" python3 -m lattice.cuda.bench --model smollm2-135m --model qwen3.5-0.8b \
-        --quant q8 --runs "${RUNS:-5}" --load "${LOAD:-0}" --json "$OUT/cuda-bench.json" 2>&1 | tee "$OUT/bench.log"
+        --quant q8 --runs "${RUNS:-5}" --load "${LOAD:-0}" --json "$OUT/cuda-bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
 exit "$status"
