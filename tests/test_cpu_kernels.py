@@ -118,6 +118,7 @@ def lib():
     so.lt_cpu_set_simd.argtypes = [ctypes.c_char_p]
     so.lt_cpu_error_string.restype = ctypes.c_char_p
     so.lt_test_sizeof.restype = ctypes.c_ulong
+    so.default_simd = so.lt_cpu_simd()
     return so
 
 
@@ -152,7 +153,7 @@ SIMD = _available_simd()
 def simd(request, lib):
     assert lib.lt_cpu_set_simd(request.param.encode()) == 0
     yield request.param
-    lib.lt_cpu_set_simd(b"scalar")
+    lib.lt_cpu_set_simd(lib.default_simd)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -269,7 +270,7 @@ def test_simd_selection(lib):
         assert lib.lt_cpu_simd().decode() == name
     for name in set(SIMD_NAMES) - set(SIMD):
         assert lib.lt_cpu_set_simd(name.encode()) == -1
-    lib.lt_cpu_set_simd(b"scalar")
+    lib.lt_cpu_set_simd(lib.default_simd)
 
 
 @pytest.mark.parametrize("fmt", [F32, F16, Q8, Q4])
@@ -414,9 +415,10 @@ def test_lm_head_last_token_and_partials(lib, simd, T, threads):
         np.testing.assert_allclose(se, np.exp(blk - blk.max()).sum(), rtol=1e-5)
 
 
-def test_lm_head_all_tokens(lib):
+@pytest.mark.parametrize("flags", [32, 32 | 1])
+def test_lm_head_all_tokens(lib, simd, flags):
     rng = np.random.default_rng(5)
-    mem, y, _, want, bound = _gemv_case(lib, rng, Q4, 300, 64, 4, 2, flags=32, lm_head=True)
+    mem, y, _, want, bound = _gemv_case(lib, rng, Q4, 300, 64, 5, 2, flags=flags, lm_head=True)
     assert_dot_close(mem.view(y), want, bound)
 
 

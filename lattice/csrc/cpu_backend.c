@@ -124,7 +124,7 @@ static size_t thread_floats(const lt_dispatch *d, const uint8_t *consts) {
 }
 
 static size_t shared_floats(const lt_dispatch *d, const uint8_t *consts, uint32_t T) {
-    if (d->kernel != LT_K_GEMV)
+    if (d->kernel != LT_K_GEMV && d->kernel != LT_K_LM_HEAD)
         return 0;
     return lt_gemv_shared_floats((const lt_gemv_args *)(consts + d->args_offset), T);
 }
