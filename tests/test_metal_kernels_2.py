@@ -1,0 +1,229 @@
+"""The attention, Gated DeltaNet, lm_head and sampler Metal kernels (metal/*.metal) run through the
+MSL emulator and compared with the numpy reference (lattice/reference.py) and, for the sampler,
+with the CPU backend's sampler (lattice/csrc/sampler.c) token for token. Bindings follow
+metal/lattice_shared.h: [[buffer(0)]] args, [[buffer(1)]] step args, binding i at 2 + i; launch
+shapes come from lattice/program.py."""
+import os
+
+import numpy as np
+import pytest
+
+from lattice import program, reference
+from lattice.quant import quantize
+from msl_emu import Library
+
+METAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metal")
+ERR_NONFINITE, ERR_CONTEXT = 1, 3
+UNUSED = np.zeros(16, np.uint8)  # Metal validation wants every declared buffer bound
+
+
+def lib(name, sanitize=None):
+    return Library(os.path.join(METAL, name), sanitize=sanitize)
+
+
+@pytest.fixture(scope="module")
+def rope_lib():
+    return lib("rope_kv.metal")
+
+
+@pytest.fixture(scope="module")
+def attn_lib():
+    return lib("attention.metal")
+
+
+@pytest.fixture(scope="module")
+def gdn_lib():
+    return lib("gdn.metal")
+
+
+@pytest.fixture(scope="module")
+def lm_head_lib():
+    return lib("lm_head.metal")
+
+
+@pytest.fixture(scope="module")
+def sample_lib():
+    return lib("sample.metal")
+
+
+def args(kind, **fields):
+    a = np.zeros(1, program.ARGS_DTYPES[kind][1])
+    for k, v in fields.items():
+        a[k] = v
+    return a
+
+
+def step_args(n_tokens, pos=0, **fields):
+    s = np.zeros(1, program.STEP_DTYPE)
+    s["n_tokens"], s["pos"] = n_tokens, pos
+    s["top_p"], s["repetition_penalty"] = 1.0, 1.0
+    for k, v in fields.items():
+        s[k] = v
+    return s
+
+
+def launch(kind, rows, **a):
+    return program._launch(kind, a, rows)
+
+
+def padded(rows, cols, stride, rng):
+    """[rows, stride] float32, random in the first cols columns and NaN after (a kernel reading
+    past cols is caught)."""
+    a = np.full((rows, stride), np.nan, np.float32)
+    a[:, :cols] = rng.standard_normal((rows, cols))
+    return a
+
+
+# ---------------------------------------------------------------- ROPE_KV
+def rope_case(rng, T, pos, n_heads, n_kv, D, rotary, norm, split, ctx=40):
+    qw = n_heads * D * (2 if split else 1)
+    q, k, v = padded(T, qw, qw + 3, rng), padded(T, n_kv * D, n_kv * D + 1, rng), padded(T, n_kv * D, n_kv * D + 2, rng)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, rotary, 2) / max(rotary, 1))).astype(np.float32)
+    qn, kn = rng.standard_normal(D).astype(np.float32), rng.standard_normal(D).astype(np.float32)
+    flags = (program_rope_flag(norm=norm, add_one=norm, split=split))
+    return q, k, v, inv_freq, qn, kn, flags
+
+
+def program_rope_flag(norm, add_one, split):
+    return (1 if norm else 0) | (2 if add_one else 0) | (4 if split else 0)
+
+
+def run_rope(rope_lib, T, pos, n_heads, n_kv, D, rotary, norm, split, seed, ctx=40, alias=False):
+    rng = np.random.default_rng(seed)
+    q, k, v, inv_freq, qn, kn, flags = rope_case(rng, T, pos, n_heads, n_kv, D, rotary, norm, split)
+    q_in = q.copy()
+    k_cache = np.full((n_kv, ctx, D), -3.0, np.float16)
+    v_cache = np.full((n_kv, ctx, D), -3.0, np.float16)
+    q_out = q if alias else padded(T, 0, n_heads * D + 1, rng)
+    gate = padded(T, 0, n_heads * D, rng)
+    a = args("qk_rope_kv", n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, rotary_dim=rotary, q_stride=q.shape[1],
+             k_stride=k.shape[1], v_stride=v.shape[1], q_out_stride=q_out.shape[1], gate_stride=gate.shape[1],
+             ctx_cap=ctx, flags=flags, eps=1e-6)
+    step = step_args(T, pos)
+    grid, group = launch("qk_rope_kv", T + 1, n_heads=n_heads, n_kv_heads=n_kv)
+    rope_lib.dispatch("lt_rope_kv", [a, step, q, k, v, q_out, k_cache, v_cache, inv_freq, qn, kn, gate], grid, group)
+    return q_in, k, v, inv_freq, qn, kn, q_out, gate, k_cache, v_cache, step
+
+
+@pytest.mark.parametrize("T,pos,n_heads,n_kv,D,rotary,norm,split", [
+    (1, 0, 4, 2, 16, 16, False, False),        # Llama
+    (3, 5, 4, 2, 16, 16, True, False),         # Qwen3: q/k norm
+    (2, 1000, 2, 1, 24, 12, True, True),       # Qwen3.5: partial rotary, add_one norm, q|gate
+    (1, 37, 3, 3, 70, 0, False, False),        # no rotation, D beyond the threadgroup width
+])
+def test_rope_kv_matches_reference(rope_lib, T, pos, n_heads, n_kv, D, rotary, norm, split):
+    ctx = pos + T + 2
+    q, k, v, inv_freq, qn, kn, q_out, gate, k_cache, v_cache, step = run_rope(
+        rope_lib, T, pos, n_heads, n_kv, D, rotary, norm, split, seed=T * 100 + D, ctx=ctx)
+    qw = n_heads * D
+    q_src = q[:, :qw * (2 if split else 1)]
+    if split:
+        q_src, g_src = reference.split_heads(q_src, n_heads, [D, D])
+        np.testing.assert_array_equal(gate[:, :qw], g_src)
+    k_src = k[:, :k_cache.shape[0] * D]
+    if norm:
+        q_src = reference.head_rms_norm(q_src, qn, n_heads, 1e-6, True)
+        k_src = reference.head_rms_norm(k_src, kn, n_kv, 1e-6, True)
+    positions = np.arange(pos, pos + T)
+    q_ref = reference.rope(q_src, positions, n_heads, D, rotary, inv_freq)
+    k_ref = reference.rope(k_src, positions, n_kv, D, rotary, inv_freq)
+    np.testing.assert_allclose(q_out[:, :qw], q_ref, rtol=1e-5, atol=2e-5)
+    assert np.isnan(q_out[:, qw:]).all()
+    kc = k_cache[:, pos:pos + T].transpose(1, 0, 2).reshape(T, -1).astype(np.float32)
+    vc = v_cache[:, pos:pos + T].transpose(1, 0, 2).reshape(T, -1).astype(np.float32)
+    np.testing.assert_allclose(kc, k_ref.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(vc, v[:, :vc.shape[1]].astype(np.float16).astype(np.float32))
+    untouched = np.ones(ctx, bool)
+    untouched[pos:pos + T] = False
+    assert (k_cache[:, untouched] == -3).all() and (v_cache[:, untouched] == -3).all()
+
+
+def test_rope_kv_q_out_may_alias_q(rope_lib):
+    T, pos, n_heads, n_kv, D = 2, 3, 2, 1, 32
+    rng = np.random.default_rng(1)
+    q = padded(T, n_heads * D, n_heads * D + 3, rng)
+    expected = reference.rope(reference.head_rms_norm(q[:, :n_heads * D], np.ones(D, np.float32), n_heads, 1e-6, False),
+                              np.arange(pos, pos + T), n_heads, D, D,
+                              (1.0 / 10000.0 ** (np.arange(0, D, 2) / D)).astype(np.float32))
+    k, v = padded(T, D, D, rng), padded(T, D, D, rng)
+    caches = [np.zeros((1, 8, D), np.float16) for _ in range(2)]
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, D, 2) / D)).astype(np.float32)
+    a = args("qk_rope_kv", n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, rotary_dim=D, q_stride=q.shape[1],
+             k_stride=D, v_stride=D, q_out_stride=q.shape[1], ctx_cap=8, flags=1, eps=1e-6)
+    grid, group = launch("qk_rope_kv", T, n_heads=n_heads, n_kv_heads=n_kv)
+    ones = np.ones(D, np.float32)
+    rope_lib.dispatch("lt_rope_kv", [a, step_args(T, pos), q, k, v, q, *caches, inv_freq, ones, ones, UNUSED],
+                      grid, group, order_seed=3)
+    np.testing.assert_allclose(q[:, :n_heads * D], expected, rtol=1e-5, atol=2e-5)
+
+
+def test_rope_angles_stay_accurate_at_large_positions(rope_lib):
+    """f32 cannot hold position * inv_freq's fraction at 10^5; the kernel reduces modulo 2 pi."""
+    T, pos, D = 1, 123457, 8
+    q, k, v, inv_freq, qn, kn, q_out, gate, k_cache, v_cache, step = run_rope(
+        rope_lib, T, pos, 1, 1, D, D, False, False, seed=4, ctx=pos + 1)
+    q_ref = reference.rope(q[:, :D], [pos], 1, D, D, inv_freq)
+    np.testing.assert_allclose(q_out[:, :D], q_ref, rtol=0, atol=5e-5)
+
+
+def test_rope_kv_beyond_context_sets_error(rope_lib):
+    q, k, v, inv_freq, qn, kn, q_out, gate, k_cache, v_cache, step = run_rope(
+        rope_lib, 2, 7, 2, 1, 8, 8, False, False, seed=2, ctx=8)
+    assert step["error"][0] == ERR_CONTEXT
+    assert (k_cache == -3).all() and np.isnan(q_out).all()
+
+
+# ---------------------------------------------------------------- ATTENTION
+def run_attention(attn_lib, T, pos, n_heads, n_kv, D, gated, seed, ctx=None, order_seed=None):
+    rng = np.random.default_rng(seed)
+    ctx = ctx or pos + T + 3
+    k_cache = rng.standard_normal((n_kv, ctx, D)).astype(np.float16)
+    v_cache = rng.standard_normal((n_kv, ctx, D)).astype(np.float16)
+    k_cache[:, pos + T:] = np.nan  # positions beyond the query's must not be read
+    v_cache[:, pos + T:] = np.nan
+    q = padded(T, n_heads * D, n_heads * D + 2, rng) * 2
+    g = padded(T, n_heads * D, n_heads * D + 1, rng)
+    out = padded(T, 0, n_heads * D + 3, rng)
+    scale = D ** -0.5
+    a = args("attention", n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, ctx_cap=ctx, q_stride=q.shape[1],
+             out_stride=out.shape[1], gate_stride=g.shape[1], flags=int(gated), scale=scale)
+    step = step_args(T, pos)
+    grid, group = launch("attention", T + 1, n_heads=n_heads)
+    attn_lib.dispatch("lt_attention", [a, step, q, out, k_cache, v_cache, g if gated else UNUSED], grid, group,
+                      order_seed=order_seed)
+    S = pos + T
+    kf = k_cache[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, -1)
+    vf = v_cache[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, -1)
+    expected = reference.attention(q[:, :n_heads * D], kf, vf, pos, n_heads, n_kv, D, scale)
+    if gated:
+        expected = reference.sigmoid_mul(expected, g[:, :n_heads * D])
+    return out, expected, step
+
+
+@pytest.mark.parametrize("T,pos,n_heads,n_kv,D,gated", [
+    (1, 0, 2, 1, 16, False),      # first token
+    (1, 300, 4, 2, 16, True),     # decode: every simdgroup partition holds keys, output gate
+    (1, 40, 2, 2, 70, False),     # head_dim not a multiple of 4 or 32, some partitions empty
+    (3, 33, 4, 1, 8, True),       # causal prefill: three queries of one kv head
+])
+def test_attention_matches_reference(attn_lib, T, pos, n_heads, n_kv, D, gated):
+    out, expected, step = run_attention(attn_lib, T, pos, n_heads, n_kv, D, gated, seed=pos + D)
+    np.testing.assert_allclose(out[:, :n_heads * D], expected, rtol=1e-4, atol=1e-5)
+    assert np.isnan(out[:, n_heads * D:]).all()
+
+
+def test_attention_result_does_not_depend_on_execution_order(attn_lib):
+    a, _, _ = run_attention(attn_lib, 2, 70, 2, 1, 32, False, seed=3, order_seed=1)
+    b, _, _ = run_attention(attn_lib, 2, 70, 2, 1, 32, False, seed=3, order_seed=2)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_attention_beyond_context_sets_error(attn_lib):
+    rng = np.random.default_rng(0)
+    out = np.full((1, 16), 5.0, np.float32)
+    a = args("attention", n_heads=1, n_kv_heads=1, head_dim=16, ctx_cap=4, q_stride=16, out_stride=16, scale=0.25)
+    step = step_args(1, 4)
+    cache = np.zeros((1, 4, 16), np.float16)
+    attn_lib.dispatch("lt_attention", [a, step, rng.standard_normal((1, 16)).astype(np.float32), out, cache, cache,
+                                       UNUSED], (1, 1, 1), (256, 1, 1))
+    assert step["error"][0] == ERR_CONTEXT and (out == 5).all()
