@@ -62,8 +62,9 @@ def step_args(n_tokens, pos=0, **fields):
     return s
 
 
-def launch(kind, rows, **a):
-    return program._launch(kind, a, rows)
+def launch(kind, n_rows, **a):
+    """(threadgroups, threads per threadgroup) the program builder gives a kernel."""
+    return program._launch(kind, a, n_rows)
 
 
 def padded(rows, cols, stride, rng):
@@ -269,3 +270,90 @@ def test_gdn_matches_reference(gdn_lib, T, n_k, n_v, Dk, Dv, Kc):
     assert np.isnan(out[:, n_v * Dv:]).all()
     np.testing.assert_array_equal(conv, conv_ref)
     np.testing.assert_allclose(S, s_ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- LM_HEAD
+FLAG = program.GEMV_FLAG
+
+
+def weight_planes(w, fmt):
+    """(planes WQ, WS, WM as the WEIGHTS arena holds them, the matrix the kernel should see)."""
+    if fmt in ("f32", "f16"):
+        wt = w.astype(np.float32 if fmt == "f32" else np.float16)
+        return (wt, UNUSED, UNUSED), wt.astype(np.float32)
+    q = quantize(w, fmt)
+    return (q.qs, q.scales, UNUSED if q.mins is None else q.mins), q.dequantize()
+
+
+def expected_partials(logits):
+    out = []
+    for b0 in range(0, logits.size, program.ARGMAX_BLOCK):
+        blk = logits[b0:b0 + program.ARGMAX_BLOCK]
+        fin = np.isfinite(blk)
+        mx = blk[fin].max() if fin.any() else -np.inf
+        arg = b0 + int(np.flatnonzero(blk == mx)[0]) if fin.any() else b0
+        se = np.exp(blk[fin] - mx).sum() if fin.any() else 0.0
+        out.append((mx, arg, se, int((~fin).sum())))
+    return out
+
+
+def run_lm_head(lm_head_lib, fmt, rows, cols, T, flags, seed, grid=None, x=None):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    (wq, ws, wm), seen = weight_planes(w, fmt)
+    x = padded(T, cols, cols + 2, rng) if x is None else x
+    norm_w, bias = rng.standard_normal(cols).astype(np.float32), rng.standard_normal(rows).astype(np.float32)
+    n_out = T if flags & FLAG["all_tokens"] else 1
+    y = padded(n_out, 0, rows + 1, rng)
+    parts = np.zeros(-(-rows // program.ARGMAX_BLOCK), program.ARGMAX_PARTIAL_DTYPE)
+    a = args("lm_head", wformat=program.WF[fmt], rows=rows, cols=cols, flags=flags, x_stride=x.shape[1],
+             y_stride=rows + 1, eps=1e-5)
+    g, group = launch("lm_head", T, rows=rows)
+    lm_head_lib.dispatch("lt_lm_head", [a, step_args(T), x, y, wq, ws, wm, norm_w, bias, None, parts],
+                         grid or g, group)
+    xs = x[:, :cols] if flags & FLAG["all_tokens"] else x[T - 1:T, :cols]
+    if flags & FLAG["norm"]:
+        xs = reference.rms_norm(xs, norm_w, 1e-5, bool(flags & FLAG["add_one"]))
+    expected = reference.linear(xs, seen, bias if flags & FLAG["bias"] else None)
+    return y, expected, parts
+
+
+@pytest.mark.parametrize("fmt,rows,cols,T,flags", [
+    ("q8", 300, 64, 1, 0),
+    ("q4", 520, 100, 2, FLAG["norm"] | FLAG["add_one"]),
+    ("f16", 256, 40, 1, FLAG["bias"]),
+    ("f32", 77, 1100, 3, FLAG["norm"] | FLAG["all_tokens"]),
+])
+def test_lm_head_matches_reference_with_partials(lm_head_lib, fmt, rows, cols, T, flags):
+    y, expected, parts = run_lm_head(lm_head_lib, fmt, rows, cols, T, flags, seed=rows)
+    np.testing.assert_allclose(y[:, :rows], expected, rtol=1e-4, atol=1e-4 * np.sqrt(cols))
+    assert np.isnan(y[:, rows:]).all()
+    for p, (mx, arg, se, bad) in zip(parts, expected_partials(y[-1, :rows])):
+        assert p["max"] == mx and p["argmax"] == arg and p["n_nonfinite"] == bad
+        np.testing.assert_allclose(p["sumexp"], se, rtol=1e-5)
+
+
+def test_lm_head_launch_covers_the_vocab_in_few_threadgroups():
+    """The kernel needs 256 threads (8 simdgroups x 32 rows = one partial block) and a grid of at
+    least one threadgroup per block: 248,320 rows are 970 threadgroups, at most 8,192 launched."""
+    grid, group = launch("lm_head", 1, rows=248320)
+    assert group[0] == program.ARGMAX_BLOCK and -(-248320 // program.ARGMAX_BLOCK) <= grid[0] <= 8192
+
+
+def test_lm_head_small_grid_strides_over_blocks(lm_head_lib):
+    y, expected, parts = run_lm_head(lm_head_lib, "q8", 600, 32, 1, 0, seed=6, grid=(1, 1, 1))
+    np.testing.assert_allclose(y[:, :600], expected, rtol=1e-4, atol=1e-3)
+    assert [p["argmax"] for p in parts] == [a for _, a, _, _ in expected_partials(y[0, :600])]
+
+
+def test_lm_head_partials_count_nonfinite_and_break_ties_low(lm_head_lib):
+    rows, cols = 300, 32
+    x = np.zeros((1, cols), np.float32)
+    x[0, 0] = np.nan
+    y, _, parts = run_lm_head(lm_head_lib, "f32", rows, cols, 1, 0, seed=1, x=x)
+    assert [int(p["n_nonfinite"]) for p in parts] == [256, 44]
+    assert [int(p["argmax"]) for p in parts] == [0, 256] and np.isneginf(parts["max"]).all()
+    x[0, 0] = 0.0  # every logit 0: ties go to the lowest id of each block
+    y, _, parts = run_lm_head(lm_head_lib, "f32", rows, cols, 1, 0, seed=1, x=x)
+    assert [int(p["argmax"]) for p in parts] == [0, 256] and (parts["max"] == 0).all()
+    np.testing.assert_array_equal(parts["sumexp"], [256, 44])
