@@ -111,8 +111,12 @@ def simd():
 def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):
     monkeypatch.setattr(lcuda, "_lib", None)
     monkeypatch.setenv("LATTICE_NVCC", str(tmp_path / "no-nvcc"))
+    with pytest.raises(BackendError, match="LATTICE_NVCC"):
+        lcuda.load_library()
+    monkeypatch.delenv("LATTICE_NVCC")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(BackendError, match="nvcc"):
+    monkeypatch.setattr(lcuda, "NVCC_DEFAULT", str(tmp_path / "nvcc"))
+    with pytest.raises(BackendError, match="needs nvcc"):
         lcuda.load_library()
 
 

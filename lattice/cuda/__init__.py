@@ -45,8 +45,16 @@ ERRORS = {1: "NaN or Inf in logits", 2: "token id out of range of the embedding 
 _lib = None
 
 
+NVCC_DEFAULT = "/usr/local/cuda/bin/nvcc"
+
+
 def _nvcc():
-    for cand in (os.environ.get("LATTICE_NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+    named = os.environ.get("LATTICE_NVCC")
+    if named:
+        if os.path.exists(named):
+            return named
+        raise BackendError(f"LATTICE_NVCC={named} does not exist (the CUDA backend needs nvcc)")
+    for cand in (shutil.which("nvcc"), NVCC_DEFAULT):
         if cand and os.path.exists(cand):
             return cand
     raise BackendError("the CUDA backend needs nvcc (set LATTICE_NVCC or put nvcc on PATH)")

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -30,8 +31,11 @@ struct program {
     uint32_t max_tokens = 1;
     float *conv_ws = nullptr;   /* GDN conv outputs [max_tokens][channels] */
     float *attn_ws = nullptr;   /* attention split partials */
-    cudaGraphExec_t graph = nullptr;
+    cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
 };
+
+/* Steps per multi-step graph: longer runs replay it, the remainder replays the one-step graph. */
+const uint32_t GRAPH_STEPS = 8;
 
 const size_t ARGS_SIZE[LT_K_COUNT] = {0, sizeof(lt_embed_args), sizeof(lt_rmsnorm_args), sizeof(lt_gemv_args),
                                       sizeof(lt_rope_kv_args), sizeof(lt_attention_args), sizeof(lt_gdn_args),
@@ -150,12 +154,31 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
 
 /* ------------------------------------------------------------------------------ launching */
 
+/* Programmatic dependent launch for every kernel (LATTICE_CUDA_PDL=0 turns it off): a kernel may
+ * start while its predecessor finishes, prefetch weights, then wait for it (kernels.cuh). */
+static int pdl_enabled = 1;
+
+template <typename... P, typename... A>
+static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl_enabled ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, k, args...);
+}
+
 template <int FMT, int NT>
 static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm,
                             dim3 grid, size_t smem, cudaStream_t s) {
 #define LT_GEMV_CASE(KS, RPW)                                                                     \
     if (L.ks == KS && L.rpw == RPW) {                                                             \
-        k_gemv<FMT, KS, RPW, NT><<<grid, 256, smem, s>>>(a, L.b, st, T, L.gg, lm);                \
+        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
         return;                                                                                   \
     }
     if constexpr (NT == 1)
@@ -207,7 +230,7 @@ static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStre
     if (lm && L.b.p[LT_GEMV_B_PARTIALS]) {
         const float *logits = (const float *)L.b.p[LT_GEMV_B_Y]
                               + (size_t)((a.flags & LT_GEMV_ALL_TOKENS) ? T - 1 : 0) * a.y_stride;
-        k_partials<<<(a.rows + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK, LT_ARGMAX_BLOCK, 0, s>>>(
+        launch_k(k_partials, (a.rows + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK, LT_ARGMAX_BLOCK, 0, s, 
             logits, a.rows, (lt_argmax_partial *)L.b.p[LT_GEMV_B_PARTIALS], st);
     }
 }
@@ -216,17 +239,17 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     switch (L.kernel) {
     case LT_K_EMBED: {
         const lt_embed_args &a = *(const lt_embed_args *)L.args;
-        k_embed<<<dim3((a.dim + 255) / 256, T), 256, 0, s>>>(a, L.b, st, T);
+        launch_k(k_embed, dim3((a.dim + 255) / 256, T), 256, 0, s, a, L.b, st, T);
         break;
     }
     case LT_K_RMSNORM: {
         const lt_rmsnorm_args &a = *(const lt_rmsnorm_args *)L.args;
-        k_rmsnorm<<<dim3(a.n_heads, T), a.head_dim >= 256 ? 256 : 128, 0, s>>>(a, L.b, st, T);
+        launch_k(k_rmsnorm, dim3(a.n_heads, T), a.head_dim >= 256 ? 256 : 128, 0, s, a, L.b, st, T);
         break;
     }
     case LT_K_ELEMENTWISE: {
         const lt_elementwise_args &a = *(const lt_elementwise_args *)L.args;
-        k_elementwise<<<dim3((a.n + 255) / 256, T), 256, 0, s>>>(a, L.b, st, T);
+        launch_k(k_elementwise, dim3((a.n + 255) / 256, T), 256, 0, s, a, L.b, st, T);
         break;
     }
     case LT_K_GEMV:
@@ -235,29 +258,29 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         break;
     case LT_K_ROPE_KV: {
         const lt_rope_kv_args &a = *(const lt_rope_kv_args *)L.args;
-        k_rope_kv<<<dim3(a.n_heads + a.n_kv_heads, T), 128, 0, s>>>(a, L.b, st, T);
+        launch_k(k_rope_kv, dim3(a.n_heads + a.n_kv_heads, T), 128, 0, s, a, L.b, st, T);
         break;
     }
     case LT_K_ATTENTION: {
         const lt_attention_args &a = *(const lt_attention_args *)L.args;
-        k_attention<<<dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s>>>(a, L.b, st, T, L.ag, p.attn_ws);
+        launch_k(k_attention, dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws);
         if (L.ag.n_split > 1)
-            k_attention_reduce<<<dim3(a.n_heads, T), ATT_THREADS, 0, s>>>(a, L.b, st, T, L.ag, p.attn_ws);
+            launch_k(k_attention_reduce, dim3(a.n_heads, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws);
         break;
     }
     case LT_K_GDN: {
         const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-        k_gdn_conv<<<(a.channels + 255) / 256, 256, 0, s>>>(a, L.b, st, T, p.conv_ws);
+        launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, p.conv_ws);
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
         if (rows <= 32)
-            k_gdn_step<32><<<a.n_v_heads, GDN_THREADS, 0, s>>>(a, L.b, st, T, p.conv_ws);
+            launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, p.conv_ws);
         else
-            k_gdn_step<64><<<a.n_v_heads, GDN_THREADS, 0, s>>>(a, L.b, st, T, p.conv_ws);
+            launch_k(k_gdn_step<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, p.conv_ws);
         break;
     }
     case LT_K_SAMPLE: {
         const lt_sample_args &a = *(const lt_sample_args *)L.args;
-        k_sample<<<1, SAMPLE_THREADS, 0, s>>>(a, L.b, st, T);
+        launch_k(k_sample, 1, SAMPLE_THREADS, 0, s, a, L.b, st, T);
         break;
     }
     }
@@ -297,8 +320,9 @@ void lt_cuda_free(lt_cuda *c) {
     if (c->stream)
         cudaStreamSynchronize(c->stream);
     for (program *p : c->progs) {
-        if (p->graph)
-            cudaGraphExecDestroy(p->graph);
+        for (cudaGraphExec_t g : p->graph)
+            if (g)
+                cudaGraphExecDestroy(g);
         cudaFree(p->conv_ws);
         cudaFree(p->attn_ws);
         delete p;
@@ -314,6 +338,8 @@ void lt_cuda_free(lt_cuda *c) {
 
 static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaSetDevice(c->device));
+    const char *pdl = getenv("LATTICE_CUDA_PDL");
+    pdl_enabled = !(pdl && pdl[0] == '0');
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, c->device));
     c->sms = prop.multiProcessorCount;
@@ -448,22 +474,23 @@ void lt_cuda_set_eager(lt_cuda *c, int eager) {
     c->eager = eager;
 }
 
-static int capture(lt_cuda *c, program &p) {
+static int capture(lt_cuda *c, program &p, int which) {
     cudaGraph_t g;
     CK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
-    launch_step(c, p, 1);
+    for (uint32_t i = 0; i < (which ? GRAPH_STEPS : 1); i++)
+        launch_step(c, p, 1);
     cudaError_t e = cudaStreamEndCapture(c->stream, &g);
     if (e != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "graph capture: %s", cudaGetErrorString(e));
         return LT_ERR_CUDA;
     }
-    e = cudaGraphInstantiate(&p.graph, g, 0);
+    e = cudaGraphInstantiate(&p.graph[which], g, 0);
     cudaGraphDestroy(g);
     if (e != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "cudaGraphInstantiate: %s", cudaGetErrorString(e));
         return LT_ERR_CUDA;
     }
-    CK(cudaGraphUpload(p.graph, c->stream));
+    CK(cudaGraphUpload(p.graph[which], c->stream));
     return LT_OK;
 }
 
@@ -482,19 +509,22 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
         CK(cudaHostAlloc((void **)&c->pinned, need, cudaHostAllocDefault));
         c->pinned_n = need;
     }
-    for (uint32_t s = 0; s < n_steps; s++) {
-        uint32_t t = s == 0 ? T : 1;
-        if (t == 1 && !c->eager) {
-            if (!p.graph) {
-                int e = capture(c, p);
-                if (e != LT_OK)
-                    return e;
-            }
-            CK(cudaGraphLaunch(p.graph, c->stream));
-        } else {
-            launch_step(c, p, t);
+    uint32_t s = 0;
+    if (T > 1 || c->eager) {  /* prefill step (T > 1), or every step in eager mode */
+        for (; s < (c->eager ? n_steps : 1); s++) {
+            launch_step(c, p, s == 0 ? T : 1);
             CK(cudaGetLastError());
         }
+    }
+    while (s < n_steps) {
+        int which = n_steps - s >= GRAPH_STEPS;
+        if (!p.graph[which]) {
+            int e = capture(c, p, which);
+            if (e != LT_OK)
+                return e;
+        }
+        CK(cudaGraphLaunch(p.graph[which], c->stream));
+        s += which ? GRAPH_STEPS : 1;
     }
     CK(cudaMemcpyAsync(c->pinned, c->arena[LT_ARENA_STEP], sizeof(lt_step_args), cudaMemcpyDeviceToHost, c->stream));
     if (out_n)

@@ -23,6 +23,21 @@ __device__ __forceinline__ void lt_raise(lt_step_args *st, uint32_t err) {
     atomicCAS(&st->error, 0u, err);
 }
 
+/* Programmatic dependent launch (sm_90): every kernel lets the next one start at once
+ * (launch_dependents) and waits for the previous one to finish (wait) before it touches anything
+ * a kernel wrote; what comes before the wait may read only weights. Both are no-ops when the
+ * launch did not ask for programmatic serialization. */
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -143,6 +158,8 @@ __device__ V block_exclusive_scan(V v, V *scan, V *total) {
 
 /* ============================================================================ EMBED */
 __global__ void k_embed(lt_embed_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t t = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
@@ -176,6 +193,8 @@ __global__ void k_embed(lt_embed_args a, lt_binds b, lt_step_args *st, uint32_t 
 /* grid (n_heads, T). out may alias x: every thread writes only elements it read itself. */
 __global__ void k_rmsnorm(lt_rmsnorm_args a, lt_binds b, lt_step_args *st, uint32_t T) {
     __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t h = blockIdx.x, t = blockIdx.y, n = a.head_dim;
@@ -198,6 +217,8 @@ __global__ void k_rmsnorm(lt_rmsnorm_args a, lt_binds b, lt_step_args *st, uint3
 
 /* ============================================================================ ELEMENTWISE */
 __global__ void k_elementwise(lt_elementwise_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t t = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
@@ -298,10 +319,45 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     extern __shared__ float xs[];               /* [NT][g.xcols] */
     __shared__ float red[8][RPW][NT];
     __shared__ float rowsum[8 / KS * RPW][NT];
+    __shared__ float rnorm[NT];
     __shared__ float redb[32];
+    constexpr int RPB = 8 / KS * RPW;            /* rows per block */
+    constexpr int VALS = wfmt<FMT>::VALS;
+    constexpr int U = RPW >= 4 ? 2 : 4;          /* 16-byte vectors in flight per row and lane */
+    pdl_begin();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int group = warp / KS, kpart = warp % KS;
+    uint32_t row0 = blockIdx.x * RPB + group * RPW;
+    const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
+    const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wm = (const __half *)b.p[LT_GEMV_B_WM];
+    wrow rr[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        uint32_t row = min(row0 + r, a.rows - 1);  /* rows past the end compute a copy, unused */
+        rr[r].q = wq + (size_t)row * g.row_bytes;
+        rr[r].s = ws ? ws + (size_t)row * g.nblk : nullptr;
+        rr[r].m = wm ? wm + (size_t)row * g.nblk : nullptr;
+    }
+    /* weights do not depend on earlier kernels: the first vectors are requested before waiting
+     * for them, so their latency overlaps the previous kernel and the x prologue */
+    uint4 w[RPW][U];
+    const uint32_t stride = 32 * KS * U;
+    uint32_t base = kpart * 32 + lane;
+    auto load = [&](uint32_t bs) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            uint32_t v = bs + u * 32 * KS;
+#pragma unroll
+            for (int r = 0; r < RPW; r++)
+                if (v < g.nvec)
+                    w[r][u] = __ldg((const uint4 *)rr[r].q + v);
+        }
+    };
+    if (g.vec_ok)
+        load(base);
+    pdl_wait();
     if (st->error)
         return;
-    constexpr int RPB = 8 / KS * RPW;            /* rows per block */
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
     if (lm_head && !(a.flags & LT_GEMV_ALL_TOKENS)) {
@@ -311,7 +367,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     uint32_t t0 = blockIdx.y * NT;
     if (t0 >= n_tok)
         return;
-    /* prologue: stage x (optionally RMS-normalized) for this block's tokens */
+    /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
+     * multiplies the dot products at the end */
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     for (int nt = 0; nt < NT; nt++) {
@@ -325,51 +382,31 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         const float *src = x + (size_t)(t_first + t) * a.x_stride;
         float ss = 0.0f;
         for (uint32_t k = threadIdx.x; k < g.xcols; k += blockDim.x) {
-            float v = k < a.cols ? src[k] : 0.0f;
+            float v = 0.0f;
+            if (k < a.cols) {
+                v = src[k];
+                ss += v * v;
+                if (nw)
+                    v *= add_one ? 1.0f + nw[k] : nw[k];
+            }
             xr[k] = v;
-            ss += v * v;
         }
         if (nw) {
             ss = block_sum(ss, redb);
-            float r = rsqrtf(ss / (float)a.cols + a.eps);
-            for (uint32_t k = threadIdx.x; k < a.cols; k += blockDim.x)
-                xr[k] = xr[k] * r * (add_one ? 1.0f + nw[k] : nw[k]);
+            if (threadIdx.x == 0)
+                rnorm[nt] = rsqrtf(ss / (float)a.cols + a.eps);
         }
     }
     __syncthreads();
 
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int group = warp / KS, kpart = warp % KS;
-    uint32_t row0 = blockIdx.x * RPB + group * RPW;
     float acc[RPW][NT];
 #pragma unroll
     for (int r = 0; r < RPW; r++)
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
             acc[r][nt] = 0.0f;
-    const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
-    const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wm = (const __half *)b.p[LT_GEMV_B_WM];
-    wrow rr[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; r++) {
-        uint32_t row = min(row0 + r, a.rows - 1);  /* rows past the end compute a copy, unused */
-        rr[r].q = wq + (size_t)row * g.row_bytes;
-        rr[r].s = ws ? ws + (size_t)row * g.nblk : nullptr;
-        rr[r].m = wm ? wm + (size_t)row * g.nblk : nullptr;
-    }
-    constexpr int VALS = wfmt<FMT>::VALS;
     if (g.vec_ok) {
-        constexpr int U = RPW >= 4 ? 2 : 4;      /* vectors in flight per row */
-        for (uint32_t base = kpart * 32 + lane; base < g.nvec; base += 32 * KS * U) {
-            uint4 w[RPW][U];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                uint32_t v = base + u * 32 * KS;
-#pragma unroll
-                for (int r = 0; r < RPW; r++)
-                    if (v < g.nvec)
-                        w[r][u] = __ldg((const uint4 *)rr[r].q + v);
-            }
+        while (base < g.nvec) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 uint32_t v = base + u * 32 * KS;
@@ -381,6 +418,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                             acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, rr[r], v);
                 }
             }
+            base += stride;
+            if (base < g.nvec)
+                load(base);
         }
     } else if (FMT == LT_WF_F32 || FMT == LT_WF_F16) {
         for (uint32_t k = kpart * 32 + lane; k < a.cols; k += 32 * KS)
@@ -409,7 +449,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         float s = 0.0f;
         for (int k = 0; k < KS; k++)
             s += red[gr * KS + k][r][nt];
-        rowsum[lr][nt] = s;
+        rowsum[lr][nt] = nw ? s * rnorm[nt] : s;
     }
     __syncthreads();
     /* epilogues: + bias, SiLU(gate) * up over interleaved rows, + residual */
@@ -450,6 +490,8 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
                                                               lt_argmax_partial *p, lt_step_args *st) {
     __shared__ float redv[32];
     __shared__ uint32_t redi[32];
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t i = blockIdx.x * LT_ARGMAX_BLOCK + threadIdx.x;
@@ -475,6 +517,8 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
 __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
     __shared__ float tmp[512], rot[512];
     __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t pos = st->pos;
@@ -558,6 +602,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     __shared__ __align__(16) float qs[512];
     __shared__ float sc[ATT_SUB];
     __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t pos = st->pos;
@@ -694,6 +740,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
 __global__ void __launch_bounds__(ATT_THREADS) k_attention_reduce(lt_attention_args a, lt_binds b,
                                                                   lt_step_args *st, uint32_t T, att_geom g,
                                                                   const float *part) {
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t h = blockIdx.x, t = blockIdx.y, D = a.head_dim, len = st->pos + t + 1;
@@ -721,6 +769,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention_reduce(lt_attention_a
 /* Part 1: causal depthwise conv + SiLU for every channel and token into `conv_out` [T][C], then
  * the conv state update; one thread owns one channel (its state and its outputs). */
 __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x, C = a.channels, K = a.conv_kernel;
@@ -752,6 +802,8 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_bind
                                                    const float *conv_out) {
     __shared__ float qs[512], ks[512], vs[512], delta[512], red[32];
     __shared__ float colsum[GDN_THREADS];
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels;
@@ -900,6 +952,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
     __shared__ float redv[33];
     __shared__ uint32_t redi[33];
     __shared__ uint32_t flag;
+    pdl_begin();
+    pdl_wait();
     if (st->error)
         return;
     const uint32_t V = a.vocab, tid = threadIdx.x;

@@ -3,9 +3,10 @@
  * lt_cuda_write / lt_cuda_read.
  *
  * One lt_cuda holds the arenas and the stream (created with the highest stream priority); one or
- * more programs (decode, prefill, logits) are added to it and share its arenas. A decode step
- * (T = 1) is one CUDA graph launch: the program is captured once, on its first T = 1 run; steps
- * with T > 1 (prefill) and the eager mode launch the kernels one by one. */
+ * more programs (decode, prefill, logits) are added to it and share its arenas. Decode steps
+ * (T = 1) replay CUDA graphs captured on first use: one of 8 steps while 8 or more remain, then
+ * one of a single step; steps with T > 1 (prefill) and the eager mode launch kernels one by one.
+ * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off). */
 #ifndef LATTICE_CUDA_H
 #define LATTICE_CUDA_H
 

@@ -7,6 +7,7 @@
 #   BENCH=0 tests/gpu/run_gpu_tests.sh    # tests only
 #   LOAD=10 tests/gpu/run_gpu_tests.sh    # benchmark also under 10 GPU load processes
 #   BENCH_ARGS=--profile ...              # extra benchmark options (per-kernel timings)
+#   PDL_ABLATION=1 ...                    # also benchmark with LATTICE_CUDA_PDL=0
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lattice-gpu}
@@ -30,5 +31,10 @@ if [ "${BENCH:-1}" = 1 ]; then
     echo "== benchmark"
     timeout "${BENCH_TIMEOUT:-400}" python3 -m lattice.cuda.bench --model smollm2-135m --model qwen3.5-0.8b \
         --quant q8 --runs "${RUNS:-5}" --load "${LOAD:-0}" --json "$OUT/cuda-bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+    if [ "${PDL_ABLATION:-0}" = 1 ]; then
+        echo "== benchmark without programmatic dependent launch"
+        LATTICE_CUDA_PDL=0 timeout 200 python3 -m lattice.cuda.bench --model qwen3.5-0.8b --model smollm2-135m \
+            --quant q8 --runs 3 --json "$OUT/cuda-bench-nopdl.json" 2>&1 | tee "$OUT/bench-nopdl.log"
+    fi
 fi
 exit "$status"
