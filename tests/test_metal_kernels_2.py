@@ -12,6 +12,8 @@ from lattice import program, reference
 from lattice.quant import quantize
 from msl_emu import Library
 
+import test_cpu_kernels as cpu
+
 METAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metal")
 ERR_NONFINITE, ERR_CONTEXT = 1, 3
 UNUSED = np.zeros(16, np.uint8)  # Metal validation wants every declared buffer bound
@@ -357,3 +359,121 @@ def test_lm_head_partials_count_nonfinite_and_break_ties_low(lm_head_lib):
     y, _, parts = run_lm_head(lm_head_lib, "f32", rows, cols, 1, 0, seed=1, x=x)
     assert [int(p["argmax"]) for p in parts] == [0, 256] and (parts["max"] == 0).all()
     np.testing.assert_array_equal(parts["sumexp"], [256, 44])
+
+
+# ---------------------------------------------------------------- SAMPLE
+@pytest.fixture(scope="module")
+def cpu_lib():
+    """The CPU backend's kernels, built as tests/test_cpu_kernels.py builds them (cached)."""
+    return cpu.lib.__wrapped__()
+
+
+SAMPLING = {
+    "greedy": dict(temperature=0.0),
+    "greedy_penalized": dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                             frequency_penalty=0.25, penalty_last_n=3),
+    "temperature": dict(temperature=0.8),
+    "top_k": dict(temperature=1.2, top_k=5),
+    "top_k_ties": dict(temperature=1.0, top_k=7),
+    "top_p": dict(temperature=0.9, top_p=0.6),
+    "min_p": dict(temperature=1.0, min_p=0.05),
+    "everything": dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
+                       frequency_penalty=0.1, penalty_last_n=4),
+}
+
+
+def sample_case(V, seed, ties=False):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(V) * 3).astype(np.float32)
+    if ties:
+        logits = np.round(logits).astype(np.float32)  # many equal values around the top-k threshold
+    parts = np.zeros(-(-V // program.ARGMAX_BLOCK), program.ARGMAX_PARTIAL_DTYPE)
+    for b, row in enumerate(expected_partials(logits)):
+        parts[b] = row
+    hist_cap = 8
+    counts = np.zeros(V, np.uint32)
+    hist = np.zeros(hist_cap, np.uint32)
+    for i, tok in enumerate(rng.integers(0, V, 5)):  # an earlier history of 5 tokens
+        counts[tok] += 1
+        hist[i] = tok
+    return logits, parts, counts, hist, hist_cap
+
+
+def sample_on_cpu(cpu_lib, V, step_fields, T, ids, logits, parts, counts, hist, hist_cap):
+    mem = cpu.Mem(cpu.StepArgs(**step_fields))
+    refs = [mem.put(cpu.OUTPUT, logits), mem.put(cpu.SCRATCH, parts.view(np.uint8)), mem.put(cpu.STEP, ids),
+            mem.put(cpu.STATE, counts), mem.put(cpu.STATE, hist), mem.zeros(cpu.OUTPUT, 4, np.uint32),
+            mem.zeros(cpu.OUTPUT, 4, np.float32), mem.zeros(cpu.SCRATCH, 8 * V, np.uint8)]
+    err = cpu.run_one(cpu_lib, mem, cpu.K_SAMPLE, cpu.SampleArgs(vocab=V, logits_stride=V, hist_cap=hist_cap), refs)
+    return err, mem.step, [mem.view(r).copy() for r in refs[3:7]]
+
+
+def sample_on_metal(sample_lib, V, step_fields, T, ids, logits, parts, counts, hist, hist_cap, order_seed=None):
+    step = step_args(T)
+    for k, v in step_fields.items():
+        step[k] = v
+    counts, hist = counts.copy(), hist.copy()
+    ring, ring_lp = np.zeros(4, np.uint32), np.zeros(4, np.float32)
+    a = args("sample", vocab=V, logits_stride=V, hist_cap=hist_cap)
+    grid, group = launch("sample", 1)
+    sample_lib.dispatch("lt_sample", [a, step, logits, parts, ids, counts, hist, ring, ring_lp,
+                                      np.zeros(8 * V, np.uint8), UNUSED], grid, group, order_seed=order_seed)
+    return step, [counts, hist, ring, ring_lp]
+
+
+@pytest.mark.parametrize("mode", sorted(SAMPLING))
+def test_sample_matches_cpu_sampler(sample_lib, cpu_lib, mode):
+    """Same token, logprob, penalty history and ring as lattice/csrc/sampler.c, over several seeds."""
+    V, T = 300, 2
+    for seed in range(3):
+        logits, parts, counts, hist, hist_cap = sample_case(V, seed, ties=mode == "top_k_ties")
+        ids = np.array([7, 123], np.uint32)
+        fields = dict(dict(n_tokens=T, pos=9, step=5 + seed, ring_cap=4, seed_lo=1234 + seed, seed_hi=99, n_seen=5,
+                           top_p=1.0, repetition_penalty=1.0), **SAMPLING[mode])
+        err, cpu_step, cpu_out = sample_on_cpu(cpu_lib, V, fields, T, ids, logits, parts, counts, hist, hist_cap)
+        assert err == 0
+        step, out = sample_on_metal(sample_lib, V, fields, T, ids, logits, parts, counts, hist, hist_cap,
+                                    order_seed=seed)
+        assert step["error"][0] == 0
+        assert step["next_token"][0] == cpu_step.next_token == step["token"][0]
+        for f in ("pos", "n_tokens", "step", "n_seen"):
+            assert step[f][0] == getattr(cpu_step, f), f
+        np.testing.assert_allclose(step["next_logprob"][0], cpu_step.next_logprob, rtol=1e-5, atol=1e-6)
+        for got, want in zip(out[:3], cpu_out[:3]):  # counts, history, token ring
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(out[3], cpu_out[3], rtol=1e-5, atol=1e-6)
+
+
+def test_sample_seeded_draws_cover_the_distribution(sample_lib, cpu_lib):
+    """Over many steps (RNG counters) the Metal and CPU samplers agree token for token."""
+    V = 40
+    logits, parts, counts, hist, hist_cap = sample_case(V, 11)
+    ids = np.array([3], np.uint32)
+    picked = []
+    for s in range(24):
+        fields = dict(n_tokens=1, step=s, ring_cap=4, seed_lo=77, seed_hi=5, n_seen=5, temperature=1.5,
+                      top_p=1.0, repetition_penalty=1.0)
+        _, cpu_step, _ = sample_on_cpu(cpu_lib, V, fields, 1, ids, logits, parts, counts, hist, hist_cap)
+        step, _ = sample_on_metal(sample_lib, V, fields, 1, ids, logits, parts, counts, hist, hist_cap)
+        assert step["next_token"][0] == cpu_step.next_token
+        picked.append(cpu_step.next_token)
+    assert len(set(picked)) > 3  # the draws really vary with the step counter
+
+
+def test_sample_nonfinite_logits_set_error(sample_lib):
+    V = 300
+    logits, parts, counts, hist, hist_cap = sample_case(V, 1)
+    logits[299] = np.inf
+    for b, row in enumerate(expected_partials(logits)):
+        parts[b] = row
+    step, (counts2, _, ring, _) = sample_on_metal(sample_lib, V, dict(temperature=0.0, ring_cap=4), 1,
+                                                  np.array([1], np.uint32), logits, parts, counts, hist, hist_cap)
+    assert step["error"][0] == ERR_NONFINITE and step["step"][0] == 0 and (ring == 0).all()
+
+
+def test_sample_penalty_window_beyond_history_is_an_args_error(sample_lib):
+    V = 64
+    logits, parts, counts, hist, hist_cap = sample_case(V, 2)
+    step, _ = sample_on_metal(sample_lib, V, dict(penalty_last_n=hist_cap + 1, repetition_penalty=1.2, ring_cap=4), 1,
+                              np.array([1], np.uint32), logits, parts, counts, hist, hist_cap)
+    assert step["error"][0] == 6 and step["step"][0] == 0
