@@ -55,10 +55,11 @@ def _report(model, gen):
               type=click.Choice(["auto", "cpu", "reference"]))
 @click.option("--quant", default=None, type=click.Choice(["q8", "q4", "f16"]),
               help="Requantize weights (default: keep the checkpoint's format where exact).")
+@click.option("--threads", "-t", default=None, type=int, help="CPU threads (default: all cores).")
 @click.option("--context", default=4096, show_default=True, type=int, help="Context length (tokens).")
 @click.option("--verbose", "-v", is_flag=True, help="Print load time, prefill and decode tok/s.")
 def main(model, prompt, raw, chat, system, max_tokens, temp, top_k, top_p, min_p,
-         repeat_penalty, seed, backend, quant, context, verbose):
+         repeat_penalty, seed, backend, quant, threads, context, verbose):
     """Generate text with a local language model."""
     import lattice
     opts = dict(max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -66,7 +67,8 @@ def main(model, prompt, raw, chat, system, max_tokens, temp, top_k, top_p, min_p
     try:
         from .sampling import SamplingParams  # validate before the (slow) load
         SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, 0.0, 0.0, seed)
-        m = lattice.load(model, backend=backend, quant=quant, context=context, quiet=False)
+        m = lattice.load(model, backend=backend, quant=quant, context=context, threads=threads,
+                         quiet=False)
         session = m.session()
         messages = [{"role": "system", "content": system}] if system else []
         if chat:

@@ -11,7 +11,7 @@ from lattice.errors import (BackendError, ContextLengthError, ModelNotFoundError
 
 from conftest import FIXTURES
 
-BACKENDS = ["reference"]
+BACKENDS = ["cpu", "reference"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
