@@ -3,7 +3,14 @@
 # into a dedicated venv used by the oracle scripts (tests/oracles/) and the benchmarks.
 # The built wheel is kept so other venvs can install the same build without recompiling:
 #   pip install "$LATTICE_PEERS/wheels/llama_cpp_python-0.3.36-*.whl"
-# About 5-10 minutes on 2 cores. Usage: bash tests/oracles/build_llama_cpp.sh
+# 5 to 30 minutes on 2 cores (29 min on a busy shared machine). Usage: bash tests/oracles/build_llama_cpp.sh
+#
+# No llama-quantize binary is built; quantize through the library instead, e.g. SmolLM2 Q4_1 -> Q8_0
+# (allow_requantize because the source is already quantized; the result holds the Q4_1 values):
+#   p = llama_cpp.llama_model_quantize_default_params(); p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+#   p.allow_requantize = True; llama_cpp.llama_model_quantize(b"in.gguf", b"out.gguf", p)  # 0 = ok
+# HF -> GGUF: $PEERS/src/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py (needs gguf,
+# torch, transformers).
 set -euo pipefail
 
 VERSION=0.3.36
@@ -31,9 +38,12 @@ fi
 # Unpacked source: vendor/llama.cpp/convert_hf_to_gguf.py and the tools' sources live there.
 tar -xzf "$sdist" -C "$SRC"
 
-start=$(date +%s)
-"$VENV/bin/pip" wheel -v --no-deps -w "$WHEELS" "$sdist"
-echo "wheel built in $(( $(date +%s) - start )) s"
+# The wheel is kept: a second run only reinstalls it (LLAMA_REBUILD=1 compiles again).
+if [ -n "${LLAMA_REBUILD:-}" ] || ! ls "$WHEELS"/llama_cpp_python-$VERSION-*.whl >/dev/null 2>&1; then
+    start=$(date +%s)
+    "$VENV/bin/pip" wheel -v --no-deps -w "$WHEELS" "$sdist"
+    echo "wheel built in $(( $(date +%s) - start )) s"
+fi
 "$VENV/bin/pip" install --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-$VERSION-*.whl
 "$VENV/bin/pip" install -q "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
