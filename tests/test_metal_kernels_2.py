@@ -15,7 +15,8 @@ from msl_emu import Library
 import test_cpu_kernels as cpu
 
 METAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metal")
-ERR_NONFINITE, ERR_CONTEXT = 1, 3
+ERR_NONFINITE, ERR_CONTEXT, ERR_ARGS = 1, 3, 6
+ROPE_QK_NORM, ROPE_NORM_ADD_ONE, ROPE_SPLIT_GATE = 1, 2, 4
 UNUSED = np.zeros(16, np.uint8)  # Metal validation wants every declared buffer bound
 
 
@@ -78,22 +79,13 @@ def padded(rows, cols, stride, rng):
 
 
 # ---------------------------------------------------------------- ROPE_KV
-def rope_case(rng, T, pos, n_heads, n_kv, D, rotary, norm, split, ctx=40):
+def run_rope(rope_lib, T, pos, n_heads, n_kv, D, rotary, norm, split, seed, ctx=40, alias=False):
+    rng = np.random.default_rng(seed)
     qw = n_heads * D * (2 if split else 1)
     q, k, v = padded(T, qw, qw + 3, rng), padded(T, n_kv * D, n_kv * D + 1, rng), padded(T, n_kv * D, n_kv * D + 2, rng)
     inv_freq = (1.0 / 10000.0 ** (np.arange(0, rotary, 2) / max(rotary, 1))).astype(np.float32)
     qn, kn = rng.standard_normal(D).astype(np.float32), rng.standard_normal(D).astype(np.float32)
-    flags = (program_rope_flag(norm=norm, add_one=norm, split=split))
-    return q, k, v, inv_freq, qn, kn, flags
-
-
-def program_rope_flag(norm, add_one, split):
-    return (1 if norm else 0) | (2 if add_one else 0) | (4 if split else 0)
-
-
-def run_rope(rope_lib, T, pos, n_heads, n_kv, D, rotary, norm, split, seed, ctx=40, alias=False):
-    rng = np.random.default_rng(seed)
-    q, k, v, inv_freq, qn, kn, flags = rope_case(rng, T, pos, n_heads, n_kv, D, rotary, norm, split)
+    flags = (ROPE_QK_NORM | ROPE_NORM_ADD_ONE if norm else 0) | (ROPE_SPLIT_GATE if split else 0)
     q_in = q.copy()
     k_cache = np.full((n_kv, ctx, D), -3.0, np.float16)
     v_cache = np.full((n_kv, ctx, D), -3.0, np.float16)
@@ -152,7 +144,7 @@ def test_rope_kv_q_out_may_alias_q(rope_lib):
     caches = [np.zeros((1, 8, D), np.float16) for _ in range(2)]
     inv_freq = (1.0 / 10000.0 ** (np.arange(0, D, 2) / D)).astype(np.float32)
     a = args("qk_rope_kv", n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, rotary_dim=D, q_stride=q.shape[1],
-             k_stride=D, v_stride=D, q_out_stride=q.shape[1], ctx_cap=8, flags=1, eps=1e-6)
+             k_stride=D, v_stride=D, q_out_stride=q.shape[1], ctx_cap=8, flags=ROPE_QK_NORM, eps=1e-6)
     grid, group = launch("qk_rope_kv", T, n_heads=n_heads, n_kv_heads=n_kv)
     ones = np.ones(D, np.float32)
     rope_lib.dispatch("lt_rope_kv", [a, step_args(T, pos), q, k, v, q, *caches, inv_freq, ones, ones, UNUSED],
@@ -476,4 +468,25 @@ def test_sample_penalty_window_beyond_history_is_an_args_error(sample_lib):
     logits, parts, counts, hist, hist_cap = sample_case(V, 2)
     step, _ = sample_on_metal(sample_lib, V, dict(penalty_last_n=hist_cap + 1, repetition_penalty=1.2, ring_cap=4), 1,
                               np.array([1], np.uint32), logits, parts, counts, hist, hist_cap)
-    assert step["error"][0] == 6 and step["step"][0] == 0
+    assert step["error"][0] == ERR_ARGS and step["step"][0] == 0
+
+
+# ---------------------------------------------------------------- AddressSanitizer
+def test_kernels_stay_in_bounds_under_asan(cpu_lib):
+    """Buffers are copied into exact-size blocks: a read or write past any binding's end fails."""
+    run_rope(lib("rope_kv.metal", sanitize="address"), 2, 3, 2, 1, 24, 12, True, True, seed=1, ctx=5)
+    out, expected, _ = run_attention(lib("attention.metal", sanitize="address"), 2, 37, 2, 1, 12, True, seed=2,
+                                     ctx=39)
+    np.testing.assert_allclose(out[:, :24], expected, rtol=1e-4, atol=1e-5)
+    (out, expected), _, _ = run_gdn(lib("gdn.metal", sanitize="address"), 2, 1, 2, 8, 8, 4, seed=3)
+    np.testing.assert_allclose(out[:, :16], expected, rtol=2e-4, atol=2e-4)
+    y, expected, _ = run_lm_head(lib("lm_head.metal", sanitize="address"), "q4", 260, 40, 1, FLAG["norm"], seed=4)
+    np.testing.assert_allclose(y[:, :260], expected, rtol=1e-4, atol=1e-3)
+    V = 70
+    logits, parts, counts, hist, hist_cap = sample_case(V, 5)
+    fields = dict(temperature=1.0, top_k=9, top_p=0.8, ring_cap=4, repetition_penalty=1.1, penalty_last_n=2)
+    step, _ = sample_on_metal(lib("sample.metal", sanitize="address"), V, fields, 1, np.array([3], np.uint32),
+                              logits, parts, counts, hist, hist_cap)
+    _, cpu_step, _ = sample_on_cpu(cpu_lib, V, dict(fields, n_tokens=1), 1, np.array([3], np.uint32), logits, parts,
+                                   counts, hist, hist_cap)
+    assert step["error"][0] == 0 and step["next_token"][0] == cpu_step.next_token
