@@ -15,6 +15,9 @@ static_assert(LT_GEMV_B_X == 0 && LT_GEMV_B_Y == 1 && LT_GEMV_B_WQ == 2 && LT_GE
               "lt_lm_head: binding i is [[buffer(2 + i)]]");
 
 #define ROWS_PER_SIMDGROUP 32
+
+// exponent bits all ones: Inf or NaN (an integer test: Metal's default fast math may fold isfinite)
+static bool nonfinite(float v) { return (as_type<uint>(v) & 0x7F800000u) == 0x7F800000u; }
 #define SIMDGROUPS (LT_ARGMAX_BLOCK / ROWS_PER_SIMDGROUP)
 
 // dot of weight row `row`, values 32c .. 32c + 31, with xv (zero beyond cols)
@@ -127,7 +130,7 @@ kernel void lt_lm_head(device const lt_gemv_args& a        [[buffer(0)]],
                 uint arg = 0xFFFFFFFFu, bad = 0;
                 for (uint i = lane * per_lane; i < (lane + 1) * per_lane && i < n_rows; i++) {
                     const float v = logits[i];
-                    if (!isfinite(v)) bad++;
+                    if (nonfinite(v)) bad++;
                     else if (v > mx) { mx = v; arg = base + i; }
                 }
                 const float block_max = simd_max(mx);
@@ -136,7 +139,7 @@ kernel void lt_lm_head(device const lt_gemv_args& a        [[buffer(0)]],
                 if (block_max > -INFINITY)
                     for (uint i = lane * per_lane; i < (lane + 1) * per_lane && i < n_rows; i++) {
                         const float v = logits[i];
-                        if (isfinite(v)) se += exp(v - block_max);
+                        if (!nonfinite(v)) se += exp(v - block_max);
                     }
                 se = simd_sum(se);
                 bad = simd_sum(bad);

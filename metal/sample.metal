@@ -39,7 +39,7 @@ static float penalized(thread const penalties& pn, device const float* logits, u
 // floats ordered as unsigned ints (-0 as +0, so equal floats have equal keys)
 static uint order_key(float f)
 {
-    const uint u = as_type<uint>(f + 0.0f);
+    const uint u = as_type<uint>(f == 0.0f ? 0.0f : f);
     return (u & 0x80000000u) ? ~u : u | 0x80000000u;
 }
 
