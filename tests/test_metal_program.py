@@ -111,6 +111,23 @@ class EmulatedMetal:
         return [int(t) for t in ring[:n_new]], np.stack(logits)
 
 
+def test_emulated_metal_logits_program_matches_reference_prefill():
+    """The teacher-forcing variant: every token's logits (lm_head over all rows)."""
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-qwen35"))
+    prog = program.build(ck, quant="q8", context=CONTEXT, prefill_chunk=1, logits_chunk=len(PROMPT))
+    em = EmulatedMetal(prog)
+    lay = prog.layout
+    em.arenas[program.ARENA["step"]][lay["ids"]:lay["ids"] + 4 * len(PROMPT)].view(np.uint32)[:] = PROMPT
+    em.step["n_tokens"] = len(PROMPT)
+    em.run("logits")
+    out = em.arenas[program.ARENA["output"]][lay["logits"]:lay["logits"] + 4 * prog.vocab * len(PROMPT)]
+    ref_ck = _Ckpt(ck.config, {n: _Dequantized(t, "q8") if len(t.shape) == 2 else t for n, t in ck.tensors.items()})
+    expected = ReferenceDecoder(ref_ck, context=CONTEXT).prefill(PROMPT)
+    np.testing.assert_allclose(out.view(np.float32).reshape(len(PROMPT), -1), expected, rtol=0,
+                               atol=2e-3 * np.abs(expected).max())
+    assert em.step["next_token"][0] == int(np.argmax(expected[-1]))
+
+
 class _Dequantized:
     """A weight as the kernels see it after quantization: the reference runs on these values."""
 
