@@ -106,6 +106,72 @@ def simd():
     return "cuda"
 
 
+@pytest.mark.parametrize("T", [1, 6])
+def test_gdn_one_value_head_per_key_head(lib, T):
+    """Qwen3.5-0.8B's layout (as many value heads as key heads): the CUDA backend fuses the conv into
+    the recurrent kernel, a path the CPU tests' grouped shapes do not reach."""
+    from lattice import reference as ref
+    from test_cpu_kernels import GdnArgs, K_GDN, Mem, OK, SCRATCH, STATE, StepArgs, WEIGHTS, rand, run_one
+    rng = np.random.default_rng(T)
+    H, Dk, Dv, K = 3, 64, 40, 4
+    C = 2 * H * Dk + H * Dv
+    x = rand(rng, T, C + 1)
+    z, a, b = rand(rng, T, H * Dv), rand(rng, T, H), rand(rng, T, H)
+    conv_w, conv_state = rand(rng, C, K, scale=0.5), rand(rng, K - 1, C)
+    a_log, dt_bias, norm_w = rand(rng, H, scale=0.5), rand(rng, H), rand(rng, Dv)
+    S = rand(rng, H, Dk, Dv, scale=0.1)
+    mem = Mem(StepArgs(n_tokens=T))
+    refs = [mem.put(SCRATCH, x), mem.put(SCRATCH, z), mem.put(SCRATCH, a), mem.put(SCRATCH, b),
+            mem.zeros(SCRATCH, (T, H * Dv)), mem.put(WEIGHTS, conv_w), mem.put(STATE, conv_state),
+            mem.put(WEIGHTS, a_log), mem.put(WEIGHTS, dt_bias), mem.put(STATE, S), mem.put(WEIGHTS, norm_w)]
+    args = GdnArgs(n_k_heads=H, n_v_heads=H, k_dim=Dk, v_dim=Dv, conv_kernel=K, channels=C, q_offset=0,
+                   k_offset=H * Dk, v_offset=2 * H * Dk, x_stride=C + 1, z_stride=H * Dv, a_stride=H,
+                   b_stride=H, out_stride=H * Dv, norm_eps=1e-6)
+    assert run_one(lib, mem, K_GDN, args, refs) == OK
+    y, want_conv = ref.conv1d_silu(x[:, :C], conv_w, conv_state)
+    q, k, v = ref.split(y, [H * Dk, H * Dk, H * Dv])
+    o, want_S = ref.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, S, H, H, Dk, Dv)
+    want = ref.gated_rms_norm(o, z, norm_w, H, 1e-6)
+    np.testing.assert_allclose(mem.view(refs[4]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(mem.view(refs[6]), want_conv, rtol=0, atol=0)
+    np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("T,pos", [(1, 300), (1, 8190), (3, 5000)])
+def test_attention_split_k(lib, head_dim, T, pos):
+    """Long caches take the split-K path (the last split to finish combines): the CPU tests' short
+    caches do not. Two runs of one created program also check that the split counters reset."""
+    from lattice import reference as ref
+    from test_cpu_kernels import AttnArgs, Dispatch, K_ATTENTION, Mem, OK, SCRATCH, STATE, StepArgs, dispatch, rand
+    rng = np.random.default_rng(head_dim + T + pos)
+    H, Hkv, cap = 4, 2, 9000
+    S = pos + T
+    q, gate = rand(rng, T, H * head_dim), rand(rng, T, H * head_dim)
+    kc = (rng.standard_normal((Hkv, cap, head_dim)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((Hkv, cap, head_dim)).astype(np.float16)
+    mem = Mem(StepArgs(n_tokens=T, pos=pos))
+    rq, rk, rv, rg = mem.put(SCRATCH, q), mem.put(STATE, kc), mem.put(STATE, vc), mem.put(SCRATCH, gate)
+    out = mem.zeros(SCRATCH, (T, H * head_dim))
+    args = AttnArgs(n_heads=H, n_kv_heads=Hkv, head_dim=head_dim, ctx_cap=cap, q_stride=H * head_dim,
+                    out_stride=H * head_dim, gate_stride=H * head_dim, flags=1, scale=head_dim ** -0.5)
+    mem.build()
+    consts = bytes(args)
+    prog = (Dispatch * 1)(dispatch(K_ATTENTION, [rq, out, rk, rv, rg]))
+    err, where = ctypes.c_int(), ctypes.c_uint32()
+    h = lib.lt_cpu_create(prog, 1, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err), ctypes.byref(where))
+    k2 = kc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    v2 = vc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    want = ref.sigmoid_mul(ref.attention(q, k2, v2, pos, H, Hkv, head_dim, head_dim ** -0.5), gate)
+    try:
+        for _ in range(2):
+            mem.view(out)[:] = np.nan
+            assert lib.lt_cpu_run(h, 1) == OK
+            np.testing.assert_allclose(mem.view(out), want, rtol=1e-4, atol=1e-5)
+    finally:
+        lib.lt_cpu_free(h)
+
+
 # ---------------------------------------------------------------------------------------------- no GPU
 
 def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):

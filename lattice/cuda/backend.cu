@@ -31,6 +31,7 @@ struct program {
     uint32_t max_tokens = 1;
     float *conv_ws = nullptr;   /* GDN conv outputs [max_tokens][channels] */
     float *attn_ws = nullptr;   /* attention split partials */
+    unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
     cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
 };
 
@@ -263,19 +264,21 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     }
     case LT_K_ATTENTION: {
         const lt_attention_args &a = *(const lt_attention_args *)L.args;
-        launch_k(k_attention, dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws);
-        if (L.ag.n_split > 1)
-            launch_k(k_attention_reduce, dim3(a.n_heads, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws);
+        launch_k(k_attention, dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws,
+                 p.attn_cnt);
         break;
     }
     case LT_K_GDN: {
         const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-        launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, p.conv_ws);
+        /* one value head per key head: the step kernel does the conv too (no shared channels) */
+        float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.conv_ws;
+        if (conv)
+            launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
         if (rows <= 32)
-            launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, p.conv_ws);
+            launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
         else
-            launch_k(k_gdn_step<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, p.conv_ws);
+            launch_k(k_gdn_step<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
         break;
     }
     case LT_K_SAMPLE: {
@@ -325,6 +328,7 @@ void lt_cuda_free(lt_cuda *c) {
                 cudaGraphExecDestroy(g);
         cudaFree(p->conv_ws);
         cudaFree(p->attn_ws);
+        cudaFree(p->attn_cnt);
         delete p;
     }
     for (int i = 0; i < LT_N_ARENAS; i++)
@@ -402,7 +406,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     p->max_tokens = max_tokens;
     p->consts.assign(consts, consts + n_consts);
     p->l.resize(n);
-    size_t conv_floats = 0, attn_floats = 0;
+    size_t conv_floats = 0, attn_floats = 0, attn_heads = 0;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
         int e = check_dispatch(c, d, n_consts);
@@ -434,6 +438,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             if (L.ag.n_split > 1) {
                 size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);
                 attn_floats = f > attn_floats ? f : attn_floats;
+                attn_heads = (size_t)max_tokens * a->n_heads > attn_heads ? (size_t)max_tokens * a->n_heads : attn_heads;
             }
         } else if (d->kernel == LT_K_GDN) {
             size_t f = (size_t)max_tokens * ((const lt_gdn_args *)L.args)->channels;
@@ -443,10 +448,18 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     /* the consts vector must not move after L.args point into it */
     cudaError_t e1 = conv_floats ? cudaMalloc(&p->conv_ws, conv_floats * 4) : cudaSuccess;
     cudaError_t e2 = attn_floats ? cudaMalloc(&p->attn_ws, attn_floats * 4) : cudaSuccess;
+    if (e2 == cudaSuccess && attn_heads) {
+        e2 = cudaMalloc(&p->attn_cnt, attn_heads * sizeof(unsigned));
+        if (e2 == cudaSuccess)
+            e2 = cudaMemsetAsync(p->attn_cnt, 0, attn_heads * sizeof(unsigned), c->stream);
+        if (e2 == cudaSuccess)
+            e2 = cudaStreamSynchronize(c->stream);
+    }
     if (e1 != cudaSuccess || e2 != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "workspace: %s", cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
         cudaFree(p->conv_ws);
         cudaFree(p->attn_ws);
+        cudaFree(p->attn_cnt);
         delete p;
         return -LT_ERR_NOMEM;
     }

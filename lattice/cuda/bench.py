@@ -81,6 +81,7 @@ def profile(rt, reps=200):
     alone reps times as a one-node graph (an upper bound: a graph launch costs ~2 us by itself)."""
     prog = rt.program
     decode = prog.dispatches["decode"]
+    rt._set_sampling(None)  # greedy, no penalties: the sampler's benchmark path
     per_kind = {}
     for i, (kind, layer, _, _) in enumerate(prog.notes["decode"]):
         idx = rt.be.add_program(decode[i:i + 1], prog.consts, 1)

@@ -589,7 +589,8 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1) with an online
  * softmax over sub-chunks of ATT_SUB positions. G lanes share one cache row (16-byte f16 loads,
  * G = nvec rounded up to a power of two, at most 32). With one split the block writes the output;
- * otherwise it writes (max, sum, acc[D]) and k_attention_reduce combines the splits. */
+ * otherwise it writes (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic
+ * counter, reset by that block) combines them: no second kernel. */
 #define ATT_THREADS 128
 #define ATT_SUB 256
 
@@ -598,8 +599,10 @@ struct att_geom {
 };
 
 __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
-                                                           uint32_t T, att_geom g, float *part) {
+                                                           uint32_t T, att_geom g, float *part,
+                                                           unsigned *counters) {
     __shared__ __align__(16) float qs[512];
+    __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * ceil(nvec / G) <= 2048 */
     __shared__ float sc[ATT_SUB];
     __shared__ float red[32];
     pdl_begin();
@@ -695,107 +698,119 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         }
         __syncthreads();  /* sc is reused by the next sub-chunk */
     }
-    /* sum acc over the NG groups: shared [NG][D] in passes of 16 floats per thread */
-    float *outp;
-    bool direct = g.n_split == 1;
     const float *gate = (a.flags & LT_ATTN_OUT_GATE)
         ? (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D : nullptr;
-    if (direct)
-        outp = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-    else
-        outp = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
-    float inv = direct ? 1.0f / l : 1.0f;
-    /* sum acc over the NG position groups, one group at a time; qs is free now: it becomes the
-     * [D] accumulator */
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
-        qs[i] = 0.0f;
-    __syncthreads();
-    for (uint32_t grp = 0; grp < NG; grp++) {
-        if (gi == grp) {
+    /* sum acc over the NG position groups (in group order: deterministic) */
+    float *buf = (float *)sbuf;  /* [NG][D] */
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
-                uint32_t v = li + u * G;
-                if (v < nvec)
+    for (int u = 0; u < 2; u++) {
+        uint32_t v = li + u * G;
+        if (v < nvec)
 #pragma unroll
-                    for (int e = 0; e < 8; e++)
-                        qs[v * 8 + e] += acc[u][e];
-            }
+            for (int e = 0; e < 8; e++)
+                buf[gi * D + v * 8 + e] = acc[u][e];
+    }
+    __syncthreads();
+    if (g.n_split == 1) {
+        float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
+        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
+            float o = 0.0f;
+            for (uint32_t k = 0; k < NG; k++)
+                o += buf[k * D + i];
+            o /= l;
+            out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
         }
-        __syncthreads();
-    }
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-        float o = qs[i] * inv;
-        if (direct && gate)
-            o *= lt_sigmoid_d(gate[i]);
-        outp[direct ? i : i + 2] = o;
-    }
-    if (!direct && threadIdx.x == 0) {
-        outp[0] = m;
-        outp[1] = l;
-    }
-}
-
-/* Combines the splits of k_attention: grid (n_heads, T), 128 threads. */
-__global__ void __launch_bounds__(ATT_THREADS) k_attention_reduce(lt_attention_args a, lt_binds b,
-                                                                  lt_step_args *st, uint32_t T, att_geom g,
-                                                                  const float *part) {
-    pdl_begin();
-    pdl_wait();
-    if (st->error)
         return;
-    uint32_t h = blockIdx.x, t = blockIdx.y, D = a.head_dim, len = st->pos + t + 1;
-    uint32_t used = (len + g.chunk - 1) / g.chunk;
-    const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
-    float M = -INFINITY;
-    for (uint32_t s = 0; s < used; s++)
-        M = fmaxf(M, ps[s * (D + 2)]);
-    float L = 0.0f;
-    for (uint32_t s = 0; s < used; s++)
-        L += ps[s * (D + 2) + 1] * expf(ps[s * (D + 2)] - M);
-    const float *gate = (a.flags & LT_ATTN_OUT_GATE)
-        ? (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D : nullptr;
-    float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-    for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+    }
+    /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
+    float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
         float o = 0.0f;
-        for (uint32_t s = 0; s < used; s++)
-            o += ps[s * (D + 2) + 2 + i] * expf(ps[s * (D + 2)] - M);
+        for (uint32_t k = 0; k < NG; k++)
+            o += buf[k * D + i];
+        mine[2 + i] = o;
+    }
+    if (threadIdx.x == 0) {
+        mine[0] = m;
+        mine[1] = l;
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    uint32_t used = (len + g.chunk - 1) / g.chunk;
+    if (threadIdx.x == 0) {
+        unsigned *c = counters + (size_t)t * a.n_heads + h;
+        last = atomicAdd(c, 1u) == used - 1;
+        if (last)
+            *c = 0;  /* ready for the next step */
+    }
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
+    float M = -INFINITY, L = 0.0f;
+    for (uint32_t k = 0; k < used; k++)
+        M = fmaxf(M, __ldcg(ps + k * (D + 2)));
+    for (uint32_t k = 0; k < used; k++)
+        L += __ldcg(ps + k * (D + 2) + 1) * expf(__ldcg(ps + k * (D + 2)) - M);
+    float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
+        float o = 0.0f;
+        for (uint32_t k = 0; k < used; k++)
+            o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
         o /= L;
         out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
     }
 }
 
 /* ============================================================================ GDN */
-/* Part 1: causal depthwise conv + SiLU for every channel and token into `conv_out` [T][C], then
- * the conv state update; one thread owns one channel (its state and its outputs). */
-__global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
-    pdl_begin();
-    pdl_wait();
-    if (st->error)
-        return;
-    uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x, C = a.channels, K = a.conv_kernel;
-    if (ch >= C)
-        return;
-    const float *x = (const float *)b.p[LT_GDN_B_X], *w = (const float *)b.p[LT_GDN_B_CONV_W] + (size_t)ch * K;
-    float *state = (float *)b.p[LT_GDN_B_CONV_STATE];
-    for (uint32_t t = 0; t < T; t++) {
-        float acc = 0.0f;
-        for (uint32_t j = 0; j < K; j++) {
-            int64_t r = (int64_t)t - (int64_t)(K - 1) + j;
-            float in = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * a.x_stride + ch];
-            acc += w[j] * in;
-        }
-        conv_out[(size_t)t * C + ch] = lt_silu_d(acc);
+/* Causal depthwise conv + SiLU of channel ch at token t (inputs before token 0 come from the
+ * state, oldest first), and the state update after T tokens (ascending order reads ahead of
+ * writes). */
+__device__ __forceinline__ float gdn_conv(const lt_gdn_args &a, const float *x, const float *state,
+                                          const float *w, uint32_t t, uint32_t ch) {
+    uint32_t K = a.conv_kernel, C = a.channels;
+    float acc = 0.0f;
+    for (uint32_t j = 0; j < K; j++) {
+        int64_t r = (int64_t)t - (int64_t)(K - 1) + j;
+        float in = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * a.x_stride + ch];
+        acc += w[(size_t)ch * K + j] * in;
     }
+    return lt_silu_d(acc);
+}
+
+__device__ __forceinline__ void gdn_conv_state(const lt_gdn_args &a, const float *x, float *state, uint32_t T,
+                                               uint32_t ch) {
+    uint32_t K = a.conv_kernel, C = a.channels;
     for (uint32_t i = 0; i + 1 < K; i++) {
         int64_t r = (int64_t)T - (int64_t)(K - 1) + i;
         state[(size_t)i * C + ch] = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * a.x_stride + ch];
     }
 }
 
+/* Part 1 (value heads sharing key heads): conv + SiLU of every channel and token into conv_out
+ * [T][C], then the conv state update; one thread owns one channel. */
+__global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
+    pdl_begin();
+    pdl_wait();
+    if (st->error)
+        return;
+    uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x, C = a.channels;
+    if (ch >= C)
+        return;
+    const float *x = (const float *)b.p[LT_GDN_B_X], *w = (const float *)b.p[LT_GDN_B_CONV_W];
+    float *state = (float *)b.p[LT_GDN_B_CONV_STATE];
+    for (uint32_t t = 0; t < T; t++)
+        conv_out[(size_t)t * C + ch] = gdn_conv(a, x, state, w, t, ch);
+    gdn_conv_state(a, x, state, T, ch);
+}
+
 /* Part 2: one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
  * [slice * R, slice * R + R) of column j of the head's f32 state in registers for the whole scan
- * (read once, written once); column sums over the slices go through shared memory. */
+ * (read once, written once); column sums over the slices go through shared memory. With
+ * conv_out == nullptr (one value head per key head: no channel is shared between blocks) the block
+ * also does the conv of its own channels and their state update: one kernel per layer. */
 #define GDN_THREADS 512
 template <int R>
 __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T,
@@ -821,19 +836,25 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_bind
     const float *pa = (const float *)b.p[LT_GDN_B_A], *pb = (const float *)b.p[LT_GDN_B_B];
     const float *a_log = (const float *)b.p[LT_GDN_B_A_LOG], *dt_bias = (const float *)b.p[LT_GDN_B_DT_BIAS];
     const float *norm_w = (const float *)b.p[LT_GDN_B_NORM_W];
+    const float *x = (const float *)b.p[LT_GDN_B_X], *conv_w = (const float *)b.p[LT_GDN_B_CONV_W];
+    float *cstate = (float *)b.p[LT_GDN_B_CONV_STATE];
     float q_scale = 1.0f / sqrtf((float)Dk);
     for (uint32_t t = 0; t < T; t++) {
-        const float *cw = conv_out + (size_t)t * C;
+        const float *cw = conv_out ? conv_out + (size_t)t * C : nullptr;
         float sq = 0.0f, sk = 0.0f;
         for (uint32_t i = threadIdx.x; i < Dk; i += blockDim.x) {
-            float qv = cw[a.q_offset + kh * Dk + i], kv = cw[a.k_offset + kh * Dk + i];
+            uint32_t qc = a.q_offset + kh * Dk + i, kc = a.k_offset + kh * Dk + i;
+            float qv = cw ? cw[qc] : gdn_conv(a, x, cstate, conv_w, t, qc);
+            float kv = cw ? cw[kc] : gdn_conv(a, x, cstate, conv_w, t, kc);
             qs[i] = qv;
             ks[i] = kv;
             sq += qv * qv;
             sk += kv * kv;
         }
-        for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x)
-            vs[i] = cw[a.v_offset + h * Dv + i];
+        for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x) {
+            uint32_t vc = a.v_offset + h * Dv + i;
+            vs[i] = cw ? cw[vc] : gdn_conv(a, x, cstate, conv_w, t, vc);
+        }
         sq = block_sum(sq, red);
         sk = block_sum(sk, red);
         float rq = q_scale / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
@@ -895,6 +916,13 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_bind
         uint32_t i = sl * rows_per + r;
         if (active && r < (int)rows_per && i < Dk)
             S[(size_t)i * Dv + j] = s_reg[r];
+    }
+    if (!conv_out) {  /* every thread has read the conv state (block_sum synchronized) */
+        __syncthreads();
+        for (uint32_t i = threadIdx.x; i < 2 * Dk + Dv; i += blockDim.x)
+            gdn_conv_state(a, x, cstate, T,
+                           i < Dk ? a.q_offset + kh * Dk + i
+                                  : i < 2 * Dk ? a.k_offset + kh * Dk + (i - Dk) : a.v_offset + h * Dv + (i - 2 * Dk));
     }
 }
 
