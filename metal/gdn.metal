@@ -80,8 +80,9 @@ kernel void lt_gdn(device const lt_gdn_args& a         [[buffer(0)]],
     threadgroup float ks[MAX_DIM];
     threadgroup float partial[32];
     const uint Dk = a.k_dim, Dv = a.v_dim, K = a.conv_kernel, C = a.channels, T = step.n_tokens;
+    if (T == 0 || head >= a.n_v_heads || a.n_k_heads == 0 || Dk > MAX_DIM || Dv > MAX_DIM || ntg < MIN_THREADS) return;
     const uint group = a.n_v_heads / a.n_k_heads;
-    if (head >= a.n_v_heads || head % group != 0 || Dk > MAX_DIM || Dv > MAX_DIM || ntg < MIN_THREADS) return;
+    if (head % group != 0) return;
     const uint kh = head / group;
     const uint qc = a.q_offset + kh * Dk, kc = a.k_offset + kh * Dk;
     const float q_scale = rsqrt(float(Dk));

@@ -80,7 +80,7 @@ kernel void lt_lm_head(device const lt_gemv_args& a        [[buffer(0)]],
 {
     threadgroup float partial[32];
     threadgroup float logits[LT_ARGMAX_BLOCK];
-    if (ntg != LT_ARGMAX_BLOCK) return;  // 8 simdgroups of 32 rows make one partial block
+    if (ntg != LT_ARGMAX_BLOCK || step.n_tokens == 0) return;  // 8 simdgroups x 32 rows: one partial block
     const uint n_blocks = (a.rows + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
     const uint n_chunks = (a.cols + LT_QK - 1) / LT_QK;
     const bool norm = (a.flags & LT_GEMV_NORM) != 0;

@@ -222,6 +222,7 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
     threadgroup float shared_f[2];  // thread 0's results for everyone: max, sum of exp
     threadgroup uint shared_u[2];   // argmax, non-finite count
     const uint V = a.vocab, T = step.n_tokens;
+    if (T == 0 || V == 0) return;  // the bridge's warm-up dispatch (all zeros) does nothing
     if (step.penalty_last_n > a.hist_cap) {
         if (tid == 0) raise_error(step, LT_ERR_ARGS);
         return;

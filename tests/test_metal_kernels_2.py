@@ -490,3 +490,16 @@ def test_kernels_stay_in_bounds_under_asan(cpu_lib):
     _, cpu_step, _ = sample_on_cpu(cpu_lib, V, dict(fields, n_tokens=1), 1, np.array([3], np.uint32), logits, parts,
                                    counts, hist, hist_cap)
     assert step["error"][0] == 0 and step["next_token"][0] == cpu_step.next_token
+
+
+# ---------------------------------------------------------------- the bridge's warm-up dispatch
+@pytest.mark.parametrize("source,kernel,slots", [("rope_kv.metal", "lt_rope_kv", 10),
+                                                 ("attention.metal", "lt_attention", 5),
+                                                 ("gdn.metal", "lt_gdn", 11), ("lm_head.metal", "lt_lm_head", 9),
+                                                 ("sample.metal", "lt_sample", 9)])
+def test_all_zero_warm_up_dispatch_does_nothing(source, kernel, slots):
+    """objc/lattice_metal.mm makes pipelines resident with one 1-thread threadgroup and every slot
+    on one zero buffer (step.n_tokens == 0): the kernel must neither fault nor write."""
+    zeros = np.zeros(4096, np.uint8)
+    lib(source).dispatch(kernel, [zeros] * (2 + slots), (1, 1, 1), (1, 1, 1))
+    assert not zeros.any()
