@@ -4,6 +4,39 @@
 
 #include "cpu_internal.h"
 
+#if defined(_WIN32)
+#include <windows.h>
+#define lt_yield() SwitchToThread()
+#else
+#include <sched.h>
+#define lt_yield() sched_yield()
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define lt_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define lt_relax() __asm__ __volatile__("yield")
+#else
+#define lt_relax() ((void)0)
+#endif
+
+#define SPINS_BEFORE_YIELD 2000
+
+void lt_barrier_wait(lt_barrier *b, int nth) {
+    uint32_t gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == (uint32_t)nth) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&b->generation, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen; spins++) {
+        if (spins < SPINS_BEFORE_YIELD)
+            lt_relax();
+        else
+            lt_yield();
+    }
+}
+
 struct lt_cpu {
     lt_dispatch *prog;
     uint32_t n;
@@ -14,6 +47,7 @@ struct lt_cpu {
     size_t tbuf_n;
     float *shared;          /* shared scratch, grown on demand for the step's T */
     size_t shared_n;
+    lt_barrier barrier;
 };
 
 static const lt_kernel_fn KERNELS[LT_K_COUNT] = {
@@ -237,6 +271,7 @@ static void replay(lt_cpu *c, uint32_t n_steps) {
         ctx.tid = 0;
         ctx.nth = 1;
 #endif
+        ctx.barrier = &c->barrier;
         ctx.tbuf = c->tbuf_n ? c->tbuf[ctx.tid] : NULL;
         ctx.shared = c->shared;
         for (uint32_t s = 0; s < n_steps; s++) {
@@ -244,15 +279,14 @@ static void replay(lt_cpu *c, uint32_t n_steps) {
             ctx.pos = step->pos;
             for (uint32_t i = 0; i < c->n; i++) {
                 const lt_dispatch *d = &c->prog[i];
-                if (i > 0 && (d->flags & LT_DISPATCH_BARRIER)) {
-                    LT_OMP_BARRIER();
-                }
+                if (i > 0 && (d->flags & LT_DISPATCH_BARRIER))
+                    lt_sync(&ctx);
                 KERNELS[d->kernel](&ctx, d);
             }
             /* Everyone reads the error flag before anyone can start the next step. */
-            LT_OMP_BARRIER();
+            lt_sync(&ctx);
             uint32_t err = step->error;
-            LT_OMP_BARRIER();
+            lt_sync(&ctx);
             if (err)
                 break;
         }

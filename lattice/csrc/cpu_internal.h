@@ -11,10 +11,18 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#define LT_OMP_BARRIER() _Pragma("omp barrier")
-#else
-#define LT_OMP_BARRIER() ((void)0)
 #endif
+
+/* The threads of one run wait for each other with this barrier rather than `omp barrier`:
+ * it spins briefly (dispatch imbalance is usually microseconds), then yields the CPU, so that
+ * when other processes share the cores a thread that was preempted gets to run instead of
+ * waiting behind spinning peers (libgomp spins ~300k iterations, then sleeps in the kernel). */
+typedef struct lt_barrier {
+    uint32_t arrived;      /* threads at the barrier in this generation */
+    uint32_t generation;   /* bumped by the last thread to arrive */
+} lt_barrier;
+
+void lt_barrier_wait(lt_barrier *b, int nth);
 
 /* Per-thread scratch: rows of x prepared for a GEMV (normalized / zero-padded), GEMV tiles,
  * attention scores. Sized at create time from the program. */
@@ -32,11 +40,17 @@ typedef struct lt_ctx {
     uint32_t T;          /* step.n_tokens at the start of the step */
     uint32_t pos;        /* step.pos at the start of the step */
     int tid, nth;
+    lt_barrier *barrier; /* shared by the run's threads */
     float *tbuf;         /* this thread's scratch */
     float *shared;       /* scratch shared by all threads (prefill GEMV inputs) */
 } lt_ctx;
 
 typedef void (*lt_kernel_fn)(const lt_ctx *c, const lt_dispatch *d);
+
+static inline void lt_sync(const lt_ctx *c) {
+    if (c->nth > 1)
+        lt_barrier_wait(c->barrier, c->nth);
+}
 
 static inline void *lt_bound(const lt_ctx *c, const lt_dispatch *d, int slot) {
     if ((uint32_t)slot >= d->n_bind || d->bind[slot].arena == LT_ARENA_NONE)

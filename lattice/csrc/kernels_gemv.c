@@ -155,7 +155,7 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
                 lt_quantize_x16(staging, w.stride, dst);
         }
         if (T > 1) {
-            LT_OMP_BARRIER();
+            lt_sync(c);
         }
         x = buf;
         xs = ps;
@@ -176,7 +176,7 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
             partials(y + (size_t)(T - 1) * a->y_stride, lo, hi, p);
     }
     if (prep && T > 1) {  /* the shared input buffer is reused by the next GEMV */
-        LT_OMP_BARRIER();
+        lt_sync(c);
     }
 }
 
