@@ -1,8 +1,14 @@
-// LT_K_SAMPLE: the last kernel of a step (metal/lattice_shared.h spells out the algorithm). It
-// picks the same token as the CPU backend's sampler (lattice/csrc/sampler.c) for the same seed:
-// every step whose result depends only on comparisons runs over the whole threadgroup (max,
-// argmax, the top-k threshold, candidate compaction in id order), and the float sums that decide
-// top-p and the draw run in thread 0 in the CPU's order, so they round the same way.
+// LT_K_SAMPLE: the last kernel of a step (metal/lattice_shared.h spells out the algorithm), in
+// the steps and order of the CPU backend's sampler (lattice/csrc/sampler.c). Every step whose
+// result depends only on comparisons runs over the whole threadgroup (max, argmax, the top-k
+// threshold, candidates in id order: each thread owns a contiguous range of ids). The float sums
+// that decide top-p and the draw:
+//  - up to SERIAL_CANDIDATES candidates (top-k on): thread 0, in the CPU's order, so they round
+//    the same way and the same seed gives the same token;
+//  - more (no top-k): over the threadgroup (threshold searches instead of sorts, prefix sums),
+//    in another order than the CPU's: a draw can differ only when u * total falls within
+//    rounding of a cumulative boundary. A serial walk over a 248k vocabulary would cost
+//    milliseconds on one GPU thread.
 // Launch (lattice/program.py): one threadgroup of 1024 threads. PARTIALS must be bound (the
 // program always binds them); RING_LOGITS is touched only when logits_cap > 0.
 #include <metal_stdlib>
@@ -13,6 +19,8 @@ static_assert(LT_SAMPLE_B_LOGITS == 0 && LT_SAMPLE_B_PARTIALS == 1 && LT_SAMPLE_
               LT_SAMPLE_B_COUNTS == 3 && LT_SAMPLE_B_HIST == 4 && LT_SAMPLE_B_RING_TOKENS == 5 &&
               LT_SAMPLE_B_RING_LOGPROBS == 6 && LT_SAMPLE_B_WORK == 7 && LT_SAMPLE_B_RING_LOGITS == 8,
               "lt_sample: binding i is [[buffer(2 + i)]]");
+
+#define SERIAL_CANDIDATES 1024
 
 struct cand {
     float p;   // exp(l / temperature - max): unnormalized probability
@@ -56,26 +64,27 @@ static void raise_error(device lt_step_args& step, uint err)
 }
 
 // ---- threadgroup reductions: every thread gets the result; buf is free again on return
-static uint tg_sum(uint v, threadgroup uint* buf, uint lane, uint sg, uint nsg)
+template <typename T>
+static T tg_sum(T v, threadgroup T* buf, uint lane, uint sg, uint nsg)
 {
     v = simd_sum(v);
     if (lane == 0) buf[sg] = v;
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    uint total = 0;
+    T total = 0;
     for (uint i = 0; i < nsg; i++) total += buf[i];
     threadgroup_barrier(mem_flags::mem_threadgroup);
     return total;
 }
 
-static float tg_sum(float v, threadgroup float* buf, uint lane, uint sg, uint nsg)
+static uint tg_max(uint v, threadgroup uint* buf, uint lane, uint sg, uint nsg)
 {
-    v = simd_sum(v);
+    v = simd_max(v);
     if (lane == 0) buf[sg] = v;
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    float total = 0.0f;
-    for (uint i = 0; i < nsg; i++) total += buf[i];
+    uint m = 0;
+    for (uint i = 0; i < nsg; i++) m = max(m, uint(buf[i]));
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    return total;
+    return m;
 }
 
 // (largest value, lowest id holding it)
@@ -99,16 +108,17 @@ static void tg_argmax(thread float& best, thread uint& id, threadgroup float* fb
 }
 
 // exclusive prefix sum of v over threads in index order; total gets the sum of all
-static uint tg_prefix(uint v, thread uint& total, threadgroup uint* buf, uint lane, uint sg, uint nsg)
+template <typename T>
+static T tg_prefix(T v, thread T& total, threadgroup T* buf, uint lane, uint sg, uint nsg)
 {
-    const uint before = simd_prefix_exclusive_sum(v);
-    const uint sum = simd_sum(v);
+    const T before = simd_prefix_exclusive_sum(v);
+    const T sum = simd_sum(v);
     if (lane == 0) buf[sg] = sum;
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    uint base = 0;
+    T base = 0;
     total = 0;
     for (uint g = 0; g < nsg; g++) {
-        const uint s = buf[g];
+        const T s = buf[g];
         if (g < sg) base += s;
         total += s;
     }
@@ -197,6 +207,72 @@ static uint draw(device cand* c, uint n, device const lt_step_args& st, thread f
     }
     logprob = log(c[i].p / total);
     return c[i].id;
+}
+
+// top-p, min-p and the draw over p[v] (v in this thread's [lo, hi); -1: not a candidate), over
+// the whole threadgroup; same selections as draw()
+static uint draw_parallel(device float* p, uint lo, uint hi, device const lt_step_args& st, thread float& logprob,
+                          threadgroup float* fbuf, threadgroup uint* ubuf, uint lane, uint sg, uint nsg)
+{
+    if (st.top_p < 1.0f) {
+        float mine = 0.0f;
+        for (uint v = lo; v < hi; v++) mine += max(p[v], 0.0f);
+        const float target = st.top_p * tg_sum<float>(mine, fbuf, lane, sg, nsg);
+        // tau: the smallest p of the nucleus = the largest value whose sum of p >= it reaches the
+        // target (p >= 0: the raw bits are ordered)
+        uint key = 0;
+        for (int bit = 30; bit >= 0; bit--) {
+            const uint trial = key | (1u << bit);
+            float s = 0.0f;
+            uint c = 0;
+            for (uint v = lo; v < hi; v++)
+                if (p[v] >= 0.0f && as_type<uint>(p[v]) >= trial) { s += p[v]; c++; }
+            const float total_s = tg_sum<float>(s, fbuf, lane, sg, nsg);
+            if (tg_sum<uint>(c, ubuf, lane, sg, nsg) > 0 && total_s >= target) key = trial;
+        }
+        const float tau = as_type<float>(key);
+        float above = 0.0f;
+        uint ties = 0;
+        for (uint v = lo; v < hi; v++) {
+            if (p[v] > tau) above += p[v];
+            ties += p[v] == tau;
+        }
+        float cum = tg_sum<float>(above, fbuf, lane, sg, nsg);
+        uint all_ties;
+        const uint ties_before = tg_prefix<uint>(ties, all_ties, ubuf, lane, sg, nsg);
+        uint want = 0;
+        do {  // values equal to tau join in ascending id until the sum reaches the target
+            cum += tau;
+            want++;
+        } while (want < all_ties && cum < target);
+        uint my_ties = ties_before >= want ? 0 : min(ties, want - ties_before);
+        for (uint v = lo; v < hi; v++) {
+            if (p[v] < 0.0f || p[v] > tau) continue;
+            if (p[v] == tau && my_ties) my_ties--;
+            else p[v] = -1.0f;
+        }
+    }
+    if (st.min_p > 0.0f)  // p relative to the top candidate, whose p is 1
+        for (uint v = lo; v < hi; v++)
+            if (p[v] >= 0.0f && p[v] < st.min_p) p[v] = -1.0f;
+    // the first kept id (ascending) whose cumulative p exceeds u * total
+    float mine = 0.0f, total;
+    for (uint v = lo; v < hi; v++) mine += max(p[v], 0.0f);
+    float cum = tg_prefix<float>(mine, total, fbuf, lane, sg, nsg);
+    const float target = lt_uniform(st.seed_lo, st.seed_hi, st.step) * total;
+    uint hit = 0xFFFFFFFFu, last = 0;  // last: the last kept id + 1, the CPU's fallback under rounding
+    for (uint v = lo; v < hi; v++)
+        if (p[v] >= 0.0f) {
+            last = v + 1;
+            cum += p[v];
+            if (cum > target && hit == 0xFFFFFFFFu) hit = v;
+        }
+    float found = hit == 0xFFFFFFFFu ? -INFINITY : 0.0f;
+    tg_argmax(found, hit, fbuf, ubuf, lane, sg, nsg);  // the lowest id that hit
+    last = tg_max(last, ubuf, lane, sg, nsg);
+    const uint tok = found == 0.0f ? hit : last - 1;
+    logprob = log(p[tok] / total);
+    return tok;
 }
 
 [[max_total_threads_per_threadgroup(1024)]]
@@ -291,7 +367,7 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
             tg_argmax(best, best_id, fbuf, ubuf, lane, sg, nsg);
             float se = 0.0f;
             for (uint v = lo; v < hi; v++) se += exp(penalized(pn, logits, v) - best);
-            se = tg_sum(se, fbuf, lane, sg, nsg);
+            se = tg_sum<float>(se, fbuf, lane, sg, nsg);
             tok = best_id;
             logprob = -log(se);
         }
@@ -301,19 +377,21 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
         uint unused_id = 0;
         for (uint v = lo; v < hi; v++) smax = max(smax, penalized(pn, logits, v) * inv_t);
         tg_argmax(smax, unused_id, fbuf, ubuf, lane, sg, nsg);
-        device cand* c = (device cand*)work;
-        uint n = V;
-        if (step.top_k > 0 && step.top_k < V) {
+        // top-k: the threshold and this thread's share of the values equal to it
+        const bool top_k = step.top_k > 0 && step.top_k < V;
+        float thr = -INFINITY;
+        uint above = 0, my_ties = 0;
+        if (top_k) {
             // the top_k-th largest value: the largest key with at least top_k values at or above it
             uint key = 0;
             for (int bit = 31; bit >= 0; bit--) {
                 const uint trial = key | (1u << bit);
                 uint at_or_above = 0;
                 for (uint v = lo; v < hi; v++) at_or_above += order_key(penalized(pn, logits, v) * inv_t) >= trial;
-                if (tg_sum(at_or_above, ubuf, lane, sg, nsg) >= step.top_k) key = trial;
+                if (tg_sum<uint>(at_or_above, ubuf, lane, sg, nsg) >= step.top_k) key = trial;
             }
-            const float thr = from_order_key(key);
-            uint above = 0, ties = 0;
+            thr = from_order_key(key);
+            uint ties = 0;
             for (uint v = lo; v < hi; v++) {
                 const float s = penalized(pn, logits, v) * inv_t;
                 above += s > thr;
@@ -321,30 +399,35 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
             }
             // values equal to thr fill the remaining places, lowest ids first
             uint all_above, all_ties;
-            tg_prefix(above, all_above, ubuf, lane, sg, nsg);
-            const uint ties_before = tg_prefix(ties, all_ties, ubuf, lane, sg, nsg);
+            tg_prefix<uint>(above, all_above, ubuf, lane, sg, nsg);
+            const uint ties_before = tg_prefix<uint>(ties, all_ties, ubuf, lane, sg, nsg);
             const uint tie_places = step.top_k - all_above;
-            uint my_ties = ties_before >= tie_places ? 0 : min(ties, tie_places - ties_before);
-            uint out = tg_prefix(above + my_ties, n, ubuf, lane, sg, nsg);
+            my_ties = ties_before >= tie_places ? 0 : min(ties, tie_places - ties_before);
+        }
+        if ((top_k ? step.top_k : V) <= SERIAL_CANDIDATES) {
+            device cand* c = (device cand*)work;  // the candidates in id order
+            uint n;
+            uint out = tg_prefix<uint>(top_k ? above + my_ties : hi - lo, n, ubuf, lane, sg, nsg);
             for (uint v = lo; v < hi; v++) {
                 const float s = penalized(pn, logits, v) * inv_t;
-                if (s > thr || (s == thr && my_ties && my_ties--)) {
+                if (!top_k || s > thr || (s == thr && my_ties && my_ties--)) {
                     cand x;
                     x.p = exp(s - smax);
                     x.id = v;
                     c[out++] = x;
                 }
             }
+            threadgroup_barrier(mem_flags::mem_device);  // the candidates are in place
+            if (tid == 0) tok = draw(c, n, step, logprob);
         } else {
+            device float* p = (device float*)work;  // p[v], -1 for ids top-k dropped
             for (uint v = lo; v < hi; v++) {
-                cand x;
-                x.p = exp(penalized(pn, logits, v) * inv_t - smax);
-                x.id = v;
-                c[v] = x;
+                const float s = penalized(pn, logits, v) * inv_t;
+                p[v] = !top_k || s > thr || (s == thr && my_ties && my_ties--) ? exp(s - smax) : -1.0f;
             }
+            threadgroup_barrier(mem_flags::mem_device);
+            tok = draw_parallel(p, lo, hi, step, logprob, fbuf, ubuf, lane, sg, nsg);
         }
-        threadgroup_barrier(mem_flags::mem_device);  // the candidates are in place
-        if (tid == 0) tok = draw(c, n, step, logprob);
     }
     threadgroup_barrier(mem_flags::mem_device);  // nobody reads step args after this
     if (tid != 0) return;

@@ -436,6 +436,26 @@ def test_sample_matches_cpu_sampler(sample_lib, cpu_lib, mode):
         np.testing.assert_allclose(out[3], cpu_out[3], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["temperature", "top_p", "min_p", "everything_large_k"])
+def test_sample_over_many_candidates_matches_cpu_sampler(sample_lib, cpu_lib, mode):
+    """More than 1024 candidates take the threadgroup-wide path (sums in another order than the
+    CPU's): the same tokens for these seeds, logprobs to rounding."""
+    V = 3000
+    params = dict(SAMPLING.get(mode, {}))
+    if mode == "everything_large_k":
+        params = dict(SAMPLING["everything"], top_k=2000, top_p=0.7)
+    for seed in range(3):
+        logits, parts, counts, hist, hist_cap = sample_case(V, 20 + seed)
+        ids = np.array([11], np.uint32)
+        fields = dict(dict(n_tokens=1, step=seed, ring_cap=4, seed_lo=99 + seed, seed_hi=1, n_seen=5, top_p=1.0,
+                           repetition_penalty=1.0), **params)
+        err, cpu_step, _ = sample_on_cpu(cpu_lib, V, fields, 1, ids, logits, parts, counts, hist, hist_cap)
+        step, _ = sample_on_metal(sample_lib, V, fields, 1, ids, logits, parts, counts, hist, hist_cap)
+        assert err == 0 and step["error"][0] == 0
+        assert step["next_token"][0] == cpu_step.next_token
+        np.testing.assert_allclose(step["next_logprob"][0], cpu_step.next_logprob, rtol=1e-4, atol=1e-5)
+
+
 def test_sample_seeded_draws_cover_the_distribution(sample_lib, cpu_lib):
     """Over many steps (RNG counters) the Metal and CPU samplers agree token for token."""
     V = 40
