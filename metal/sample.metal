@@ -3,9 +3,9 @@
 // result depends only on comparisons runs over the whole threadgroup (max, argmax, the top-k
 // threshold, candidates in id order: each thread owns a contiguous range of ids). The float sums
 // that decide top-p and the draw:
-//  - up to SERIAL_CANDIDATES candidates (top-k on): thread 0, in the CPU's order, so they round
-//    the same way and the same seed gives the same token;
-//  - more (no top-k): over the threadgroup (threshold searches instead of sorts, prefix sums),
+//  - up to SERIAL_CANDIDATES candidates (top-k on, or a small vocabulary): thread 0, in the
+//    CPU's order, so they round the same way and the same seed gives the same token;
+//  - more (no top-k on a real vocabulary): over the threadgroup (threshold searches instead of sorts, prefix sums),
 //    in another order than the CPU's: a draw can differ only when u * total falls within
 //    rounding of a cumulative boundary. A serial walk over a 248k vocabulary would cost
 //    milliseconds on one GPU thread.
@@ -295,8 +295,6 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
 {
     threadgroup float fbuf[32];
     threadgroup uint ubuf[32];
-    threadgroup float shared_f[2];  // thread 0's results for everyone: max, sum of exp
-    threadgroup uint shared_u[2];   // argmax, non-finite count
     const uint V = a.vocab, T = step.n_tokens;
     if (T == 0 || V == 0) return;  // the bridge's warm-up dispatch (all zeros) does nothing
     if (step.penalty_last_n > a.hist_cap) {
@@ -322,22 +320,23 @@ kernel void lt_sample(device const lt_sample_args&    a           [[buffer(0)]],
             counts[id]++;
             step.n_seen++;
         }
-        // 2. max, argmax, sum of exp and non-finite count of the raw logits, from the partials
-        const uint nb = (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
-        float mx = -INFINITY, z = 0.0f;
-        uint arg = 0, bad = 0;
-        for (uint b = 0; b < nb; b++) {
-            bad += part[b].n_nonfinite;
-            if (part[b].max > mx) { mx = part[b].max; arg = part[b].argmax; }
-        }
-        for (uint b = 0; b < nb; b++)
-            if (part[b].max > -INFINITY) z += part[b].sumexp * exp(part[b].max - mx);
-        shared_f[0] = mx; shared_f[1] = z;
-        shared_u[0] = arg; shared_u[1] = bad;
     }
-    threadgroup_barrier(mem_flags::mem_device);  // counts and the shared values are ready
-    const float mx = shared_f[0], z = shared_f[1];
-    const uint arg = shared_u[0], bad = shared_u[1];
+    threadgroup_barrier(mem_flags::mem_device);  // counts are up to date
+    // 2. max, argmax (lowest id on ties), sum of exp and non-finite count of the raw logits,
+    // from the lm_head's per-block partials
+    const uint nb = (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
+    float mx = -INFINITY;
+    uint arg = 0xFFFFFFFFu, bad = 0;
+    for (uint b = tid; b < nb; b += ntg) {
+        bad += part[b].n_nonfinite;
+        if (part[b].max > mx) { mx = part[b].max; arg = part[b].argmax; }
+    }
+    tg_argmax(mx, arg, fbuf, ubuf, lane, sg, nsg);
+    bad = tg_sum<uint>(bad, ubuf, lane, sg, nsg);
+    float z = 0.0f;
+    for (uint b = tid; b < nb; b += ntg)
+        if (part[b].max > -INFINITY) z += part[b].sumexp * exp(part[b].max - mx);
+    z = tg_sum<float>(z, fbuf, lane, sg, nsg);
     const float temperature = step.temperature;
     if (bad) {
         if (tid == 0) raise_error(step, LT_ERR_NONFINITE);
