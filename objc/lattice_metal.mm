@@ -1,0 +1,676 @@
+// The Metal bridge (objc/lattice_metal.h): the decode program is recorded once into an
+// MTLIndirectCommandBuffer (ICB) and replayed K steps per command buffer.
+//
+// Manual retain/release (builds with Apple clang -fno-objc-arc and with GCC + GNUstep against the
+// test-only fake in tests/metal_fake). Objects from new*/alloc are owned and released in
+// lt_metal_free; everything else is autoreleased inside a pool per call.
+//
+// Steady throughput under GPU contention: Metal has no public API for command-queue or GPU
+// priority (and private ones are off limits), so the bridge keeps the GPU's queue full instead:
+// one command buffer per K steps (few submissions to be scheduled behind other processes' work),
+// two in flight so the GPU never waits for the host, no host/GPU round trip between the steps of
+// a command buffer, and weights kept resident (private storage, useResources, and a residency set
+// on macOS 15+) so memory pressure from other processes does not page them out mid-run.
+#import <Foundation/Foundation.h>
+#import <Metal/Metal.h>
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <deque>
+#include <vector>
+
+#include "lattice_metal.h"
+
+#if defined(__APPLE__) && defined(__MAC_15_0)
+#define LT_METAL_RESIDENCY_SET 1  // the SDK knows MTLResidencySet; used behind @available
+#endif
+
+#ifndef __has_feature
+#define __has_feature(x) 0
+#endif
+#if __has_feature(objc_arc)
+#error "lattice_metal.mm uses manual retain/release: build it with -fno-objc-arc"
+#endif
+
+static const char *const KERNEL_NAMES[LT_K_COUNT] = {
+    NULL, "lt_embed", "lt_rmsnorm", "lt_gemv", "lt_rope_kv", "lt_attention",
+    "lt_gdn", "lt_elementwise", "lt_lm_head", "lt_sample"};
+
+// Bindings each kernel declares ([[buffer(2 + i)]] for i below this): the header's slot enums.
+static const uint32_t DECLARED_BINDINGS[LT_K_COUNT] = {
+    0, LT_EMBED_B_WM + 1, LT_NORM_B_Z + 1, LT_GEMV_B_PARTIALS + 1, LT_ROPE_B_GATE_OUT + 1,
+    LT_ATTN_B_GATE + 1, LT_GDN_B_NORM_W + 1, LT_EW_B_OUT + 1, LT_GEMV_B_PARTIALS + 1,
+    LT_SAMPLE_B_RING_LOGITS + 1};
+
+static const char *const ARENA_LABELS[LT_N_ARENAS] = {
+    "lattice weights", "lattice state", "lattice scratch", "lattice step args", "lattice output", "lattice consts"};
+
+enum { SLOT_ARGS = 0, SLOT_STEP = 1, FIRST_BINDING_SLOT = 2 };
+static const NSUInteger ZEROS_BYTES = 256;  // >= every args struct and lt_step_args
+
+struct InFlight {
+    id<MTLCommandBuffer> cb;
+    uint32_t first, count;  // steps [first, first + count) of this generate call
+    bool done;
+};
+
+struct lt_metal;
+
+// Receives command-buffer completions (the block on Apple forwards to it).
+#if defined(__BLOCKS__)
+@interface LTMetalCompletion : NSObject {
+#else
+@interface LTMetalCompletion : NSObject <LTFakeCompletedHandler> {
+#endif
+@public
+    lt_metal *_m;
+}
+- (void)commandBufferCompleted:(id<MTLCommandBuffer>)cb;
+@end
+
+struct lt_metal {
+    id<MTLDevice> device;
+    id<MTLCommandQueue> queue;
+    std::vector<id<MTLLibrary> > libraries;
+    id<MTLComputePipelineState> pipelines[LT_K_COUNT];
+    id<MTLBuffer> arenas[LT_N_ARENAS];
+    size_t sizes[LT_N_ARENAS];
+    id<MTLBuffer> zeros;  // unbound slots, and the arguments of warm-up dispatches
+    std::vector<id<MTLResource> > resident;
+    id<MTLIndirectCommandBuffer> icb;
+    uint32_t n_commands;
+    uint32_t max_slots;
+    bool warm_pipelines;  // M1/M2: dispatch each pipeline directly before the ICB
+#ifdef LT_METAL_RESIDENCY_SET
+    id residency_set;
+#endif
+    LTMetalCompletion *completion;
+    const lt_dispatch *sample;  // the program's SAMPLE dispatch (ring bindings), copied below
+    lt_dispatch sample_copy;
+
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    std::deque<InFlight> in_flight;
+
+    // generate() state, read by the completion path under `lock`
+    const uint32_t *stop_ids;
+    uint32_t n_stop, max_out, n_out, n_consumed, first_step;
+    uint32_t *tokens;
+    float *logprobs;
+    bool stopped;
+    int failure;
+
+    lt_metal_counters counters;
+    char error[1024];
+};
+
+static void set_error(lt_metal *m, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->error, sizeof m->error, fmt, ap);
+    va_end(ap);
+}
+
+static const char *describe(NSError *e) { return e ? [[e localizedDescription] UTF8String] : "unknown error"; }
+
+// ------------------------------------------------------------------------------------ completion
+static void drain_finished(lt_metal *m);
+
+@implementation LTMetalCompletion
+- (void)commandBufferCompleted:(id<MTLCommandBuffer>)cb
+{
+    lt_metal *m = _m;
+    pthread_mutex_lock(&m->lock);
+    for (size_t i = 0; i < m->in_flight.size(); i++)
+        if (m->in_flight[i].cb == cb) m->in_flight[i].done = true;
+    drain_finished(m);
+    pthread_cond_broadcast(&m->cond);
+    pthread_mutex_unlock(&m->lock);
+}
+@end
+
+static bool is_stop(const lt_metal *m, uint32_t token)
+{
+    for (uint32_t i = 0; i < m->n_stop; i++)
+        if (m->stop_ids[i] == token) return true;
+    return false;
+}
+
+// Consumes finished command buffers in commit order (under m->lock): reads their tokens from the
+// output ring, checks stop conditions, drops the overshoot.
+static void drain_finished(lt_metal *m)
+{
+    while (!m->in_flight.empty() && m->in_flight.front().done) {
+        InFlight f = m->in_flight.front();
+        m->in_flight.pop_front();
+        m->counters.steps += f.count;
+        if ([f.cb status] == MTLCommandBufferStatusError) {
+            if (!m->failure) {
+                m->failure = LT_METAL_ERR_GPU;
+                set_error(m, "command buffer failed: %s", describe([f.cb error]));
+            }
+        } else if (!m->stopped && !m->failure && m->tokens) {
+            const lt_step_args *step = (const lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
+            if (step->error) {  // sticky: the first kernel error of this or an earlier buffer
+                m->failure = (int)step->error;
+                set_error(m, "kernel error %u", step->error);
+            } else {
+                const unsigned char *out = (const unsigned char *)[m->arenas[LT_ARENA_OUTPUT] contents];
+                const lt_binding *rt = &m->sample->bind[LT_SAMPLE_B_RING_TOKENS];
+                const lt_binding *rl = &m->sample->bind[LT_SAMPLE_B_RING_LOGPROBS];
+                const uint32_t *ring = (const uint32_t *)(out + rt->offset);
+                const float *ring_lp = rl->arena == LT_ARENA_OUTPUT ? (const float *)(out + rl->offset) : NULL;
+                for (uint32_t j = 0; j < f.count && !m->stopped; j++) {
+                    uint32_t slot = (m->first_step + f.first + j) % step->ring_cap;
+                    uint32_t token = ring[slot];
+                    m->tokens[m->n_out] = token;
+                    if (m->logprobs) m->logprobs[m->n_out] = ring_lp ? ring_lp[slot] : 0.0f;
+                    m->n_out++;
+                    m->n_consumed = f.first + j + 1;
+                    if (is_stop(m, token) || m->n_out == m->max_out) m->stopped = true;
+                }
+            }
+        }
+        [f.cb release];
+    }
+}
+
+// ------------------------------------------------------------------------------------ encoding
+// Encodes and commits one command buffer of `count` steps; the caller holds no lock.
+static void commit_steps(lt_metal *m, uint32_t first, uint32_t count)
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    lt_metal_counters *c = &m->counters;
+    id<MTLCommandBuffer> cb = [m->queue commandBuffer];
+    id<MTLComputeCommandEncoder> enc = [cb computeCommandEncoder];
+    [enc useResources:m->resident.data() count:m->resident.size() usage:MTLResourceUsageRead | MTLResourceUsageWrite];
+    c->api_calls += 3;
+    if (m->warm_pipelines) {
+        // M1/M2 make pipelines resident only when a direct dispatch uses them: one threadgroup of
+        // one thread with every slot on zeros (step.n_tokens == 0: kernels do nothing)
+        for (uint32_t k = 1; k < LT_K_COUNT; k++) {
+            if (!m->pipelines[k]) continue;
+            [enc setComputePipelineState:m->pipelines[k]];
+            for (uint32_t s = 0; s < FIRST_BINDING_SLOT + DECLARED_BINDINGS[k]; s++)
+                [enc setBuffer:m->zeros offset:0 atIndex:s];
+            [enc dispatchThreadgroups:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(1, 1, 1)];
+            c->api_calls += 2 + FIRST_BINDING_SLOT + DECLARED_BINDINGS[k];
+        }
+    }
+    for (uint32_t s = 0; s < count; s++)
+        [enc executeCommandsInBuffer:m->icb withRange:MTLIndirectCommandBufferExecutionRangeMake(0, m->n_commands)];
+    [enc endEncoding];
+    c->api_calls += count + 1;
+#if defined(__BLOCKS__)
+    LTMetalCompletion *completion = m->completion;
+    [cb addCompletedHandler:^(id<MTLCommandBuffer> done) { [completion commandBufferCompleted:done]; }];
+#else  // GCC has no blocks: the test-only fake takes the handler object (tests/metal_fake/Metal/Metal.h)
+    [cb addCompletedHandler:m->completion];
+#endif
+    InFlight f = {[cb retain], first, count, false};
+    pthread_mutex_lock(&m->lock);
+    m->in_flight.push_back(f);
+    pthread_mutex_unlock(&m->lock);
+    [cb commit];
+    c->api_calls += 2;
+    c->command_buffers++;
+    [pool drain];
+}
+
+static void wait_all(lt_metal *m)
+{
+    pthread_mutex_lock(&m->lock);
+    while (!m->in_flight.empty()) pthread_cond_wait(&m->cond, &m->lock);
+    pthread_mutex_unlock(&m->lock);
+}
+
+int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb, const uint32_t *stop_ids,
+                      uint32_t n_stop, uint32_t *tokens, float *logprobs, uint32_t *n_out, uint32_t *n_steps_run)
+{
+    *n_out = 0;
+    *n_steps_run = 0;
+    lt_step_args *step = (lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
+    if (!m->sample) {
+        set_error(m, "the program has no SAMPLE dispatch: nothing writes tokens to the output ring");
+        return LT_METAL_ERR_PROGRAM;
+    }
+    if (steps_per_cb == 0 || (uint64_t)step->ring_cap < 2ull * steps_per_cb || step->n_tokens != 1) {
+        set_error(m, "generate needs steps_per_cb >= 1, step.ring_cap >= 2 * steps_per_cb (ring_cap %u, "
+                  "steps_per_cb %u) and step.n_tokens == 1 (got %u)", step->ring_cap, steps_per_cb, step->n_tokens);
+        return LT_METAL_ERR_ARGS;
+    }
+    const lt_step_args start = *step;
+    m->stop_ids = stop_ids;
+    m->n_stop = n_stop;
+    m->max_out = max_steps;
+    m->n_out = m->n_consumed = 0;
+    m->first_step = start.step;
+    m->tokens = tokens;
+    m->logprobs = logprobs;
+    m->stopped = max_steps == 0;
+    m->failure = 0;
+    m->error[0] = 0;
+
+    uint32_t submitted = 0;
+    pthread_mutex_lock(&m->lock);
+    for (;;) {
+        while (!m->stopped && !m->failure && submitted < max_steps && m->in_flight.size() < 2) {
+            uint32_t count = max_steps - submitted < steps_per_cb ? max_steps - submitted : steps_per_cb;
+            pthread_mutex_unlock(&m->lock);
+            commit_steps(m, submitted, count);
+            pthread_mutex_lock(&m->lock);
+            submitted += count;
+        }
+        if (m->in_flight.empty()) break;
+        pthread_cond_wait(&m->cond, &m->lock);
+    }
+    pthread_mutex_unlock(&m->lock);
+
+    *n_out = m->n_out;
+    *n_steps_run = submitted;
+    m->counters.tokens += m->n_out;
+    m->tokens = NULL;
+    if (!m->failure && m->n_consumed < submitted) {
+        // overshoot: steps after the stop ran; rewind what the host can (see lattice_metal.h)
+        step->pos = start.pos + m->n_consumed;
+        step->step = start.step + m->n_consumed;
+        step->n_seen = start.n_seen + m->n_consumed;
+        step->token = step->next_token = tokens[m->n_out - 1];
+        if (logprobs) step->next_logprob = logprobs[m->n_out - 1];
+    }
+    return m->failure;
+}
+
+int lt_metal_run(lt_metal *m, uint32_t n_steps)
+{
+    m->failure = 0;
+    m->tokens = NULL;
+    if (n_steps == 0) return 0;
+    commit_steps(m, 0, n_steps);
+    wait_all(m);
+    if (!m->failure) {
+        const lt_step_args *step = (const lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
+        if (step->error) {
+            set_error(m, "kernel error %u", step->error);
+            return (int)step->error;
+        }
+    }
+    return m->failure;
+}
+
+// ------------------------------------------------------------------------------------ arenas
+static int check_range(lt_metal *m, uint32_t arena, size_t offset, size_t n)
+{
+    if (arena >= LT_N_ARENAS || offset > m->sizes[arena] || n > m->sizes[arena] - offset) {
+        set_error(m, "arena %u: range [%zu, %zu) outside its %zu bytes", arena, offset, offset + n,
+                  arena < LT_N_ARENAS ? m->sizes[arena] : (size_t)0);
+        return LT_METAL_ERR_ARGS;
+    }
+    return 0;
+}
+
+// Private arenas are reached through a shared staging buffer and a blit.
+static int blit(lt_metal *m, id<MTLBuffer> src, size_t src_off, id<MTLBuffer> dst, size_t dst_off, size_t n)
+{
+    id<MTLCommandBuffer> cb = [m->queue commandBuffer];
+    id<MTLBlitCommandEncoder> enc = [cb blitCommandEncoder];
+    [enc copyFromBuffer:src sourceOffset:src_off toBuffer:dst destinationOffset:dst_off size:n];
+    [enc endEncoding];
+    [cb commit];
+    [cb waitUntilCompleted];
+    if ([cb status] == MTLCommandBufferStatusError) {
+        set_error(m, "blit failed: %s", describe([cb error]));
+        return LT_METAL_ERR_GPU;
+    }
+    return 0;
+}
+
+static bool is_private(uint32_t arena)
+{
+    return arena == LT_ARENA_WEIGHTS || arena == LT_ARENA_STATE || arena == LT_ARENA_SCRATCH;
+}
+
+int lt_metal_write(lt_metal *m, uint32_t arena, size_t offset, const void *src, size_t n)
+{
+    int err = check_range(m, arena, offset, n);
+    if (err || n == 0) return err;
+    if (!is_private(arena)) {
+        memcpy((unsigned char *)[m->arenas[arena] contents] + offset, src, n);
+        return 0;
+    }
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    id<MTLBuffer> staging = [m->device newBufferWithLength:n options:MTLResourceStorageModeShared];
+    if (!staging) {
+        set_error(m, "no memory for a %zu-byte staging buffer", n);
+        err = LT_METAL_ERR_DEVICE;
+    } else {
+        memcpy([staging contents], src, n);
+        err = blit(m, staging, 0, m->arenas[arena], offset, n);
+    }
+    [staging release];
+    [pool drain];
+    return err;
+}
+
+int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t n)
+{
+    int err = check_range(m, arena, offset, n);
+    if (err || n == 0) return err;
+    if (!is_private(arena)) {
+        memcpy(dst, (const unsigned char *)[m->arenas[arena] contents] + offset, n);
+        return 0;
+    }
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    id<MTLBuffer> staging = [m->device newBufferWithLength:n options:MTLResourceStorageModeShared];
+    if (!staging) {
+        set_error(m, "no memory for a %zu-byte staging buffer", n);
+        err = LT_METAL_ERR_DEVICE;
+    } else {
+        err = blit(m, m->arenas[arena], offset, staging, 0, n);
+        if (!err) memcpy(dst, [staging contents], n);
+    }
+    [staging release];
+    [pool drain];
+    return err;
+}
+
+// ------------------------------------------------------------------------------------ creation
+static int check_program(lt_metal *m, const lt_dispatch *prog, uint32_t n, size_t n_consts)
+{
+    if (n == 0) {
+        set_error(m, "empty program");
+        return LT_METAL_ERR_PROGRAM;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        const lt_dispatch *d = &prog[i];
+        if (d->kernel == LT_K_NONE || d->kernel >= LT_K_COUNT) {
+            set_error(m, "dispatch %u: unknown kernel id %u", i, d->kernel);
+            return LT_METAL_ERR_PROGRAM;
+        }
+        if (d->n_bind > LT_MAX_BIND || (uint64_t)d->args_offset + 16 > n_consts || d->args_offset % LT_ARGS_ALIGN) {
+            set_error(m, "dispatch %u (%s): n_bind %u or args_offset %u invalid (%zu const bytes)", i,
+                      KERNEL_NAMES[d->kernel], d->n_bind, d->args_offset, n_consts);
+            return LT_METAL_ERR_PROGRAM;
+        }
+        uint64_t threads = (uint64_t)d->group[0] * d->group[1] * d->group[2];
+        if (!d->grid[0] || !d->grid[1] || !d->grid[2] || threads == 0 || threads > 1024) {
+            set_error(m, "dispatch %u (%s): launch shape grid (%u, %u, %u) group (%u, %u, %u) invalid", i,
+                      KERNEL_NAMES[d->kernel], d->grid[0], d->grid[1], d->grid[2], d->group[0], d->group[1], d->group[2]);
+            return LT_METAL_ERR_PROGRAM;
+        }
+        for (uint32_t b = 0; b < d->n_bind; b++) {
+            const lt_binding *bd = &d->bind[b];
+            if (bd->arena == LT_ARENA_NONE) continue;
+            if (bd->arena >= LT_N_ARENAS || bd->offset >= m->sizes[bd->arena]) {
+                set_error(m, "dispatch %u (%s): binding %u (arena %u, offset %u) outside its arena", i,
+                          KERNEL_NAMES[d->kernel], b, bd->arena, bd->offset);
+                return LT_METAL_ERR_PROGRAM;
+            }
+        }
+    }
+    return 0;
+}
+
+static id<MTLLibrary> compile_source_dir(lt_metal *m, NSString *dir, NSString *file);
+
+static int load_libraries(lt_metal *m, const char *path)
+{
+    NSString *p = [NSString stringWithUTF8String:path];
+    if ([[p pathExtension] isEqualToString:@"metallib"]) {
+        NSError *e = nil;
+        id<MTLLibrary> lib = [m->device newLibraryWithURL:[NSURL fileURLWithPath:p] error:&e];
+        if (!lib) {
+            set_error(m, "cannot load %s: %s", path, describe(e));
+            return LT_METAL_ERR_LIBRARY;
+        }
+        m->libraries.push_back(lib);
+        return 0;
+    }
+    // fallback: every .metal file of a directory compiled at run time, one library each (files
+    // may define static helpers with the same names)
+    NSArray *files = [[[NSFileManager defaultManager] contentsOfDirectoryAtPath:p error:NULL]
+        sortedArrayUsingSelector:@selector(compare:)];
+    for (NSUInteger i = 0; i < [files count]; i++) {  // no fast enumeration in GCC's Objective-C++
+        NSString *f = [files objectAtIndex:i];
+        if (![[f pathExtension] isEqualToString:@"metal"]) continue;
+        id<MTLLibrary> lib = compile_source_dir(m, p, f);
+        if (!lib) return LT_METAL_ERR_LIBRARY;
+        m->libraries.push_back(lib);
+    }
+    if (m->libraries.empty()) {
+        set_error(m, "%s is neither a .metallib nor a directory of .metal sources", path);
+        return LT_METAL_ERR_LIBRARY;
+    }
+    return 0;
+}
+
+#ifdef __APPLE__
+// A .metal file with its `#include "lattice_shared.h"` inlined (run-time compiles have no
+// include path).
+static id<MTLLibrary> compile_source_dir(lt_metal *m, NSString *dir, NSString *file)
+{
+    NSString *source = [NSString stringWithContentsOfFile:[dir stringByAppendingPathComponent:file]
+                                                 encoding:NSUTF8StringEncoding error:NULL];
+    NSString *shared = [NSString stringWithContentsOfFile:[dir stringByAppendingPathComponent:@"lattice_shared.h"]
+                                                 encoding:NSUTF8StringEncoding error:NULL];
+    if (!source || !shared) {
+        set_error(m, "cannot read %s or lattice_shared.h in %s", [file UTF8String], [dir UTF8String]);
+        return nil;
+    }
+    source = [source stringByReplacingOccurrencesOfString:@"#include \"lattice_shared.h\"" withString:shared];
+    MTLCompileOptions *options = [[[MTLCompileOptions alloc] init] autorelease];
+    NSError *e = nil;
+    id<MTLLibrary> lib = [m->device newLibraryWithSource:source options:options error:&e];
+    if (!lib) set_error(m, "%s does not compile: %s", [file UTF8String], describe(e));
+    return lib;
+}
+#else
+static id<MTLLibrary> compile_source_dir(lt_metal *m, NSString *dir, NSString *file)
+{
+    set_error(m, "%s: compiling Metal sources at run time needs Apple's Metal framework; pass a .metallib",
+              [[dir stringByAppendingPathComponent:file] UTF8String]);
+    return nil;
+}
+#endif
+
+static int make_pipeline(lt_metal *m, uint32_t kernel)
+{
+    NSString *name = [NSString stringWithUTF8String:KERNEL_NAMES[kernel]];
+    id<MTLFunction> fn = nil;
+    for (size_t i = 0; i < m->libraries.size() && !fn; i++) fn = [m->libraries[i] newFunctionWithName:name];
+    if (!fn) {
+        set_error(m, "the Metal library has no kernel function %s (kernel id %u)", KERNEL_NAMES[kernel], kernel);
+        return LT_METAL_ERR_LIBRARY;
+    }
+    MTLComputePipelineDescriptor *desc = [[[MTLComputePipelineDescriptor alloc] init] autorelease];
+    [desc setComputeFunction:fn];
+    [desc setSupportIndirectCommandBuffers:YES];
+    [desc setLabel:name];
+    NSError *e = nil;
+    m->pipelines[kernel] = [m->device newComputePipelineStateWithDescriptor:desc options:MTLPipelineOptionNone
+                                                                 reflection:NULL error:&e];
+    [fn release];
+    if (!m->pipelines[kernel]) {
+        set_error(m, "pipeline %s: %s", KERNEL_NAMES[kernel], describe(e));
+        return LT_METAL_ERR_LIBRARY;
+    }
+    return 0;
+}
+
+static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
+{
+    id<MTLCommandBuffer> cb = [m->queue commandBuffer];
+    id<MTLBlitCommandEncoder> enc = [cb blitCommandEncoder];
+    for (uint32_t a = 0; a < LT_N_ARENAS; a++) {
+        size_t n = m->sizes[a] ? m->sizes[a] : 16;  // Metal rejects zero-length buffers
+        MTLResourceOptions opt = is_private(a) ? MTLResourceStorageModePrivate : MTLResourceStorageModeShared;
+        m->arenas[a] = [m->device newBufferWithLength:n options:opt];
+        if (!m->arenas[a]) {
+            [enc endEncoding];
+            set_error(m, "cannot allocate %zu bytes for %s", n, ARENA_LABELS[a]);
+            return LT_METAL_ERR_DEVICE;
+        }
+        [m->arenas[a] setLabel:[NSString stringWithUTF8String:ARENA_LABELS[a]]];
+        if (is_private(a)) [enc fillBuffer:m->arenas[a] range:NSMakeRange(0, n) value:0];
+        else memset([m->arenas[a] contents], 0, n);
+        m->resident.push_back(m->arenas[a]);
+    }
+    [enc endEncoding];
+    [cb commit];
+    [cb waitUntilCompleted];
+    if (n_consts) memcpy([m->arenas[LT_ARENA_CONST] contents], consts, n_consts);
+    m->zeros = [m->device newBufferWithLength:ZEROS_BYTES options:MTLResourceStorageModeShared];
+    if (!m->zeros) {
+        set_error(m, "cannot allocate the zero buffer");
+        return LT_METAL_ERR_DEVICE;
+    }
+    [m->zeros setLabel:@"lattice zeros"];
+    memset([m->zeros contents], 0, ZEROS_BYTES);
+    m->resident.push_back(m->zeros);
+    if ([cb status] == MTLCommandBufferStatusError) {
+        set_error(m, "clearing the arenas failed: %s", describe([cb error]));
+        return LT_METAL_ERR_GPU;
+    }
+    return 0;
+}
+
+static uint32_t slots_of(const lt_dispatch *d)
+{
+    uint32_t bindings = d->n_bind > DECLARED_BINDINGS[d->kernel] ? d->n_bind : DECLARED_BINDINGS[d->kernel];
+    return FIRST_BINDING_SLOT + bindings;
+}
+
+// Records the program into the ICB, once.
+static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n)
+{
+    MTLIndirectCommandBufferDescriptor *desc = [[[MTLIndirectCommandBufferDescriptor alloc] init] autorelease];
+    [desc setCommandTypes:MTLIndirectCommandTypeConcurrentDispatch];
+    [desc setInheritBuffers:NO];
+    [desc setInheritPipelineState:NO];
+    [desc setMaxKernelBufferBindCount:m->max_slots];
+    m->icb = [m->device newIndirectCommandBufferWithDescriptor:desc maxCommandCount:n options:0];
+    if (!m->icb) {
+        set_error(m, "cannot create an indirect command buffer of %u commands", n);
+        return LT_METAL_ERR_DEVICE;
+    }
+    m->n_commands = n;
+    for (uint32_t i = 0; i < n; i++) {
+        const lt_dispatch *d = &prog[i];
+        id<MTLIndirectComputeCommand> cmd = [m->icb indirectComputeCommandAtIndex:i];
+        [cmd setComputePipelineState:m->pipelines[d->kernel]];
+        [cmd setKernelBuffer:m->arenas[LT_ARENA_CONST] offset:d->args_offset atIndex:SLOT_ARGS];
+        [cmd setKernelBuffer:m->arenas[LT_ARENA_STEP] offset:0 atIndex:SLOT_STEP];
+        uint32_t slots = slots_of(d);
+        for (uint32_t s = FIRST_BINDING_SLOT; s < slots; s++) {
+            uint32_t b = s - FIRST_BINDING_SLOT;
+            if (b < d->n_bind && d->bind[b].arena != LT_ARENA_NONE)
+                [cmd setKernelBuffer:m->arenas[d->bind[b].arena] offset:d->bind[b].offset atIndex:s];
+            else
+                [cmd setKernelBuffer:m->zeros offset:0 atIndex:s];
+        }
+        [cmd concurrentDispatchThreadgroups:MTLSizeMake(d->grid[0], d->grid[1], d->grid[2])
+                      threadsPerThreadgroup:MTLSizeMake(d->group[0], d->group[1], d->group[2])];
+        if (d->flags & LT_DISPATCH_BARRIER) [cmd setBarrier];
+    }
+    return 0;
+}
+
+#ifdef LT_METAL_RESIDENCY_SET
+// macOS 15+: a residency set keeps the arenas resident across command buffers, also under memory
+// pressure (useResources still covers older systems).
+static void make_residency_set(lt_metal *m)
+{
+    if (@available(macOS 15.0, *)) {
+        MTLResidencySetDescriptor *desc = [[[MTLResidencySetDescriptor alloc] init] autorelease];
+        [desc setInitialCapacity:m->resident.size()];
+        id<MTLResidencySet> set = [m->device newResidencySetWithDescriptor:desc error:NULL];
+        if (!set) return;
+        for (size_t i = 0; i < m->resident.size(); i++) [set addAllocation:(id<MTLAllocation>)m->resident[i]];
+        [set commit];
+        [set requestResidency];
+        [m->queue addResidencySet:set];
+        m->residency_set = set;
+    }
+}
+#endif
+
+lt_metal *lt_metal_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
+                          const size_t sizes[LT_N_ARENAS], const char *library, int *err, char *err_msg, size_t err_cap)
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    lt_metal *m = new lt_metal();
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_cond_init(&m->cond, NULL);
+    for (uint32_t a = 0; a < LT_N_ARENAS; a++) m->sizes[a] = a == LT_ARENA_CONST ? n_consts : sizes[a];
+    int e = check_program(m, prog, n, n_consts);
+    if (!e) {
+        m->device = MTLCreateSystemDefaultDevice();
+        if (m->device) [m->device retain];
+        m->queue = [m->device newCommandQueue];
+        if (!m->device || !m->queue) {
+            set_error(m, "no Metal device");
+            e = LT_METAL_ERR_DEVICE;
+        }
+    }
+    if (!e) e = load_libraries(m, library);
+    for (uint32_t i = 0; i < n && !e; i++) {
+        if (!m->pipelines[prog[i].kernel]) e = make_pipeline(m, prog[i].kernel);
+        if (slots_of(&prog[i]) > m->max_slots) m->max_slots = slots_of(&prog[i]);
+        if (prog[i].kernel == LT_K_SAMPLE) {
+            m->sample_copy = prog[i];
+            m->sample = &m->sample_copy;
+        }
+    }
+    if (!e) e = make_arenas(m, consts, n_consts);
+    if (!e) e = record(m, prog, n);
+    if (!e) {
+        m->warm_pipelines = ![m->device supportsFamily:MTLGPUFamilyApple9];
+        m->completion = [[LTMetalCompletion alloc] init];
+        m->completion->_m = m;
+        m->counters.dispatches_per_step = n;
+#ifdef LT_METAL_RESIDENCY_SET
+        make_residency_set(m);
+#endif
+    }
+    *err = e;
+    if (err_msg && err_cap) snprintf(err_msg, err_cap, "%s", m->error);
+    [pool drain];
+    if (e) {
+        lt_metal_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void lt_metal_counters_get(const lt_metal *m, lt_metal_counters *out) { *out = m->counters; }
+
+const char *lt_metal_error(const lt_metal *m) { return m->error; }
+
+const char *lt_metal_kernel_name(uint32_t kernel) { return kernel < LT_K_COUNT ? KERNEL_NAMES[kernel] : NULL; }
+
+void lt_metal_free(lt_metal *m)
+{
+    if (!m) return;
+    wait_all(m);
+    [m->completion release];
+    [m->icb release];
+    for (uint32_t k = 0; k < LT_K_COUNT; k++) [m->pipelines[k] release];
+    for (size_t i = 0; i < m->libraries.size(); i++) [m->libraries[i] release];
+    for (uint32_t a = 0; a < LT_N_ARENAS; a++) [m->arenas[a] release];
+    [m->zeros release];
+#ifdef LT_METAL_RESIDENCY_SET
+    if (m->residency_set) {
+        if (@available(macOS 15.0, *)) [m->queue removeResidencySet:m->residency_set];
+        [m->residency_set release];
+    }
+#endif
+    [m->queue release];
+    [m->device release];
+    pthread_mutex_destroy(&m->lock);
+    pthread_cond_destroy(&m->cond);
+    delete m;
+}
