@@ -44,8 +44,10 @@ void lt_quantize_x16(const float *x, uint32_t kp, float *record) {
             s += xb[j];
         }
         float scale = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        for (int j = 0; j < LT_QK; j++)
-            q[b * LT_QK + j] = (int16_t)lrintf(xb[j] * inv);
+        for (int j = 0; j < LT_QK; j++) {  /* round half away from zero; vectorizes */
+            float v = xb[j] * inv;
+            q[b * LT_QK + j] = (int16_t)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f));
+        }
         d[b] = scale;
         sum[b] = s;
     }
