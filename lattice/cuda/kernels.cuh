@@ -353,11 +353,22 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                     w[r][u] = __ldg((const uint4 *)rr[r].q + v);
         }
     };
+    /* epilogue operands of this thread: bias (a weight) before the wait, the residual right after
+     * it, so that neither load sits on the critical path after the dot products */
+    const bool silu = a.flags & LT_GEMV_SILU_MUL;
+    const int e_lr = threadIdx.x / NT, e_nt = threadIdx.x % NT;
+    const uint32_t e_row = blockIdx.x * RPB + e_lr, e_t = blockIdx.y * NT + e_nt;
+    bool e_on = threadIdx.x < RPB * NT && e_row < a.rows && !(silu && (e_lr & 1));
+    const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
+    float e_b0 = 0.0f, e_b1 = 0.0f, e_res = 0.0f;
+    if (e_on && bias) {
+        e_b0 = bias[e_row];
+        if (silu)
+            e_b1 = bias[e_row + 1];
+    }
     if (g.vec_ok)
         load(base);
     pdl_wait();
-    if (st->error)
-        return;
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
     if (lm_head && !(a.flags & LT_GEMV_ALL_TOKENS)) {
@@ -367,6 +378,11 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     uint32_t t0 = blockIdx.y * NT;
     if (t0 >= n_tok)
         return;
+    const uint32_t err = st->error;  /* checked after the x loads are issued */
+    const uint32_t e_o = silu ? e_row / 2 : e_row;
+    e_on = e_on && e_t < n_tok;
+    if (e_on && (a.flags & LT_GEMV_RESID))
+        e_res = ((const float *)b.p[LT_GEMV_B_RESID])[(size_t)e_t * a.resid_stride + e_o];
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
@@ -397,6 +413,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                 rnorm[nt] = rsqrtf(ss / (float)a.cols + a.eps);
         }
     }
+    if (err)
+        return;
     __syncthreads();
 
     float acc[RPW][NT];
@@ -453,33 +471,15 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     }
     __syncthreads();
     /* epilogues: + bias, SiLU(gate) * up over interleaved rows, + residual */
-    if (threadIdx.x < RPB * NT) {
-        int lr = threadIdx.x / NT, nt = threadIdx.x % NT;
-        uint32_t row = blockIdx.x * RPB + lr, t = t0 + nt;
-        if (row >= a.rows || t >= n_tok)
-            return;
-        const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
-        const float *resid = (a.flags & LT_GEMV_RESID)
-            ? (const float *)b.p[LT_GEMV_B_RESID] + (size_t)t * a.resid_stride : nullptr;
-        float *y = (float *)b.p[LT_GEMV_B_Y] + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : t)
+    if (e_on) {
+        float *y = (float *)b.p[LT_GEMV_B_Y] + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : e_t)
                    * a.y_stride;
         float out;
-        uint32_t o;
-        if (a.flags & LT_GEMV_SILU_MUL) {
-            if (lr & 1)
-                return;
-            float gt = rowsum[lr][nt], up = rowsum[lr + 1][nt];
-            if (bias) {
-                gt += bias[row];
-                up += bias[row + 1];
-            }
-            out = lt_silu_d(gt) * up;
-            o = row / 2;
-        } else {
-            out = rowsum[lr][nt] + (bias ? bias[row] : 0.0f);
-            o = row;
-        }
-        y[o] = resid ? resid[o] + out : out;
+        if (silu)
+            out = lt_silu_d(rowsum[e_lr][e_nt] + e_b0) * (rowsum[e_lr + 1][e_nt] + e_b1);
+        else
+            out = rowsum[e_lr][e_nt] + e_b0;
+        y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
     }
 }
 
@@ -711,7 +711,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 buf[gi * D + v * 8 + e] = acc[u][e];
     }
     __syncthreads();
-    if (g.n_split == 1) {
+    uint32_t used = (len + g.chunk - 1) / g.chunk;
+    if (used == 1) {  /* this block is the only split in use: no combine */
         float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
         for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
             float o = 0.0f;
@@ -737,7 +738,6 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     __threadfence();
     __syncthreads();
     __shared__ bool last;
-    uint32_t used = (len + g.chunk - 1) / g.chunk;
     if (threadIdx.x == 0) {
         unsigned *c = counters + (size_t)t * a.n_heads + h;
         last = atomicAdd(c, 1u) == used - 1;
