@@ -122,6 +122,10 @@ class ReferenceEngine:
         from .reference import ReferenceDecoder
         return _RefState(ReferenceDecoder(self.ckpt))
 
+    def logits(self, state, ids):
+        state.reset()
+        return state.feed(ids)
+
     def generate(self, state, prompt_ids, max_tokens, stop_ids, params: SamplingParams, on_token):
         """Prefill prompt_ids (reusing the cached prefix), then sample up to max_tokens tokens.
         on_token(token, logprob) -> False stops. Returns (finish_reason, reused, t_prefill, t_decode)."""
@@ -191,6 +195,14 @@ class Session:
 
     def reset(self):
         self._state.reset()
+
+    def logits(self, ids) -> np.ndarray:
+        """Teacher-forced logits [T, vocab] (f32) of token ids from a fresh context (the session
+        starts over). For evaluation: perplexity, KL against a reference."""
+        ids = self.encode_prompt(list(ids))
+        if not 0 < len(ids) <= self.model.context:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit the context of {self.model.context}")
+        return self.model._engine.logits(self._state, ids)
 
     def encode_prompt(self, prompt) -> list:
         """str: raw text (BOS added as the model wants); list of dicts: chat messages rendered with
