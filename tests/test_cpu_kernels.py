@@ -505,6 +505,29 @@ def test_attention(lib, simd, head_dim, H, Hkv, T, pos, threads):
         np.testing.assert_allclose(mem.view(out), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 1), (6, 3)])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_decode_split_over_positions(lib, simd, H, Hkv, threads):
+    """One token with a long context: positions are split into chunks across threads and merged."""
+    rng = np.random.default_rng(H * 10 + Hkv + threads)
+    head_dim, cap, pos = 80, 400, 333
+    q = rand(rng, 1, H * head_dim)
+    kc = (rng.standard_normal((Hkv, cap, head_dim)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((Hkv, cap, head_dim)).astype(np.float16)
+    gate = rand(rng, 1, H * head_dim)
+    mem = Mem(StepArgs(n_tokens=1, pos=pos))
+    rq, rk, rv, rg = mem.put(SCRATCH, q), mem.put(STATE, kc), mem.put(STATE, vc), mem.put(SCRATCH, gate)
+    out = mem.zeros(SCRATCH, (1, H * head_dim))
+    args = AttnArgs(n_heads=H, n_kv_heads=Hkv, head_dim=head_dim, ctx_cap=cap, q_stride=H * head_dim,
+                    out_stride=H * head_dim, gate_stride=H * head_dim, flags=1, scale=head_dim ** -0.5)
+    assert run_one(lib, mem, K_ATTENTION, args, [rq, out, rk, rv, rg], threads) == OK
+    S = pos + 1
+    k2 = kc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    v2 = vc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    want = ref.sigmoid_mul(ref.attention(q, k2, v2, pos, H, Hkv, head_dim, head_dim ** -0.5), gate)
+    np.testing.assert_allclose(mem.view(out), want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_context_full(lib):
     mem = Mem(StepArgs(n_tokens=2, pos=7))
     q, out = mem.zeros(SCRATCH, (2, 64)), mem.zeros(SCRATCH, (2, 64))

@@ -111,7 +111,7 @@ static int check_args(uint32_t kernel, const void *args) {
     } else if (kernel == LT_K_ATTENTION) {
         const lt_attention_args *a = args;
         if (a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 || a->n_heads % a->n_kv_heads
-            || a->ctx_cap == 0)
+            || a->ctx_cap == 0 || a->n_heads / a->n_kv_heads > 512)
             return LT_ERR_ARGS;
     } else if (kernel == LT_K_GDN) {
         const lt_gdn_args *a = args;
@@ -158,9 +158,12 @@ static size_t thread_floats(const lt_dispatch *d, const uint8_t *consts) {
 }
 
 static size_t shared_floats(const lt_dispatch *d, const uint8_t *consts, uint32_t T) {
+    const void *a = consts + d->args_offset;
+    if (d->kernel == LT_K_ATTENTION)
+        return lt_attention_shared_floats(a);
     if (d->kernel != LT_K_GEMV && d->kernel != LT_K_LM_HEAD)
         return 0;
-    return lt_gemv_shared_floats((const lt_gemv_args *)(consts + d->args_offset), T);
+    return lt_gemv_shared_floats(a, T);
 }
 
 static void free_threads(lt_cpu *c) {

@@ -179,6 +179,7 @@ void lt_k_sample(const lt_ctx *c, const lt_dispatch *d);
 size_t lt_gemv_thread_floats(const lt_gemv_args *a);
 size_t lt_gemv_shared_floats(const lt_gemv_args *a, uint32_t T);
 size_t lt_attention_thread_floats(const lt_attention_args *a);
+size_t lt_attention_shared_floats(const lt_attention_args *a);
 size_t lt_gdn_thread_floats(const lt_gdn_args *a);
 
 /* Shared helpers. */

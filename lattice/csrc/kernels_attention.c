@@ -5,7 +5,7 @@
 #define MAX_HEAD_DIM 512
 
 size_t lt_attention_thread_floats(const lt_attention_args *a) {
-    return (size_t)a->ctx_cap + a->head_dim;
+    return ((size_t)a->ctx_cap + a->head_dim) * (a->n_heads / a->n_kv_heads);
 }
 
 static void head_norm(float *v, uint32_t n, const float *w, int add_one, float eps) {
@@ -81,6 +81,48 @@ void lt_k_rope_kv(const lt_ctx *c, const lt_dispatch *d) {
     }
 }
 
+/* Decode with few heads would leave threads idle: with one token, each kv head's positions are
+ * split into chunks (>= MIN_CHUNK positions each, about two work items per thread), the chunks'
+ * partial softmax states go to the shared scratch, and a second phase merges them per head. */
+#define MAX_CHUNKS 64
+#define MAX_GROUP 512   /* query heads per kv head (checked at create) */
+#define MIN_CHUNK 64
+
+size_t lt_attention_shared_floats(const lt_attention_args *a) {
+    return (size_t)a->n_heads * MAX_CHUNKS * (a->head_dim + 2);
+}
+
+/* One (token, kv head, position range) item for every query head of the group: scores, then
+ * softmax state (max m, sum l, unnormalized acc) per head. K and V rows are read once per group. */
+static void attend_range(const lt_attention_args *a, const lt_simd *simd, const float *const *qh,
+                         const uint16_t *kh, const uint16_t *vh, uint32_t j0, uint32_t j1,
+                         uint32_t group, float *scores, float *m, float *l, float *acc) {
+    uint32_t D = a->head_dim, n = j1 - j0;
+    for (uint32_t j = j0; j < j1; j++)
+        for (uint32_t g = 0; g < group; g++)
+            scores[g * n + (j - j0)] = simd->dot_f16(qh[g], kh + (size_t)j * D, D) * a->scale;
+    for (uint32_t g = 0; g < group; g++) {
+        float *sg = scores + g * n, mx = -INFINITY, sum = 0.0f;
+        for (uint32_t j = 0; j < n; j++)
+            mx = sg[j] > mx ? sg[j] : mx;
+        for (uint32_t j = 0; j < n; j++) {
+            sg[j] = expf(sg[j] - mx);
+            sum += sg[j];
+        }
+        m[g] = mx;
+        l[g] = sum;
+        memset(acc + g * D, 0, D * sizeof(float));
+    }
+    for (uint32_t j = j0; j < j1; j++)
+        for (uint32_t g = 0; g < group; g++)
+            simd->axpy_f16(acc + g * D, scores[g * n + (j - j0)], vh + (size_t)j * D, D);
+}
+
+static void finish(float *o, const float *acc, float inv, const float *gate, uint32_t D) {
+    for (uint32_t i = 0; i < D; i++)
+        o[i] = gate ? acc[i] * inv * lt_sigmoid(gate[i]) : acc[i] * inv;
+}
+
 void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
     const lt_attention_args *a = lt_args(c, d);
     if (c->pos + c->T > a->ctx_cap) {
@@ -92,31 +134,58 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
     float *out = lt_bound(c, d, LT_ATTN_B_OUT);
     const uint16_t *kc = lt_bound(c, d, LT_ATTN_B_K_CACHE), *vc = lt_bound(c, d, LT_ATTN_B_V_CACHE);
     const float *gate = (a->flags & LT_ATTN_OUT_GATE) ? lt_bound(c, d, LT_ATTN_B_GATE) : NULL;
-    uint32_t D = a->head_dim, group = a->n_heads / a->n_kv_heads, lo, hi;
-    float *scores = c->tbuf, *acc = c->tbuf + a->ctx_cap;
-    lt_split(c->T * a->n_heads, 1, c->tid, c->nth, &lo, &hi);
-    for (uint32_t u = lo; u < hi; u++) {
-        uint32_t t = u / a->n_heads, h = u % a->n_heads, len = c->pos + t + 1;
-        const float *qh = q + (size_t)t * a->q_stride + (size_t)h * D;
-        const uint16_t *kh = kc + (size_t)(h / group) * a->ctx_cap * D;
-        const uint16_t *vh = vc + (size_t)(h / group) * a->ctx_cap * D;
-        float mx = -INFINITY;
-        for (uint32_t j = 0; j < len; j++) {
-            scores[j] = simd->dot_f16(qh, kh + (size_t)j * D, D) * a->scale;
-            mx = scores[j] > mx ? scores[j] : mx;
-        }
-        float sum = 0.0f;
-        for (uint32_t j = 0; j < len; j++) {
-            scores[j] = expf(scores[j] - mx);
-            sum += scores[j];
-        }
-        memset(acc, 0, D * sizeof(float));
-        for (uint32_t j = 0; j < len; j++)
-            simd->axpy_f16(acc, scores[j], vh + (size_t)j * D, D);
-        float *o = out + (size_t)t * a->out_stride + (size_t)h * D;
-        const float *g = gate ? gate + (size_t)t * a->gate_stride + (size_t)h * D : NULL;
-        float inv = 1.0f / sum;
-        for (uint32_t i = 0; i < D; i++)
-            o[i] = g ? acc[i] * inv * lt_sigmoid(g[i]) : acc[i] * inv;
+    uint32_t D = a->head_dim, Hkv = a->n_kv_heads, group = a->n_heads / Hkv, chunks = 1;
+    if (c->T == 1 && c->nth > 1) {
+        uint32_t want = (2 * (uint32_t)c->nth + Hkv - 1) / Hkv, by_len = (c->pos + 1) / MIN_CHUNK;
+        chunks = want < by_len ? want : by_len;
+        chunks = chunks > MAX_CHUNKS ? MAX_CHUNKS : chunks < 1 ? 1 : chunks;
     }
+    float *scores = c->tbuf, *acc = c->tbuf + (size_t)group * a->ctx_cap;
+    float m[MAX_GROUP], l[MAX_GROUP];
+    const float *qh[MAX_GROUP];
+    uint32_t lo, hi;
+    lt_split(c->T * Hkv * chunks, 1, c->tid, c->nth, &lo, &hi);
+    for (uint32_t u = lo; u < hi; u++) {
+        uint32_t t = u / (Hkv * chunks), kvh = (u / chunks) % Hkv, ch = u % chunks;
+        uint32_t len = c->pos + t + 1, j0 = len * ch / chunks, j1 = len * (ch + 1) / chunks;
+        for (uint32_t g = 0; g < group; g++)
+            qh[g] = q + (size_t)t * a->q_stride + (size_t)(kvh * group + g) * D;
+        size_t base = (size_t)kvh * a->ctx_cap * D;
+        if (chunks == 1) {
+            attend_range(a, simd, qh, kc + base, vc + base, j0, j1, group, scores, m, l, acc);
+            for (uint32_t g = 0; g < group; g++) {
+                size_t col = (size_t)(kvh * group + g) * D;
+                finish(out + (size_t)t * a->out_stride + col, acc + g * D, 1.0f / l[g],
+                       gate ? gate + (size_t)t * a->gate_stride + col : NULL, D);
+            }
+        } else {  /* partial state of head h, chunk ch at shared + (h * chunks + ch) * (D + 2) */
+            attend_range(a, simd, qh, kc + base, vc + base, j0, j1, group, scores, m, l, acc);
+            for (uint32_t g = 0; g < group; g++) {
+                float *p = c->shared + ((size_t)(kvh * group + g) * chunks + ch) * (D + 2);
+                p[0] = m[g];
+                p[1] = l[g];
+                memcpy(p + 2, acc + g * D, D * sizeof(float));
+            }
+        }
+    }
+    if (chunks == 1)
+        return;
+    lt_sync(c);
+    lt_split(a->n_heads, 1, c->tid, c->nth, &lo, &hi);
+    for (uint32_t h = lo; h < hi; h++) {
+        const float *p = c->shared + (size_t)h * chunks * (D + 2);
+        float mx = -INFINITY, sum = 0.0f;
+        for (uint32_t ch = 0; ch < chunks; ch++)
+            mx = p[ch * (D + 2)] > mx ? p[ch * (D + 2)] : mx;
+        memset(acc, 0, D * sizeof(float));
+        for (uint32_t ch = 0; ch < chunks; ch++) {
+            const float *pc = p + ch * (D + 2);
+            float w = expf(pc[0] - mx);
+            sum += pc[1] * w;
+            for (uint32_t i = 0; i < D; i++)
+                acc[i] += pc[2 + i] * w;
+        }
+        finish(out + (size_t)h * D, acc, 1.0f / sum, gate ? gate + (size_t)h * D : NULL, D);
+    }
+    lt_sync(c);  /* the shared scratch is reused by the next dispatch that needs it */
 }
