@@ -34,28 +34,32 @@ enum {
 
 /* Counters since creation (lattice-bench). */
 typedef struct lt_metal_counters {
-    uint32_t dispatches_per_step;  /* commands in the recorded program */
+    uint32_t dispatches_per_step;  /* commands in the last program recorded (decode) */
     uint64_t steps;                /* steps executed on the GPU, overshoot included */
     uint64_t tokens;               /* tokens handed back by lt_metal_generate */
     uint64_t command_buffers;      /* command buffers committed by runs */
     uint64_t api_calls;            /* Metal messages the host sent during runs */
 } lt_metal_counters;
 
-/* Creates the device objects, the arenas (sizes[a] bytes each; WEIGHTS, STATE, SCRATCH private;
- * STEP, OUTPUT, CONST shared), the pipelines of the kernels the program uses and the indirect
- * command buffer. `library` is a compiled .metallib, or a directory of .metal sources compiled at
- * run time (fallback). consts (n_consts bytes) is copied into the CONST arena; sizes[CONST] is
- * ignored. Returns NULL on failure with *err set and a message in err_msg (err_cap bytes). */
-lt_metal *lt_metal_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
-                          const size_t sizes[LT_N_ARENAS], const char *library,
-                          int *err, char *err_msg, size_t err_cap);
+/* Creates the device objects and the arenas (sizes[a] bytes each; WEIGHTS, STATE, SCRATCH
+ * private, zero-filled; STEP, OUTPUT, CONST shared). consts (n_consts bytes) is copied into the
+ * CONST arena, shared by every program; sizes[CONST] is ignored. `library` is a compiled
+ * .metallib, or a directory of .metal sources compiled at run time (fallback). Returns NULL on
+ * failure with *err set and a message in err_msg (err_cap bytes). */
+lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts, size_t n_consts,
+                          const char *library, int *err, char *err_msg, size_t err_cap);
+
+/* Validates a program against the arenas, creates the pipelines of the kernels it uses and
+ * records it into its own indirect command buffer. Programs (decode, prefill, ...) share the
+ * arenas. Returns the program's id (>= 0) or -LT_METAL_ERR_*. */
+int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n);
 
 /* Copies bytes into / out of an arena (private arenas go through a staging buffer and a blit;
  * weights are uploaded this way once). Waits for the GPU. Returns 0 or LT_METAL_ERR_*. */
 int lt_metal_write(lt_metal *m, uint32_t arena, size_t offset, const void *src, size_t n);
 int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t n);
 
-/* Replays the program up to max_steps times, steps_per_cb steps per command buffer, two command
+/* Replays program `program` up to max_steps times, steps_per_cb steps per command buffer, two command
  * buffers in flight. The host reads each finished command buffer's tokens (and logprobs) from the
  * output ring in its completion handler and stops at the first token in stop_ids (kept as the
  * last output token) or after max_steps. Tokens of steps already in flight past the stop (the
@@ -65,12 +69,12 @@ int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t 
  * Writes up to max_steps tokens / logprobs (logprobs may be NULL), *n_out = tokens written,
  * *n_steps_run = steps the GPU executed. Returns LT_OK, an LT_ERR_* a kernel raised (the output
  * stops before the failing step) or LT_METAL_ERR_*. */
-int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb,
+int lt_metal_generate(lt_metal *m, int program, uint32_t max_steps, uint32_t steps_per_cb,
                       const uint32_t *stop_ids, uint32_t n_stop,
                       uint32_t *tokens, float *logprobs, uint32_t *n_out, uint32_t *n_steps_run);
 
-/* Replays the program n_steps times in one command buffer and waits (prefill, tests). */
-int lt_metal_run(lt_metal *m, uint32_t n_steps);
+/* Replays program `program` n_steps times in one command buffer and waits (prefill). */
+int lt_metal_run(lt_metal *m, int program, uint32_t n_steps);
 
 void lt_metal_counters_get(const lt_metal *m, lt_metal_counters *out);
 

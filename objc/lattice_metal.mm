@@ -57,6 +57,14 @@ struct InFlight {
     bool done;
 };
 
+// One recorded program (decode, prefill, ...): its ICB and where its sampler writes tokens.
+struct Program {
+    id<MTLIndirectCommandBuffer> icb;
+    uint32_t n_commands;
+    bool has_sample;
+    lt_dispatch sample;  // the program's SAMPLE dispatch (output ring bindings)
+};
+
 struct lt_metal;
 
 // Receives command-buffer completions (the block on Apple forwards to it).
@@ -80,22 +88,19 @@ struct lt_metal {
     size_t sizes[LT_N_ARENAS];
     id<MTLBuffer> zeros;  // unbound slots, and the arguments of warm-up dispatches
     std::vector<id<MTLResource> > resident;
-    id<MTLIndirectCommandBuffer> icb;
-    uint32_t n_commands;
-    uint32_t max_slots;
+    std::vector<Program> programs;
     bool warm_pipelines;  // M1/M2: dispatch each pipeline directly before the ICB
 #ifdef LT_METAL_RESIDENCY_SET
     id residency_set;
 #endif
     LTMetalCompletion *completion;
-    const lt_dispatch *sample;  // the program's SAMPLE dispatch (ring bindings), copied below
-    lt_dispatch sample_copy;
 
     pthread_mutex_t lock;
     pthread_cond_t cond;
     std::deque<InFlight> in_flight;
 
     // generate() state, read by the completion path under `lock`
+    const lt_dispatch *sample;
     const uint32_t *stop_ids;
     uint32_t n_stop, max_out, n_out, n_consumed, first_step;
     uint32_t *tokens;
@@ -181,7 +186,7 @@ static void drain_finished(lt_metal *m)
 
 // ------------------------------------------------------------------------------------ encoding
 // Encodes and commits one command buffer of `count` steps; the caller holds no lock.
-static void commit_steps(lt_metal *m, uint32_t first, uint32_t count)
+static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t count)
 {
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     lt_metal_counters *c = &m->counters;
@@ -202,7 +207,7 @@ static void commit_steps(lt_metal *m, uint32_t first, uint32_t count)
         }
     }
     for (uint32_t s = 0; s < count; s++)
-        [enc executeCommandsInBuffer:m->icb withRange:MTLIndirectCommandBufferExecutionRangeMake(0, m->n_commands)];
+        [enc executeCommandsInBuffer:p.icb withRange:MTLIndirectCommandBufferExecutionRangeMake(0, p.n_commands)];
     [enc endEncoding];
     c->api_calls += count + 1;
 #if defined(__BLOCKS__)
@@ -228,13 +233,24 @@ static void wait_all(lt_metal *m)
     pthread_mutex_unlock(&m->lock);
 }
 
-int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb, const uint32_t *stop_ids,
+static bool check_program_id(lt_metal *m, int program)
+{
+    if (program < 0 || (size_t)program >= m->programs.size()) {
+        set_error(m, "no program %d (%zu recorded)", program, m->programs.size());
+        return false;
+    }
+    return true;
+}
+
+int lt_metal_generate(lt_metal *m, int program, uint32_t max_steps, uint32_t steps_per_cb, const uint32_t *stop_ids,
                       uint32_t n_stop, uint32_t *tokens, float *logprobs, uint32_t *n_out, uint32_t *n_steps_run)
 {
     *n_out = 0;
     *n_steps_run = 0;
     lt_step_args *step = (lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
-    if (!m->sample) {
+    if (!check_program_id(m, program)) return LT_METAL_ERR_ARGS;
+    const Program &p = m->programs[program];
+    if (!p.has_sample) {
         set_error(m, "the program has no SAMPLE dispatch: nothing writes tokens to the output ring");
         return LT_METAL_ERR_PROGRAM;
     }
@@ -244,6 +260,7 @@ int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb, co
         return LT_METAL_ERR_ARGS;
     }
     const lt_step_args start = *step;
+    m->sample = &p.sample;
     m->stop_ids = stop_ids;
     m->n_stop = n_stop;
     m->max_out = max_steps;
@@ -261,7 +278,7 @@ int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb, co
         while (!m->stopped && !m->failure && submitted < max_steps && m->in_flight.size() < 2) {
             uint32_t count = max_steps - submitted < steps_per_cb ? max_steps - submitted : steps_per_cb;
             pthread_mutex_unlock(&m->lock);
-            commit_steps(m, submitted, count);
+            commit_steps(m, p, submitted, count);
             pthread_mutex_lock(&m->lock);
             submitted += count;
         }
@@ -285,12 +302,14 @@ int lt_metal_generate(lt_metal *m, uint32_t max_steps, uint32_t steps_per_cb, co
     return m->failure;
 }
 
-int lt_metal_run(lt_metal *m, uint32_t n_steps)
+int lt_metal_run(lt_metal *m, int program, uint32_t n_steps)
 {
     m->failure = 0;
     m->tokens = NULL;
+    m->error[0] = 0;
+    if (!check_program_id(m, program)) return LT_METAL_ERR_ARGS;
     if (n_steps == 0) return 0;
-    commit_steps(m, 0, n_steps);
+    commit_steps(m, m->programs[program], 0, n_steps);
     wait_all(m);
     if (!m->failure) {
         const lt_step_args *step = (const lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
@@ -544,23 +563,26 @@ static uint32_t slots_of(const lt_dispatch *d)
     return FIRST_BINDING_SLOT + bindings;
 }
 
-// Records the program into the ICB, once.
-static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n)
+// Records the program into a new ICB, once.
+static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n, Program *p)
 {
+    uint32_t max_slots = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (slots_of(&prog[i]) > max_slots) max_slots = slots_of(&prog[i]);
     MTLIndirectCommandBufferDescriptor *desc = [[[MTLIndirectCommandBufferDescriptor alloc] init] autorelease];
     [desc setCommandTypes:MTLIndirectCommandTypeConcurrentDispatch];
     [desc setInheritBuffers:NO];
     [desc setInheritPipelineState:NO];
-    [desc setMaxKernelBufferBindCount:m->max_slots];
-    m->icb = [m->device newIndirectCommandBufferWithDescriptor:desc maxCommandCount:n options:0];
-    if (!m->icb) {
+    [desc setMaxKernelBufferBindCount:max_slots];
+    p->icb = [m->device newIndirectCommandBufferWithDescriptor:desc maxCommandCount:n options:0];
+    if (!p->icb) {
         set_error(m, "cannot create an indirect command buffer of %u commands", n);
         return LT_METAL_ERR_DEVICE;
     }
-    m->n_commands = n;
+    p->n_commands = n;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
-        id<MTLIndirectComputeCommand> cmd = [m->icb indirectComputeCommandAtIndex:i];
+        id<MTLIndirectComputeCommand> cmd = [p->icb indirectComputeCommandAtIndex:i];
         [cmd setComputePipelineState:m->pipelines[d->kernel]];
         [cmd setKernelBuffer:m->arenas[LT_ARENA_CONST] offset:d->args_offset atIndex:SLOT_ARGS];
         [cmd setKernelBuffer:m->arenas[LT_ARENA_STEP] offset:0 atIndex:SLOT_STEP];
@@ -598,40 +620,27 @@ static void make_residency_set(lt_metal *m)
 }
 #endif
 
-lt_metal *lt_metal_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
-                          const size_t sizes[LT_N_ARENAS], const char *library, int *err, char *err_msg, size_t err_cap)
+lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts, size_t n_consts,
+                          const char *library, int *err, char *err_msg, size_t err_cap)
 {
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     lt_metal *m = new lt_metal();
     pthread_mutex_init(&m->lock, NULL);
     pthread_cond_init(&m->cond, NULL);
     for (uint32_t a = 0; a < LT_N_ARENAS; a++) m->sizes[a] = a == LT_ARENA_CONST ? n_consts : sizes[a];
-    int e = check_program(m, prog, n, n_consts);
-    if (!e) {
-        m->device = MTLCreateSystemDefaultDevice();
-        if (m->device) [m->device retain];
-        m->queue = [m->device newCommandQueue];
-        if (!m->device || !m->queue) {
-            set_error(m, "no Metal device");
-            e = LT_METAL_ERR_DEVICE;
-        }
+    int e = 0;
+    m->device = [MTLCreateSystemDefaultDevice() retain];
+    m->queue = [m->device newCommandQueue];
+    if (!m->device || !m->queue) {
+        set_error(m, "no Metal device");
+        e = LT_METAL_ERR_DEVICE;
     }
     if (!e) e = load_libraries(m, library);
-    for (uint32_t i = 0; i < n && !e; i++) {
-        if (!m->pipelines[prog[i].kernel]) e = make_pipeline(m, prog[i].kernel);
-        if (slots_of(&prog[i]) > m->max_slots) m->max_slots = slots_of(&prog[i]);
-        if (prog[i].kernel == LT_K_SAMPLE) {
-            m->sample_copy = prog[i];
-            m->sample = &m->sample_copy;
-        }
-    }
     if (!e) e = make_arenas(m, consts, n_consts);
-    if (!e) e = record(m, prog, n);
     if (!e) {
         m->warm_pipelines = ![m->device supportsFamily:MTLGPUFamilyApple9];
         m->completion = [[LTMetalCompletion alloc] init];
         m->completion->_m = m;
-        m->counters.dispatches_per_step = n;
 #ifdef LT_METAL_RESIDENCY_SET
         make_residency_set(m);
 #endif
@@ -646,6 +655,31 @@ lt_metal *lt_metal_create(const lt_dispatch *prog, uint32_t n, const uint8_t *co
     return m;
 }
 
+int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n)
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    m->error[0] = 0;
+    int e = check_program(m, prog, n, m->sizes[LT_ARENA_CONST]);
+    for (uint32_t i = 0; i < n && !e; i++)
+        if (!m->pipelines[prog[i].kernel]) e = make_pipeline(m, prog[i].kernel);
+    Program p = Program();
+    if (!e) e = record(m, prog, n, &p);
+    [pool drain];
+    if (e) {
+        [p.icb release];
+        return -e;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (prog[i].kernel == LT_K_SAMPLE) {
+            p.sample = prog[i];
+            p.has_sample = true;
+        }
+    }
+    m->programs.push_back(p);
+    m->counters.dispatches_per_step = n;
+    return (int)m->programs.size() - 1;
+}
+
 void lt_metal_counters_get(const lt_metal *m, lt_metal_counters *out) { *out = m->counters; }
 
 const char *lt_metal_error(const lt_metal *m) { return m->error; }
@@ -657,7 +691,7 @@ void lt_metal_free(lt_metal *m)
     if (!m) return;
     wait_all(m);
     [m->completion release];
-    [m->icb release];
+    for (size_t i = 0; i < m->programs.size(); i++) [m->programs[i].icb release];
     for (uint32_t k = 0; k < LT_K_COUNT; k++) [m->pipelines[k] release];
     for (size_t i = 0; i < m->libraries.size(); i++) [m->libraries[i] release];
     for (uint32_t a = 0; a < LT_N_ARENAS; a++) [m->arenas[a] release];

@@ -706,7 +706,7 @@ id<MTLDevice> MTLCreateSystemDefaultDevice(void)
     static FakeDevice *device;
     std::lock_guard<std::mutex> hold(g_lock);
     if (!device) device = [[FakeDevice alloc] init];
-    return device;
+    return [device retain];  // a Create function: the caller owns the result
 }
 
 // ------------------------------------------------------------------------------------ test hooks
