@@ -304,10 +304,11 @@ typedef struct lt_elementwise_args {
  *     penalty_last_n > 0 the token falling out of the window is decremented; HIST is a ring of
  *     hist_cap >= penalty_last_n entries indexed by n_seen % hist_cap);
  *  2. read the logits row (row T-1 with LT_SAMPLE_LOGITS_ALL_TOKENS, else row 0); NaN/Inf ->
- *     LT_ERR_NONFINITE; with LT_STEP_WANT_LOGITS, copy them to RING_LOGITS row step % logits_cap;
+ *     LT_ERR_NONFINITE and the step emits nothing (penalty_last_n > hist_cap: LT_ERR_ARGS);
+ *     with LT_STEP_WANT_LOGITS, copy them to RING_LOGITS row step % logits_cap;
  *  3. penalties for tokens with count c > 0: l = l > 0 ? l / repetition : l * repetition, then
  *     l -= frequency * c + presence;
- *  4. temperature == 0: greedy argmax (lowest id on ties). Otherwise l /= temperature, then
+ *  4. temperature == 0: greedy argmax (lowest id on ties). Otherwise l *= (1 / temperature), then
  *     top-k, top-p, min-p (Hugging Face's order; candidates ordered by value desc, id asc), then
  *     draw u = lt_uniform(seed, step) and walk the kept candidates in ascending token id,
  *     picking the first whose cumulative probability exceeds u * total;
