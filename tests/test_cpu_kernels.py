@@ -102,8 +102,9 @@ def lib():
         sizes_c = out.parent / "test_sizes.c"
         sizes_c.write_text(SIZES_C)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cc, *flags, f"-I{CSRC}", *map(str, sources), str(sizes_c), "-o", str(tmp), "-lm"],
-                       check=True)
+        cmd = [cc, *flags, f"-I{CSRC}", *map(str, sources), str(sizes_c), "-o", str(tmp), "-lm"]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:   # a compiler without OpenMP
+            subprocess.run([a for a in cmd if a != "-fopenmp"], check=True)
         os.replace(tmp, out)
     so = ctypes.CDLL(str(out))
     so.lt_cpu_run_one.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p,
