@@ -207,7 +207,7 @@ static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t
         }
     }
     for (uint32_t s = 0; s < count; s++)
-        [enc executeCommandsInBuffer:p.icb withRange:MTLIndirectCommandBufferExecutionRangeMake(0, p.n_commands)];
+        [enc executeCommandsInBuffer:p.icb withRange:NSMakeRange(0, p.n_commands)];
     [enc endEncoding];
     c->api_calls += count + 1;
 #if defined(__BLOCKS__)
@@ -525,7 +525,8 @@ static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
     id<MTLCommandBuffer> cb = [m->queue commandBuffer];
     id<MTLBlitCommandEncoder> enc = [cb blitCommandEncoder];
     for (uint32_t a = 0; a < LT_N_ARENAS; a++) {
-        size_t n = m->sizes[a] ? m->sizes[a] : 16;  // Metal rejects zero-length buffers
+        // Metal rejects zero-length buffers; fills need multiples of 4 on macOS
+        size_t n = m->sizes[a] ? (m->sizes[a] + 15) / 16 * 16 : 16;
         MTLResourceOptions opt = is_private(a) ? MTLResourceStorageModePrivate : MTLResourceStorageModeShared;
         m->arenas[a] = [m->device newBufferWithLength:n options:opt];
         if (!m->arenas[a]) {

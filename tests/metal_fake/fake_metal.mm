@@ -303,7 +303,7 @@ struct Op {
     Launch launch;                        // DIRECT
     std::vector<FakeBuffer *> resources;  // USE (not retained: the bridge keeps them alive)
     FakeICB *icb;                         // EXECUTE
-    MTLIndirectCommandBufferExecutionRange range;
+    NSRange range;
     FakeBuffer *src, *dst;                // COPY, FILL (dst)
     NSUInteger src_off, dst_off, size;
     uint8_t value;
@@ -381,10 +381,10 @@ struct Op {
     for (NSUInteger i = 0; i < count; i++) op.resources.push_back((FakeBuffer *)resources[i]);
     _cb->_ops->push_back(op);
 }
-- (void)executeCommandsInBuffer:(id<MTLIndirectCommandBuffer>)icb withRange:(MTLIndirectCommandBufferExecutionRange)range
+- (void)executeCommandsInBuffer:(id<MTLIndirectCommandBuffer>)icb withRange:(NSRange)range
 {
     FakeICB *f = (FakeICB *)icb;
-    if ((NSUInteger)range.location + range.length > [f->_commands count]) {
+    if (range.location + range.length > [f->_commands count]) {
         violation(*_cb->_pending, "executeCommandsInBuffer: range beyond the ICB's commands");
         return;
     }
@@ -424,8 +424,9 @@ struct Op {
 - (void)fillBuffer:(id<MTLBuffer>)buffer range:(NSRange)range value:(uint8_t)value
 {
     FakeBuffer *d = (FakeBuffer *)buffer;
-    if (range.location + range.length > d->_length) {
-        violation(*_cb->_pending, "fillBuffer: range outside " + buffer_name(d));
+    if (range.location + range.length > d->_length || range.length == 0 || range.location % 4 || range.length % 4) {
+        violation(*_cb->_pending, "fillBuffer: range must be non-empty, inside " + buffer_name(d) +
+                  " and start and end at multiples of 4");
         return;
     }
     Op op = Op();
@@ -535,7 +536,7 @@ static void worker()
 {
     if (!op.icb->_pending->empty()) return *op.icb->_pending;  // broken while it was encoded
     std::vector<FakeICBCommand *> cmds;
-    for (uint32_t i = op.range.location; i < op.range.location + op.range.length; i++) {
+    for (NSUInteger i = op.range.location; i < op.range.location + op.range.length; i++) {
         FakeICBCommand *c = [op.icb->_commands objectAtIndex:i];
         std::string where = "ICB command " + std::to_string(i);
         if (!c->_encoded || !c->_launch.pipeline) return where + ": executed but never encoded (no pipeline or dispatch)";

@@ -73,7 +73,7 @@ extern "C" int fake_probe(const char *scenario, const char *metallib, char *msg,
         [enc dispatchThreadgroups:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(1, 1, 1)];
         [zeros release];
     }
-    [enc executeCommandsInBuffer:icb withRange:MTLIndirectCommandBufferExecutionRangeMake(0, 1)];
+    [enc executeCommandsInBuffer:icb withRange:NSMakeRange(0, 1)];
     [enc endEncoding];
     [cb commit];
     [cb waitUntilCompleted];

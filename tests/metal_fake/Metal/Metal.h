@@ -21,12 +21,6 @@
 typedef struct { NSUInteger width, height, depth; } MTLSize;
 static inline MTLSize MTLSizeMake(NSUInteger w, NSUInteger h, NSUInteger d) { MTLSize s = {w, h, d}; return s; }
 
-/* mtlindirectcommandbufferexecutionrange (two uint32: location, length),
- * mtlindirectcommandbufferexecutionrangemake(_:_:) */
-typedef struct { uint32_t location; uint32_t length; } MTLIndirectCommandBufferExecutionRange;
-static inline MTLIndirectCommandBufferExecutionRange MTLIndirectCommandBufferExecutionRangeMake(uint32_t location, uint32_t length)
-{ MTLIndirectCommandBufferExecutionRange r = {location, length}; return r; }
-
 /* mtlresourceoptions: storage mode in bits 4..7 (MTLResourceStorageModeShift = 4);
  * mtlstoragemode: shared 0, managed 1, private 2 */
 typedef NSUInteger MTLResourceOptions;
@@ -144,9 +138,9 @@ enum {
 @end
 
 /* mtlcomputecommandencoder: setComputePipelineState(_:), setBuffer(_:offset:index:),
- * dispatchThreadgroups(_:threadsPerThreadgroup:),
- * useResource(_:usage:), useResources(_:count:usage:) (C array + count in Objective-C),
- * executeCommandsInBuffer(_:range:) = executeCommandsInBuffer:withRange: */
+ * dispatchThreadgroups(_:threadsPerThreadgroup:), useResource(_:usage:),
+ * useResources:count:usage: (an `id<MTLResource> const[]`), executeCommandsInBuffer:withRange:
+ * (an NSRange; at most 16384 commands on Mac2-family GPUs) */
 @protocol MTLComputeCommandEncoder <MTLCommandEncoder>
 - (void)setComputePipelineState:(id<MTLComputePipelineState>)state;
 - (void)setBuffer:(id<MTLBuffer>)buffer offset:(NSUInteger)offset atIndex:(NSUInteger)index;
@@ -154,12 +148,12 @@ enum {
 - (void)useResource:(id<MTLResource>)resource usage:(MTLResourceUsage)usage;
 - (void)useResources:(const id<MTLResource> *)resources count:(NSUInteger)count usage:(MTLResourceUsage)usage;
 - (void)executeCommandsInBuffer:(id<MTLIndirectCommandBuffer>)indirectCommandBuffer
-                      withRange:(MTLIndirectCommandBufferExecutionRange)executionRange;
+                      withRange:(NSRange)executionRange;
 @end
 
 /* mtlblitcommandencoder: copy(from:sourceOffset:to:destinationOffset:size:) =
  * copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:, fill(buffer:range:value:) =
- * fillBuffer:range:value: */
+ * fillBuffer:range:value: (on macOS the range's start and length are multiples of 4) */
 @protocol MTLBlitCommandEncoder <MTLCommandEncoder>
 - (void)fillBuffer:(id<MTLBuffer>)buffer range:(NSRange)range value:(uint8_t)value;
 - (void)copyFromBuffer:(id<MTLBuffer>)sourceBuffer sourceOffset:(NSUInteger)sourceOffset
