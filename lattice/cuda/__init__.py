@@ -174,7 +174,6 @@ class CudaBackend:
         self.h = self.lib.lt_cuda_create(arr, device, msg, 256)
         if not self.h:
             raise BackendError(f"CUDA backend: {msg.value.decode()}")
-        self._step_dtype = None
 
     def close(self):
         if getattr(self, "h", None):

@@ -1,6 +1,7 @@
 /* The CUDA backend's host bridge: validates a program, resolves its bindings to device pointers,
- * picks each kernel's launch shape, captures one decode step as a CUDA graph and replays it.
- * Build: nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC backend.cu -o liblattice_cuda.so */
+ * picks each kernel's launch shape, captures decode steps as CUDA graphs and replays them.
+ * Build: nvcc -O3 -arch=sm_90 -std=c++17 -shared -Xcompiler -fPIC backend.cu -o liblattice_cuda.so
+ * (lattice/cuda/__init__.py does this on first use). */
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -382,7 +383,16 @@ lt_cuda *lt_cuda_create(const size_t sizes[LT_N_ARENAS], int device, char *msg, 
     return c;
 }
 
-static int check_dispatch(const lt_cuda *c, const lt_dispatch *d, size_t n_consts) {
+/* Slots read as 16-byte vectors: quant weight planes and the f16 KV caches (LT_PLANE_ALIGN). */
+static bool needs_16(const lt_dispatch *d, const uint8_t *args, uint32_t slot) {
+    if (d->kernel == LT_K_GEMV || d->kernel == LT_K_LM_HEAD)
+        return slot == LT_GEMV_B_WQ && ((const lt_gemv_args *)args)->wformat >= LT_WF_Q8;
+    if (d->kernel == LT_K_ATTENTION)
+        return slot == LT_ATTN_B_K_CACHE || slot == LT_ATTN_B_V_CACHE;
+    return false;
+}
+
+static int check_dispatch(const lt_cuda *c, const lt_dispatch *d, const uint8_t *consts, size_t n_consts) {
     if (d->kernel == LT_K_NONE || d->kernel >= LT_K_COUNT)
         return LT_ERR_KERNEL;
     if (d->n_bind > LT_MAX_BIND || d->args_offset % LT_ARGS_ALIGN || (size_t)d->args_offset + ARGS_SIZE[d->kernel] > n_consts)
@@ -391,7 +401,8 @@ static int check_dispatch(const lt_cuda *c, const lt_dispatch *d, size_t n_const
         const lt_binding *b = &d->bind[i];
         if (b->arena == LT_ARENA_NONE)
             continue;
-        if (b->arena >= LT_N_ARENAS || b->arena == LT_ARENA_CONST || b->offset >= c->size[b->arena])
+        if (b->arena >= LT_N_ARENAS || b->arena == LT_ARENA_CONST || b->offset >= c->size[b->arena]
+            || (b->offset % 16 && needs_16(d, consts + d->args_offset, i)))
             return LT_ERR_BINDING;
     }
     return LT_OK;
@@ -409,7 +420,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     size_t conv_floats = 0, attn_floats = 0, attn_heads = 0;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
-        int e = check_dispatch(c, d, n_consts);
+        int e = check_dispatch(c, d, consts, n_consts);
         if (e == LT_OK)
             e = check_args(d->kernel, consts + d->args_offset);
         if (e != LT_OK) {
