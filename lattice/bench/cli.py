@@ -159,7 +159,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def render_report(doc: dict) -> str:
     s, m = doc["settings"], doc["machine"]
     gpu = ", ".join(g["name"] for g in m["gpus"]) or "none"
-    out = [f"machine: {m['cpu']} ({m['cpus_usable']} usable CPUs), GPU: {gpu}; threads {s['threads']}"]
+    busy = m.get("load_average")
+    out = [f"machine: {m['cpu']} ({m['cpus_usable']} usable CPUs), GPU: {gpu}; threads {s['threads']}"
+           + (f"; load average {busy[0]:.2f} {busy[1]:.2f} {busy[2]:.2f} at the end" if busy else "")]
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     tg = f"tg{s['n2'] - s['n1']}"
     rows = []

@@ -80,5 +80,7 @@ def machine_info() -> dict:
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
             "memory_gb": memory_gb(), "gpus": gpus(), "os": platform.platform(),
             "machine": platform.machine(), "versions": versions(),
+            # other work on the machine while measuring (1, 5, 15 minute averages); read at the end
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "command": command_line(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -27,7 +27,8 @@ def slope_rates(n1: int, n2: int, times1: list[float], times2: list[float]) -> l
     for i, (t1, t2) in enumerate(zip(times1, times2)):
         if not t2 > t1:
             raise BenchError(f"run {i}: T(N2={n2}) = {t2!r} s is not greater than T(N1={n1}) = {t1!r} s; "
-                             "the engine did not generate the requested tokens or the clock is wrong")
+                             "the engine did not generate the requested tokens, or timing noise exceeds the difference "
+                             "(use warm-up runs and a larger N2 - N1)")
         rates.append((n2 - n1) / (t2 - t1))
     return rates
 
