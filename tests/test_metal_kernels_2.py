@@ -169,7 +169,7 @@ def test_rope_kv_beyond_context_sets_error(rope_lib):
 
 
 # ---------------------------------------------------------------- ATTENTION
-def run_attention(attn_lib, T, pos, n_heads, n_kv, D, gated, seed, ctx=None, order_seed=None):
+def run_attention(attn_lib, T, pos, n_heads, n_kv, D, gated, seed, ctx=None, order_seed=None, n_splits=1):
     rng = np.random.default_rng(seed)
     ctx = ctx or pos + T + 3
     k_cache = rng.standard_normal((n_kv, ctx, D)).astype(np.float16)
@@ -184,8 +184,12 @@ def run_attention(attn_lib, T, pos, n_heads, n_kv, D, gated, seed, ctx=None, ord
              out_stride=out.shape[1], gate_stride=g.shape[1], flags=int(gated), scale=scale)
     step = step_args(T, pos)
     grid, group = launch("attention", T + 1, n_heads=n_heads)
-    attn_lib.dispatch("lt_attention", [a, step, q, out, k_cache, v_cache, g if gated else UNUSED], grid, group,
-                      order_seed=order_seed)
+    # the backend's split workspace: a header of 4 floats, then [rows][n_heads][n_splits][D + 2]
+    ws = np.full(4 + (T + 1) * n_heads * n_splits * (D + 2), np.nan, np.float32)
+    buffers = [a, step, q, out, k_cache, v_cache, g if gated else UNUSED] + [UNUSED] * 7 + [ws]  # ws: slot 14
+    attn_lib.dispatch("lt_attention", buffers, grid[:2] + (n_splits,), group, order_seed=order_seed)
+    if n_splits > 1:
+        attn_lib.dispatch("lt_attention_reduce", buffers, grid, (64, 1, 1), order_seed=order_seed)
     S = pos + T
     kf = k_cache[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, -1)
     vf = v_cache[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, -1)
@@ -207,6 +211,16 @@ def test_attention_matches_reference(attn_lib, T, pos, n_heads, n_kv, D, gated):
     assert np.isnan(out[:, n_heads * D:]).all()
 
 
+@pytest.mark.parametrize("T,pos,n_splits", [(1, 300, 4), (1, 10, 8), (3, 100, 3)])
+def test_attention_split_across_threadgroups_matches_reference(attn_lib, T, pos, n_splits):
+    """grid.z splits of the keys + lt_attention_reduce; (1, 10, 8): all keys in split 0, the
+    other splits empty."""
+    out, expected, step = run_attention(attn_lib, T, pos, 4, 2, 24, True, seed=pos, n_splits=n_splits,
+                                        order_seed=n_splits)
+    np.testing.assert_allclose(out[:, :4 * 24], expected, rtol=1e-4, atol=1e-5)
+    assert np.isnan(out[:, 4 * 24:]).all()
+
+
 def test_attention_result_does_not_depend_on_execution_order(attn_lib):
     a, _, _ = run_attention(attn_lib, 2, 70, 2, 1, 32, False, seed=3, order_seed=1)
     b, _, _ = run_attention(attn_lib, 2, 70, 2, 1, 32, False, seed=3, order_seed=2)
@@ -219,8 +233,8 @@ def test_attention_beyond_context_sets_error(attn_lib):
     a = args("attention", n_heads=1, n_kv_heads=1, head_dim=16, ctx_cap=4, q_stride=16, out_stride=16, scale=0.25)
     step = step_args(1, 4)
     cache = np.zeros((1, 4, 16), np.float16)
-    attn_lib.dispatch("lt_attention", [a, step, rng.standard_normal((1, 16)).astype(np.float32), out, cache, cache,
-                                       UNUSED], (1, 1, 1), (256, 1, 1))
+    attn_lib.dispatch("lt_attention", [a, step, rng.standard_normal((1, 16)).astype(np.float32), out, cache, cache]
+                      + [UNUSED] * 9, (1, 1, 1), (256, 1, 1))
     assert step["error"][0] == ERR_CONTEXT and (out == 5).all()
 
 
@@ -495,9 +509,10 @@ def test_sample_penalty_window_beyond_history_is_an_args_error(sample_lib):
 def test_kernels_stay_in_bounds_under_asan(cpu_lib):
     """Buffers are copied into exact-size blocks: a read or write past any binding's end fails."""
     run_rope(lib("rope_kv.metal", sanitize="address"), 2, 3, 2, 1, 24, 12, True, True, seed=1, ctx=5)
-    out, expected, _ = run_attention(lib("attention.metal", sanitize="address"), 2, 37, 2, 1, 12, True, seed=2,
-                                     ctx=39)
-    np.testing.assert_allclose(out[:, :24], expected, rtol=1e-4, atol=1e-5)
+    attn_asan = lib("attention.metal", sanitize="address")
+    for n_splits in (1, 3):
+        out, expected, _ = run_attention(attn_asan, 2, 37, 2, 1, 12, True, seed=2, ctx=39, n_splits=n_splits)
+        np.testing.assert_allclose(out[:, :24], expected, rtol=1e-4, atol=1e-5)
     (out, expected), _, _ = run_gdn(lib("gdn.metal", sanitize="address"), 2, 1, 2, 8, 8, 4, seed=3)
     np.testing.assert_allclose(out[:, :16], expected, rtol=2e-4, atol=2e-4)
     y, expected, _ = run_lm_head(lib("lm_head.metal", sanitize="address"), "q4", 260, 40, 1, FLAG["norm"], seed=4)
@@ -514,7 +529,8 @@ def test_kernels_stay_in_bounds_under_asan(cpu_lib):
 
 # ---------------------------------------------------------------- the bridge's warm-up dispatch
 @pytest.mark.parametrize("source,kernel,slots", [("rope_kv.metal", "lt_rope_kv", 10),
-                                                 ("attention.metal", "lt_attention", 5),
+                                                 ("attention.metal", "lt_attention", 13),
+                                                 ("attention.metal", "lt_attention_reduce", 13),
                                                  ("gdn.metal", "lt_gdn", 11), ("lm_head.metal", "lt_lm_head", 9),
                                                  ("sample.metal", "lt_sample", 9)])
 def test_all_zero_warm_up_dispatch_does_nothing(source, kernel, slots):

@@ -89,6 +89,7 @@ class EmulatedMetal:
                 buffers.append(self.unbound)
             else:
                 buffers.append((self.arenas[int(b["arena"])], int(b["offset"])))
+        buffers.append(self.unbound)  # slot 2 + MAX_BIND: attention's split workspace (grid.z = 1: unused)
         self.library(source).dispatch(fn, buffers, tuple(int(g) for g in rec["grid"]),
                                       tuple(int(g) for g in rec["group"]))
 
