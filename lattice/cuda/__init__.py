@@ -60,7 +60,7 @@ def _nvcc():
     raise BackendError("the CUDA backend needs nvcc (set LATTICE_NVCC or put nvcc on PATH)")
 
 
-def _arch_flags(nvcc):
+def _arch_flags():
     arch = os.environ.get("LATTICE_CUDA_ARCH")
     if arch:
         return [f"-arch={arch}"]
@@ -78,7 +78,7 @@ def _arch_flags(nvcc):
 def build_library(force=False) -> Path:
     """Compiles the bridge (once per source version, compiler and target) and returns its path."""
     nvcc = _nvcc()
-    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *_arch_flags(nvcc)]
+    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *_arch_flags()]
     h = hashlib.sha256(" ".join([nvcc] + flags).encode())
     for p in SOURCES:
         h.update(p.read_bytes())

@@ -343,10 +343,10 @@ void lt_cuda_free(lt_cuda *c) {
 
 static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaSetDevice(c->device));
-    const char *pdl = getenv("LATTICE_CUDA_PDL");
-    pdl_enabled = !(pdl && pdl[0] == '0');
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, c->device));
+    const char *pdl = getenv("LATTICE_CUDA_PDL");
+    pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->sms = prop.multiProcessorCount;
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
