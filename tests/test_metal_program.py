@@ -38,14 +38,20 @@ CONTEXT = 16
 class EmulatedMetal:
     """The arenas of one session and the dispatch loop a Metal bridge would encode."""
 
-    def __init__(self, prog, sampling=None):
+    def __init__(self, prog, sampling=None, attention_splits=1):
         self.prog = prog
+        self.attention_splits = attention_splits
         self.libs = {}
         sizes = prog.sizes
         self.arenas = [np.ascontiguousarray(prog.weights), np.zeros(sizes["state"], np.uint8),
                        np.zeros(sizes["scratch"], np.uint8), np.zeros(sizes["step"], np.uint8),
                        np.zeros(sizes["output"], np.uint8), np.ascontiguousarray(prog.consts)]
         self.unbound = np.zeros(16, np.uint8)
+        # attention's split workspace (backend-owned, slot 2 + MAX_BIND): enough for any layer
+        width = max(n[2]["n_heads"] * (n[2]["head_dim"] + 2) for v in prog.notes.values() for n in v
+                    if n[0] == "attention") if prog.notes else 0
+        rows = max(prog.prefill_chunk, prog.logits_chunk)
+        self.workspace = np.zeros(4 + rows * attention_splits * width, np.float32)
         step = self.step
         step["ring_cap"] = prog.layout["ring_cap"]
         step["top_p"], step["repetition_penalty"] = 1.0, 1.0  # greedy: temperature 0
@@ -89,9 +95,13 @@ class EmulatedMetal:
                 buffers.append(self.unbound)
             else:
                 buffers.append((self.arenas[int(b["arena"])], int(b["offset"])))
-        buffers.append(self.unbound)  # slot 2 + MAX_BIND: attention's split workspace (grid.z = 1: unused)
-        self.library(source).dispatch(fn, buffers, tuple(int(g) for g in rec["grid"]),
-                                      tuple(int(g) for g in rec["group"]))
+        buffers.append(self.workspace)  # slot 2 + MAX_BIND: attention's split workspace
+        grid, group = tuple(int(g) for g in rec["grid"]), tuple(int(g) for g in rec["group"])
+        if fn == "lt_attention" and self.attention_splits > 1:  # as a backend would encode split-K
+            self.library(source).dispatch(fn, buffers, grid[:2] + (self.attention_splits,), group)
+            self.library(source).dispatch("lt_attention_reduce", buffers, grid, (64, 1, 1))
+        else:
+            self.library(source).dispatch(fn, buffers, grid, group)
 
     def generate(self, prompt, n_new):
         """Prefill the prompt, then decode; returns (tokens, logits of each token's step)."""
@@ -156,6 +166,18 @@ def test_emulated_metal_program_reproduces_reference_greedy_tokens(fixture, quan
     assert tokens == ref_tokens
     scale = np.abs(ref_logits).max()
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * scale)
+
+
+def test_emulated_metal_program_with_split_attention_matches_reference():
+    """Attention split across threadgroups (grid.z = 3, + lt_attention_reduce) in every layer,
+    over a 70-token prompt: every split holds keys (splits are whole 32-key chunks)."""
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-qwen35"))
+    prompt = [(7 * i + 3) % 250 for i in range(70)]
+    prog = program.build(ck, quant=None, context=80, prefill_chunk=len(prompt), logits_chunk=1)
+    tokens, logits = EmulatedMetal(prog, attention_splits=3).generate(prompt, 3)
+    ref_tokens, ref_logits = ReferenceDecoder(ck, context=80).greedy(prompt, 3)
+    assert tokens == ref_tokens
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-3 * np.abs(ref_logits).max())
 
 
 @pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
