@@ -8,7 +8,8 @@
 // online softmax (max, sum, accumulator); the simdgroups' partitions are merged at the end.
 // Split-K across threadgroups, for long contexts with few heads (a backend option, outside the
 // program format, like the CUDA backend's): launched with grid.z = n_splits > 1, threadgroup z
-// covers the z-th of n_splits equal ranges of the query's keys and writes its partition
+// covers the z-th of n_splits equal ranges (whole 32-key chunks; trailing ranges may be empty)
+// of the query's keys and writes its partition
 // (max, sum, unnormalized accumulator) to WORKSPACE; lt_attention_reduce, dispatched after it
 // behind a barrier with grid (n_heads, rows) and the same bindings, merges them into OUT.
 // WORKSPACE (slot 2 + LT_MAX_BIND, owned by the backend): 4 floats (n_splits as uint, written by
