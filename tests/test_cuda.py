@@ -94,6 +94,68 @@ class CudaKernelLib:
             self.lt_cpu_free(h)
 
 
+class HostBackend:
+    """CudaBackend's interface over host arenas and the CPU kernels (tests/test_cpu_kernels.py's
+    library): runs CudaRuntime's token loop (steps queued ahead, ring read-back, overshoot, prefix
+    reuse, context limit) on machines without a GPU."""
+    cpu_lib = None
+
+    def __init__(self, sizes, device=0):
+        from test_cpu_kernels import Mem
+        self.mem = Mem()
+        self.mem.items = {a: [] for a in range(lcuda.N_ARENAS)}
+        self.mem.ends = [int(n) for n in sizes]
+        self.mem.build()
+        self.handles, self.last = [], None
+
+    def close(self):
+        for h in self.handles:
+            self.cpu_lib.lt_cpu_free(h)
+        self.handles = []
+
+    def set_eager(self, eager):
+        pass
+
+    def add_program(self, dispatches, consts, max_tokens):
+        recs = np.ascontiguousarray(dispatches)
+        consts = np.ascontiguousarray(consts).tobytes()
+        err, where = ctypes.c_int(), ctypes.c_uint32()
+        h = self.cpu_lib.lt_cpu_create(ctypes.c_void_p(recs.ctypes.data), len(recs), consts, len(consts),
+                                       self.mem.ptrs, self.mem.sizes, 1, ctypes.byref(err), ctypes.byref(where))
+        if not h:
+            raise BackendError(f"the CPU backend rejected dispatch {where.value}: error {err.value}")
+        self.handles.append(h)
+        return len(self.handles) - 1
+
+    def write(self, arena, offset, data):
+        a = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self.mem.bufs[arena][offset:offset + a.nbytes] = a
+
+    def read(self, arena, offset, nbytes):
+        return self.mem.bufs[arena][offset:offset + nbytes].copy()
+
+    def launch(self, prog, n_steps, T=1, out_offset=0, out_n=0):
+        err = self.cpu_lib.lt_cpu_run(self.handles[prog], n_steps)
+        self.last = (err, self.read(lcuda.OUTPUT, out_offset, out_n))
+
+    def wait(self, step_dtype, out_n=0):
+        err, out = self.last
+        step = self.mem.bufs[lcuda.STEP][:step_dtype.itemsize].view(step_dtype)[0].copy()
+        return step, out[:out_n], err
+
+    def run(self, prog, n_steps, T=1):
+        return self.cpu_lib.lt_cpu_run(self.handles[prog], n_steps)
+
+
+@pytest.fixture
+def host_backend():
+    from lattice._runtime import simd
+    from test_cpu_kernels import lib as cpu_lib_fixture
+    HostBackend.cpu_lib = cpu_lib_fixture.__wrapped__()
+    assert HostBackend.cpu_lib.lt_cpu_set_simd(simd().encode()) == 0  # the runtime's SIMD path
+    return HostBackend
+
+
 @pytest.fixture(scope="session")
 def lib():
     if not GPU_OK:
@@ -223,6 +285,33 @@ def _same_greedy(cpu, st, prompt, want, got):
             assert gap <= 1e-3 * float(np.abs(logits).max()), (i, a, b, gap)
             return
     assert len(want) == len(got)
+
+
+@pytest.mark.parametrize("steps_ahead", [1, 3, 8])
+@pytest.mark.parametrize("fixture", ["tiny-qwen2", "tiny-qwen35"])
+def test_token_loop_matches_cpu_runtime(host_backend, fixture, steps_ahead):
+    """CudaRuntime's token loop over the CPU kernels (no GPU needed) gives lattice._runtime's tokens:
+    greedy and sampled, a stop inside a queued submission, the follow-up turn, the context limit."""
+    prog = _program(fixture, "q8", context=24)
+    cpu, st = _cpu(prog)
+    rt = lcuda.CudaRuntime(prog, steps_ahead=steps_ahead, backend=host_backend)
+    prompt = _prompt(prog, 7, seed=2)
+    want = cpu.logits(st, prompt)
+    # same kernels, but the test library is built with other flags (-O2): f32 rounding differs
+    assert np.abs(rt.logits(prompt) - want).max() <= 2e-4 * np.abs(want).max()
+    for sp in (None, SamplingParams(temperature=0.9, top_k=20, seed=3)):
+        rc, rg = cpu.generate(st, prompt, 9, sampling=sp), rt.generate(prompt, 9, sampling=sp)
+        assert rg["tokens"] == rc["tokens"] and np.allclose(rg["logprobs"], rc["logprobs"], atol=1e-3)
+    stop = cpu.generate(st, prompt, 9)["tokens"][4]
+    rc, rg = cpu.generate(st, prompt, 9, stop_ids=[stop]), rt.generate(prompt, 9, stop_ids=[stop])
+    assert rg["tokens"] == rc["tokens"] and rg["finish_reason"] == rc["finish_reason"] == "stop"
+    follow = prompt + rg["tokens"] + [1, 2]
+    rc, rg = cpu.generate(st, follow, 30), rt.generate(follow, 30)
+    assert rg["tokens"] == rc["tokens"] and rg["finish_reason"] == rc["finish_reason"] == "context"
+    if not prog.recurrent:  # a recurrent state that ran past a stop cannot be reused: it restarts
+        assert rg["reused_tokens"] == rc["reused_tokens"] > 0
+    assert rt.generate(prompt, 0)["tokens"] == []
+    rt.close()
 
 
 @needs_gpu

@@ -238,7 +238,9 @@ class CudaRuntime:
     lattice._runtime's State: prefix reuse, sampling parameters in the step args, prefill chunks,
     greedy or seeded sampling by the device sampler, stop ids, max tokens, context limit."""
 
-    def __init__(self, program, eager=False, steps_ahead=8, device=0):
+    def __init__(self, program, eager=False, steps_ahead=8, device=0, backend=CudaBackend):
+        """backend: the device object's class (CudaBackend; the tests pass a host stand-in with the
+        same methods to run this token loop over the CPU kernels)."""
         from ..program import STEP_DTYPE, VARIANTS
         if program.weights is None:
             raise BackendError("this program was built without weights (materialize=False): it cannot run")
@@ -248,7 +250,7 @@ class CudaRuntime:
         for name, idx in (("weights", WEIGHTS), ("state", STATE), ("scratch", SCRATCH), ("step", STEP),
                           ("output", OUTPUT)):
             sizes[idx] = max(int(p.sizes[name]), 64)
-        self.be = CudaBackend(sizes, device)
+        self.be = backend(sizes, device)
         self.be.set_eager(eager)
         self.be.write(WEIGHTS, 0, p.weights)
         tokens = {"decode": 1, "prefill": p.prefill_chunk, "logits": p.logits_chunk}
