@@ -4,7 +4,8 @@ the CPU backend, graph replay against eager launches, the device sampler against
 Kernel tests are the CPU backend's own (tests/test_cpu_kernels.py, same inputs and tolerances), run
 through `CudaKernelLib`, which serves the `lt_cpu_*` calls those tests make with the CUDA backend.
 Everything that needs a GPU skips without one (no nvidia-smi GPU, no nvcc); tests/gpu/run_gpu_tests.sh
-runs this file on a GPU machine.
+runs this file on a GPU machine. The token loop of `CudaRuntime` is also run over the CPU kernels
+(`HostBackend`), so its logic is tested everywhere.
 """
 import ctypes
 import os
