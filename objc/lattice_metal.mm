@@ -40,9 +40,11 @@ static const char *const KERNEL_NAMES[LT_K_COUNT] = {
     "lt_gdn", "lt_elementwise", "lt_lm_head", "lt_sample"};
 
 // Bindings each kernel declares ([[buffer(2 + i)]] for i below this): the header's slot enums.
+// lt_attention also declares its split-K workspace at slot 2 + LT_MAX_BIND (metal/attention.metal);
+// the bridge launches it unsplit (grid.z = 1), which never touches the workspace, and binds zeros.
 static const uint32_t DECLARED_BINDINGS[LT_K_COUNT] = {
     0, LT_EMBED_B_WM + 1, LT_NORM_B_Z + 1, LT_GEMV_B_PARTIALS + 1, LT_ROPE_B_GATE_OUT + 1,
-    LT_ATTN_B_GATE + 1, LT_GDN_B_NORM_W + 1, LT_EW_B_OUT + 1, LT_GEMV_B_PARTIALS + 1,
+    LT_MAX_BIND + 1, LT_GDN_B_NORM_W + 1, LT_EW_B_OUT + 1, LT_GEMV_B_PARTIALS + 1,
     LT_SAMPLE_B_RING_LOGITS + 1};
 
 static const char *const ARENA_LABELS[LT_N_ARENAS] = {

@@ -2,12 +2,13 @@
 against the test-only Metal header, run through the fake Metal (tests/metal_fake), which executes
 kernels with the MSL emulator and enforces the documented ICB rules.
 
-A small program made of the kernels metal/ has (embed, rmsnorm, gemv, elementwise) plus a test-only
-greedy sampler is replayed by the bridge and by the CPU backend: tokens, logprobs and step args
-must agree, with 1 and 8 steps per command buffer and a stop inside a command buffer."""
+A small hand-made program (embed, rmsnorm, lm_head, an independent elementwise copy, sample) and
+the tiny Qwen3.5 and Llama fixtures' programs are replayed by the bridge and by the CPU backend:
+tokens (and step args) must agree, with 1 and 8 steps per command buffer and a stop inside a
+command buffer."""
 import ctypes
+import glob
 import os
-import subprocess
 import warnings
 
 import numpy as np
@@ -15,13 +16,14 @@ import pytest
 
 import lattice._runtime as runtime_ext
 from lattice import program as P
+from lattice.formats import open_checkpoint
 import metal_fake
+from conftest import FIXTURES
 from msl_emu.library import MSLCompileWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METAL = os.path.join(ROOT, "metal")
-SAMPLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metal_fake", "kernels", "greedy_sample.metal")
-KERNEL_FILES = [os.path.join(METAL, f) for f in ("embed.metal", "rmsnorm.metal", "gemv.metal", "elementwise.metal")]
+KERNEL_FILES = sorted(glob.glob(os.path.join(METAL, "*.metal")))
 APPLE7, APPLE9 = 1007, 1009
 ERR_PROGRAM, ERR_ARGS, ERR_LIBRARY, ERR_GPU = 102, 103, 101, 104
 
@@ -60,15 +62,14 @@ def lib():
 @pytest.fixture(scope="module")
 def metallib(tmp_path_factory):
     with warnings.catch_warnings():
-        # lattice_shared.h names a field `kernel` (an MSL keyword): reported to its owner
         warnings.simplefilter("ignore", MSLCompileWarning)
-        return metal_fake.metallib(KERNEL_FILES + [SAMPLER], str(tmp_path_factory.mktemp("metallib")),
-                                   include_dirs=[METAL])
+        return metal_fake.metallib(KERNEL_FILES, str(tmp_path_factory.mktemp("metallib")), include_dirs=[METAL])
 
 
 # ------------------------------------------------------------------------------------ a tiny program
 V, D, RING = 48, 64, 16
-X, H, H2, LOGITS = 0, 4 * D, 8 * D, 12 * D            # SCRATCH offsets (bytes)
+X, H, H2, LOGITS, WORK = 0, 4 * D, 8 * D, 12 * D, 16 * D  # SCRATCH offsets (bytes)
+PART = WORK + 8 * V
 EMB, W, NORM = 0, 4 * V * D, 8 * V * D                # WEIGHTS offsets
 COUNTS, HIST = 0, 4 * V                               # STATE offsets
 RING_T, RING_LP = 0, 4 * RING                         # OUTPUT offsets
@@ -94,21 +95,23 @@ def tiny_weights():
 
 
 def tiny_program(barriers=True):
-    """(dispatch records, consts): embed -> rmsnorm -> (gemv logits | copy, independent) -> sample."""
+    """(dispatch records, consts): embed -> rmsnorm -> (lm_head | copy, independent) -> sample."""
     A = P.ARENA
     spec = [
         ("embed", {"ids": (A["step"], TOKEN), "out": (A["scratch"], X), "wq": (A["weights"], EMB)},
          dict(wformat=P.WF["f32"], dim=D, vocab=V, out_stride=D, scale=1.0), (1, 1, 1), (64, 1, 1), True),
         ("rms_norm", {"x": (A["scratch"], X), "out": (A["scratch"], H), "w": (A["weights"], NORM)},
          dict(n_heads=1, head_dim=D, in_stride=D, out_stride=D, flags=1, eps=1e-5), (1, 1, 1), (64, 1, 1), barriers),
-        ("gemv", {"x": (A["scratch"], H), "out": (A["scratch"], LOGITS), "wq": (A["weights"], W)},
-         dict(wformat=P.WF["f32"], rows=V, cols=D, x_stride=D, y_stride=V), (V // 8, 1, 1), (256, 1, 1), True),
+        ("lm_head", {"x": (A["scratch"], H), "out": (A["scratch"], LOGITS), "wq": (A["weights"], W),
+                     "partials": (A["scratch"], PART)},
+         dict(wformat=P.WF["f32"], rows=V, cols=D, x_stride=D, y_stride=V), (1, 1, 1), (256, 1, 1), True),
         ("elementwise", {"a": (A["scratch"], H), "b": (A["scratch"], H), "out": (A["scratch"], H2)},
          dict(op=P.EW_OP["copy"], n=D, a_stride=D, b_stride=D, out_stride=D), (1, 1, 1), (32, 1, 1), False),
         ("sample", {"logits": (A["scratch"], LOGITS), "ids": (A["step"], TOKEN), "counts": (A["state"], COUNTS),
                     "hist": (A["state"], HIST), "ring_tokens": (A["output"], RING_T),
-                    "ring_logprobs": (A["output"], RING_LP), "work": (A["scratch"], 16 * D)},
-         dict(vocab=V, logits_stride=V, hist_cap=64), (1, 1, 1), (32, 1, 1), True),
+                    "ring_logprobs": (A["output"], RING_LP), "work": (A["scratch"], WORK),
+                    "partials": (A["scratch"], PART)},
+         dict(vocab=V, logits_stride=V, hist_cap=64), (1, 1, 1), (64, 1, 1), True),
     ]
     recs = np.zeros(len(spec), P.DISPATCH_DTYPE)
     consts = bytearray()
@@ -131,7 +134,7 @@ def arena_sizes():
     sizes = [0] * P.N_ARENAS
     sizes[P.ARENA["weights"]] = 8 * V * D + 4 * D
     sizes[P.ARENA["state"]] = 4 * V + 4 * 64
-    sizes[P.ARENA["scratch"]] = 16 * D + 8 * V
+    sizes[P.ARENA["scratch"]] = PART + 16
     sizes[P.ARENA["step"]] = P.STEP_DTYPE.itemsize + 64
     sizes[P.ARENA["output"]] = 8 * RING
     return sizes
@@ -327,7 +330,7 @@ def test_bad_binding_is_rejected(bridge):
     recs, consts = tiny_program()
     recs[2]["bind"][1]["offset"] = arena_sizes()[P.ARENA["scratch"]] + 64
     b = bridge(recs, consts)
-    assert b.error[0] == ERR_PROGRAM and "dispatch 2 (lt_gemv): binding 1" in b.error[1]
+    assert b.error[0] == ERR_PROGRAM and "dispatch 2 (lt_lm_head): binding 1" in b.error[1]
 
 
 def test_unknown_kernel_id_is_rejected(bridge):
@@ -336,11 +339,15 @@ def test_unknown_kernel_id_is_rejected(bridge):
     assert bridge(recs, consts).error == (ERR_PROGRAM, "dispatch 1: unknown kernel id 42")
 
 
-def test_missing_kernel_function_is_named(bridge):
-    recs, consts = tiny_program()
-    recs[3]["kernel"] = P.KERNEL_ID["attention"]
-    b = bridge(recs, consts)
-    assert b.error[0] == ERR_LIBRARY and "no kernel function lt_attention" in b.error[1]
+def test_missing_kernel_function_is_named(lib, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MSLCompileWarning)
+        only_copy = metal_fake.metallib([os.path.join(METAL, "elementwise.metal")], str(tmp_path), include_dirs=[METAL])
+    b = Bridge(lib, only_copy, *tiny_program())
+    try:
+        assert b.error[0] == ERR_LIBRARY and "no kernel function lt_embed (kernel id 1)" in b.error[1]
+    finally:
+        b.free()
 
 
 def test_bad_library_path(lib, tmp_path):
@@ -415,3 +422,56 @@ def test_bridge_uses_only_declared_metal_api(tmp_path):
     undeclared ones; -Werror makes that fatal)."""
     metal_fake.compile_bridge([os.path.join(ROOT, "objc", "lattice_metal.mm")], str(tmp_path / "b.so"),
                               extra=["-Werror", "-Wno-error=deprecated-declarations", "-fsyntax-only"])
+
+
+# ------------------------------------------------------------------------------------ tiny models
+def model_bridge(lib, metallib, prog, prompt):
+    """A bridge holding prog's prefill and decode programs, after a greedy prefill of prompt."""
+    sizes = [0] * P.N_ARENAS
+    for name, idx in P.ARENA.items():
+        if name != "const":
+            sizes[idx] = prog.weights.nbytes if name == "weights" else prog.sizes[name]
+    consts = np.ascontiguousarray(prog.consts)
+    err, msg = ctypes.c_int(), ctypes.create_string_buffer(1024)
+    m = lib.lt_metal_create(SIZES(*sizes), consts.ctypes.data, consts.nbytes, metallib.encode(),
+                            ctypes.byref(err), msg, 1024)
+    assert m, msg.value.decode()
+    b = Bridge.__new__(Bridge)
+    b.lib, b.m, b.error = lib, m, None
+    progs = [np.ascontiguousarray(prog.dispatches[v]) for v in ("prefill", "decode")]
+    prefill, b.prog = (lib.lt_metal_add_program(m, r.ctypes.data, len(r)) for r in progs)
+    assert prefill >= 0 and b.prog >= 0, b.message()
+    assert b.write("weights", 0, np.ascontiguousarray(prog.weights).view(np.uint8)) == 0
+    step = start_step(0)
+    step["n_tokens"], step["ring_cap"] = len(prompt), prog.layout["ring_cap"]
+    assert b.write("step", 0, step) == 0
+    assert b.write("step", prog.layout["ids"], np.asarray(prompt, np.uint32)) == 0
+    assert lib.lt_metal_run(m, prefill, 1) == 0, b.message()
+    return b
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen35", "tiny-llama"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_tiny_model_tokens_match_cpu_backend(lib, metallib, name, k):
+    prog = P.build(open_checkpoint(os.path.join(FIXTURES, name)), context=64)
+    prompt = [1, 5, 9, 2]
+    rt = runtime_ext.Runtime(prog)
+    want = rt.generate(rt.new_state(), prompt, 20, sampling={"temperature": 0.0})["tokens"]
+    lib.fake_metal_reset(1, APPLE7)
+    b = model_bridge(lib, metallib, prog, prompt)
+    try:
+        first = int(b.step()["next_token"])
+        rc, tokens, _, _ = b.generate(19, k)
+        assert rc == 0, b.message()
+        assert [first] + tokens == want
+    finally:
+        b.free()
+    # a stop inside a command buffer: the first token after the prefill's that did not occur before
+    stop = next(j for j in range(4, len(want)) if want[j] not in want[:j])
+    b = model_bridge(lib, metallib, prog, prompt)
+    try:
+        rc, tokens, _, n_run = b.generate(19, k, stop_ids=[want[stop]])
+        assert rc == 0 and [first] + tokens == want[:stop + 1]
+        assert n_run == (stop + 1 if k == 1 else 16)
+    finally:
+        b.free()
