@@ -80,6 +80,7 @@ typedef struct lt_binding {
                                     earlier dispatch (since the last barrier) writes or reads.
                                     Backends always separate consecutive steps. */
 
+#ifndef __METAL_VERSION__  /* host-only: `kernel` is a keyword in Metal Shading Language */
 typedef struct lt_dispatch {
     lt_u32 kernel;       /* LT_K_* */
     lt_u32 flags;        /* LT_DISPATCH_* */
@@ -89,6 +90,7 @@ typedef struct lt_dispatch {
     lt_u32 group[3];     /* GPU launch: threads per threadgroup (the CPU ignores it) */
     lt_binding bind[LT_MAX_BIND];  /* slot meanings: the kernel's LT_*_B_* enum below */
 } lt_dispatch;
+#endif
 
 /* Kernel error codes, written to lt_step_args.error (first error wins) and returned by runs. */
 enum lt_error {
