@@ -334,7 +334,7 @@ static int check_range(lt_metal *m, uint32_t arena, size_t offset, size_t n)
     return 0;
 }
 
-// Private arenas are reached through a shared staging buffer and a blit.
+// One blit, waited for.
 static int blit(lt_metal *m, id<MTLBuffer> src, size_t src_off, id<MTLBuffer> dst, size_t dst_off, size_t n)
 {
     id<MTLCommandBuffer> cb = [m->queue commandBuffer];
@@ -355,48 +355,56 @@ static bool is_private(uint32_t arena)
     return arena == LT_ARENA_WEIGHTS || arena == LT_ARENA_STATE || arena == LT_ARENA_SCRATCH;
 }
 
-int lt_metal_write(lt_metal *m, uint32_t arena, size_t offset, const void *src, size_t n)
+// Copies between host memory and a private arena through one shared staging buffer of at most
+// LT_METAL_STAGING_BYTES (weights of several GB go up in pieces, without a second full copy; the
+// Linux tests build with a small value so that every upload takes several pieces).
+#ifndef LT_METAL_STAGING_BYTES
+#define LT_METAL_STAGING_BYTES (64u << 20)
+#endif
+static const size_t STAGING_BYTES = LT_METAL_STAGING_BYTES;
+
+static int staged_copy(lt_metal *m, uint32_t arena, size_t offset, void *host, size_t n, bool upload)
 {
-    int err = check_range(m, arena, offset, n);
-    if (err || n == 0) return err;
-    if (!is_private(arena)) {
-        memcpy((unsigned char *)[m->arenas[arena] contents] + offset, src, n);
-        return 0;
-    }
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
-    id<MTLBuffer> staging = [m->device newBufferWithLength:n options:MTLResourceStorageModeShared];
+    size_t chunk = n < STAGING_BYTES ? n : STAGING_BYTES;
+    id<MTLBuffer> staging = [m->device newBufferWithLength:chunk options:MTLResourceStorageModeShared];
+    int err = 0;
     if (!staging) {
-        set_error(m, "no memory for a %zu-byte staging buffer", n);
+        set_error(m, "no memory for a %zu-byte staging buffer", chunk);
         err = LT_METAL_ERR_DEVICE;
-    } else {
-        memcpy([staging contents], src, n);
-        err = blit(m, staging, 0, m->arenas[arena], offset, n);
+    }
+    for (size_t done = 0; done < n && !err; done += chunk) {
+        size_t len = n - done < chunk ? n - done : chunk;
+        unsigned char *h = (unsigned char *)host + done;
+        if (upload) {
+            memcpy([staging contents], h, len);
+            err = blit(m, staging, 0, m->arenas[arena], offset + done, len);
+        } else {
+            err = blit(m, m->arenas[arena], offset + done, staging, 0, len);
+            if (!err) memcpy(h, [staging contents], len);
+        }
     }
     [staging release];
     [pool drain];
     return err;
 }
 
+int lt_metal_write(lt_metal *m, uint32_t arena, size_t offset, const void *src, size_t n)
+{
+    int err = check_range(m, arena, offset, n);
+    if (err || n == 0) return err;
+    if (is_private(arena)) return staged_copy(m, arena, offset, (void *)src, n, true);
+    memcpy((unsigned char *)[m->arenas[arena] contents] + offset, src, n);
+    return 0;
+}
+
 int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t n)
 {
     int err = check_range(m, arena, offset, n);
     if (err || n == 0) return err;
-    if (!is_private(arena)) {
-        memcpy(dst, (const unsigned char *)[m->arenas[arena] contents] + offset, n);
-        return 0;
-    }
-    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
-    id<MTLBuffer> staging = [m->device newBufferWithLength:n options:MTLResourceStorageModeShared];
-    if (!staging) {
-        set_error(m, "no memory for a %zu-byte staging buffer", n);
-        err = LT_METAL_ERR_DEVICE;
-    } else {
-        err = blit(m, m->arenas[arena], offset, staging, 0, n);
-        if (!err) memcpy(dst, [staging contents], n);
-    }
-    [staging release];
-    [pool drain];
-    return err;
+    if (is_private(arena)) return staged_copy(m, arena, offset, dst, n, false);
+    memcpy(dst, (const unsigned char *)[m->arenas[arena] contents] + offset, n);
+    return 0;
 }
 
 // ------------------------------------------------------------------------------------ creation

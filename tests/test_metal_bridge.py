@@ -323,6 +323,8 @@ def test_run_and_private_arenas(bridge):
     assert b.step()["token"] == perm[5]
     assert b.write("state", 4, np.arange(3, dtype=np.uint32)) == 0
     assert b.read("state", 4, 12).view(np.uint32).tolist() == [0, 1, 2]
+    # the weights (24 KiB) went up in 4 KiB staging pieces: read them back the same way
+    np.testing.assert_array_equal(b.read("weights", 0, weights.nbytes), weights)
 
 
 # ------------------------------------------------------------------------------------ bad input

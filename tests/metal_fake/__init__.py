@@ -22,6 +22,7 @@ SOURCES = [os.path.join(ROOT, "objc", "lattice_metal.mm"), os.path.join(HERE, "f
 HEADERS = [os.path.join(ROOT, "objc", "lattice_metal.h"), os.path.join(ROOT, "metal", "lattice_shared.h"),
            os.path.join(HERE, "Metal", "Metal.h"), os.path.join(ROOT, "tests", "msl_emu", "include", "msl_runtime.h")]
 INCLUDES = [HERE, os.path.join(ROOT, "tests", "msl_emu", "include"), os.path.join(ROOT, "objc")]
+DEFINES = ["-DLT_METAL_STAGING_BYTES=4096"]  # uploads of more than 4 KiB take several staging pieces
 
 
 class FakeMetalBuildError(RuntimeError):
@@ -52,7 +53,7 @@ def compile_bridge(sources, out, extra=()):
 
 def build():
     """Path of the shared library holding the bridge, the fake and the probes (cached)."""
-    key = hashlib.sha256()
+    key = hashlib.sha256(" ".join(DEFINES).encode())
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             key.update(path.encode() + f.read())
@@ -61,7 +62,7 @@ def build():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
         os.close(fd)
         try:
-            compile_bridge(SOURCES, tmp)
+            compile_bridge(SOURCES, tmp, extra=DEFINES)
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
