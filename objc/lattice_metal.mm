@@ -199,13 +199,18 @@ static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t
     if (m->warm_pipelines) {
         // M1/M2 make pipelines resident only when a direct dispatch uses them: one threadgroup of
         // one thread with every slot on zeros (step.n_tokens == 0: kernels do nothing)
+        id<MTLBuffer> zeros[FIRST_BINDING_SLOT + LT_MAX_BIND + 1];
+        NSUInteger offsets[FIRST_BINDING_SLOT + LT_MAX_BIND + 1];
+        for (uint32_t s = 0; s < FIRST_BINDING_SLOT + LT_MAX_BIND + 1; s++) {
+            zeros[s] = m->zeros;
+            offsets[s] = 0;
+        }
         for (uint32_t k = 1; k < LT_K_COUNT; k++) {
             if (!m->pipelines[k]) continue;
             [enc setComputePipelineState:m->pipelines[k]];
-            for (uint32_t s = 0; s < FIRST_BINDING_SLOT + DECLARED_BINDINGS[k]; s++)
-                [enc setBuffer:m->zeros offset:0 atIndex:s];
+            [enc setBuffers:zeros offsets:offsets withRange:NSMakeRange(0, FIRST_BINDING_SLOT + DECLARED_BINDINGS[k])];
             [enc dispatchThreadgroups:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(1, 1, 1)];
-            c->api_calls += 2 + FIRST_BINDING_SLOT + DECLARED_BINDINGS[k];
+            c->api_calls += 3;
         }
     }
     for (uint32_t s = 0; s < count; s++)

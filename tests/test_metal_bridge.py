@@ -293,8 +293,8 @@ def test_command_buffers_per_token_and_api_calls(bridge):
     c = b.counters()
     assert c.command_buffers == 2 and c.tokens == 16
     # per command buffer: buffer, encoder, useResources, 8 executes, endEncoding, handler, commit,
-    # plus the M1/M2 warm-up dispatches (one per pipeline)
-    assert c.api_calls < 2 * (8 + 6 + 5 * 20)
+    # plus the M1/M2 warm-up: pipeline, buffers, dispatch for each of the 5 pipelines
+    assert c.api_calls == 2 * (8 + 6 + 5 * 3)
 
 
 def test_no_warmup_dispatches_on_apple9(bridge, lib):
@@ -393,6 +393,7 @@ def test_kernel_error_is_returned(bridge):
     ("not_resident", 'buffer "out" (256 bytes) bound at index 4 was not made resident'),
     ("offset_64bit", "offset 4294967296 at index 4 does not fit 32 bits"),
     ("no_warmup", "used only from the ICB on an M1/M2-class GPU"),
+    ("unbound_buffer", "kernel lt_elementwise declares [[buffer(3)]] but no buffer is bound at that index"),
 ])
 def test_fake_reports_rule_violations(lib, metallib, scenario, message):
     lib.fake_metal_reset(1, APPLE7)

@@ -71,9 +71,14 @@ def build():
 
 
 def metallib(paths, directory, include_dirs=()):
-    """Write the fake's metallib (the emulator builds of `paths`, .metal files) into directory."""
+    """Write the fake's metallib into directory: the emulator builds of `paths` (.metal files),
+    one path a line, each followed by `#kernel NAME INDEX...` lines (its functions' buffer indices,
+    so the fake can check that every declared buffer is bound)."""
     libs = [Library(p, include_dirs=include_dirs) for p in paths]
     out = os.path.join(directory, "kernels.metallib")
     with open(out, "w") as f:
-        f.write("".join(lib.so_path + "\n" for lib in libs))
+        for lib in libs:
+            f.write(lib.so_path + "\n")
+            for k in lib.kernels.values():  # the [[buffer(i)]] indices each function declares
+                f.write(f"#kernel {k.name} {' '.join(str(p.index) for p in k.buffer_params())}\n")
     return out

@@ -1,8 +1,9 @@
 // Test-only fake of the Metal subset in Metal/Metal.h, on GNUstep (manual retain/release).
 //
 // Kernels run on the CPU through the MSL emulator (tests/msl_emu): a "metallib" here is a text
-// file listing emulator-built kernel libraries (.so), one path a line; a function is the
-// library's msl_launch_<name> launcher. Command buffers run in commit order on one worker thread,
+// file listing emulator-built kernel libraries (.so), one path a line, and `#kernel NAME INDEX...`
+// lines with the buffer indices each function declares; a function is the library's
+// msl_launch_<name> launcher. Command buffers run in commit order on one worker thread,
 // so two command buffers can be in flight while the host encodes the next one; completion
 // handlers are called on that thread, as Metal calls them on one of its own.
 //
@@ -12,6 +13,7 @@
 //   - a pipeline used by an ICB command was created with supportIndirectCommandBuffers = YES;
 //   - an ICB command's buffer index < the ICB's maxKernelBufferBindCount, and no buffers are set
 //     on an ICB that inherits them;
+//   - every [[buffer(i)]] a function declares is bound when it runs (the metallib lists them);
 //   - buffer offsets fit 32 bits (ICB offsets are 32-bit) and lie inside the buffer;
 //   - every buffer an executed ICB command binds was made resident with useResource(s) on the
 //     encoder that executes it;
@@ -35,7 +37,9 @@
 #include <condition_variable>
 #include <deque>
 #include <fstream>
+#include <map>
 #include <mutex>
+#include <sstream>
 #include <random>
 #include <set>
 #include <string>
@@ -94,22 +98,24 @@ static std::string buffer_name(FakeBuffer *b)
 @public
     NSString *_name;
     LaunchFn _launch;
+    std::vector<NSUInteger> *_declared;  // [[buffer(i)]] indices of the function
 }
 @end
 
 @implementation FakeFunction
-- (void)dealloc { [_name release]; [super dealloc]; }
+- (void)dealloc { [_name release]; delete _declared; [super dealloc]; }
 - (NSString *)name { return _name; }
 @end
 
 @interface FakeLibrary : NSObject <MTLLibrary> {
 @public
     std::vector<void *> *_handles;
+    std::map<std::string, std::vector<NSUInteger> > *_declared;
 }
 @end
 
 @implementation FakeLibrary
-- (void)dealloc { delete _handles; [super dealloc]; }  // handles stay loaded, like the emulator's
+- (void)dealloc { delete _handles; delete _declared; [super dealloc]; }  // handles stay loaded
 - (id<MTLFunction>)newFunctionWithName:(NSString *)name
 {
     std::string symbol = "msl_launch_" + str(name);
@@ -119,6 +125,7 @@ static std::string buffer_name(FakeBuffer *b)
             FakeFunction *f = [[FakeFunction alloc] init];
             f->_name = [name copy];
             f->_launch = (LaunchFn)fn;
+            f->_declared = new std::vector<NSUInteger>((*_declared)[str(name)]);
             return f;
         }
     }
@@ -173,6 +180,10 @@ struct Launch {
 // Runs a launch through the emulator; returns an error message or "".
 static std::string run_launch(const Launch &l, uint64_t seed)
 {
+    for (NSUInteger i : *l.pipeline->_function->_declared)
+        if (i >= MAX_BUFFERS || !l.buffers[i])
+            return "kernel " + str(l.pipeline->_function->_name) + " declares [[buffer(" + std::to_string(i) +
+                   ")]] but no buffer is bound at that index";
     void *ptrs[MAX_BUFFERS] = {};
     uint64_t lens[MAX_BUFFERS] = {};
     for (NSUInteger i = 0; i < MAX_BUFFERS; i++) {
@@ -357,6 +368,11 @@ struct Op {
     [_state.buffers[index] release];
     _state.buffers[index] = (FakeBuffer *)buffer;
     _state.offsets[index] = offset;
+}
+- (void)setBuffers:(const id<MTLBuffer> *)buffers offsets:(const NSUInteger *)offsets withRange:(NSRange)range
+{
+    for (NSUInteger i = 0; i < range.length; i++)
+        [self setBuffer:buffers[i] offset:offsets[i] atIndex:range.location + i];
 }
 - (void)dispatchThreadgroups:(MTLSize)grid threadsPerThreadgroup:(MTLSize)group
 {
@@ -649,9 +665,18 @@ static void worker()
     std::ifstream in([[url path] UTF8String]);
     std::string line, problem;
     std::vector<void *> handles;
+    std::map<std::string, std::vector<NSUInteger> > declared;
     if (!in) problem = "cannot read " + str([url path]);
     while (problem.empty() && std::getline(in, line)) {
         if (line.empty()) continue;
+        if (line.compare(0, 8, "#kernel ") == 0) {  // "#kernel NAME INDEX..."
+            std::istringstream fields(line.substr(8));
+            std::string name;
+            NSUInteger index;
+            fields >> name;
+            while (fields >> index) declared[name].push_back(index);
+            continue;
+        }
         void *h = dlopen(line.c_str(), RTLD_NOW | RTLD_LOCAL);
         if (!h) problem = std::string("cannot load kernel library: ") + dlerror();
         else handles.push_back(h);
@@ -666,6 +691,7 @@ static void worker()
     }
     FakeLibrary *lib = [[FakeLibrary alloc] init];
     lib->_handles = new std::vector<void *>(handles);
+    lib->_declared = new std::map<std::string, std::vector<NSUInteger> >(declared);
     return lib;
 }
 - (id<MTLComputePipelineState>)newComputePipelineStateWithDescriptor:(MTLComputePipelineDescriptor *)d

@@ -19,7 +19,7 @@ extern "C" int fake_probe(const char *scenario, const char *metallib, char *msg,
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     bool no_icb_flag = !strcmp(scenario, "no_icb_support"), bind_index = !strcmp(scenario, "bind_index");
     bool not_resident = !strcmp(scenario, "not_resident"), offset_64 = !strcmp(scenario, "offset_64bit");
-    bool no_warmup = !strcmp(scenario, "no_warmup");
+    bool no_warmup = !strcmp(scenario, "no_warmup"), unbound = !strcmp(scenario, "unbound_buffer");
     id<MTLDevice> device = MTLCreateSystemDefaultDevice();
     id<MTLCommandQueue> queue = [device newCommandQueue];
     id<MTLLibrary> lib = [device newLibraryWithURL:[NSURL fileURLWithPath:[NSString stringWithUTF8String:metallib]] error:NULL];
@@ -57,7 +57,7 @@ extern "C" int fake_probe(const char *scenario, const char *metallib, char *msg,
     [cmd setKernelBuffer:args offset:0 atIndex:0];
     [cmd setKernelBuffer:step offset:0 atIndex:1];
     [cmd setKernelBuffer:a offset:0 atIndex:2];
-    [cmd setKernelBuffer:a offset:0 atIndex:3];
+    if (!unbound) [cmd setKernelBuffer:a offset:0 atIndex:3];
     [cmd setKernelBuffer:out offset:offset_64 ? (NSUInteger)1 << 32 : 0 atIndex:4];
     [cmd concurrentDispatchThreadgroups:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(32, 1, 1)];
 

@@ -138,12 +138,13 @@ enum {
 @end
 
 /* mtlcomputecommandencoder: setComputePipelineState(_:), setBuffer(_:offset:index:),
- * dispatchThreadgroups(_:threadsPerThreadgroup:), useResource(_:usage:),
+ * setBuffers:offsets:withRange: (C arrays + an NSRange of indices), dispatchThreadgroups(_:threadsPerThreadgroup:), useResource(_:usage:),
  * useResources:count:usage: (an `id<MTLResource> const[]`), executeCommandsInBuffer:withRange:
  * (an NSRange; at most 16384 commands on Mac2-family GPUs) */
 @protocol MTLComputeCommandEncoder <MTLCommandEncoder>
 - (void)setComputePipelineState:(id<MTLComputePipelineState>)state;
 - (void)setBuffer:(id<MTLBuffer>)buffer offset:(NSUInteger)offset atIndex:(NSUInteger)index;
+- (void)setBuffers:(const id<MTLBuffer> *)buffers offsets:(const NSUInteger *)offsets withRange:(NSRange)range;
 - (void)dispatchThreadgroups:(MTLSize)threadgroupsPerGrid threadsPerThreadgroup:(MTLSize)threadsPerThreadgroup;
 - (void)useResource:(id<MTLResource>)resource usage:(MTLResourceUsage)usage;
 - (void)useResources:(const id<MTLResource> *)resources count:(NSUInteger)count usage:(MTLResourceUsage)usage;
