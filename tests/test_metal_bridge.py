@@ -478,3 +478,9 @@ def test_tiny_model_tokens_match_cpu_backend(lib, metallib, name, k):
         assert n_run == (stop + 1 if k == 1 else 16)
     finally:
         b.free()
+
+
+def test_bridge_block_code_compiles_with_clang_blocks():
+    """The completion handler is a block on Apple (GCC builds the object-taking variant)."""
+    metal_fake.check_blocks_branch()
+

@@ -82,3 +82,21 @@ def metallib(paths, directory, include_dirs=()):
             for k in lib.kernels.values():  # the [[buffer(i)]] indices each function declares
                 f.write(f"#kernel {k.name} {' '.join(str(p.index) for p in k.buffer_params())}\n")
     return out
+
+
+def check_blocks_branch():
+    """Syntax-check objc/lattice_metal.mm as Apple's compilers see it where blocks exist (clang
+    -fblocks): the completion-handler block that GCC cannot compile. Returns clang's stderr."""
+    from msl_emu.library import find_compiler
+    cxx, _ = find_compiler()
+    cflags, _ = objc_flags()
+    gcc_include = subprocess.run(["gcc", "-print-file-name=include"], capture_output=True, text=True).stdout.strip()
+    cflags = [f for f in cflags if not f.startswith("-fconstant-string-class")]
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-fblocks", "-fobjc-runtime=gcc", "-Werror",
+           "-I" + os.path.join(HERE, "blocks_stub"), "-isystem", gcc_include, *cflags,
+           *("-I" + d for d in INCLUDES), "-x", "objective-c++", SOURCES[0]]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FakeMetalBuildError(f"clang -fblocks failed:\n{r.stderr[-6000:]}")
+    return r.stderr
+

@@ -162,12 +162,17 @@ enum {
                   size:(NSUInteger)size;
 @end
 
-/* mtlcommandbufferhandler: on Apple `void (^)(id<MTLCommandBuffer>)`; GCC has no blocks, so the
- * fake takes an object and sends it -commandBufferCompleted: (see the file comment). */
+/* mtlcommandbufferhandler: `void (^)(id<MTLCommandBuffer>)`. GCC has no blocks, so there the fake
+ * takes an object and sends it -commandBufferCompleted: (see the file comment); with blocks (clang
+ * -fblocks: a syntax check of the bridge's Apple branch) it is Apple's block type. */
 @protocol LTFakeCompletedHandler <NSObject>
 - (void)commandBufferCompleted:(id<MTLCommandBuffer>)commandBuffer;
 @end
+#if defined(__BLOCKS__)
+typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer>);
+#else
 typedef id<LTFakeCompletedHandler> MTLCommandBufferHandler;
+#endif
 
 /* mtlcommandbuffer: computeCommandEncoder(), blitCommandEncoder(), addCompletedHandler(_:),
  * commit(), waitUntilCompleted(), status, error */
