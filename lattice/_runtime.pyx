@@ -8,18 +8,35 @@
                       "seed": 1}, on_token=lambda tok, logprob: True)
     logits = rt.logits(st, ids)               # teacher-forced logits [T, vocab] (f32)
 
-A step is one replay of the program by a backend through its C interface (lattice_cpu.h): the
-runtime writes the step-args (position, token ids, sampling parameters, seed), the backend runs
-every dispatch, and the program's last kernel samples the next token into the step-args, so
-consecutive decode steps need no host writes at all. Replays run with the GIL released; Python
-is called once per generated token (on_token), and pending signals are checked after every step,
-so Ctrl-C stops within one step and leaves the session consistent and usable.
+Backends: every backend is one `lt_backend` table of C functions (create / add_program / write /
+read / run / message / free, plus host_arena), so the token loop below is the same for all of them:
+  - cpu_backend(): the C kernels of lattice_cpu.h over host arenas. The loop reads and writes the
+    step-args, token ring and logits in place (no copies); the weights arena is the Program's own
+    array, borrowed by every session of the model.
+  - cuda_backend(): lattice/cuda's bridge (lattice_cuda.h), loaded with ctypes; its functions are
+    called through their addresses, with the GIL released like the CPU's.
+  - metal_backend(bridge, library): the Objective-C++ bridge (objc/lattice_metal.h) from a shared
+    library (on Linux: built against tests/metal_fake, for tests only).
+Device backends own their arenas: the loop keeps a host mirror of the step-args and reads the token
+ring back after each run. Each session uploads the weights into its own device arenas (the C APIs
+of both bridges allocate every arena per handle).
+
+A step is one replay of the program: the runtime writes the step-args (position, token ids,
+sampling parameters, seed), the backend runs every dispatch, and the program's last kernel samples
+the next token into the step-args and the output ring, so consecutive decode steps need no host
+writes. A backend call runs `steps` decode steps (CPU: 1; GPUs: 8..32, each step fed by the token
+its predecessor sampled on the device); the host then checks stop tokens, max tokens and the context
+over the ring and discards the overshoot. Replays run with the GIL released; Python is called once
+per generated token (on_token), and pending signals are checked after every backend call, so Ctrl-C
+stops within one call and leaves the session consistent and usable.
 
 Prefix reuse: generate() keeps the cached prefix of the session's token history. Attention-only
 models reuse the longest common prefix with the new prompt (KV entries past it are simply
-overwritten). Models with Gated DeltaNet layers keep a recurrent state that cannot rewind: they
-reuse the cache only when the new prompt extends the whole history exactly, and start over
-otherwise. At least one prompt token is always prefilled (its logits give the first token).
+overwritten, overshoot included). Models with Gated DeltaNet layers keep a recurrent state that
+cannot rewind: they reuse the cache only when the new prompt extends the whole history exactly and
+no overshoot step ran past it (after a stop inside a K-step call the state has seen tokens the
+history does not hold), and start over otherwise. At least one prompt token is always prefilled
+(its logits give the first token).
 
 Context policy: a prompt longer than the context raises ContextLengthError before any work;
 generation that fills the context stops with finish_reason "context".
@@ -27,6 +44,7 @@ generation that fills the context stops with finish_reason "context".
 Threads: different sessions may generate concurrently from different threads; one session is
 used by one thread at a time (a second concurrent call raises RuntimeError).
 """
+import ctypes
 import os
 import threading
 import time
@@ -34,8 +52,9 @@ import time
 import numpy as np
 
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport uint8_t, uint32_t
-from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint32_t, uintptr_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
 
 from .errors import BackendError, ContextLengthError, ConfigError, NumericalError, SamplingError, TokenizerError
 from .program import ARENA, DISPATCH_DTYPE, STEP_DTYPE, VARIANTS, aligned_zeros
@@ -54,12 +73,359 @@ cdef extern from "lattice_cpu.h" nogil:
         float top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
         unsigned int penalty_last_n, n_seen, error, next_token
         float next_logprob
+    enum:
+        LT_N_ARENAS
+        LT_ARENA_WEIGHTS
+        LT_ARENA_STATE
+        LT_ARENA_STEP
+        LT_ARENA_OUTPUT
+        LT_ARENA_CONST
+        LT_ERR_NONFINITE
+        LT_ERR_BINDING
+        LT_ERR_NOMEM
     lt_cpu *lt_cpu_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
                           void **arenas, const size_t *sizes, int n_threads, int *err, uint32_t *err_index)
     int lt_cpu_run(lt_cpu *cpu, uint32_t n_steps)
     void lt_cpu_free(lt_cpu *cpu)
     const char *lt_cpu_simd()
     const char *lt_cpu_error_string(int err)
+
+
+# ------------------------------------------------------------------------------------ backend table
+cdef struct lt_backend_cfg:
+    size_t sizes[6]             # per arena (LT_N_ARENAS); CONST is the consts blob below
+    const uint8_t *weights      # the WEIGHTS arena's bytes: borrowed (host) or uploaded (device)
+    const uint8_t *consts
+    size_t n_consts
+    int n_threads               # CPU: <= 0 picks the OpenMP default
+    int device                  # CUDA device ordinal
+    const char *library         # Metal: the .metallib (or the fake's)
+
+
+cdef struct lt_backend:
+    # A handle owns (or borrows) the six arenas; the programs added to it share them. Every call
+    # returns 0 or an error code (LT_ERR_* of the kernels, or the backend's own) for message().
+    void *(*create)(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil
+    # Returns the program's index (>= 0) or -error; max_tokens bounds T of its runs.
+    int (*add_program)(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
+                       uint32_t max_tokens, uint32_t *err_index) noexcept nogil
+    int (*write)(void *h, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
+    int (*read)(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
+    # Replays program `prog` n_steps times (T = n_tokens in the first step, then 1) and waits.
+    int (*run)(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil
+    # The arena's host memory when the loop may use it in place, else NULL (device memory).
+    uint8_t *(*host_arena)(void *h, uint32_t arena) noexcept nogil
+    const char *(*message)(void *h, int err) noexcept nogil
+    void (*free)(void *h) noexcept nogil
+
+
+# --- CPU: host arenas (aligned calloc: a large KV cache is mapped lazily), the weights borrowed
+cdef enum:
+    N_VARIANTS = 3
+    ALIGN = 64
+
+cdef struct cpu_handle:
+    uint8_t *raw[6]
+    uint8_t *arenas[6]
+    size_t sizes[6]
+    lt_cpu *progs[N_VARIANTS]
+    int n_progs
+    int n_threads
+
+
+cdef void *cpu_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>calloc(1, sizeof(cpu_handle))
+    cdef int a
+    if c == NULL:
+        err[0] = LT_ERR_NOMEM
+        return NULL
+    c.n_threads = cfg.n_threads
+    for a in range(LT_N_ARENAS):
+        c.sizes[a] = cfg.sizes[a]
+        if a == LT_ARENA_WEIGHTS:
+            c.arenas[a] = <uint8_t *>cfg.weights
+        elif a != LT_ARENA_CONST:
+            c.raw[a] = <uint8_t *>calloc(cfg.sizes[a] + ALIGN, 1)
+            if c.raw[a] == NULL:
+                cpu_free(c)
+                err[0] = LT_ERR_NOMEM
+                return NULL
+            c.arenas[a] = c.raw[a] + (-<uintptr_t>c.raw[a]) % ALIGN
+    return c
+
+
+cdef int cpu_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
+                         uint32_t max_tokens, uint32_t *err_index) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>h
+    cdef int err = 0
+    if c.n_progs == N_VARIANTS:
+        return -LT_ERR_NOMEM
+    c.progs[c.n_progs] = lt_cpu_create(prog, n, cfg.consts, cfg.n_consts, <void **>c.arenas, c.sizes,
+                                       c.n_threads, &err, err_index)
+    if c.progs[c.n_progs] == NULL:
+        return -err
+    c.n_progs += 1
+    return c.n_progs - 1
+
+
+cdef int cpu_write(void *h, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>h
+    if arena >= LT_N_ARENAS or c.arenas[arena] == NULL or offset > c.sizes[arena] or n > c.sizes[arena] - offset:
+        return LT_ERR_BINDING
+    memcpy(c.arenas[arena] + offset, src, n)
+    return 0
+
+
+cdef int cpu_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>h
+    if arena >= LT_N_ARENAS or c.arenas[arena] == NULL or offset > c.sizes[arena] or n > c.sizes[arena] - offset:
+        return LT_ERR_BINDING
+    memcpy(dst, c.arenas[arena] + offset, n)
+    return 0
+
+
+cdef int cpu_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil:
+    return lt_cpu_run((<cpu_handle *>h).progs[prog], n_steps)
+
+
+cdef uint8_t *cpu_host_arena(void *h, uint32_t arena) noexcept nogil:
+    return (<cpu_handle *>h).arenas[arena]
+
+
+cdef uint8_t *no_host_arena(void *h, uint32_t arena) noexcept nogil:
+    return NULL
+
+
+cdef const char *cpu_message(void *h, int err) noexcept nogil:
+    return lt_cpu_error_string(err)
+
+
+cdef void cpu_free(void *h) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>h
+    cdef int i
+    for i in range(c.n_progs):
+        lt_cpu_free(c.progs[i])
+    for i in range(LT_N_ARENAS):
+        free(c.raw[i])
+    free(c)
+
+
+cdef lt_backend CPU_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
+                                     cpu_host_arena, cpu_message, cpu_free)
+# The CPU kernels behind the device-backend path of the loop (mirrored step-args, ring read-back,
+# K steps per call): runs that path, and its overshoot logic, on machines without a GPU.
+cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
+                                               no_host_arena, cpu_message, cpu_free)
+
+
+# --- CUDA: lattice_cuda.h, its functions' addresses taken from the ctypes-loaded library
+cdef enum:
+    CUDA_ERR = 100      # LT_ERR_CUDA
+
+cdef struct cuda_api:
+    void *(*create)(const size_t *sizes, int device, char *msg, size_t msg_n) noexcept nogil
+    int (*add_program)(void *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
+                       uint32_t max_tokens, uint32_t *err_index) noexcept nogil
+    int (*write)(void *c, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
+    int (*read)(void *c, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
+    int (*run)(void *c, int prog, uint32_t n_steps, uint32_t T) noexcept nogil
+    const char *(*message)(void *c) noexcept nogil
+    void (*free)(void *c) noexcept nogil
+
+cdef cuda_api CUDA
+
+
+cdef void *cuda_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil:
+    cdef void *c = CUDA.create(cfg.sizes, cfg.device, msg, msg_n)
+    if c == NULL:
+        err[0] = CUDA_ERR
+        return NULL
+    err[0] = CUDA.write(c, LT_ARENA_WEIGHTS, 0, cfg.weights, cfg.sizes[LT_ARENA_WEIGHTS])
+    if err[0]:
+        _copy_message(msg, msg_n, CUDA.message(c))
+        CUDA.free(c)
+        return NULL
+    return c
+
+
+cdef int cuda_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
+                          uint32_t max_tokens, uint32_t *err_index) noexcept nogil:
+    return CUDA.add_program(h, prog, n, cfg.consts, cfg.n_consts, max_tokens, err_index)
+
+
+cdef const char *cuda_message(void *h, int err) noexcept nogil:
+    return CUDA.message(h) if err == CUDA_ERR or err == LT_ERR_NOMEM else lt_cpu_error_string(err)
+
+
+cdef int cuda_write(void *h, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil:
+    return CUDA.write(h, arena, offset, src, n)
+
+
+cdef int cuda_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil:
+    return CUDA.read(h, arena, offset, dst, n)
+
+
+cdef int cuda_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil:
+    return CUDA.run(h, prog, n_steps, n_tokens)
+
+
+cdef void cuda_free(void *h) noexcept nogil:
+    CUDA.free(h)
+
+
+cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_add_program, cuda_write, cuda_read, cuda_run,
+                                      no_host_arena, cuda_message, cuda_free)
+
+
+# --- Metal: objc/lattice_metal.h from the bridge's shared library
+cdef enum:
+    METAL_ERR_FIRST = 100   # LT_METAL_ERR_*: the message is in lt_metal_error
+
+cdef struct metal_api:
+    void *(*create)(const size_t *sizes, const uint8_t *consts, size_t n_consts, const char *library,
+                    int *err, char *msg, size_t msg_n) noexcept nogil
+    int (*add_program)(void *m, const lt_dispatch *prog, uint32_t n) noexcept nogil
+    int (*write)(void *m, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
+    int (*read)(void *m, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
+    int (*run)(void *m, int prog, uint32_t n_steps) noexcept nogil
+    const char *(*message)(const void *m) noexcept nogil
+    void (*free)(void *m) noexcept nogil
+
+cdef metal_api METAL
+
+
+cdef void *metal_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil:
+    cdef void *m = METAL.create(cfg.sizes, cfg.consts, cfg.n_consts, cfg.library, err, msg, msg_n)
+    if m == NULL:
+        return NULL
+    err[0] = METAL.write(m, LT_ARENA_WEIGHTS, 0, cfg.weights, cfg.sizes[LT_ARENA_WEIGHTS])
+    if err[0]:
+        _copy_message(msg, msg_n, METAL.message(m))
+        METAL.free(m)
+        return NULL
+    return m
+
+
+cdef int metal_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
+                           uint32_t max_tokens, uint32_t *err_index) noexcept nogil:
+    err_index[0] = 0        # the bridge names the dispatch in its message
+    return METAL.add_program(h, prog, n)    # the constants went in at create (shared by programs)
+
+
+cdef int metal_write(void *h, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil:
+    return METAL.write(h, arena, offset, src, n)
+
+
+cdef int metal_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil:
+    return METAL.read(h, arena, offset, dst, n)
+
+
+cdef int metal_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil:
+    return METAL.run(h, prog, n_steps)      # one command buffer of n_steps steps; T is in the step-args
+
+
+cdef const char *metal_message(void *h, int err) noexcept nogil:
+    return METAL.message(h) if err >= METAL_ERR_FIRST else lt_cpu_error_string(err)
+
+
+cdef void metal_free(void *h) noexcept nogil:
+    METAL.free(h)
+
+
+cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_add_program, metal_write, metal_read, metal_run,
+                                       no_host_arena, metal_message, metal_free)
+
+
+cdef void _copy_message(char *dst, size_t n, const char *src) noexcept nogil:
+    cdef size_t i = 0
+    if n == 0:
+        return
+    while i + 1 < n and src[i] != 0:
+        dst[i] = src[i]
+        i += 1
+    dst[i] = 0
+
+
+cdef uintptr_t _address(lib, name) except 0:
+    addr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    if not addr:
+        raise BackendError(f"{name} is missing from {lib._name}")
+    return addr
+
+
+cdef class Backend:
+    """One backend's C table plus what its handles are created with. Make it with cpu_backend(),
+    cuda_backend() or metal_backend(); `steps` is the number of decode steps per backend call."""
+    cdef const lt_backend *ops
+    cdef readonly str name
+    cdef readonly int steps
+    cdef readonly int device
+    cdef readonly object library       # Metal: the .metallib path (bytes)
+    cdef object _lib                   # keeps the ctypes library loaded
+
+    def __repr__(self):
+        return f"<lattice._runtime.Backend {self.name} steps={self.steps}>"
+
+
+cdef Backend _backend(const lt_backend *ops, str name, int steps):
+    if steps < 1:
+        raise ConfigError(f"steps per backend call must be >= 1, got {steps}")
+    cdef Backend b = Backend.__new__(Backend)
+    b.ops, b.name, b.steps = ops, name, steps
+    return b
+
+
+def cpu_backend(int steps=1, bint mirrored=False):
+    """The CPU kernels over host arenas. One step per call: a K-step call would only delay
+    on_token (the CPU has no launch latency to hide). mirrored=True (tests): drive them like a
+    device backend (host mirror of the step-args, ring read-back), the stand-in for CUDA in CI."""
+    if mirrored:
+        return _backend(&CPU_AS_DEVICE_OPS, "cpu-mirrored", steps)
+    return _backend(&CPU_OPS, "cpu", steps)
+
+
+def cuda_backend(int device=0, int steps=16):
+    """lattice/cuda's bridge (built with nvcc on first use). Raises BackendError naming why the
+    CUDA backend is unavailable (no GPU, no nvcc, build or load failure)."""
+    from .cuda import available, load_library
+    ok, why = available()
+    if not ok:
+        raise BackendError(f"the CUDA backend is unavailable: {why}")
+    lib = load_library()
+    CUDA.create = <void *(*)(const size_t *, int, char *, size_t) noexcept nogil>_address(lib, "lt_cuda_create")
+    CUDA.add_program = <int (*)(void *, const lt_dispatch *, uint32_t, const uint8_t *, size_t, uint32_t,
+                                uint32_t *) noexcept nogil>_address(lib, "lt_cuda_add_program")
+    CUDA.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_cuda_write")
+    CUDA.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_cuda_read")
+    CUDA.run = <int (*)(void *, int, uint32_t, uint32_t) noexcept nogil>_address(lib, "lt_cuda_run")
+    CUDA.message = <const char *(*)(void *) noexcept nogil>_address(lib, "lt_cuda_message")
+    CUDA.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_cuda_free")
+    b = _backend(&CUDA_OPS, "cuda", steps)
+    b.device, b._lib = device, lib
+    return b
+
+
+def metal_backend(bridge, library, int steps=8):
+    """The Metal bridge from the shared library `bridge` (objc/lattice_metal.mm built for this
+    machine), with kernels from `library` (a .metallib). Raises BackendError if it cannot load."""
+    for what, path in (("bridge library", bridge), ("Metal kernel library", library)):
+        if not os.path.exists(path):
+            raise BackendError(f"the Metal {what} {path} does not exist")
+    try:
+        lib = ctypes.CDLL(os.fspath(bridge))
+    except OSError as e:
+        raise BackendError(f"cannot load the Metal bridge {bridge}: {e}") from None
+    METAL.create = <void *(*)(const size_t *, const uint8_t *, size_t, const char *, int *, char *,
+                              size_t) noexcept nogil>_address(lib, "lt_metal_create")
+    METAL.add_program = <int (*)(void *, const lt_dispatch *, uint32_t) noexcept nogil>_address(lib, "lt_metal_add_program")
+    METAL.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_metal_write")
+    METAL.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_metal_read")
+    METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
+    METAL.message = <const char *(*)(const void *) noexcept nogil>_address(lib, "lt_metal_error")
+    METAL.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_metal_free")
+    b = _backend(&METAL_OPS, "metal", steps)
+    b.library, b._lib = os.fsencode(library), lib
+    return b
 
 
 def c_sizes():
@@ -75,9 +441,6 @@ def simd():
 cdef uint8_t *_ptr(arr) except NULL:
     cdef uint8_t[::1] view = arr.reshape(-1).view(np.uint8)
     return &view[0]
-
-
-_ERR_NONFINITE = 1     # LT_ERR_NONFINITE
 
 
 def _sampling_params(sampling):
@@ -96,13 +459,14 @@ def _sampling_params(sampling):
 
 
 cdef class Runtime:
-    """A compiled Program bound to the CPU backend. Immutable after construction; sessions
-    (`new_state()`) share its weights, program and constants."""
+    """A compiled Program bound to a backend (default: the CPU). Immutable after construction;
+    sessions (`new_state()`) share its weights, program and constants."""
     cdef readonly object program
     cdef readonly int n_threads
+    cdef readonly Backend backend
     cdef object _weights, _consts, _progs
 
-    def __init__(self, program, n_threads=None):
+    def __init__(self, program, n_threads=None, Backend backend=None):
         if program.weights is None:
             raise ConfigError("this program was built without weights (materialize=False): it cannot run")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
@@ -111,7 +475,8 @@ cdef class Runtime:
             raise BackendError("lattice._runtime was compiled against a different metal/lattice_shared.h")
         self.program = program
         self.n_threads = n_threads or 0
-        self._weights = program.weights
+        self.backend = backend if backend is not None else cpu_backend()
+        self._weights = np.ascontiguousarray(program.weights).reshape(-1).view(np.uint8)
         self._consts = np.ascontiguousarray(program.consts)
         self._progs = {v: np.ascontiguousarray(program.dispatches[v]) for v in VARIANTS}
 
@@ -131,7 +496,7 @@ cdef class Runtime:
 
         Returns a dict: tokens, logprobs, finish_reason ("stop", "length", "context"),
         prompt_tokens, reused_tokens, prefill_seconds, decode_seconds, and logits [n, vocab]
-        (the distribution each token was drawn from) with want_logits."""
+        (the distribution each token was drawn from) with want_logits (one step per call then)."""
         params = _sampling_params(sampling)
         if max_tokens < 0:
             raise SamplingError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -156,61 +521,92 @@ cdef class Runtime:
             raise ValueError("this session state belongs to another Runtime")
 
 
+cdef enum:             # VARIANTS order
+    DECODE = 0
+    PREFILL = 1
+    LOGITS = 2
+
+
 cdef class State:
-    """One sequence: its arenas (state, scratch, step-args, output), backend handles, position
-    and token history."""
+    """One sequence: a backend handle holding its arenas (state, scratch, step-args, output; the
+    weights borrowed or uploaded), position and token history."""
     cdef readonly Runtime runtime
-    cdef lt_cpu *_cpu[3]
-    cdef object _arenas, _lock
-    cdef lt_step_args *_step
+    cdef const lt_backend *_ops
+    cdef void *_h
+    cdef int _prog_id[N_VARIANTS]
+    cdef bint _host               # the loop reads and writes the backend's step/output arenas in place
+    cdef int _steps
+    cdef object _lock, _mirrors
+    cdef lt_step_args *_step      # the STEP arena, or its host mirror
     cdef uint32_t *_ids
+    cdef uint8_t *_out            # the OUTPUT arena, or its host mirror
     cdef float *_logits_rows
+    cdef uint32_t *_ring_tokens
+    cdef float *_ring_logprobs
+    cdef uint32_t _ring_cap
+    cdef bint _stale              # the recurrent state ran past the history (overshoot): not reusable
     cdef readonly list history
     cdef object _prog
 
-    def __cinit__(self):
-        for i in range(3):
-            self._cpu[i] = NULL
-
     def __init__(self, Runtime rt):
-        cdef void *arenas[6]
-        cdef size_t sizes[6]
-        cdef int err = 0
+        cdef lt_backend_cfg cfg
+        cdef int err = 0, idx
         cdef uint32_t where = 0
+        cdef char msg[512]
         self.runtime = rt
         self._prog = prog = rt.program
         self._lock = threading.Lock()
         self.history = []
-        self._arenas = {}
-        for name in ("state", "scratch", "step", "output"):
-            self._arenas[name] = aligned_zeros(prog.sizes[name])
-        self._arenas["weights"] = rt._weights
-        for name, idx in ARENA.items():
-            if name == "const":
-                arenas[idx], sizes[idx] = NULL, 0
-            else:
-                arenas[idx] = <void *>_ptr(self._arenas[name])
-                sizes[idx] = self._arenas[name].nbytes
-        self._step = <lt_step_args *>_ptr(self._arenas["step"])
-        cdef Py_ssize_t ids_off = prog.layout["ids"], logits_off = prog.layout["logits"]
-        self._ids = <uint32_t *>(_ptr(self._arenas["step"]) + ids_off)
-        self._logits_rows = <float *>(_ptr(self._arenas["output"]) + logits_off)
-        self._step.ring_cap = prog.layout["ring_cap"]
-        self._step.n_tokens = 1
-        consts = rt._consts
+        be = rt.backend
+        self._ops = be.ops
+        self._steps = be.steps
+        memset(&cfg, 0, sizeof(cfg))
+        for name, a in ARENA.items():
+            if name == "weights":
+                cfg.sizes[a] = rt._weights.nbytes
+            elif name != "const":
+                cfg.sizes[a] = max(int(prog.sizes[name]), ALIGN)
+        cfg.weights = _ptr(rt._weights)
+        cfg.consts, cfg.n_consts = _ptr(rt._consts), rt._consts.nbytes
+        cfg.n_threads, cfg.device = rt.n_threads, be.device
+        library = be.library or b""
+        cfg.library = library
+        msg[0] = 0
+        with nogil:
+            self._h = self._ops.create(&cfg, &err, msg, sizeof(msg))
+        if self._h == NULL:
+            raise BackendError(f"the {be.name} backend could not be created: "
+                               f"{(<char *>msg).decode(errors='replace') or lt_cpu_error_string(err).decode()}")
+        tokens = {"decode": 1, "prefill": prog.prefill_chunk, "logits": prog.logits_chunk}
         for i, variant in enumerate(VARIANTS):
             recs = rt._progs[variant]
-            self._cpu[i] = lt_cpu_create(<const lt_dispatch *>_ptr(recs), <uint32_t>len(recs),
-                                         _ptr(consts), consts.nbytes, arenas, sizes, rt.n_threads, &err, &where)
-            if self._cpu[i] == NULL:
-                raise BackendError(f"the CPU backend rejected the {variant} program at dispatch {where}: "
-                                   f"{lt_cpu_error_string(err).decode()}")
+            idx = self._ops.add_program(self._h, <const lt_dispatch *>_ptr(recs), <uint32_t>len(recs), &cfg,
+                                        tokens[variant], &where)
+            if idx < 0:
+                raise BackendError(f"the {be.name} backend rejected the {variant} program at dispatch {where}: "
+                                   f"{self._ops.message(self._h, -idx).decode(errors='replace')}")
+            self._prog_id[i] = idx
+        step = self._ops.host_arena(self._h, LT_ARENA_STEP)
+        out = self._ops.host_arena(self._h, LT_ARENA_OUTPUT)
+        self._host = step != NULL and out != NULL
+        if not self._host:
+            self._mirrors = (aligned_zeros(cfg.sizes[LT_ARENA_STEP]), aligned_zeros(cfg.sizes[LT_ARENA_OUTPUT]))
+            step, out = _ptr(self._mirrors[0]), _ptr(self._mirrors[1])
+        self._step = <lt_step_args *>step
+        self._ids = <uint32_t *>(step + <size_t>prog.layout["ids"])
+        self._out = out
+        self._logits_rows = <float *>(out + <size_t>prog.layout["logits"])
+        self._ring_cap = prog.layout["ring_cap"]
+        self._ring_tokens = <uint32_t *>(out + <size_t>prog.layout["ring_tokens"])
+        self._ring_logprobs = <float *>(out + <size_t>prog.layout["ring_logprobs"])
+        self._step.ring_cap = self._ring_cap
+        self._step.n_tokens = 1
+        self._push_step(0)
 
     def __dealloc__(self):
-        for i in range(3):
-            if self._cpu[i] != NULL:
-                lt_cpu_free(self._cpu[i])
-                self._cpu[i] = NULL
+        if self._h != NULL:
+            self._ops.free(self._h)
+            self._h = NULL
 
     @property
     def position(self):
@@ -221,6 +617,34 @@ cdef class State:
         """Forget the sequence: the next generate() prefills from position 0."""
         with self._use():
             self._restart()
+
+    # ------------------------------------------------------------------------------ arenas
+    cdef int _check(self, int err, what) except -1:
+        if err:
+            raise BackendError(f"{self.runtime.backend.name} backend, {what}: "
+                               f"{self._ops.message(self._h, err).decode(errors='replace')}")
+        return 0
+
+    cdef int _write(self, uint32_t arena, size_t offset, const void *src, size_t n) except -1:
+        return self._check(self._ops.write(self._h, arena, offset, src, n), f"write to arena {arena}")
+
+    cdef int _read(self, uint32_t arena, size_t offset, void *dst, size_t n) except -1:
+        return self._check(self._ops.read(self._h, arena, offset, dst, n), f"read from arena {arena}")
+
+    cdef int _push_step(self, uint32_t n_ids) except -1:
+        """Device backends: the step-args (and n_ids prompt ids after them) to the device."""
+        if not self._host:
+            self._write(LT_ARENA_STEP, 0, self._step,
+                        (<uint8_t *>(self._ids + n_ids) - <uint8_t *>self._step) if n_ids else sizeof(lt_step_args))
+        return 0
+
+    cdef int _pull(self, size_t out_offset, size_t out_n) except -1:
+        """Device backends: the step-args and OUTPUT bytes [out_offset, out_offset + out_n) back."""
+        if not self._host:
+            self._read(LT_ARENA_STEP, 0, self._step, sizeof(lt_step_args))
+            if out_n:
+                self._read(LT_ARENA_OUTPUT, out_offset, self._out + out_offset, out_n)
+        return 0
 
     # ------------------------------------------------------------------------------ helpers
     def _use(self):
@@ -242,21 +666,29 @@ cdef class State:
                                      f"(load the model with a larger context)")
         return ids
 
-    def _region(self, key):
+    def _write_state(self, key, arr):
         off, nbytes = self._prog.layout["state"][key]
-        return self._arenas["state"][off:off + nbytes]
+        arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        self._write(LT_ARENA_STATE, off, _ptr(arr), nbytes)
 
     def _restart(self):
         """Position 0: recurrent state zeroed (the KV cache needs nothing: it is overwritten)."""
-        for key in self._prog.layout["state"]:
+        cdef uint8_t *state = self._ops.host_arena(self._h, LT_ARENA_STATE)
+        for key, (off, nbytes) in self._prog.layout["state"].items():
             if isinstance(key, tuple) and key[1] in ("conv", "ssm"):
-                self._region(key)[:] = 0
+                if state != NULL:
+                    memset(state + <size_t>off, 0, nbytes)
+                else:
+                    self._write_state(key, np.zeros(nbytes, np.uint8))
         self.history = []
+        self._stale = False
 
     def _prepare(self, ids):
         """Reuse the cached prefix for ids; returns the number of reused tokens."""
         h = self.history
-        if self._prog.recurrent:
+        if self._stale:
+            reuse = 0
+        elif self._prog.recurrent:
             reuse = len(h) if len(h) < len(ids) and ids[:len(h)] == h else 0
         else:
             n = min(len(h), len(ids) - 1)
@@ -280,35 +712,37 @@ cdef class State:
         s.penalty_last_n = 0
         s.flags = 0             # logits are read from the OUTPUT arena after each step
         s.step, s.error = 0, 0
-        counts = self._region("counts").view(np.uint32)
-        hist = self._region("hist").view(np.uint32)
-        counts[:] = 0
-        hist[:] = 0
+        lay = self._prog.layout["state"]
+        counts = np.zeros(lay["counts"][1] // 4, np.uint32)
+        hist = np.zeros(lay["hist"][1] // 4, np.uint32)
         if self.history:
             h = np.asarray(self.history, np.int64)
             np.add.at(counts, h, 1)
             hist[np.arange(len(h)) % len(hist)] = h
+        self._write_state("counts", counts)
+        self._write_state("hist", hist)
         s.n_seen = len(self.history)
 
-    cdef int _run(self, int which, const uint32_t *ids, uint32_t n) except -1:
-        """One replay of program `which` over n tokens (ids NULL: the decode token already in
-        the step-args). Raises on backend errors; the history advances only on success."""
-        cdef lt_cpu *cpu = self._cpu[which]
+    cdef int _run(self, int which, const uint32_t *ids, uint32_t n, uint32_t n_steps) except -1:
+        """n_steps replays of program `which`: over n prompt tokens from ids, or (ids NULL) decode
+        steps fed by the token the sampler left in the step-args. Raises on backend errors; the
+        caller advances the history."""
         cdef int err
         cdef uint32_t i
-        self._step.pos = len(self.history)
-        self._step.n_tokens = n
         if ids != NULL:
+            self._step.pos = len(self.history)
+            self._step.n_tokens = n
             for i in range(n):
                 self._ids[i] = ids[i]
+            self._push_step(n)
         with nogil:
-            err = lt_cpu_run(cpu, 1)
+            err = self._ops.run(self._h, self._prog_id[which], n_steps, n)
         if err:
             self._step.error = 0
             self._restart()
-            if err == _ERR_NONFINITE:
+            if err == LT_ERR_NONFINITE:
                 raise NumericalError("NaN or Inf in the logits: the session was reset")
-            raise BackendError(f"CPU backend error {err}: {lt_cpu_error_string(err).decode()}")
+            self._check(err, "run")
         return 0
 
     def _prefill(self, list ids, int which, int chunk, rows=None):
@@ -316,7 +750,8 @@ cdef class State:
         cdef Py_ssize_t start = 0, n
         while start < len(ids):
             n = min(chunk, len(ids) - start)
-            self._run(which, &buf[start], <uint32_t>n)
+            self._run(which, &buf[start], <uint32_t>n, 1)
+            self._pull(self._prog.layout["logits"], n * self._prog.vocab * 4 if rows is not None else 0)
             if rows is not None:
                 rows.append(self._logits_copy(n))
             self.history.extend(ids[start:start + n])
@@ -332,50 +767,82 @@ cdef class State:
 
     def _generate(self, list ids, int max_tokens, stops, params, on_token, bint want_logits):
         cdef Py_ssize_t context = self._prog.context
+        cdef Py_ssize_t steps = 1 if want_logits else self._steps
+        cdef Py_ssize_t n_new, i, first = -1       # first < 0: the token is in the step-args
+        cdef uint32_t slot
+        cdef size_t logits_off = self._prog.layout["logits"], vocab = self._prog.vocab
         reused = self._prepare(ids)
         self._set_sampling(params)
         tokens, logprobs, logits = [], [], []
         t0 = time.perf_counter()
-        self._prefill(ids[reused:], 1, self._prog.prefill_chunk)
+        self._prefill(ids[reused:], PREFILL, self._prog.prefill_chunk)
         t1 = time.perf_counter()
         finish = "length"
-        for i in range(max_tokens):
-            tok, lp = self._step.next_token, self._step.next_logprob
-            if want_logits:
-                logits.append(self._logits_copy(1)[0])
-            if tok in stops:
-                finish = "stop"
-                break
-            tokens.append(tok)
-            logprobs.append(lp)
-            if on_token is not None and on_token(tok, lp) is False:
-                finish = "stop"
-                break
-            if i == max_tokens - 1:
-                break
-            if len(self.history) >= context:
-                finish = "context"
-                break
-            self._run(0, NULL, 1)           # feeds tok (the sampler left it in the step-args)
-            self.history.append(tok)
-            if PyErr_CheckSignals() < 0:
-                raise KeyboardInterrupt
+        n_new = 1 if max_tokens > 0 else 0
+        try:
+            while n_new:
+                done = False
+                for i in range(n_new):
+                    if first < 0:
+                        tok, lp = self._step.next_token, self._step.next_logprob
+                    else:
+                        slot = (first + i) % self._ring_cap
+                        tok, lp = self._ring_tokens[slot], self._ring_logprobs[slot]
+                    if want_logits:
+                        logits.append(self._logits_copy(1)[0])
+                    if tok in stops:
+                        finish, done = "stop", True
+                        break
+                    tokens.append(tok)
+                    logprobs.append(lp)
+                    if on_token is not None and on_token(tok, lp) is False:
+                        finish, done = "stop", True
+                        break
+                    if len(tokens) >= max_tokens:
+                        done = True
+                        break
+                    if len(self.history) >= context:
+                        finish, done = "context", True
+                        break
+                    self.history.append(tok)        # fed by the next step
+                if done:
+                    break
+                # the first step feeds the last accepted token, each later one its predecessor's
+                n_new = min(steps, max_tokens - len(tokens), context - len(self.history) + 1)
+                first = self._step.step
+                self._run(DECODE, NULL, 1, <uint32_t>n_new)
+                if not self._host:
+                    self._pull(0, 8 * self._ring_cap)       # token and logprob rings
+                    if want_logits:
+                        self._read(LT_ARENA_OUTPUT, logits_off, self._logits_rows, vocab * 4)
+                if PyErr_CheckSignals() < 0:
+                    raise KeyboardInterrupt
+        finally:
+            # steps run past a stop fed tokens the history does not hold: a recurrent state
+            # cannot rewind, so the next call starts over (a KV cache is simply overwritten)
+            if self._step.pos > len(self.history) and self._prog.recurrent:
+                self._stale = True
         t2 = time.perf_counter()
         res = {"tokens": tokens, "logprobs": logprobs, "finish_reason": finish, "prompt_tokens": len(ids),
                "reused_tokens": reused, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
         if want_logits:
-            res["logits"] = np.stack(logits) if logits else np.zeros((0, self._prog.vocab), np.float32)
+            res["logits"] = np.stack(logits) if logits else np.zeros((0, vocab), np.float32)
         return res
 
     def _logits(self, list ids, bint append):
         if not append:
             self._restart()
+        elif self._stale:       # the recurrent state ran past the history: rebuild it from the tokens
+            history = self.history
+            self._restart()
+            self._set_sampling(SamplingParams(seed=0))
+            self._prefill(history, PREFILL, self._prog.prefill_chunk)
         if len(self.history) + len(ids) > self._prog.context:
             raise ContextLengthError(f"{len(self.history)} cached + {len(ids)} new tokens do not fit "
                                      f"the context of {self._prog.context}")
         self._set_sampling(SamplingParams(seed=0))
         rows = []
-        self._prefill(ids, 2, self._prog.logits_chunk, rows)
+        self._prefill(ids, LOGITS, self._prog.logits_chunk, rows)
         return np.concatenate(rows)
 
 
