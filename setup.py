@@ -4,8 +4,15 @@ CPU backend, in one extension. Metadata lives in pyproject.toml; this file only 
 OpenMP is used where the compiler accepts -fopenmp (probed: Apple clang without libomp builds a
 serial backend). SIMD paths are chosen at run time inside the C code, so no -march flag here: the
 wheel runs on any x86-64 or arm64 CPU.
+
+On macOS the Metal backend is built too (as the macOS workflow does): metal/*.metal into
+lattice/_metal/lattice.metallib, objc/lattice_metal.mm into lattice/_metal/liblattice_metal.dylib,
+which lattice.engine loads with ctypes. Without the Metal toolchain it is skipped (backend="auto"
+then uses the CPU; backend="metal" says what is missing).
 """
+import glob
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -52,6 +59,28 @@ class BuildExt(build_ext):
             ext.extra_compile_args = compile_args + ext.extra_compile_args
             ext.extra_link_args = link_args + ext.extra_link_args
         super().build_extensions()
+        if sys.platform == "darwin":
+            self._build_metal()
+
+    def _build_metal(self):
+        out = os.path.join(ROOT if self.inplace else self.build_lib, "lattice", "_metal")
+        air = os.path.join(self.build_temp, "air")
+        os.makedirs(out, exist_ok=True)
+        os.makedirs(air, exist_ok=True)
+        metal = ["xcrun", "-sdk", "macosx", "metal", "-std=metal3.0", "-I", os.path.join(ROOT, "metal")]
+        try:
+            airs = []
+            for src in sorted(glob.glob(os.path.join(ROOT, "metal", "*.metal"))):
+                airs.append(os.path.join(air, os.path.basename(src)[:-len(".metal")] + ".air"))
+                subprocess.run([*metal, "-c", src, "-o", airs[-1]], check=True)
+            subprocess.run(["xcrun", "-sdk", "macosx", "metallib", *airs, "-o",
+                            os.path.join(out, "lattice.metallib")], check=True)
+            subprocess.run(["xcrun", "clang++", "-std=c++17", "-x", "objective-c++", "-fno-objc-arc", "-O2",
+                            "-shared", "-fPIC", os.path.join(ROOT, "objc", "lattice_metal.mm"),
+                            "-framework", "Metal", "-framework", "Foundation",
+                            "-o", os.path.join(out, "liblattice_metal.dylib")], check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            self.announce(f"lattice: Metal backend not built ({e}); the CPU backend is used", 2)
 
 
 def _c_sources():

@@ -776,6 +776,8 @@ cdef class State:
         tokens, logprobs, logits = [], [], []
         t0 = time.perf_counter()
         self._prefill(ids[reused:], PREFILL, self._prog.prefill_chunk)
+        if want_logits and not self._host:      # the last prompt token's row
+            self._read(LT_ARENA_OUTPUT, logits_off, self._logits_rows, vocab * 4)
         t1 = time.perf_counter()
         finish = "length"
         n_new = 1 if max_tokens > 0 else 0

@@ -26,7 +26,7 @@ from .errors import BackendError, ContextLengthError, TokenizerError
 from .hub import resolve_model
 from .sampling import SamplingParams, sample
 
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "cuda", "metal", "reference")
 
 
 @dataclass
@@ -57,8 +57,14 @@ def load(model=None, backend: str = "auto", quant: str | None = None, context: i
          threads: int | None = None, quiet: bool = True) -> "Model":
     """Load a model: a local folder (Hugging Face / MLX) or .gguf file, an alias, or a repo id.
 
-    backend: "auto" (the compiled runtime on this CPU when it is built, else the numpy reference),
-    "cpu" (compiled runtime), "reference" (numpy, slow: the oracle).
+    backend: where the compiled runtime runs the model.
+      "auto": Metal on macOS on Apple silicon when the bridge is built, else CUDA when an NVIDIA
+        GPU and nvcc are usable, else the CPU, else (extension not built) the numpy reference;
+      "cpu": the C kernels of the compiled runtime;
+      "cuda": an NVIDIA GPU (the bridge is compiled with nvcc on first use);
+      "metal": the GPU of an Apple silicon Mac;
+      "reference": the numpy reference decoder (slow: the oracle).
+    A backend that was named but cannot run here raises BackendError saying why.
     quant: None keeps the checkpoint's precision where the runtime supports it exactly;
     "q8" / "q4" requantize weights to Lattice's block formats.
     """
@@ -100,15 +106,15 @@ class Model:
 
 
 def _make_engine(ckpt, backend, quant, context, threads):
-    if backend in ("auto", "cpu"):
-        try:
-            from .engine import RuntimeEngine
-        except ImportError as e:
-            if backend == "cpu":
-                raise BackendError(f"the compiled CPU runtime is not available: {e}") from None
-        else:
-            return RuntimeEngine(ckpt, quant=quant, context=context, threads=threads)
-    return ReferenceEngine(ckpt, context)
+    if backend == "reference":
+        return ReferenceEngine(ckpt, context)
+    try:
+        from .engine import RuntimeEngine
+    except ImportError as e:
+        if backend != "auto":
+            raise BackendError(f"the compiled runtime (lattice._runtime) is not available: {e}") from None
+        return ReferenceEngine(ckpt, context)
+    return RuntimeEngine(ckpt, backend, quant=quant, context=context, threads=threads)
 
 
 class ReferenceEngine:

@@ -1,17 +1,70 @@
-"""The compiled runtime behind the public API: builds the decode program once per Model and runs
-sessions through lattice._runtime (the Cython token loop over a backend's C interface)."""
+"""The compiled runtime behind the public API: picks a backend, builds the decode program once per
+Model and runs sessions through lattice._runtime (the Cython token loop over the backend's C table).
+
+Backends (`select_backend`):
+  "cpu"   the C kernels compiled into lattice._runtime;
+  "cuda"  lattice/cuda's bridge, built with nvcc on first use (needs an NVIDIA GPU and nvcc);
+  "metal" the Objective-C++ bridge (macOS on Apple silicon): liblattice_metal.dylib and
+          lattice.metallib in lattice/_metal/, built by setup.py on macOS. LATTICE_METAL_BRIDGE and
+          LATTICE_METAL_LIBRARY name other files; off macOS they exist for the tests only, which
+          build the bridge against tests/metal_fake;
+  "auto"  Metal where it is usable, else CUDA, else the CPU.
+"""
 from __future__ import annotations
 
-from ._runtime import Runtime  # ImportError when the extension is not built: api.py falls back
+import os
+import platform
+import sys
+
+from . import _runtime  # ImportError when the extension is not built: api.py falls back
+from .errors import BackendError
 from .program import build
+
+METAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_metal")
+
+
+def apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def metal_backend():
+    """The Metal bridge; BackendError naming why it is unusable here."""
+    bridge = os.environ.get("LATTICE_METAL_BRIDGE")
+    if not bridge and not apple_silicon():
+        raise BackendError(f"the Metal backend needs macOS on Apple silicon; this is {sys.platform} "
+                           f"{platform.machine()} (use backend='cuda' or 'cpu')")
+    bridge = bridge or os.path.join(METAL_DIR, "liblattice_metal.dylib")
+    library = os.environ.get("LATTICE_METAL_LIBRARY") or os.path.join(METAL_DIR, "lattice.metallib")
+    return _runtime.metal_backend(bridge, library)
+
+
+def select_backend(name: str):
+    """A lattice._runtime Backend for "cpu", "cuda", "metal" or "auto"."""
+    if name == "cpu":
+        return _runtime.cpu_backend()
+    if name == "cuda":
+        return _runtime.cuda_backend()
+    if name == "metal":
+        return metal_backend()
+    if name != "auto":
+        raise BackendError(f"unknown runtime backend {name!r}")
+    if apple_silicon():
+        try:
+            return metal_backend()
+        except BackendError:
+            pass
+    try:
+        return _runtime.cuda_backend()
+    except BackendError:
+        return _runtime.cpu_backend()
 
 
 class RuntimeEngine:
-    name = "cpu"
-
-    def __init__(self, ckpt, quant=None, context=4096, threads=None):
+    def __init__(self, ckpt, backend="cpu", quant=None, context=4096, threads=None):
+        be = backend if isinstance(backend, _runtime.Backend) else select_backend(backend)
+        self.name = be.name
         self.program = build(ckpt, quant=quant, context=context)
-        self.runtime = Runtime(self.program, n_threads=threads)
+        self.runtime = _runtime.Runtime(self.program, n_threads=threads, backend=be)
 
     def new_state(self):
         return _RuntimeState(self.runtime.new_state())

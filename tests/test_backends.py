@@ -1,0 +1,314 @@
+"""Backends behind the one token loop of lattice._runtime, and how lattice.load selects them.
+
+Every backend is a C table the same Cython loop drives. Here, without a GPU or a Mac:
+  - "cpu-mirrored": the CPU kernels driven like a device backend (step-args mirrored on the host,
+    token ring read back, K decode steps per call): the CUDA path's stand-in, so the K-step loop,
+    stop inside a K-step call, overshoot, prefix reuse and Ctrl-C are tested in CI;
+  - "metal": the Objective-C++ bridge built against tests/metal_fake (MSL emulator);
+  - "cuda": the real bridge, skipped without an NVIDIA GPU and nvcc (tests/gpu runs it).
+Each must give exactly the CPU backend's tokens (greedy), with K = 1 and K = 8.
+"""
+import glob
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import lattice
+import metal_fake
+from conftest import FIXTURES
+from lattice import _runtime as R
+from lattice import api, engine
+from lattice.cuda import available as cuda_available
+from lattice.errors import BackendError, ConfigError
+from lattice.formats import open_checkpoint
+from lattice.program import build
+from msl_emu.library import MSLCompileWarning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METAL_SOURCES = os.path.join(ROOT, "metal")
+GPU_OK, GPU_WHY = cuda_available()
+PROMPT = [1, 5, 9, 2]
+N = 20
+
+_programs = {}
+
+
+def program(name, context=64):
+    if (name, context) not in _programs:
+        _programs[name, context] = build(open_checkpoint(os.path.join(FIXTURES, name)), context=context)
+    return _programs[name, context]
+
+
+def cpu_runtime(name, context=64):
+    return R.Runtime(program(name, context), n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def metal_files(tmp_path_factory):
+    """(bridge library, metallib): the bridge built against the fake Metal, the kernels emulated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MSLCompileWarning)
+        lib = metal_fake.metallib(sorted(glob.glob(os.path.join(METAL_SOURCES, "*.metal"))),
+                                  str(tmp_path_factory.mktemp("metallib")), include_dirs=[METAL_SOURCES])
+    return metal_fake.build(), lib
+
+
+@pytest.fixture(params=["cpu-mirrored", "metal", "cuda"])
+def make_backend(request):
+    """steps -> a Backend of this kind."""
+    if request.param == "cpu-mirrored":
+        return lambda steps: R.cpu_backend(steps=steps, mirrored=True)
+    if request.param == "metal":
+        bridge, lib = request.getfixturevalue("metal_files")
+        return lambda steps: R.metal_backend(bridge, lib, steps=steps)
+    if not GPU_OK:
+        pytest.skip(f"CUDA backend unavailable: {GPU_WHY}")
+    return lambda steps: R.cuda_backend(steps=steps)
+
+
+def first_new(tokens, start, k):
+    """Index >= start of a token not seen before it, in the middle of a k-step call (the calls
+    after the prefill's token produce tokens [1, k], [k + 1, 2k], ...)."""
+    return next(j for j in range(start, len(tokens)) if tokens[j] not in tokens[:j] and (k == 1 or j % k))
+
+
+# ------------------------------------------------------------------------------------ same tokens
+@pytest.mark.parametrize("name", ["tiny-qwen35", "tiny-llama"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_tokens_match_cpu_backend(make_backend, name, k):
+    cpu = cpu_runtime(name)
+    want = cpu.generate(cpu.new_state(), PROMPT, N)
+    rt = R.Runtime(program(name), backend=make_backend(k))
+    st = rt.new_state()
+    got = rt.generate(st, PROMPT, N)
+    assert got["tokens"] == want["tokens"] and got["finish_reason"] == "length"
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=1e-4, atol=1e-5)
+    assert st.position == len(PROMPT) + N - 1
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen35", "tiny-llama"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_stop_inside_a_k_step_call_then_second_turn(make_backend, name, k):
+    """A stop in the middle of a call: the overshoot is discarded; on Qwen3.5 the GDN state has
+    seen it, so the next turn re-prefills (on Llama the KV past the history is just overwritten),
+    and the second turn's tokens are still exactly the CPU backend's."""
+    cpu = cpu_runtime(name)
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    j = first_new(want, 2, 8)
+    turn2 = lambda first: PROMPT + first["tokens"] + [want[j], 3, 7]  # noqa: E731
+    cst = cpu.new_state()
+    c1 = cpu.generate(cst, PROMPT, N, stop_ids=[want[j]])
+    c2 = cpu.generate(cst, turn2(c1), 12)
+
+    rt = R.Runtime(program(name), backend=make_backend(k))
+    st = rt.new_state()
+    r1 = rt.generate(st, PROMPT, N, stop_ids=[want[j]])
+    assert r1["tokens"] == c1["tokens"] == want[:j] and r1["finish_reason"] == "stop"
+    assert st.position == len(PROMPT) + j  # the stop token is not fed; neither is the overshoot
+    r2 = rt.generate(st, turn2(r1), 12)
+    assert r2["tokens"] == c2["tokens"]
+    overshoot = k > 1 and j % k != 0
+    assert c2["reused_tokens"] == len(PROMPT) + j
+    expect_reused = 0 if overshoot and program(name).recurrent else len(PROMPT) + j
+    assert r2["reused_tokens"] == expect_reused
+
+
+# ------------------------------------------------------------------------------------ the K-step loop (CI stand-in)
+def mirrored(name, k, context=64):
+    return R.Runtime(program(name, context), backend=R.cpu_backend(steps=k, mirrored=True))
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_stop_at_the_end_of_a_call_keeps_the_recurrent_state(k):
+    cpu = cpu_runtime("tiny-qwen35")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    j = next(j for j in range(k, len(want), k) if want[j] not in want[:j])
+    rt = mirrored("tiny-qwen35", k)
+    st = rt.new_state()
+    assert rt.generate(st, PROMPT, N, stop_ids=[want[j]])["tokens"] == want[:j]
+    res = rt.generate(st, PROMPT + want[:j + 1], 4)
+    assert res["reused_tokens"] == len(PROMPT) + j and res["tokens"] == want[j + 1:j + 5]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 9, 11])
+def test_max_tokens_inside_a_call(max_tokens):
+    cpu = cpu_runtime("tiny-qwen35")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    rt = mirrored("tiny-qwen35", 8)
+    st = rt.new_state()
+    res = rt.generate(st, PROMPT, max_tokens)
+    assert res["tokens"] == want[:max_tokens] and res["finish_reason"] == "length"
+    # no step ran past the accepted tokens (the last one is not fed): the recurrent state continues
+    res = rt.generate(st, PROMPT + want[:max_tokens + 1], 3)
+    assert res["reused_tokens"] == len(PROMPT) + max_tokens - 1 and res["tokens"] == want[max_tokens + 1:max_tokens + 4]
+
+
+def test_context_fills_inside_a_call():
+    prompt = list(range(1, 57))
+    cpu = cpu_runtime("tiny-llama")
+    want = cpu.generate(cpu.new_state(), prompt, 30)
+    rt = mirrored("tiny-llama", 8)
+    st = rt.new_state()
+    got = rt.generate(st, prompt, 30)
+    assert want["finish_reason"] == got["finish_reason"] == "context"
+    assert got["tokens"] == want["tokens"] and st.position == 64
+
+
+def test_on_token_false_inside_a_call():
+    cpu = cpu_runtime("tiny-llama")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    rt = mirrored("tiny-llama", 8)
+    st = rt.new_state()
+    seen = []
+    res = rt.generate(st, PROMPT, N, on_token=lambda t, lp: seen.append(t) or len(seen) < 4)
+    assert res["tokens"] == seen == want[:4] and res["finish_reason"] == "stop"
+    res = rt.generate(st, PROMPT + want[:6], 4)
+    assert res["reused_tokens"] == len(PROMPT) + 3 and res["tokens"] == want[6:10]
+
+
+def test_keyboard_interrupt_inside_a_call_leaves_session_usable():
+    cpu = cpu_runtime("tiny-qwen35")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    rt = mirrored("tiny-qwen35", 8)
+    st = rt.new_state()
+
+    def interrupt(tok, lp):
+        if tok == want[3]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rt.generate(st, PROMPT, N, on_token=interrupt)
+    assert st.position == len(PROMPT) + 3
+    res = rt.generate(st, PROMPT + want[:5], 4)
+    assert res["reused_tokens"] == 0 and res["tokens"] == want[5:9]  # the overshoot forced a re-prefill
+    assert rt.generate(st, PROMPT, N)["tokens"] == want
+
+
+def test_seeded_sampling_matches_cpu():
+    sampling = {"temperature": 0.9, "top_k": 40, "seed": 11, "repetition_penalty": 1.1}
+    cpu = cpu_runtime("tiny-llama")
+    want = cpu.generate(cpu.new_state(), PROMPT, N, sampling=sampling)["tokens"]
+    rt = mirrored("tiny-llama", 8)
+    assert rt.generate(rt.new_state(), PROMPT, N, sampling=sampling)["tokens"] == want
+
+
+def test_logits_append_after_overshoot_rebuilds_the_state():
+    cpu = cpu_runtime("tiny-qwen35")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    j = first_new(want, 2, 8)
+    expected = []
+    for rt in (cpu, mirrored("tiny-qwen35", 8)):
+        st = rt.new_state()
+        rt.generate(st, PROMPT, N, stop_ids=[want[j]])
+        expected.append(rt.logits(st, [want[j], 4, 6], append=True))
+    np.testing.assert_allclose(expected[1], expected[0], rtol=1e-3, atol=1e-3)
+
+
+def test_want_logits_runs_one_step_per_call():
+    cpu = cpu_runtime("tiny-llama")
+    want = cpu.generate(cpu.new_state(), PROMPT, 6, want_logits=True)
+    rt = mirrored("tiny-llama", 8)
+    got = rt.generate(rt.new_state(), PROMPT, 6, want_logits=True)
+    assert got["tokens"] == want["tokens"]
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+
+
+def test_bad_steps_per_call():
+    with pytest.raises(ConfigError, match="steps per backend call must be >= 1, got 0"):
+        R.cpu_backend(steps=0)
+
+
+# ------------------------------------------------------------------------------------ selection
+@pytest.fixture
+def no_gpu_no_mac(monkeypatch):
+    monkeypatch.setattr(engine, "apple_silicon", lambda: False)
+    monkeypatch.delenv("LATTICE_METAL_BRIDGE", raising=False)
+    monkeypatch.delenv("LATTICE_METAL_LIBRARY", raising=False)
+    import lattice.cuda
+    monkeypatch.setattr(lattice.cuda, "available", lambda: (False, "no NVIDIA GPU (nvidia-smi lists none)"))
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(BackendError, match="unknown backend 'tpu'; choose one of auto, cpu, cuda, metal, reference"):
+        lattice.load("smollm2-135m", backend="tpu")
+
+
+def test_cpu_and_auto_without_gpu_or_mac(no_gpu_no_mac):
+    assert engine.select_backend("cpu").name == "cpu"
+    assert engine.select_backend("auto").name == "cpu"
+    eng = api._make_engine(open_checkpoint(os.path.join(FIXTURES, "tiny-llama")), "auto", None, 64, 1)
+    assert eng.name == "cpu"
+    st = eng.new_state()
+    assert eng.generate(st, PROMPT, 3, (), None, lambda t, lp: True)[0] == "length"
+
+
+def test_cuda_unavailable_names_why(no_gpu_no_mac):
+    with pytest.raises(BackendError, match=r"the CUDA backend is unavailable: no NVIDIA GPU \(nvidia-smi lists none\)"):
+        engine.select_backend("cuda")
+
+
+@pytest.mark.skipif(GPU_OK, reason="a usable GPU is present")
+def test_cuda_unavailable_here_names_why():
+    with pytest.raises(BackendError, match="the CUDA backend is unavailable: "):
+        R.cuda_backend()
+
+
+def test_metal_off_apple_is_a_clear_error(no_gpu_no_mac, smollm2_path):
+    with pytest.raises(BackendError, match=f"the Metal backend needs macOS on Apple silicon; this is {sys.platform}"):
+        lattice.load(str(smollm2_path), backend="metal")
+
+
+def test_metal_bridge_not_built_is_named(no_gpu_no_mac, monkeypatch, tmp_path):
+    monkeypatch.setattr(engine, "apple_silicon", lambda: True)
+    monkeypatch.setattr(engine, "METAL_DIR", str(tmp_path))
+    with pytest.raises(BackendError, match=f"Metal bridge library {tmp_path}/liblattice_metal.dylib does not exist"):
+        engine.select_backend("metal")
+    assert engine.select_backend("auto").name == "cpu"  # a Mac without the bridge built uses the CPU
+
+
+def test_metal_kernel_library_missing_is_named(metal_files, monkeypatch, tmp_path):
+    monkeypatch.setenv("LATTICE_METAL_BRIDGE", metal_files[0])
+    monkeypatch.setenv("LATTICE_METAL_LIBRARY", str(tmp_path / "none.metallib"))
+    with pytest.raises(BackendError, match="Metal kernel library .*none.metallib does not exist"):
+        engine.select_backend("metal")
+
+
+def test_metal_library_that_does_not_load_is_named(metal_files, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.metallib"
+    bad.write_text("/no/such/kernels.so\n")
+    rt = R.Runtime(program("tiny-llama"), backend=R.metal_backend(metal_files[0], str(bad)))
+    with pytest.raises(BackendError, match="the metal backend could not be created: "):
+        rt.new_state()
+
+
+def test_metal_through_the_fake_selected_by_name_and_auto(no_gpu_no_mac, metal_files, monkeypatch):
+    """The test-only route: LATTICE_METAL_BRIDGE / LATTICE_METAL_LIBRARY name the fake's builds."""
+    monkeypatch.setenv("LATTICE_METAL_BRIDGE", metal_files[0])
+    monkeypatch.setenv("LATTICE_METAL_LIBRARY", metal_files[1])
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    eng = api._make_engine(ck, "metal", None, 64, None)
+    assert eng.name == "metal" and eng.runtime.backend.steps == 8
+    tokens = []
+    st = eng.new_state()
+    assert eng.generate(st, PROMPT, 10, (), None, lambda t, lp: tokens.append(t))[0] == "length"
+    cpu = cpu_runtime("tiny-llama")
+    assert tokens == cpu.generate(cpu.new_state(), PROMPT, 10)["tokens"]
+    monkeypatch.setattr(engine, "apple_silicon", lambda: True)
+    assert engine.select_backend("auto").name == "metal"
+
+
+def test_auto_prefers_cuda_over_cpu(no_gpu_no_mac, monkeypatch):
+    monkeypatch.setattr(R, "cuda_backend", lambda: R.cpu_backend(steps=16, mirrored=True))
+    assert engine.select_backend("auto").steps == 16
+
+
+def test_reference_and_missing_extension(monkeypatch):
+    ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
+    assert api._make_engine(ck, "reference", None, 64, None).name == "reference"
+    monkeypatch.setitem(sys.modules, "lattice.engine", None)  # the compiled runtime is not built
+    assert api._make_engine(ck, "auto", None, 64, None).name == "reference"
+    with pytest.raises(BackendError, match=r"the compiled runtime \(lattice._runtime\) is not available"):
+        api._make_engine(ck, "cpu", None, 64, None)
