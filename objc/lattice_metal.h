@@ -34,7 +34,8 @@ enum {
 
 /* Counters since creation (lattice-bench). */
 typedef struct lt_metal_counters {
-    uint32_t dispatches_per_step;  /* commands in the last program recorded (decode) */
+    uint32_t dispatches_per_step;  /* commands in the last program recorded (decode), split
+                                      attention reduces included */
     uint64_t steps;                /* steps executed on the GPU, overshoot included */
     uint64_t tokens;               /* tokens handed back by lt_metal_generate */
     uint64_t command_buffers;      /* command buffers committed by runs */
@@ -53,6 +54,12 @@ lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts
  * records it into its own indirect command buffer. Programs (decode, prefill, ...) share the
  * arenas. Returns the program's id (>= 0) or -LT_METAL_ERR_*. */
 int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n);
+
+/* Split-K attention for programs added after this call: an attention dispatch runs over
+ * `splits` key ranges (grid.z) into a backend workspace, then lt_attention_reduce merges them.
+ * 0 (the default) splits decode-sized launches on long contexts only (see attention_splits in
+ * lattice_metal.mm); 1 never splits; n > 1 splits every attention dispatch n ways. */
+void lt_metal_set_attention_splits(lt_metal *m, uint32_t splits);
 
 /* Copies bytes into / out of an arena (private arenas go through a staging buffer and a blit;
  * weights are uploaded this way once). Waits for the GPU. Returns 0 or LT_METAL_ERR_*. */

@@ -40,8 +40,8 @@ static const char *const KERNEL_NAMES[LT_K_COUNT] = {
     "lt_gdn", "lt_elementwise", "lt_lm_head", "lt_sample"};
 
 // Bindings each kernel declares ([[buffer(2 + i)]] for i below this): the header's slot enums.
-// lt_attention also declares its split-K workspace at slot 2 + LT_MAX_BIND (metal/attention.metal);
-// the bridge launches it unsplit (grid.z = 1), which never touches the workspace, and binds zeros.
+// lt_attention also declares its split-K workspace at slot 2 + LT_MAX_BIND (metal/attention.metal):
+// zeros when it runs unsplit (grid.z = 1, the workspace is not touched), else the workspace.
 static const uint32_t DECLARED_BINDINGS[LT_K_COUNT] = {
     0, LT_EMBED_B_WM + 1, LT_NORM_B_Z + 1, LT_GEMV_B_PARTIALS + 1, LT_ROPE_B_GATE_OUT + 1,
     LT_MAX_BIND + 1, LT_GDN_B_NORM_W + 1, LT_EW_B_OUT + 1, LT_GEMV_B_PARTIALS + 1,
@@ -50,7 +50,8 @@ static const uint32_t DECLARED_BINDINGS[LT_K_COUNT] = {
 static const char *const ARENA_LABELS[LT_N_ARENAS] = {
     "lattice weights", "lattice state", "lattice scratch", "lattice step args", "lattice output", "lattice consts"};
 
-enum { SLOT_ARGS = 0, SLOT_STEP = 1, FIRST_BINDING_SLOT = 2 };
+enum { SLOT_ARGS = 0, SLOT_STEP = 1, FIRST_BINDING_SLOT = 2, SLOT_WORKSPACE = 2 + LT_MAX_BIND };
+static const char *const ATTENTION_REDUCE = "lt_attention_reduce";
 static const NSUInteger ZEROS_BYTES = 256;  // >= every args struct and lt_step_args
 
 struct InFlight {
@@ -86,6 +87,9 @@ struct lt_metal {
     id<MTLCommandQueue> queue;
     std::vector<id<MTLLibrary> > libraries;
     id<MTLComputePipelineState> pipelines[LT_K_COUNT];
+    id<MTLComputePipelineState> reduce;  // lt_attention_reduce, once an attention is split
+    uint32_t attention_splits;           // 0: automatic (see attention_splits)
+    id<MTLBuffer> workspace;             // split-K partitions, shared by every split attention
     id<MTLBuffer> arenas[LT_N_ARENAS];
     size_t sizes[LT_N_ARENAS];
     id<MTLBuffer> zeros;  // unbound slots, and the arguments of warm-up dispatches
@@ -205,10 +209,12 @@ static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t
             zeros[s] = m->zeros;
             offsets[s] = 0;
         }
-        for (uint32_t k = 1; k < LT_K_COUNT; k++) {
-            if (!m->pipelines[k]) continue;
-            [enc setComputePipelineState:m->pipelines[k]];
-            [enc setBuffers:zeros offsets:offsets withRange:NSMakeRange(0, FIRST_BINDING_SLOT + DECLARED_BINDINGS[k])];
+        for (uint32_t k = 1; k <= LT_K_COUNT; k++) {  // LT_K_COUNT: the attention reduce
+            id<MTLComputePipelineState> pipeline = k < LT_K_COUNT ? m->pipelines[k] : m->reduce;
+            if (!pipeline) continue;
+            uint32_t slots = FIRST_BINDING_SLOT + DECLARED_BINDINGS[k < LT_K_COUNT ? k : LT_K_ATTENTION];
+            [enc setComputePipelineState:pipeline];
+            [enc setBuffers:zeros offsets:offsets withRange:NSMakeRange(0, slots)];
             [enc dispatchThreadgroups:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(1, 1, 1)];
             c->api_calls += 3;
         }
@@ -511,28 +517,52 @@ static id<MTLLibrary> compile_source_dir(lt_metal *m, NSString *dir, NSString *f
 }
 #endif
 
-static int make_pipeline(lt_metal *m, uint32_t kernel)
+static id<MTLComputePipelineState> make_pipeline(lt_metal *m, const char *function, uint32_t kernel, int *err)
 {
-    NSString *name = [NSString stringWithUTF8String:KERNEL_NAMES[kernel]];
+    NSString *name = [NSString stringWithUTF8String:function];
     id<MTLFunction> fn = nil;
     for (size_t i = 0; i < m->libraries.size() && !fn; i++) fn = [m->libraries[i] newFunctionWithName:name];
     if (!fn) {
-        set_error(m, "the Metal library has no kernel function %s (kernel id %u)", KERNEL_NAMES[kernel], kernel);
-        return LT_METAL_ERR_LIBRARY;
+        set_error(m, "the Metal library has no kernel function %s (kernel id %u)", function, kernel);
+        *err = LT_METAL_ERR_LIBRARY;
+        return nil;
     }
     MTLComputePipelineDescriptor *desc = [[[MTLComputePipelineDescriptor alloc] init] autorelease];
     [desc setComputeFunction:fn];
     [desc setSupportIndirectCommandBuffers:YES];
     [desc setLabel:name];
     NSError *e = nil;
-    m->pipelines[kernel] = [m->device newComputePipelineStateWithDescriptor:desc options:MTLPipelineOptionNone
-                                                                 reflection:NULL error:&e];
+    id<MTLComputePipelineState> pipeline = [m->device newComputePipelineStateWithDescriptor:desc
+        options:MTLPipelineOptionNone reflection:NULL error:&e];
     [fn release];
-    if (!m->pipelines[kernel]) {
-        set_error(m, "pipeline %s: %s", KERNEL_NAMES[kernel], describe(e));
-        return LT_METAL_ERR_LIBRARY;
+    if (!pipeline) {
+        set_error(m, "pipeline %s: %s", function, describe(e));
+        *err = LT_METAL_ERR_LIBRARY;
     }
-    return 0;
+    return pipeline;
+}
+
+// Threadgroup ranges (grid.z) of an attention dispatch. Decode-sized launches (few heads x
+// tokens) leave most of the GPU idle on long contexts, so their keys are split until there are
+// about 64 threadgroups, at most one split per 512 cache positions. A first guess, to be tuned on
+// hardware; lt_metal_set_attention_splits overrides it.
+static uint32_t attention_splits(const lt_metal *m, const lt_dispatch *d)
+{
+    const lt_attention_args *a =
+        (const lt_attention_args *)((const unsigned char *)[m->arenas[LT_ARENA_CONST] contents] + d->args_offset);
+    uint32_t groups = d->grid[0] * d->grid[1];
+    uint32_t splits = m->attention_splits ? m->attention_splits : (64 + groups - 1) / groups;
+    uint32_t most = (a->ctx_cap + 511) / 512;
+    if (!m->attention_splits && splits > most) splits = most;
+    return splits > 1 && d->grid[2] == 1 ? splits : 1;
+}
+
+// Bytes of the split workspace of one attention dispatch: a header, then [rows][heads][splits][D + 2].
+static size_t workspace_bytes(const lt_metal *m, const lt_dispatch *d, uint32_t splits)
+{
+    const lt_attention_args *a =
+        (const lt_attention_args *)((const unsigned char *)[m->arenas[LT_ARENA_CONST] contents] + d->args_offset);
+    return 16 + (size_t)d->grid[1] * a->n_heads * splits * (a->head_dim + 2) * sizeof(float);
 }
 
 static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
@@ -579,41 +609,81 @@ static uint32_t slots_of(const lt_dispatch *d)
     return FIRST_BINDING_SLOT + bindings;
 }
 
-// Records the program into a new ICB, once.
+// Records the program into a new ICB, once. A split attention becomes two commands: lt_attention
+// over grid.z = splits writing partitions to the workspace, then lt_attention_reduce behind a
+// barrier (same bindings) merging them.
 static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n, Program *p)
 {
-    uint32_t max_slots = 0;
-    for (uint32_t i = 0; i < n; i++)
+    uint32_t max_slots = 0, n_commands = n;
+    for (uint32_t i = 0; i < n; i++) {
         if (slots_of(&prog[i]) > max_slots) max_slots = slots_of(&prog[i]);
+        if (prog[i].kernel == LT_K_ATTENTION && attention_splits(m, &prog[i]) > 1) n_commands++;
+    }
     MTLIndirectCommandBufferDescriptor *desc = [[[MTLIndirectCommandBufferDescriptor alloc] init] autorelease];
     [desc setCommandTypes:MTLIndirectCommandTypeConcurrentDispatch];
     [desc setInheritBuffers:NO];
     [desc setInheritPipelineState:NO];
     [desc setMaxKernelBufferBindCount:max_slots];
-    p->icb = [m->device newIndirectCommandBufferWithDescriptor:desc maxCommandCount:n options:0];
+    p->icb = [m->device newIndirectCommandBufferWithDescriptor:desc maxCommandCount:n_commands options:0];
     if (!p->icb) {
-        set_error(m, "cannot create an indirect command buffer of %u commands", n);
+        set_error(m, "cannot create an indirect command buffer of %u commands", n_commands);
         return LT_METAL_ERR_DEVICE;
     }
-    p->n_commands = n;
+    p->n_commands = n_commands;
+    uint32_t c = 0;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
-        id<MTLIndirectComputeCommand> cmd = [p->icb indirectComputeCommandAtIndex:i];
-        [cmd setComputePipelineState:m->pipelines[d->kernel]];
-        [cmd setKernelBuffer:m->arenas[LT_ARENA_CONST] offset:d->args_offset atIndex:SLOT_ARGS];
-        [cmd setKernelBuffer:m->arenas[LT_ARENA_STEP] offset:0 atIndex:SLOT_STEP];
-        uint32_t slots = slots_of(d);
-        for (uint32_t s = FIRST_BINDING_SLOT; s < slots; s++) {
-            uint32_t b = s - FIRST_BINDING_SLOT;
-            if (b < d->n_bind && d->bind[b].arena != LT_ARENA_NONE)
-                [cmd setKernelBuffer:m->arenas[d->bind[b].arena] offset:d->bind[b].offset atIndex:s];
-            else
-                [cmd setKernelBuffer:m->zeros offset:0 atIndex:s];
+        uint32_t splits = d->kernel == LT_K_ATTENTION ? attention_splits(m, d) : 1;
+        for (uint32_t part = 0; part < (splits > 1 ? 2u : 1u); part++) {
+            id<MTLIndirectComputeCommand> cmd = [p->icb indirectComputeCommandAtIndex:c++];
+            [cmd setComputePipelineState:part ? m->reduce : m->pipelines[d->kernel]];
+            [cmd setKernelBuffer:m->arenas[LT_ARENA_CONST] offset:d->args_offset atIndex:SLOT_ARGS];
+            [cmd setKernelBuffer:m->arenas[LT_ARENA_STEP] offset:0 atIndex:SLOT_STEP];
+            uint32_t slots = slots_of(d);
+            for (uint32_t s = FIRST_BINDING_SLOT; s < slots; s++) {
+                uint32_t b = s - FIRST_BINDING_SLOT;
+                if (b < d->n_bind && d->bind[b].arena != LT_ARENA_NONE)
+                    [cmd setKernelBuffer:m->arenas[d->bind[b].arena] offset:d->bind[b].offset atIndex:s];
+                else if (s == SLOT_WORKSPACE && splits > 1)
+                    [cmd setKernelBuffer:m->workspace offset:0 atIndex:s];
+                else
+                    [cmd setKernelBuffer:m->zeros offset:0 atIndex:s];
+            }
+            MTLSize grid = MTLSizeMake(d->grid[0], d->grid[1], part ? 1 : (splits > 1 ? splits : d->grid[2]));
+            [cmd concurrentDispatchThreadgroups:grid
+                          threadsPerThreadgroup:MTLSizeMake(d->group[0], d->group[1], d->group[2])];
+            if (part || (d->flags & LT_DISPATCH_BARRIER)) [cmd setBarrier];
         }
-        [cmd concurrentDispatchThreadgroups:MTLSizeMake(d->grid[0], d->grid[1], d->grid[2])
-                      threadsPerThreadgroup:MTLSizeMake(d->group[0], d->group[1], d->group[2])];
-        if (d->flags & LT_DISPATCH_BARRIER) [cmd setBarrier];
     }
+    return 0;
+}
+
+// The split-K workspace (private), grown to the largest split attention of the program, and the
+// reduce pipeline.
+static int prepare_splits(lt_metal *m, const lt_dispatch *prog, uint32_t n)
+{
+    size_t need = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t splits = prog[i].kernel == LT_K_ATTENTION ? attention_splits(m, &prog[i]) : 1;
+        if (splits > 1 && workspace_bytes(m, &prog[i], splits) > need) need = workspace_bytes(m, &prog[i], splits);
+    }
+    if (need == 0) return 0;
+    int err = 0;
+    if (!m->reduce) m->reduce = make_pipeline(m, ATTENTION_REDUCE, LT_K_ATTENTION, &err);
+    if (err) return err;
+    if (m->workspace && [m->workspace length] >= need) return 0;
+    if (!m->programs.empty() && m->workspace) {
+        set_error(m, "a later program needs a larger attention workspace (%zu bytes): add the program with the "
+                  "largest split attention first", need);
+        return LT_METAL_ERR_ARGS;
+    }
+    m->workspace = [m->device newBufferWithLength:(need + 15) / 16 * 16 options:MTLResourceStorageModePrivate];
+    if (!m->workspace) {
+        set_error(m, "cannot allocate %zu bytes of attention workspace", need);
+        return LT_METAL_ERR_DEVICE;
+    }
+    [m->workspace setLabel:@"lattice attention workspace"];
+    m->resident.push_back(m->workspace);
     return 0;
 }
 
@@ -677,7 +747,9 @@ int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n)
     m->error[0] = 0;
     int e = check_program(m, prog, n, m->sizes[LT_ARENA_CONST]);
     for (uint32_t i = 0; i < n && !e; i++)
-        if (!m->pipelines[prog[i].kernel]) e = make_pipeline(m, prog[i].kernel);
+        if (!m->pipelines[prog[i].kernel])
+            m->pipelines[prog[i].kernel] = make_pipeline(m, KERNEL_NAMES[prog[i].kernel], prog[i].kernel, &e);
+    if (!e) e = prepare_splits(m, prog, n);
     Program p = Program();
     if (!e) e = record(m, prog, n, &p);
     [pool drain];
@@ -692,9 +764,11 @@ int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n)
         }
     }
     m->programs.push_back(p);
-    m->counters.dispatches_per_step = n;
+    m->counters.dispatches_per_step = p.n_commands;
     return (int)m->programs.size() - 1;
 }
+
+void lt_metal_set_attention_splits(lt_metal *m, uint32_t splits) { m->attention_splits = splits; }
 
 void lt_metal_counters_get(const lt_metal *m, lt_metal_counters *out) { *out = m->counters; }
 
@@ -709,6 +783,8 @@ void lt_metal_free(lt_metal *m)
     [m->completion release];
     for (size_t i = 0; i < m->programs.size(); i++) [m->programs[i].icb release];
     for (uint32_t k = 0; k < LT_K_COUNT; k++) [m->pipelines[k] release];
+    [m->reduce release];
+    [m->workspace release];
     for (size_t i = 0; i < m->libraries.size(); i++) [m->libraries[i] release];
     for (uint32_t a = 0; a < LT_N_ARENAS; a++) [m->arenas[a] release];
     [m->zeros release];

@@ -36,8 +36,8 @@ class Counters(ctypes.Structure):
                 ("command_buffers", ctypes.c_uint64), ("api_calls", ctypes.c_uint64)]
 
 
-@pytest.fixture(scope="module")
-def lib():
+def load_bridge():
+    """The bridge + fake library over ctypes."""
     so = ctypes.CDLL(metal_fake.build())
     so.lt_metal_create.restype = ctypes.c_void_p
     so.lt_metal_create.argtypes = [SIZES, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,
@@ -53,10 +53,16 @@ def lib():
     so.lt_metal_error.restype = ctypes.c_char_p
     so.lt_metal_error.argtypes = [ctypes.c_void_p]
     so.lt_metal_free.argtypes = [ctypes.c_void_p]
+    so.lt_metal_set_attention_splits.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     so.fake_metal_reset.argtypes = [ctypes.c_uint64, ctypes.c_int64]
     so.fake_metal_violation.restype = ctypes.c_char_p
     so.fake_probe.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
     return so
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_bridge()
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +434,7 @@ def test_bridge_uses_only_declared_metal_api(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ tiny models
-def model_bridge(lib, metallib, prog, prompt):
+def model_bridge(lib, metallib, prog, prompt, splits=0):
     """A bridge holding prog's prefill and decode programs, after a greedy prefill of prompt."""
     sizes = [0] * P.N_ARENAS
     for name, idx in P.ARENA.items():
@@ -441,6 +447,7 @@ def model_bridge(lib, metallib, prog, prompt):
     assert m, msg.value.decode()
     b = Bridge.__new__(Bridge)
     b.lib, b.m, b.error = lib, m, None
+    lib.lt_metal_set_attention_splits(m, splits)
     progs = [np.ascontiguousarray(prog.dispatches[v]) for v in ("prefill", "decode")]
     prefill, b.prog = (lib.lt_metal_add_program(m, r.ctypes.data, len(r)) for r in progs)
     assert prefill >= 0 and b.prog >= 0, b.message()
@@ -459,14 +466,16 @@ def test_tiny_model_tokens_match_cpu_backend(lib, metallib, name, k):
     prog = P.build(open_checkpoint(os.path.join(FIXTURES, name)), context=64)
     prompt = [1, 5, 9, 2]
     rt = runtime_ext.Runtime(prog)
-    want = rt.generate(rt.new_state(), prompt, 20, sampling={"temperature": 0.0})["tokens"]
+    res = rt.generate(rt.new_state(), prompt, 20, sampling={"temperature": 0.0})
+    want = res["tokens"]
     lib.fake_metal_reset(1, APPLE7)
     b = model_bridge(lib, metallib, prog, prompt)
     try:
-        first = int(b.step()["next_token"])
-        rc, tokens, _, _ = b.generate(19, k)
+        first, first_lp = int(b.step()["next_token"]), float(b.step()["next_logprob"])
+        rc, tokens, logprobs, _ = b.generate(19, k)
         assert rc == 0, b.message()
         assert [first] + tokens == want
+        np.testing.assert_allclose([first_lp] + logprobs, res["logprobs"], rtol=1e-4, atol=1e-5)
     finally:
         b.free()
     # a stop inside a command buffer: the first token after the prefill's that did not occur before
@@ -483,4 +492,26 @@ def test_tiny_model_tokens_match_cpu_backend(lib, metallib, name, k):
 def test_bridge_block_code_compiles_with_clang_blocks():
     """The completion handler is a block on Apple (GCC builds the object-taking variant)."""
     metal_fake.check_blocks_branch()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen35", "tiny-llama"])
+def test_split_attention_matches_cpu_backend(lib, metallib, name):
+    """Attention split 3 ways (keys in 32-key ranges: 44 positions fill two, one stays empty),
+    merged by lt_attention_reduce behind a barrier."""
+    prog = P.build(open_checkpoint(os.path.join(FIXTURES, name)), context=64)
+    prompt = [1, 5, 9, 2]
+    rt = runtime_ext.Runtime(prog)
+    res = rt.generate(rt.new_state(), prompt, 40, sampling={"temperature": 0.0})
+    lib.fake_metal_reset(3, APPLE7)
+    b = model_bridge(lib, metallib, prog, prompt, splits=3)
+    try:
+        first, first_lp = int(b.step()["next_token"]), float(b.step()["next_logprob"])
+        rc, tokens, logprobs, _ = b.generate(39, 8)
+        assert rc == 0, b.message()
+        assert [first] + tokens == res["tokens"]
+        np.testing.assert_allclose([first_lp] + logprobs, res["logprobs"], rtol=1e-4, atol=1e-5)
+        n_attention = int((prog.dispatches["decode"]["kernel"] == P.KERNEL_ID["attention"]).sum())
+        assert b.counters().dispatches_per_step == len(prog.dispatches["decode"]) + n_attention
+    finally:
+        b.free()
 
