@@ -97,7 +97,7 @@ struct lt_metal {
     std::vector<Program> programs;
     bool warm_pipelines;  // M1/M2: dispatch each pipeline directly before the ICB
 #ifdef LT_METAL_RESIDENCY_SET
-    id residency_set;
+    id residency_set;  // id<MTLResidencySet>, typed only inside @available checks
 #endif
     LTMetalCompletion *completion;
 
@@ -582,7 +582,7 @@ static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
         [m->arenas[a] setLabel:[NSString stringWithUTF8String:ARENA_LABELS[a]]];
         if (is_private(a)) [enc fillBuffer:m->arenas[a] range:NSMakeRange(0, n) value:0];
         else memset([m->arenas[a] contents], 0, n);
-        m->resident.push_back(m->arenas[a]);
+        keep_resident(m, m->arenas[a]);
     }
     [enc endEncoding];
     [cb commit];
@@ -595,7 +595,7 @@ static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
     }
     [m->zeros setLabel:@"lattice zeros"];
     memset([m->zeros contents], 0, ZEROS_BYTES);
-    m->resident.push_back(m->zeros);
+    keep_resident(m, m->zeros);
     if ([cb status] == MTLCommandBufferStatusError) {
         set_error(m, "clearing the arenas failed: %s", describe([cb error]));
         return LT_METAL_ERR_GPU;
@@ -660,6 +660,8 @@ static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n, Program *p)
 
 // The split-K workspace (private), grown to the largest split attention of the program, and the
 // reduce pipeline.
+static void keep_resident(lt_metal *m, id<MTLBuffer> buffer);
+
 static int prepare_splits(lt_metal *m, const lt_dispatch *prog, uint32_t n)
 {
     size_t need = 0;
@@ -683,28 +685,30 @@ static int prepare_splits(lt_metal *m, const lt_dispatch *prog, uint32_t n)
         return LT_METAL_ERR_DEVICE;
     }
     [m->workspace setLabel:@"lattice attention workspace"];
-    m->resident.push_back(m->workspace);
+    keep_resident(m, m->workspace);
     return 0;
 }
 
-#ifdef LT_METAL_RESIDENCY_SET
-// macOS 15+: a residency set keeps the arenas resident across command buffers, also under memory
-// pressure (useResources still covers older systems).
-static void make_residency_set(lt_metal *m)
+// Every buffer a command buffer uses goes to useResources; on macOS 15+ also into a residency set
+// attached to the queue, which keeps it resident across command buffers and under memory pressure.
+static void keep_resident(lt_metal *m, id<MTLBuffer> buffer)
 {
+    m->resident.push_back(buffer);
+#ifdef LT_METAL_RESIDENCY_SET
     if (@available(macOS 15.0, *)) {
-        MTLResidencySetDescriptor *desc = [[[MTLResidencySetDescriptor alloc] init] autorelease];
-        [desc setInitialCapacity:m->resident.size()];
-        id<MTLResidencySet> set = [m->device newResidencySetWithDescriptor:desc error:NULL];
-        if (!set) return;
-        for (size_t i = 0; i < m->resident.size(); i++) [set addAllocation:(id<MTLAllocation>)m->resident[i]];
-        [set commit];
-        [set requestResidency];
-        [m->queue addResidencySet:set];
-        m->residency_set = set;
+        if (!m->residency_set) {
+            MTLResidencySetDescriptor *desc = [[[MTLResidencySetDescriptor alloc] init] autorelease];
+            [desc setInitialCapacity:LT_N_ARENAS + 2];
+            m->residency_set = [m->device newResidencySetWithDescriptor:desc error:NULL];
+            if (!m->residency_set) return;  // useResources still covers every command buffer
+            [m->queue addResidencySet:m->residency_set];
+        }
+        [m->residency_set addAllocation:buffer];
+        [m->residency_set commit];
+        [m->residency_set requestResidency];
     }
-}
 #endif
+}
 
 lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts, size_t n_consts,
                           const char *library, int *err, char *err_msg, size_t err_cap)
@@ -727,9 +731,6 @@ lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts
         m->warm_pipelines = ![m->device supportsFamily:MTLGPUFamilyApple9];
         m->completion = [[LTMetalCompletion alloc] init];
         m->completion->_m = m;
-#ifdef LT_METAL_RESIDENCY_SET
-        make_residency_set(m);
-#endif
     }
     *err = e;
     if (err_msg && err_cap) snprintf(err_msg, err_cap, "%s", m->error);
