@@ -128,6 +128,8 @@ static void set_error(lt_metal *m, const char *fmt, ...)
 
 static const char *describe(NSError *e) { return e ? [[e localizedDescription] UTF8String] : "unknown error"; }
 
+static void keep_resident(lt_metal *m, id<MTLBuffer> buffer);
+
 // ------------------------------------------------------------------------------------ completion
 static void drain_finished(lt_metal *m);
 
@@ -660,8 +662,6 @@ static int record(lt_metal *m, const lt_dispatch *prog, uint32_t n, Program *p)
 
 // The split-K workspace (private), grown to the largest split attention of the program, and the
 // reduce pipeline.
-static void keep_resident(lt_metal *m, id<MTLBuffer> buffer);
-
 static int prepare_splits(lt_metal *m, const lt_dispatch *prog, uint32_t n)
 {
     size_t need = 0;
