@@ -127,7 +127,17 @@ class LlamaCppEngine(Engine):
         return Timing(time.perf_counter() - t0, count)
 
     def info(self):
-        return {"version": _version("llama_cpp_python"), "backend": "cuda" if self.gpu else "cpu"}
+        return {"version": _version("llama_cpp_python"), "backend": "cuda" if self.gpu else "cpu",
+                "quant": self._file_type()}
+
+    def _file_type(self):
+        """The GGUF's general.file_type as a name (MOSTLY_Q8_0, ...), as llama.cpp reports it."""
+        code = self.llm.metadata.get("general.file_type")
+        try:
+            from gguf import LlamaFileType
+            return LlamaFileType(int(code)).name
+        except (ImportError, TypeError, ValueError):
+            return code
 
 
 class TransformersEngine(Engine):
