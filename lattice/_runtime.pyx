@@ -281,6 +281,8 @@ cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_add_program, cuda_write,
 cdef enum:
     METAL_ERR_FIRST = 100   # LT_METAL_ERR_*: the message is in lt_metal_error
 
+cdef uint32_t NO_INDEX = 0xFFFFFFFF
+
 cdef struct metal_api:
     void *(*create)(const size_t *sizes, const uint8_t *consts, size_t n_consts, const char *library,
                     int *err, char *msg, size_t msg_n) noexcept nogil
@@ -292,6 +294,7 @@ cdef struct metal_api:
     void (*free)(void *m) noexcept nogil
 
 cdef metal_api METAL
+_metal_bridge = None        # the library METAL's functions come from
 
 
 cdef void *metal_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil:
@@ -308,7 +311,7 @@ cdef void *metal_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t m
 
 cdef int metal_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
                            uint32_t max_tokens, uint32_t *err_index) noexcept nogil:
-    err_index[0] = 0        # the bridge names the dispatch in its message
+    err_index[0] = NO_INDEX     # the bridge names the dispatch in its message
     return METAL.add_program(h, prog, n)    # the constants went in at create (shared by programs)
 
 
@@ -408,9 +411,14 @@ def cuda_backend(int device=0, int steps=16):
 def metal_backend(bridge, library, int steps=8):
     """The Metal bridge from the shared library `bridge` (objc/lattice_metal.mm built for this
     machine), with kernels from `library` (a .metallib). Raises BackendError if it cannot load."""
-    for what, path in (("bridge library", bridge), ("Metal kernel library", library)):
+    global _metal_bridge
+    for what, path in (("bridge library", bridge), ("kernel library", library)):
         if not os.path.exists(path):
             raise BackendError(f"the Metal {what} {path} does not exist")
+    bridge = os.path.realpath(bridge)
+    if _metal_bridge is not None and _metal_bridge != bridge:
+        # the table calls one library's functions: sessions of the other would be handed to it
+        raise BackendError(f"the Metal bridge {_metal_bridge} is in use; one bridge library per process")
     try:
         lib = ctypes.CDLL(os.fspath(bridge))
     except OSError as e:
@@ -423,6 +431,7 @@ def metal_backend(bridge, library, int steps=8):
     METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
     METAL.message = <const char *(*)(const void *) noexcept nogil>_address(lib, "lt_metal_error")
     METAL.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_metal_free")
+    _metal_bridge = bridge
     b = _backend(&METAL_OPS, "metal", steps)
     b.library, b._lib = os.fsencode(library), lib
     return b
@@ -583,7 +592,8 @@ cdef class State:
             idx = self._ops.add_program(self._h, <const lt_dispatch *>_ptr(recs), <uint32_t>len(recs), &cfg,
                                         tokens[variant], &where)
             if idx < 0:
-                raise BackendError(f"the {be.name} backend rejected the {variant} program at dispatch {where}: "
+                at = f" at dispatch {where}" if where != NO_INDEX else ""
+                raise BackendError(f"the {be.name} backend rejected the {variant} program{at}: "
                                    f"{self._ops.message(self._h, -idx).decode(errors='replace')}")
             self._prog_id[i] = idx
         step = self._ops.host_arena(self._h, LT_ARENA_STEP)

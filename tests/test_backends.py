@@ -8,6 +8,7 @@ Every backend is a C table the same Cython loop drives. Here, without a GPU or a
   - "cuda": the real bridge, skipped without an NVIDIA GPU and nvcc (tests/gpu runs it).
 Each must give exactly the CPU backend's tokens (greedy), with K = 1 and K = 8.
 """
+import copy
 import glob
 import os
 import sys
@@ -272,11 +273,32 @@ def test_metal_bridge_not_built_is_named(no_gpu_no_mac, monkeypatch, tmp_path):
 def test_metal_kernel_library_missing_is_named(metal_files, monkeypatch, tmp_path):
     monkeypatch.setenv("LATTICE_METAL_BRIDGE", metal_files[0])
     monkeypatch.setenv("LATTICE_METAL_LIBRARY", str(tmp_path / "none.metallib"))
-    with pytest.raises(BackendError, match="Metal kernel library .*none.metallib does not exist"):
+    with pytest.raises(BackendError, match="the Metal kernel library .*none.metallib does not exist"):
         engine.select_backend("metal")
 
 
-def test_metal_library_that_does_not_load_is_named(metal_files, monkeypatch, tmp_path):
+@pytest.mark.parametrize("kind, message", [
+    ("cpu", "the cpu backend rejected the decode program at dispatch 2: "),
+    ("metal", "the metal backend rejected the decode program: dispatch 2: unknown kernel id 999")])
+def test_rejected_program_is_named(metal_files, kind, message):
+    prog = copy.copy(program("tiny-llama"))
+    prog.dispatches = dict(prog.dispatches)
+    prog.dispatches["decode"] = prog.dispatches["decode"].copy()
+    prog.dispatches["decode"][2]["kernel"] = 999
+    rt = R.Runtime(prog, backend=R.cpu_backend() if kind == "cpu" else R.metal_backend(*metal_files))
+    with pytest.raises(BackendError, match=message):
+        rt.new_state()
+
+
+def test_a_second_metal_bridge_library_is_refused(metal_files, tmp_path):
+    other = tmp_path / "other.so"
+    other.write_bytes(open(metal_files[0], "rb").read())
+    R.metal_backend(*metal_files)
+    with pytest.raises(BackendError, match="one bridge library per process"):
+        R.metal_backend(str(other), metal_files[1])
+
+
+def test_metal_library_that_does_not_load_is_named(metal_files, tmp_path):
     bad = tmp_path / "bad.metallib"
     bad.write_text("/no/such/kernels.so\n")
     rt = R.Runtime(program("tiny-llama"), backend=R.metal_backend(metal_files[0], str(bad)))
