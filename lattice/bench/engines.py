@@ -213,7 +213,8 @@ class MLXEngine(Engine):
         return Timing(time.perf_counter() - t0, count)
 
     def info(self):
-        return {"version": _version("mlx-lm"), "mlx": _version("mlx"), "backend": "mlx"}
+        return {"version": _version("mlx-lm"), "mlx": _version("mlx"), "backend": "mlx",
+                "quant": "as stored"}
 
 
 ENGINES = {cls.kind: cls for cls in (LatticeEngine, LlamaCppEngine, TransformersEngine, MLXEngine)}
