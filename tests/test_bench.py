@@ -476,3 +476,17 @@ def test_cli_python_option_needs_kind_and_path(tmp_path):
 def test_worker_uses_the_given_interpreter():
     r = run_in_worker("nosuch", {"gguf": "m.gguf"}, Settings(), python="/nonexistent/python")
     assert r["status"] == "error" and "cannot start the worker with /nonexistent/python" in r["reason"]
+
+
+def test_cli_contention_table(tmp_path, fake_registry):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "--runs", "2", "--warmup", "0",
+                                        "--load", "1", "--load-device", "cpu", "--load-duty", "0.05",
+                                        "--in-process"])
+    assert res.exit_code == 0, res.output
+    assert "tg448 +load1" in res.output and "decode loss %" in res.output and "load share %" in res.output
+    row = next(line for line in res.output.splitlines() if line.count("|") == 9 and "fake" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:6] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00"]   # exact times: no loss
+    assert float(cells[7]) > 0                                                # the load's measured share
