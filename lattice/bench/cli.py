@@ -11,6 +11,7 @@ import click
 
 from ..errors import LatticeError
 from .engines import ENGINES
+from .load import check_load_options
 from .machine import machine_info
 from .make_model import GGUF_TYPES, HF_DTYPES, MODELS, model_spec, write_gguf, write_hf
 from .runner import Settings, run_in_worker, run_spec
@@ -112,7 +113,6 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
         interpreters[kind] = exe
     try:
         s.validate()
-        from .load import check_load_options
         check_load_options(load, load_duty, load_period_ms, s.load_device)
     except LatticeError as e:
         raise click.BadParameter(str(e)) from None
