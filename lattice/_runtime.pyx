@@ -485,6 +485,9 @@ cdef class Runtime:
         self.program = program
         self.n_threads = n_threads or 0
         self.backend = backend if backend is not None else cpu_backend()
+        if self.backend.steps > program.layout["ring_cap"]:
+            raise ConfigError(f"{self.backend.steps} steps per backend call overrun the output ring of "
+                              f"{program.layout['ring_cap']} tokens")
         self._weights = np.ascontiguousarray(program.weights).reshape(-1).view(np.uint8)
         self._consts = np.ascontiguousarray(program.consts)
         self._progs = {v: np.ascontiguousarray(program.dispatches[v]) for v in VARIANTS}

@@ -6,6 +6,7 @@ Every backend is a C table the same Cython loop drives. Here, without a GPU or a
     stop inside a K-step call, overshoot, prefix reuse and Ctrl-C are tested in CI;
   - "metal": the Objective-C++ bridge built against tests/metal_fake (MSL emulator);
   - "cuda": the real bridge, skipped without an NVIDIA GPU and nvcc (tests/gpu runs it).
+  - "cpu" with K steps per call (host arenas read in place).
 Each must give exactly the CPU backend's tokens (greedy), with K = 1 and K = 8.
 """
 import copy
@@ -57,9 +58,11 @@ def metal_files(tmp_path_factory):
     return metal_fake.build(), lib
 
 
-@pytest.fixture(params=["cpu-mirrored", "metal", "cuda"])
+@pytest.fixture(params=["cpu", "cpu-mirrored", "metal", "cuda"])
 def make_backend(request):
     """steps -> a Backend of this kind."""
+    if request.param == "cpu":  # host arenas read in place, K steps per call
+        return lambda steps: R.cpu_backend(steps=steps)
     if request.param == "cpu-mirrored":
         return lambda steps: R.cpu_backend(steps=steps, mirrored=True)
     if request.param == "metal":
@@ -220,6 +223,8 @@ def test_want_logits_runs_one_step_per_call():
 def test_bad_steps_per_call():
     with pytest.raises(ConfigError, match="steps per backend call must be >= 1, got 0"):
         R.cpu_backend(steps=0)
+    with pytest.raises(ConfigError, match="257 steps per backend call overrun the output ring of 256 tokens"):
+        R.Runtime(program("tiny-llama"), backend=R.cpu_backend(steps=257))
 
 
 # ------------------------------------------------------------------------------------ selection
