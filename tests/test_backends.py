@@ -4,14 +4,15 @@ Every backend is a C table the same Cython loop drives. Here, without a GPU or a
   - "cpu-mirrored": the CPU kernels driven like a device backend (step-args mirrored on the host,
     token ring read back, K decode steps per call): the CUDA path's stand-in, so the K-step loop,
     stop inside a K-step call, overshoot, prefix reuse and Ctrl-C are tested in CI;
+  - "cpu" with K steps per call (host arenas read in place);
   - "metal": the Objective-C++ bridge built against tests/metal_fake (MSL emulator);
   - "cuda": the real bridge, skipped without an NVIDIA GPU and nvcc (tests/gpu runs it).
-  - "cpu" with K steps per call (host arenas read in place).
 Each must give exactly the CPU backend's tokens (greedy), with K = 1 and K = 8.
 """
 import copy
 import glob
 import os
+import subprocess
 import sys
 import warnings
 
@@ -339,3 +340,37 @@ def test_reference_and_missing_extension(monkeypatch):
     assert api._make_engine(ck, "auto", None, 64, None).name == "reference"
     with pytest.raises(BackendError, match=r"the compiled runtime \(lattice._runtime\) is not available"):
         api._make_engine(ck, "cpu", None, 64, None)
+
+
+# ------------------------------------------------------------------------------------ C interfaces
+BRIDGE_SIGNATURES = r"""
+#include "lattice_cuda.h"
+#include "lattice_metal.h"
+/* the types lattice/_runtime.pyx calls these functions through (cuda_api, metal_api), with the
+   handle as the bridge's own pointer type (void * in the runtime: the same ABI) */
+lt_cuda *(*cuda_create)(const size_t *, int, char *, size_t) = lt_cuda_create;
+int (*cuda_add_program)(lt_cuda *, const lt_dispatch *, uint32_t, const uint8_t *, size_t, uint32_t,
+                        uint32_t *) = lt_cuda_add_program;
+int (*cuda_write)(lt_cuda *, uint32_t, size_t, const void *, size_t) = lt_cuda_write;
+int (*cuda_read)(lt_cuda *, uint32_t, size_t, void *, size_t) = lt_cuda_read;
+int (*cuda_run)(lt_cuda *, int, uint32_t, uint32_t) = lt_cuda_run;
+const char *(*cuda_message)(lt_cuda *) = lt_cuda_message;
+void (*cuda_free)(lt_cuda *) = lt_cuda_free;
+lt_metal *(*metal_create)(const size_t *, const uint8_t *, size_t, const char *, int *, char *, size_t) = lt_metal_create;
+int (*metal_add_program)(lt_metal *, const lt_dispatch *, uint32_t) = lt_metal_add_program;
+int (*metal_write)(lt_metal *, uint32_t, size_t, const void *, size_t) = lt_metal_write;
+int (*metal_read)(lt_metal *, uint32_t, size_t, void *, size_t) = lt_metal_read;
+int (*metal_run)(lt_metal *, int, uint32_t) = lt_metal_run;
+const char *(*metal_message)(const lt_metal *) = lt_metal_error;
+void (*metal_free)(lt_metal *) = lt_metal_free;
+"""
+
+
+def test_bridge_c_apis_match_the_runtime_table(tmp_path):
+    """The CUDA path cannot run here: at least the functions it calls by address must have the
+    types the runtime calls them with (a changed header fails this compile)."""
+    src = tmp_path / "signatures.c"
+    src.write_text(BRIDGE_SIGNATURES)
+    r = subprocess.run(["gcc", "-std=c11", "-fsyntax-only", "-Werror", "-Wall", "-I", os.path.join(ROOT, "lattice", "cuda"),
+                        "-I", os.path.join(ROOT, "objc"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
