@@ -236,16 +236,21 @@ def rand(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def dot_error_limit(x, w, fmt):
+# SIMD paths that quantize x for Q8/Q4 to int16 per block of 32: half a quantization step, as a
+# fraction of the block's largest |x|.
+X_HALF_STEP = {"avx2": 1 / 65534.0, "avx512": 1 / 65534.0}
+
+
+def dot_error_limit(x, w, fmt, simd):
     """Allowed |error| of x [T, K] @ w [N, K].T: f32 rounding, 3e-5 * sum |w x|; for Q8/Q4 on SIMD
-    paths that quantize x to int16 per block of 32, plus sum_b max|x_b| / 65534 * sum |w_b|."""
+    paths that quantize x per block of 32, plus sum_b max|x_b| * X_HALF_STEP * sum |w_b|."""
     lim = 3e-5 * (np.abs(x) @ np.abs(w).T)
-    if fmt in (Q8, Q4):
+    if fmt in (Q8, Q4) and simd in X_HALF_STEP:
         k = x.shape[1]
         kp = -(-k // 32) * 32
         xp = np.abs(np.pad(x, ((0, 0), (0, kp - k))))
         block_max = np.repeat(xp.reshape(len(x), -1, 32).max(axis=2), 32, axis=1)[:, :k]
-        lim = lim + (block_max / 65534.0) @ np.abs(w).T
+        lim = lim + (block_max * X_HALF_STEP[simd]) @ np.abs(w).T
     return lim
 
 
@@ -358,7 +363,7 @@ def _gemv_case(lib, rng, fmt, rows, cols, T, threads, flags=0, lm_head=False):
     if flags & 1:
         xin = ref.rms_norm(xin, norm_w, 1e-6, bool(flags & 2))
     want = xin.astype(np.float64) @ deq.T.astype(np.float64)
-    bound = dot_error_limit(xin, deq, fmt)
+    bound = dot_error_limit(xin, deq, fmt, lib.lt_cpu_simd().decode())
     if flags & 4:
         want = want + bias
     if flags & 8:  # error of silu(g) * u from errors in g and u (|silu'| <= 1.1)
@@ -389,6 +394,16 @@ def test_gemv_fused(lib, simd, fmt, flags, T):
     assert_dot_close(mem.view(y), want, bound)
 
 
+@pytest.mark.parametrize("fmt", [Q8, Q4])
+@pytest.mark.parametrize("T", [16, 37])
+def test_gemm_token_tiles(lib, simd, fmt, T):
+    """Prefill GEMMs over several token tiles, with rows and columns that are not multiples of the
+    micro-tiles (rows x tokens) or of 8 blocks."""
+    rng = np.random.default_rng(T + fmt)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, 45, 300, T, 2, flags=1 | 4 | 16)
+    assert_dot_close(mem.view(y), want, bound)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_lm_head_last_token_and_partials(lib, simd, T, threads):
@@ -407,7 +422,7 @@ def test_lm_head_last_token_and_partials(lib, simd, T, threads):
     xin = ref.rms_norm(x[-1:], norm_w, 1e-5, False)
     want = ref.lm_head(xin, deq)[0]
     got = mem.view(y)[0]
-    assert_dot_close(got, want, dot_error_limit(xin, deq, Q8)[0])
+    assert_dot_close(got, want, dot_error_limit(xin, deq, Q8, simd)[0])
     p = mem.view(parts).reshape(-1, 4)
     for b in range(p.shape[0]):
         blk = got[b * ARGMAX_BLOCK:(b + 1) * ARGMAX_BLOCK]

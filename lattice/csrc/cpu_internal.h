@@ -129,25 +129,35 @@ typedef struct lt_wmat {
     const uint16_t *m;    /* WM plane (f16) */
 } lt_wmat;
 
-/* out[t * nrows + i] = dot(W row (row0 + i), x + t * xs) for t < nt (<= LT_TOK_TILE), i < nrows.
- * For Q8/Q4, x holds w->stride floats per token (zero beyond cols), or, on paths with x16 set,
- * each token as an lt_x16 record (xs = its size in floats). */
-#define LT_TOK_TILE 4
+/* out[t * nrows + i] = dot(W row (row0 + i), x + t * xs) for t < nt (<= the path's tok_tile),
+ * i < nrows. For Q8/Q4, x holds each token as the path's activation record (lt_x_record_floats
+ * floats apart when quantized; else w->stride floats, zero beyond cols). */
 typedef void (*lt_gemm_fn)(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
                            size_t xs, uint32_t nt, float *out);
 
-/* Activations quantized to int16 per block of 32 for Q8/Q4 GEMVs on paths that multiply with
- * pmaddwd (relative error <= 2^-16 of the block's largest |x|, far below the weights' own error).
- * One token's record: int16 q[kp]; float d[kp/32] (x ~= q * d); float sum[kp/32] (exact f32 sum of
- * x over the block, for Q4's min term). Size in floats: */
-static inline size_t lt_x16_floats(uint32_t kp) {
-    return kp / 2 + 2 * (kp / LT_QK);
+/* How a path takes the activations of Q8/Q4 GEMVs. */
+enum lt_xq {
+    LT_XQ_F32 = 0,  /* f32 rows */
+    /* int16 per block of 32 (pmaddwd paths; relative error <= 2^-16 of the block's largest |x|).
+     * Record: int16 q[kp]; float d[kp/32] (x ~= q * d); float sum[kp/32] (exact f32 sum of x
+     * over the block, for Q4's min term). */
+    LT_XQ_I16 = 1
+};
+
+/* Floats per activation record of a kp-column token. */
+static inline size_t lt_x_record_floats(uint32_t xq, uint32_t kp) {
+    size_t scales = 2 * (size_t)(kp / LT_QK);
+    return xq == LT_XQ_I16 ? kp / 2 + scales : kp;
 }
 void lt_quantize_x16(const float *x, uint32_t kp, float *record);
 
+#define LT_TOK_TILE_MAX 16   /* largest tok_tile of any path */
+
 typedef struct lt_simd {
     const char *name;
-    int x16;                                                   /* Q8/Q4 take lt_x16 records */
+    uint32_t xq;                                               /* LT_XQ_* for Q8/Q4 */
+    uint32_t tok_tile;                                         /* tokens per gemm call, at most */
+    void (*quantize)(const float *x, uint32_t kp, float *record);  /* f32 row -> xq record */
     lt_gemm_fn gemm[4];                                        /* by LT_WF_* */
     float (*dot_f16)(const float *x, const uint16_t *h, uint32_t n);   /* sum x[i] * h[i] */
     void (*axpy_f16)(float *y, float a, const uint16_t *h, uint32_t n); /* y += a * h */

@@ -14,21 +14,21 @@ static uint32_t stored_cols(uint32_t format, uint32_t cols) {
     return format >= LT_WF_Q8 ? (cols + LT_QK - 1) / LT_QK * LT_QK : cols;
 }
 
-/* x needs a prepared copy when it is normalized, zero-padded for a quant format, or quantized to
- * int16 for the path's quant GEMVs. */
-static int needs_prep(const lt_gemv_args *a, int x16) {
+/* x needs a prepared copy when it is normalized, zero-padded for a quant format, or quantized
+ * for the path's quant GEMVs. */
+static int needs_prep(const lt_gemv_args *a, uint32_t xq) {
     return (a->flags & LT_GEMV_NORM) || stored_cols(a->wformat, a->cols) != a->cols
-           || (x16 && a->wformat >= LT_WF_Q8);
+           || (xq != LT_XQ_F32 && a->wformat >= LT_WF_Q8);
 }
 
 /* Sizes hold for every SIMD path (a path may be forced after lt_cpu_create). Per thread: an f32
- * staging row, a prepared token (f32 row or lt_x16 record, <= kp floats) and the output tile. */
+ * staging row, a prepared token (f32 row or record, <= kp floats) and the output tile. */
 size_t lt_gemv_thread_floats(const lt_gemv_args *a) {
-    return 2 * (size_t)stored_cols(a->wformat, a->cols) + LT_TOK_TILE * ROW_TILE;
+    return 2 * (size_t)stored_cols(a->wformat, a->cols) + LT_TOK_TILE_MAX * ROW_TILE;
 }
 
 size_t lt_gemv_shared_floats(const lt_gemv_args *a, uint32_t T) {
-    return needs_prep(a, 1) && T > 1 ? (size_t)T * stored_cols(a->wformat, a->cols) : 0;
+    return needs_prep(a, LT_XQ_I16) && T > 1 ? (size_t)T * stored_cols(a->wformat, a->cols) : 0;
 }
 
 void lt_quantize_x16(const float *x, uint32_t kp, float *record) {
@@ -142,19 +142,20 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
         T = 1;
     }
     float *tile = c->tbuf + 2 * (size_t)w.stride;
-    int x16 = simd->x16 && a->wformat >= LT_WF_Q8, prep = needs_prep(a, simd->x16);
+    uint32_t xq = a->wformat >= LT_WF_Q8 ? simd->xq : LT_XQ_F32;
+    int prep = needs_prep(a, simd->xq), quantized = xq != LT_XQ_F32;
     if (prep) {
         int add_one = (a->flags & LT_GEMV_NORM_ADD_ONE) != 0;
-        size_t ps = x16 ? lt_x16_floats(w.stride) : w.stride;  /* prepared token, floats */
+        size_t ps = lt_x_record_floats(xq, w.stride);  /* prepared token, floats */
         float *staging = c->tbuf, *buf = T == 1 ? c->tbuf + w.stride : c->shared;
         uint32_t lo = 0, hi = 1;
         if (T > 1)  /* tokens shared out; a barrier before anyone reads them */
             lt_split(T, 1, c->tid, c->nth, &lo, &hi);
         for (uint32_t t = lo; t < hi; t++) {
             float *dst = buf + t * ps;
-            lt_prepare_x(x + t * xs, a->cols, w.stride, norm_w, add_one, a->eps, x16 ? staging : dst);
-            if (x16)
-                lt_quantize_x16(staging, w.stride, dst);
+            lt_prepare_x(x + t * xs, a->cols, w.stride, norm_w, add_one, a->eps, quantized ? staging : dst);
+            if (quantized)
+                simd->quantize(staging, w.stride, dst);
         }
         if (T > 1) {
             lt_sync(c);
@@ -166,8 +167,8 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
     lt_split(a->rows, lm_head ? LT_ARGMAX_BLOCK : ROW_GRAIN, c->tid, c->nth, &lo, &hi);
     for (uint32_t r = lo; r < hi; r += ROW_TILE) {
         uint32_t nr = hi - r < ROW_TILE ? hi - r : ROW_TILE;
-        for (uint32_t t0 = 0; t0 < T; t0 += LT_TOK_TILE) {
-            uint32_t nt = T - t0 < LT_TOK_TILE ? T - t0 : LT_TOK_TILE;
+        for (uint32_t t0 = 0; t0 < T; t0 += simd->tok_tile) {
+            uint32_t nt = T - t0 < simd->tok_tile ? T - t0 : simd->tok_tile;
             simd->gemm[a->wformat](&w, r, nr, x + t0 * xs, xs, nt, tile);
             epilogue(a, tile, r, nr, t0, nt, bias, resid, y);
         }

@@ -23,130 +23,146 @@ AVX2 static inline float h1(uint16_t h) {
     return _cvtsh_ss(h);
 }
 
-/* Q8/Q4 rows against int16-quantized activations (lt_x16 records): per block, pmaddwd of the
- * widened weights with x gives exact int32 sums; acc += float(sum) * w_scale * x_scale, and for
- * Q4 + w_min * sum(x). Block scales are combined 8 blocks at a time and broadcast from memory. */
+/* Q8/Q4 rows against int16-quantized activations (lt_x16 records). Per block of 32 and token,
+ * two pmaddwd of the widened weights (Q8 sign-extended, Q4 the 0..15 nibbles) with x give exact
+ * int32 lanes, converted and scaled by w_scale * x_scale (+ Q4's w_min * sum(x)). The scale
+ * products of 8 blocks are formed at once with vector multiplies, then broadcast from a table.
+ *
+ * A call computes an RM x RN tile (rows x tokens) in RM * RN accumulators: each block of weights
+ * is widened once per RN tokens, each block of x loaded once per row. Decode (one token) runs
+ * GEMV_RM rows at a time, so that several independent accumulations hide the FMA latency. */
+#define GEMM_RM 4
+#define GEMM_RN 3
+#define GEMV_RM 4
+#define TILE_RM 4   /* the largest RM */
 
-/* The block's 32 weights as int16: Q8 sign-extended, Q4 the 0..15 nibbles. */
-AVX2 static inline void widen_q8(const int8_t *q, __m256i *w0, __m256i *w1) {
-    *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
-    *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-}
-
-AVX2 static inline void widen_q4(const uint8_t *q, __m256i *w0, __m256i *w1) {
-    const __m128i mask = _mm_set1_epi8(0x0f);
-    __m128i v = _mm_loadu_si128((const __m128i *)q);
-    *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-    *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-}
-
-/* float lanes of sum over one block of w * x (int16 products summed exactly in int32) */
-AVX2 static inline __m256 block_dot16(__m256i w0, __m256i w1, const int16_t *x) {
-    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)),
-                                 _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
-    return _mm256_cvtepi32_ps(p);
-}
-
-/* sc[j] = w_scale[b0 + j] * x_scale[b0 + j] for the n <= 8 blocks from b0 */
-AVX2 static inline void combine_scales(const uint16_t *ws, const float *xd, uint32_t n, float *sc) {
-    if (n == 8) {
-        _mm256_storeu_ps(sc, _mm256_mul_ps(h8(ws), _mm256_loadu_ps(xd)));
+__attribute__((always_inline)) AVX2 static inline void widen_block(const uint8_t *q, int q4, __m256i *w0,
+                                                                   __m256i *w1) {
+    if (q4) {
+        const __m128i mask = _mm_set1_epi8(0x0f);
+        __m128i v = _mm_loadu_si128((const __m128i *)q);
+        *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
     } else {
-        for (uint32_t j = 0; j < n; j++)
-            sc[j] = h1(ws[j]) * xd[j];
+        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
     }
 }
 
-/* sum over the n <= 8 blocks from b0 of w_min * sum(x) */
-AVX2 static inline float min_terms(const uint16_t *wm, const float *xs, uint32_t n) {
-    if (n == 8)
-        return hsum(_mm256_mul_ps(h8(wm), _mm256_loadu_ps(xs)));
-    float acc = 0.0f;
-    for (uint32_t j = 0; j < n; j++)
-        acc += h1(wm[j]) * xs[j];
-    return acc;
-}
-
-__attribute__((always_inline)) AVX2 static inline void quant_rows(
-        const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x, size_t xs, uint32_t nt,
-        float *out, int q4) {
+/* out[t * ostride + r] for r < RM rows from row0, t < RN tokens from x (records xs floats apart). */
+__attribute__((always_inline)) AVX2 static inline void quant_tile(
+        const lt_wmat *w, uint32_t row0, const float *x, size_t xs, float *out, uint32_t ostride,
+        const int RM, const int RN, const int q4) {
     uint32_t kp = w->stride, nb = kp / LT_QK;
-    uint32_t t1 = nt > 1 ? 1 : 0, t2 = nt > 2 ? 2 : t1, t3 = nt > 3 ? 3 : t2;
-    const float *rec[4] = {x, x + t1 * xs, x + t2 * xs, x + t3 * xs};
-    const int16_t *xq[4];
-    const float *xd[4], *xsum[4];
-    for (int t = 0; t < 4; t++) {
-        xq[t] = (const int16_t *)rec[t];
-        xd[t] = rec[t] + kp / 2;
+    const int16_t *xq[GEMM_RN];
+    const float *xd[GEMM_RN], *xsum[GEMM_RN];
+    const uint8_t *wq[TILE_RM];
+    const uint16_t *ws[TILE_RM], *wm[TILE_RM];
+    __m256 acc[TILE_RM][GEMM_RN];
+    float mins[TILE_RM][GEMM_RN];
+    float sc[TILE_RM][GEMM_RN][8] __attribute__((aligned(32)));
+#pragma GCC unroll 4
+    for (int t = 0; t < RN; t++) {
+        xq[t] = (const int16_t *)(x + t * xs);
+        xd[t] = x + t * xs + kp / 2;
         xsum[t] = xd[t] + nb;
     }
-    for (uint32_t i = 0; i < nrows; i++) {
-        size_t r = row0 + i;
-        const int8_t *q8 = (const int8_t *)w->q + r * kp;
-        const uint8_t *q4p = (const uint8_t *)w->q + r * (kp / 2);
-        const uint16_t *s = w->s + r * nb, *m = q4 ? w->m + r * nb : NULL;
-        __m256i w0, w1;
-        if (nt == 1) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            float mins = 0.0f, sc[8];
-            for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
-                uint32_t n = nb - b0 < 8 ? nb - b0 : 8;
-                combine_scales(s + b0, xd[0] + b0, n, sc);
-                if (q4)
-                    mins += min_terms(m + b0, xsum[0] + b0, n);
-                for (uint32_t j = 0; j < n; j++) {
-                    uint32_t b = b0 + j;
+#pragma GCC unroll 4
+    for (int r = 0; r < RM; r++) {
+        size_t row = row0 + r;
+        wq[r] = (const uint8_t *)w->q + row * (q4 ? kp / 2 : kp);
+        ws[r] = w->s + row * nb;
+        wm[r] = q4 ? w->m + row * nb : NULL;
+#pragma GCC unroll 4
+        for (int t = 0; t < RN; t++) {
+            acc[r][t] = _mm256_setzero_ps();
+            mins[r][t] = 0.0f;
+        }
+    }
+    for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
+        uint32_t n = nb - b0 < 8 ? nb - b0 : 8;
+        if (n == 8) {
+#pragma GCC unroll 4
+            for (int r = 0; r < RM; r++) {
+                __m256 s = h8(ws[r] + b0);
+#pragma GCC unroll 4
+                for (int t = 0; t < RN; t++) {
+                    _mm256_store_ps(sc[r][t], _mm256_mul_ps(s, _mm256_loadu_ps(xd[t] + b0)));
                     if (q4)
-                        widen_q4(q4p + b * 16, &w0, &w1);
-                    else
-                        widen_q8(q8 + b * LT_QK, &w0, &w1);
-                    __m256 p = block_dot16(w0, w1, xq[0] + b * LT_QK);
-                    if (j & 1)
-                        a1 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[j]), a1);
-                    else
-                        a0 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[j]), a0);
+                        mins[r][t] += hsum(_mm256_mul_ps(h8(wm[r] + b0), _mm256_loadu_ps(xsum[t] + b0)));
                 }
             }
-            out[i] = hsum(_mm256_add_ps(a0, a1)) + mins;
         } else {
-            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-            float mins[4] = {0}, sc[4][8];
-            for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
-                uint32_t n = nb - b0 < 8 ? nb - b0 : 8;
-                for (int t = 0; t < 4; t++) {
-                    combine_scales(s + b0, xd[t] + b0, n, sc[t]);
-                    if (q4)
-                        mins[t] += min_terms(m + b0, xsum[t] + b0, n);
-                }
-                for (uint32_t j = 0; j < n; j++) {
-                    uint32_t b = b0 + j;
-                    if (q4)
-                        widen_q4(q4p + b * 16, &w0, &w1);
-                    else
-                        widen_q8(q8 + b * LT_QK, &w0, &w1);
-                    size_t o = (size_t)b * LT_QK;
-                    c0 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[0] + o), _mm256_broadcast_ss(&sc[0][j]), c0);
-                    c1 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[1] + o), _mm256_broadcast_ss(&sc[1][j]), c1);
-                    c2 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[2] + o), _mm256_broadcast_ss(&sc[2][j]), c2);
-                    c3 = _mm256_fmadd_ps(block_dot16(w0, w1, xq[3] + o), _mm256_broadcast_ss(&sc[3][j]), c3);
+            for (int r = 0; r < RM; r++)
+                for (int t = 0; t < RN; t++)
+                    for (uint32_t j = 0; j < n; j++) {
+                        sc[r][t][j] = h1(ws[r][b0 + j]) * xd[t][b0 + j];
+                        if (q4)
+                            mins[r][t] += h1(wm[r][b0 + j]) * xsum[t][b0 + j];
+                    }
+        }
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t b = b0 + j;
+#pragma GCC unroll 4
+            for (int r = 0; r < RM; r++) {
+                __m256i w0, w1;
+                widen_block(wq[r] + b * (q4 ? 16 : LT_QK), q4, &w0, &w1);
+#pragma GCC unroll 4
+                for (int t = 0; t < RN; t++) {
+                    const int16_t *xb = xq[t] + b * LT_QK;
+                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb)),
+                                                 _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&sc[r][t][j]), acc[r][t]);
                 }
             }
-            out[i] = hsum(c0) + mins[0];
-            out[t1 * nrows + i] = hsum(c1) + mins[1];
-            out[t2 * nrows + i] = hsum(c2) + mins[2];
-            out[t3 * nrows + i] = hsum(c3) + mins[3];
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RM; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < RN; t++)
+            out[t * ostride + r] = hsum(acc[r][t]) + mins[r][t];
+}
+
+/* Every tile shape up to TILE_RM x GEMM_RN, each compiled with constant RM / RN. */
+typedef void (*tile_fn)(const lt_wmat *, uint32_t, const float *, size_t, float *, uint32_t);
+#define TILE_FN(NAME, RM, RN, Q4)                                                               \
+    AVX2 static void NAME(const lt_wmat *w, uint32_t row0, const float *x, size_t xs, float *out, \
+                          uint32_t ostride) {                                                   \
+        quant_tile(w, row0, x, xs, out, ostride, RM, RN, Q4);                                   \
+    }
+#define TILE_ROW(P, RN, Q4)                                                                     \
+    TILE_FN(P##_1x##RN, 1, RN, Q4) TILE_FN(P##_2x##RN, 2, RN, Q4)                               \
+    TILE_FN(P##_3x##RN, 3, RN, Q4) TILE_FN(P##_4x##RN, 4, RN, Q4)
+#define TILES_FOR(P, Q4)                                                                        \
+    TILE_ROW(P, 1, Q4) TILE_ROW(P, 2, Q4) TILE_ROW(P, 3, Q4)                                    \
+    static const tile_fn P[GEMM_RN][TILE_RM] = {{P##_1x1, P##_2x1, P##_3x1, P##_4x1},           \
+                                                {P##_1x2, P##_2x2, P##_3x2, P##_4x2},           \
+                                                {P##_1x3, P##_2x3, P##_3x3, P##_4x3}};
+
+TILES_FOR(tiles_q8, 0)
+TILES_FOR(tiles_q4, 1)
+
+AVX2 static inline void quant_gemm(const tile_fn tiles[GEMM_RN][TILE_RM], const lt_wmat *w, uint32_t row0,
+                                   uint32_t nrows, const float *x, size_t xs, uint32_t nt, float *out) {
+    uint32_t rm = nt == 1 ? GEMV_RM : GEMM_RM;
+    for (uint32_t i = 0; i < nrows; i += rm) {
+        uint32_t nr = nrows - i < rm ? nrows - i : rm;
+        for (uint32_t t = 0; t < nt; t += GEMM_RN) {
+            uint32_t n = nt - t < GEMM_RN ? nt - t : GEMM_RN;
+            tiles[n - 1][nr - 1](w, row0 + i, x + t * xs, xs, out + t * nrows + i, nrows);
         }
     }
 }
 
 AVX2 static void gemm_q8(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
                          size_t xs, uint32_t nt, float *out) {
-    quant_rows(w, row0, nrows, x, xs, nt, out, 0);
+    quant_gemm(tiles_q8, w, row0, nrows, x, xs, nt, out);
 }
 
 AVX2 static void gemm_q4(const lt_wmat *w, uint32_t row0, uint32_t nrows, const float *x,
                          size_t xs, uint32_t nt, float *out) {
-    quant_rows(w, row0, nrows, x, xs, nt, out, 1);
+    quant_gemm(tiles_q4, w, row0, nrows, x, xs, nt, out);
 }
 
 /* f16 / f32 rows: 8 lanes at a time, scalar tail (cols need not be a multiple of 8). */
@@ -211,7 +227,7 @@ AVX2 static void axpy_f16(float *y, float a, const uint16_t *h, uint32_t n) {
 }
 
 const lt_simd lt_simd_avx2 = {
-    "avx2", 1, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
+    "avx2", LT_XQ_I16, 16, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
 };
 
 #endif
