@@ -161,7 +161,9 @@ typedef struct lt_simd {
     lt_gemm_fn gemm[4];                                        /* by LT_WF_* */
     float (*dot_f16)(const float *x, const uint16_t *h, uint32_t n);   /* sum x[i] * h[i] */
     void (*axpy_f16)(float *y, float a, const uint16_t *h, uint32_t n); /* y += a * h */
+    float (*exp_shift)(float *s, uint32_t n, float mx);  /* s[j] = exp(s[j] - mx), returns sum */
 } lt_simd;
+float lt_exp_shift(float *s, uint32_t n, float mx);     /* the portable exp_shift */
 
 extern const lt_simd lt_simd_scalar;
 #if defined(__x86_64__) || defined(_M_X64)

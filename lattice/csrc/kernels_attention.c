@@ -102,15 +102,11 @@ static void attend_range(const lt_attention_args *a, const lt_simd *simd, const 
         for (uint32_t g = 0; g < group; g++)
             scores[g * n + (j - j0)] = simd->dot_f16(qh[g], kh + (size_t)j * D, D) * a->scale;
     for (uint32_t g = 0; g < group; g++) {
-        float *sg = scores + g * n, mx = -INFINITY, sum = 0.0f;
+        float *sg = scores + g * n, mx = -INFINITY;
         for (uint32_t j = 0; j < n; j++)
             mx = sg[j] > mx ? sg[j] : mx;
-        for (uint32_t j = 0; j < n; j++) {
-            sg[j] = expf(sg[j] - mx);
-            sum += sg[j];
-        }
         m[g] = mx;
-        l[g] = sum;
+        l[g] = simd->exp_shift(sg, n, mx);
         memset(acc + g * D, 0, D * sizeof(float));
     }
     for (uint32_t j = j0; j < j1; j++)

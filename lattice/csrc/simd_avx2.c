@@ -31,10 +31,13 @@ AVX2 static inline float h1(uint16_t h) {
  * A call computes an RM x RN tile (rows x tokens) in RM * RN accumulators: each block of weights
  * is widened once per RN tokens, each block of x loaded once per row. Decode (one token) runs
  * GEMV_RM rows at a time, so that several independent accumulations hide the FMA latency. */
+#ifndef GEMM_RM
 #define GEMM_RM 4
 #define GEMM_RN 3
+#endif
 #define GEMV_RM 4
 #define TILE_RM 4   /* the largest RM */
+#define TILE_RN 4   /* the largest RN */
 
 __attribute__((always_inline)) AVX2 static inline void widen_block(const uint8_t *q, int q4, __m256i *w0,
                                                                    __m256i *w1) {
@@ -54,13 +57,13 @@ __attribute__((always_inline)) AVX2 static inline void quant_tile(
         const lt_wmat *w, uint32_t row0, const float *x, size_t xs, float *out, uint32_t ostride,
         const int RM, const int RN, const int q4) {
     uint32_t kp = w->stride, nb = kp / LT_QK;
-    const int16_t *xq[GEMM_RN];
-    const float *xd[GEMM_RN], *xsum[GEMM_RN];
+    const int16_t *xq[TILE_RN];
+    const float *xd[TILE_RN], *xsum[TILE_RN];
     const uint8_t *wq[TILE_RM];
     const uint16_t *ws[TILE_RM], *wm[TILE_RM];
-    __m256 acc[TILE_RM][GEMM_RN];
-    float mins[TILE_RM][GEMM_RN];
-    float sc[TILE_RM][GEMM_RN][8] __attribute__((aligned(32)));
+    __m256 acc[TILE_RM][TILE_RN];
+    float mins[TILE_RM][TILE_RN];
+    float sc[TILE_RM][TILE_RN][8] __attribute__((aligned(32)));
 #pragma GCC unroll 4
     for (int t = 0; t < RN; t++) {
         xq[t] = (const int16_t *)(x + t * xs);
@@ -124,7 +127,7 @@ __attribute__((always_inline)) AVX2 static inline void quant_tile(
             out[t * ostride + r] = hsum(acc[r][t]) + mins[r][t];
 }
 
-/* Every tile shape up to TILE_RM x GEMM_RN, each compiled with constant RM / RN. */
+/* Every tile shape up to TILE_RM x TILE_RN, each compiled with constant RM / RN. */
 typedef void (*tile_fn)(const lt_wmat *, uint32_t, const float *, size_t, float *, uint32_t);
 #define TILE_FN(NAME, RM, RN, Q4)                                                               \
     AVX2 static void NAME(const lt_wmat *w, uint32_t row0, const float *x, size_t xs, float *out, \
@@ -135,21 +138,22 @@ typedef void (*tile_fn)(const lt_wmat *, uint32_t, const float *, size_t, float 
     TILE_FN(P##_1x##RN, 1, RN, Q4) TILE_FN(P##_2x##RN, 2, RN, Q4)                               \
     TILE_FN(P##_3x##RN, 3, RN, Q4) TILE_FN(P##_4x##RN, 4, RN, Q4)
 #define TILES_FOR(P, Q4)                                                                        \
-    TILE_ROW(P, 1, Q4) TILE_ROW(P, 2, Q4) TILE_ROW(P, 3, Q4)                                    \
-    static const tile_fn P[GEMM_RN][TILE_RM] = {{P##_1x1, P##_2x1, P##_3x1, P##_4x1},           \
+    TILE_ROW(P, 1, Q4) TILE_ROW(P, 2, Q4) TILE_ROW(P, 3, Q4) TILE_ROW(P, 4, Q4)                 \
+    static const tile_fn P[TILE_RN][TILE_RM] = {{P##_1x1, P##_2x1, P##_3x1, P##_4x1},           \
                                                 {P##_1x2, P##_2x2, P##_3x2, P##_4x2},           \
-                                                {P##_1x3, P##_2x3, P##_3x3, P##_4x3}};
+                                                {P##_1x3, P##_2x3, P##_3x3, P##_4x3},           \
+                                                {P##_1x4, P##_2x4, P##_3x4, P##_4x4}};
 
 TILES_FOR(tiles_q8, 0)
 TILES_FOR(tiles_q4, 1)
 
-AVX2 static inline void quant_gemm(const tile_fn tiles[GEMM_RN][TILE_RM], const lt_wmat *w, uint32_t row0,
+AVX2 static inline void quant_gemm(const tile_fn tiles[TILE_RN][TILE_RM], const lt_wmat *w, uint32_t row0,
                                    uint32_t nrows, const float *x, size_t xs, uint32_t nt, float *out) {
-    uint32_t rm = nt == 1 ? GEMV_RM : GEMM_RM;
+    uint32_t rm = nt == 1 ? GEMV_RM : GEMM_RM, ntiles = (nt + GEMM_RN - 1) / GEMM_RN;
     for (uint32_t i = 0; i < nrows; i += rm) {
         uint32_t nr = nrows - i < rm ? nrows - i : rm;
-        for (uint32_t t = 0; t < nt; t += GEMM_RN) {
-            uint32_t n = nt - t < GEMM_RN ? nt - t : GEMM_RN;
+        for (uint32_t k = 0; k < ntiles; k++) {  /* balanced: 16 tokens = 3+3+3+3+2+2, not 5x3+1 */
+            uint32_t t = nt * k / ntiles, n = nt * (k + 1) / ntiles - t;
             tiles[n - 1][nr - 1](w, row0 + i, x + t * xs, xs, out + t * nrows + i, nrows);
         }
     }
@@ -226,8 +230,45 @@ AVX2 static void axpy_f16(float *y, float a, const uint16_t *h, uint32_t n) {
         y[k] += a * lt_f16_to_f32(h[k]);
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), r = x - n ln2 in
+ * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error ~2e-7); x < -87 gives 0. */
+AVX2 static inline __m256 exp_nonpos(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+AVX2 static float exp_shift(float *s, uint32_t n, float mx) {
+    __m256 vm = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
+    uint32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        total += s[j];
+    }
+    return total;
+}
+
 const lt_simd lt_simd_avx2 = {
-    "avx2", LT_XQ_I16, 16, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
+    "avx2", LT_XQ_I16, 16, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, exp_shift,
 };
 
 #endif

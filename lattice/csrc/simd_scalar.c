@@ -92,8 +92,17 @@ static void axpy_f16(float *y, float a, const uint16_t *h, uint32_t n) {
         y[i] += a * lt_f16_to_f32(h[i]);
 }
 
+float lt_exp_shift(float *s, uint32_t n, float mx) {
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    return sum;
+}
+
 const lt_simd lt_simd_scalar = {
-    "scalar", LT_XQ_F32, 4, NULL, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16,
+    "scalar", LT_XQ_F32, 4, NULL, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, lt_exp_shift,
 };
 
 /* ------------------------------------------------------------------------------- selection */
