@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from .api import BACKENDS
 from .errors import LatticeError
 
 DEFAULT_PROMPT = "Write a haiku about a lighthouse."
@@ -52,7 +53,7 @@ def _report(model, gen):
 @click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1 = off.")
 @click.option("--seed", default=None, type=int, help="RNG seed for reproducible sampling.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "reference"]))
+              type=click.Choice(list(BACKENDS)))
 @click.option("--quant", default=None, type=click.Choice(["q8", "q4", "f16"]),
               help="Requantize weights (default: keep the checkpoint's format where exact).")
 @click.option("--threads", "-t", default=None, type=int, help="CPU threads (default: all cores).")
