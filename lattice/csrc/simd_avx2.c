@@ -36,6 +36,7 @@ AVX2 static inline float h1(uint16_t h) {
 #define GEMM_RN 3
 #endif
 #define GEMV_RM 4
+#define TOK_TILE 15  /* tokens per call: whole 4x3 tiles */
 #define TILE_RM 4   /* the largest RM */
 #define TILE_RN 4   /* the largest RN */
 
@@ -152,7 +153,7 @@ AVX2 static inline void quant_gemm(const tile_fn tiles[TILE_RN][TILE_RM], const 
     uint32_t rm = nt == 1 ? GEMV_RM : GEMM_RM, ntiles = (nt + GEMM_RN - 1) / GEMM_RN;
     for (uint32_t i = 0; i < nrows; i += rm) {
         uint32_t nr = nrows - i < rm ? nrows - i : rm;
-        for (uint32_t k = 0; k < ntiles; k++) {  /* balanced: 16 tokens = 3+3+3+3+2+2, not 5x3+1 */
+        for (uint32_t k = 0; k < ntiles; k++) {  /* balanced: 4 tokens = 2+2, not 3+1 */
             uint32_t t = nt * k / ntiles, n = nt * (k + 1) / ntiles - t;
             tiles[n - 1][nr - 1](w, row0 + i, x + t * xs, xs, out + t * nrows + i, nrows);
         }
@@ -268,7 +269,7 @@ AVX2 static float exp_shift(float *s, uint32_t n, float mx) {
 }
 
 const lt_simd lt_simd_avx2 = {
-    "avx2", LT_XQ_I16, 16, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, exp_shift,
+    "avx2", LT_XQ_I16, TOK_TILE, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, exp_shift,
 };
 
 #endif
