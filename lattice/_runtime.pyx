@@ -26,7 +26,10 @@ sampling parameters, seed), the backend runs every dispatch, and the program's l
 the next token into the step-args and the output ring, so consecutive decode steps need no host
 writes. A backend call runs `steps` decode steps (CPU: 1; GPUs: 8..32, each step fed by the token
 its predecessor sampled on the device); the host then checks stop tokens, max tokens and the context
-over the ring and discards the overshoot. Replays run with the GIL released; Python is called once
+over the ring and discards the overshoot. Device backends keep two calls in flight (launch / wait):
+call i + 1 is queued before call i's tokens are read, so the GPU does not idle while the host reads
+them; the ring holds both calls' tokens (2 * steps <= ring_cap) and a stop in call i makes all of
+call i + 1 overshoot. Replays run with the GIL released; Python is called once
 per generated token (on_token), and pending signals are checked after every backend call, so Ctrl-C
 stops within one call and leaves the session consistent and usable.
 
@@ -113,6 +116,13 @@ cdef struct lt_backend:
     int (*read)(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
     # Replays program `prog` n_steps times (T = n_tokens in the first step, then 1) and waits.
     int (*run)(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil
+    # Device backends (NULL on the CPU): run without waiting, at most two launches pending, and
+    # wait for the oldest, copying the OUTPUT bytes [out_offset, out_offset + out_n) it asked for,
+    # as its last step left them, into `out` (out_n: the launch's, repeated). The loop launches call i + 1 before reading call i's
+    # tokens, so the device never idles on the host between calls.
+    int (*launch)(void *h, int prog, uint32_t n_steps, uint32_t n_tokens, size_t out_offset,
+                  size_t out_n) noexcept nogil
+    int (*wait)(void *h, void *out, size_t out_n) noexcept nogil
     # The arena's host memory when the loop may use it in place, else NULL (device memory).
     uint8_t *(*host_arena)(void *h, uint32_t arena) noexcept nogil
     const char *(*message)(void *h, int err) noexcept nogil
@@ -143,6 +153,10 @@ cdef enum:
     N_VARIANTS = 3
     ALIGN = 64
 
+cdef struct cpu_pending:
+    int err
+    size_t out_offset, out_n
+
 cdef struct cpu_handle:
     uint8_t *raw[6]
     uint8_t *arenas[6]
@@ -150,6 +164,8 @@ cdef struct cpu_handle:
     lt_cpu *progs[N_VARIANTS]
     int n_progs
     int n_threads
+    cpu_pending pending[2]        # cpu-mirrored: launches run at once, waited for in order
+    uint32_t n_launched, n_waited
 
 
 cdef void *cpu_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil:
@@ -208,6 +224,31 @@ cdef int cpu_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcep
     return lt_cpu_run((<cpu_handle *>h).progs[prog], n_steps)
 
 
+cdef int cpu_launch(void *h, int prog, uint32_t n_steps, uint32_t n_tokens, size_t out_offset,
+                    size_t out_n) noexcept nogil:
+    # runs before returning: the loop's next launch overwrites the step-args and the logits, as a
+    # device's would, while the ring slots a wait reads stay those of its own launch
+    cdef cpu_handle *c = <cpu_handle *>h
+    cdef cpu_pending *p = &c.pending[c.n_launched % 2]
+    if c.n_launched - c.n_waited >= 2 or out_offset > c.sizes[LT_ARENA_OUTPUT] or out_n > c.sizes[LT_ARENA_OUTPUT] - out_offset:
+        return LT_ERR_BINDING
+    p.err = lt_cpu_run(c.progs[prog], n_steps)
+    p.out_offset, p.out_n = out_offset, out_n
+    c.n_launched += 1
+    return 0
+
+
+cdef int cpu_wait(void *h, void *out, size_t out_n) noexcept nogil:
+    cdef cpu_handle *c = <cpu_handle *>h
+    cdef cpu_pending *p = &c.pending[c.n_waited % 2]
+    if c.n_waited == c.n_launched:
+        return LT_ERR_BINDING
+    c.n_waited += 1
+    if p.err == 0:
+        memcpy(out, c.arenas[LT_ARENA_OUTPUT] + p.out_offset, p.out_n)
+    return p.err
+
+
 cdef uint8_t *cpu_host_arena(void *h, uint32_t arena) noexcept nogil:
     return (<cpu_handle *>h).arenas[arena]
 
@@ -230,12 +271,12 @@ cdef void cpu_free(void *h) noexcept nogil:
     free(c)
 
 
-cdef lt_backend CPU_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
+cdef lt_backend CPU_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run, NULL, NULL,
                                      cpu_host_arena, cpu_message, cpu_free)
 # The CPU kernels behind the device-backend path of the loop (mirrored step-args, ring read-back,
 # K steps per call): runs that path, and its overshoot logic, on machines without a GPU.
 cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
-                                               no_host_arena, cpu_message, cpu_free)
+                                               cpu_launch, cpu_wait, no_host_arena, cpu_message, cpu_free)
 
 
 # --- CUDA: lattice_cuda.h, its functions' addresses taken from the ctypes-loaded library
@@ -249,6 +290,8 @@ cdef struct cuda_api:
     int (*write)(void *c, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
     int (*read)(void *c, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
     int (*run)(void *c, int prog, uint32_t n_steps, uint32_t T) noexcept nogil
+    int (*launch)(void *c, int prog, uint32_t n_steps, uint32_t T, size_t out_offset, size_t out_n) noexcept nogil
+    int (*wait)(void *c, const void **host) noexcept nogil
     const char *(*message)(void *c) noexcept nogil
     void (*free)(void *c) noexcept nogil
 
@@ -289,12 +332,26 @@ cdef int cuda_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexce
     return CUDA.run(h, prog, n_steps, n_tokens)
 
 
+cdef int cuda_launch(void *h, int prog, uint32_t n_steps, uint32_t n_tokens, size_t out_offset,
+                     size_t out_n) noexcept nogil:
+    return CUDA.launch(h, prog, n_steps, n_tokens, out_offset, out_n)
+
+
+cdef int cuda_wait(void *h, void *out, size_t out_n) noexcept nogil:
+    # the pinned copy holds the step-args, then the OUTPUT bytes the launch asked for
+    cdef const void *host = NULL
+    cdef int err = CUDA.wait(h, &host)
+    if err == 0 and host != NULL:
+        memcpy(out, <const uint8_t *>host + sizeof(lt_step_args), out_n)
+    return err
+
+
 cdef void cuda_free(void *h) noexcept nogil:
     CUDA.free(h)
 
 
 cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_add_program, cuda_write, cuda_read, cuda_run,
-                                      no_host_arena, cuda_message, cuda_free)
+                                      cuda_launch, cuda_wait, no_host_arena, cuda_message, cuda_free)
 
 
 # --- Metal: objc/lattice_metal.h from the bridge's shared library
@@ -310,6 +367,8 @@ cdef struct metal_api:
     int (*write)(void *m, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
     int (*read)(void *m, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
     int (*run)(void *m, int prog, uint32_t n_steps) noexcept nogil
+    int (*launch)(void *m, int prog, uint32_t n_steps, size_t out_offset, size_t out_n) noexcept nogil
+    int (*wait)(void *m, void *out) noexcept nogil
     const char *(*message)(const void *m) noexcept nogil
     void (*free)(void *m) noexcept nogil
 
@@ -347,6 +406,15 @@ cdef int metal_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexc
     return METAL.run(h, prog, n_steps)      # one command buffer of n_steps steps; T is in the step-args
 
 
+cdef int metal_launch(void *h, int prog, uint32_t n_steps, uint32_t n_tokens, size_t out_offset,
+                      size_t out_n) noexcept nogil:
+    return METAL.launch(h, prog, n_steps, out_offset, out_n)     # one command buffer
+
+
+cdef int metal_wait(void *h, void *out, size_t out_n) noexcept nogil:
+    return METAL.wait(h, out)
+
+
 cdef const char *metal_message(void *h, int err) noexcept nogil:
     return METAL.message(h) if err >= METAL_ERR_FIRST else lt_cpu_error_string(err)
 
@@ -356,7 +424,7 @@ cdef void metal_free(void *h) noexcept nogil:
 
 
 cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_add_program, metal_write, metal_read, metal_run,
-                                       no_host_arena, metal_message, metal_free)
+                                       metal_launch, metal_wait, no_host_arena, metal_message, metal_free)
 
 
 cdef void _copy_message(char *dst, size_t n, const char *src) noexcept nogil:
@@ -421,6 +489,8 @@ def cuda_backend(int device=0, int steps=16):
     CUDA.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_cuda_write")
     CUDA.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_cuda_read")
     CUDA.run = <int (*)(void *, int, uint32_t, uint32_t) noexcept nogil>_address(lib, "lt_cuda_run")
+    CUDA.launch = <int (*)(void *, int, uint32_t, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_cuda_launch")
+    CUDA.wait = <int (*)(void *, const void **) noexcept nogil>_address(lib, "lt_cuda_wait")
     CUDA.message = <const char *(*)(void *) noexcept nogil>_address(lib, "lt_cuda_message")
     CUDA.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_cuda_free")
     b = _backend(&CUDA_OPS, "cuda", steps)
@@ -449,6 +519,8 @@ def metal_backend(bridge, library, int steps=8):
     METAL.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_metal_write")
     METAL.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_metal_read")
     METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
+    METAL.launch = <int (*)(void *, int, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_metal_launch")
+    METAL.wait = <int (*)(void *, void *) noexcept nogil>_address(lib, "lt_metal_wait")
     METAL.message = <const char *(*)(const void *) noexcept nogil>_address(lib, "lt_metal_error")
     METAL.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_metal_free")
     _metal_bridge = bridge
@@ -505,8 +577,10 @@ cdef class Runtime:
         self.program = program
         self.n_threads = n_threads or 0
         self.backend = backend if backend is not None else cpu_backend()
-        if self.backend.steps > program.layout["ring_cap"]:
-            raise ConfigError(f"{self.backend.steps} steps per backend call overrun the output ring of "
+        in_flight = 1 if self.backend.ops.launch == NULL else 2
+        if in_flight * self.backend.steps > program.layout["ring_cap"]:
+            calls = "" if in_flight == 1 else f" ({in_flight} calls in flight)"
+            raise ConfigError(f"{self.backend.steps} steps per backend call{calls} overrun the output ring of "
                               f"{program.layout['ring_cap']} tokens")
         self._weights = np.ascontiguousarray(program.weights).reshape(-1).view(np.uint8)
         self._consts = np.ascontiguousarray(program.consts)
@@ -577,6 +651,7 @@ cdef class State:
     cdef float *_ring_logprobs
     cdef uint32_t _ring_cap
     cdef bint _stale              # the recurrent state ran past the history (overshoot): not reusable
+    cdef uint32_t _n_pending      # decode launches not waited for yet (device backends)
     cdef readonly list history
     cdef object _prog
 
@@ -770,12 +845,43 @@ cdef class State:
             self._push_step(n)
         with nogil:
             err = self._ops.run(self._h, self._prog_id[which], n_steps, n)
+        return self._fail(err) if err else 0
+
+    cdef int _fail(self, int err) except -1:
+        """A backend call failed: the session starts over; raises."""
+        self._drain()
+        self._step.error = 0
+        self._restart()
+        if err == LT_ERR_NONFINITE:
+            raise NumericalError("NaN or Inf in the logits: the session was reset")
+        self._check(err, "run")
+        return 0
+
+    cdef int _launch(self, uint32_t n_steps) except -1:
+        """Device backends: queue n_steps decode steps (each fed by its predecessor's token) and
+        the read-back of the token and logprob rings; returns at once."""
+        cdef int err
+        with nogil:
+            err = self._ops.launch(self._h, self._prog_id[DECODE], n_steps, 1, 0, 8 * self._ring_cap)
         if err:
-            self._step.error = 0
-            self._restart()
-            if err == LT_ERR_NONFINITE:
-                raise NumericalError("NaN or Inf in the logits: the session was reset")
-            self._check(err, "run")
+            return self._fail(err)
+        self._n_pending += 1
+        return 0
+
+    cdef int _wait(self) except -1:
+        """Waits for the oldest launch; its ring slots land in the host mirror."""
+        cdef int err
+        with nogil:
+            err = self._ops.wait(self._h, self._out, 8 * self._ring_cap)
+        self._n_pending -= 1
+        return self._fail(err) if err else 0
+
+    cdef int _drain(self) except -1:
+        """Waits for every pending launch, dropping what it made (overshoot, or after a failure)."""
+        while self._n_pending:
+            with nogil:
+                self._ops.wait(self._h, self._out, 8 * self._ring_cap)
+            self._n_pending -= 1
         return 0
 
     def _prefill(self, list ids, int which, int chunk, rows=None):
@@ -803,6 +909,13 @@ cdef class State:
         cdef Py_ssize_t steps = 1 if want_logits else self._steps
         cdef Py_ssize_t n_new, i, first = -1       # first < 0: the token is in the step-args
         cdef uint32_t slot
+        # device backends keep two calls in flight: call i + 1 is launched before call i's tokens
+        # are read (its steps are fed by the device's sampler); a stop found in call i makes call
+        # i + 1 overshoot. want_logits reads each step's logits: one call at a time.
+        cdef bint pipelined = self._ops.launch != NULL and not want_logits
+        cdef Py_ssize_t queued = 0, next_first = 0, head = 0
+        cdef Py_ssize_t pend_first[2]
+        cdef Py_ssize_t pend_n[2]
         cdef size_t logits_off = self._prog.layout["logits"], vocab = self._prog.vocab
         reused = self._prepare(ids)
         self._set_sampling(params)
@@ -842,17 +955,42 @@ cdef class State:
                     self.history.append(tok)        # fed by the next step
                 if done:
                     break
-                # the first step feeds the last accepted token, each later one its predecessor's
-                n_new = min(steps, max_tokens - len(tokens), context - len(self.history) + 1)
-                first = self._step.step
-                self._run(DECODE, NULL, 1, <uint32_t>n_new)
-                if not self._host:
-                    self._pull(0, 8 * self._ring_cap)       # token and logprob rings
-                    if want_logits:
-                        self._read(LT_ARENA_OUTPUT, logits_off, self._logits_rows, vocab * 4)
+                if pipelined:
+                    if first < 0:
+                        next_first = self._step.step
+                    # the budget counts the tokens of calls in flight as accepted
+                    while self._n_pending < 2:
+                        n_new = min(steps, max_tokens - len(tokens) - queued,
+                                    context - len(self.history) - queued + 1)
+                        if n_new <= 0:
+                            break
+                        self._launch(<uint32_t>n_new)
+                        slot = (head + self._n_pending - 1) % 2
+                        pend_first[slot], pend_n[slot] = next_first, n_new
+                        next_first += n_new
+                        queued += n_new
+                    if self._n_pending == 0:
+                        break
+                    first, n_new = pend_first[head], pend_n[head]
+                    head ^= 1
+                    queued -= n_new
+                    self._wait()
+                else:
+                    # the first step feeds the last accepted token, each later one its predecessor's
+                    n_new = min(steps, max_tokens - len(tokens), context - len(self.history) + 1)
+                    first = self._step.step
+                    self._run(DECODE, NULL, 1, <uint32_t>n_new)
+                    if not self._host:
+                        self._pull(0, 8 * self._ring_cap)       # token and logprob rings
+                        if want_logits:
+                            self._read(LT_ARENA_OUTPUT, logits_off, self._logits_rows, vocab * 4)
                 if PyErr_CheckSignals() < 0:
                     raise KeyboardInterrupt
         finally:
+            if pipelined:
+                self._drain()
+                self._pull(0, 0)        # the step-args as the last step left them
+                self._step.error = 0    # a failure was raised and the session reset
             # steps run past a stop fed tokens the history does not hold: a recurrent state
             # cannot rewind, so the next call starts over (a KV cache is simply overwritten)
             if self._step.pos > len(self.history) and self._prog.recurrent:

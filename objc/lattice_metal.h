@@ -80,7 +80,19 @@ int lt_metal_generate(lt_metal *m, int program, uint32_t max_steps, uint32_t ste
                       const uint32_t *stop_ids, uint32_t n_stop,
                       uint32_t *tokens, float *logprobs, uint32_t *n_out, uint32_t *n_steps_run);
 
-/* Replays program `program` n_steps times in one command buffer and waits (prefill). */
+/* Commits one command buffer of n_steps replays of program `program` and returns at once (the
+ * runtime's token loop: it launches call i + 1 before reading call i's tokens). At most two
+ * launches are pending; lt_metal_wait waits for the oldest and copies OUTPUT bytes
+ * [out_offset, out_offset + out_n) into `out` as the GPU left them, so a later launch in flight
+ * must write other bytes (a token ring of >= 2 * n_steps slots). Returns 0 or LT_METAL_ERR_*. */
+int lt_metal_launch(lt_metal *m, int program, uint32_t n_steps, size_t out_offset, size_t out_n);
+
+/* Waits for the oldest pending launch. Returns LT_OK (the bytes copied), the LT_ERR_* a kernel
+ * raised (sticky in the step args: a launch after it reports it too) or LT_METAL_ERR_*. */
+int lt_metal_wait(lt_metal *m, void *out);
+
+/* Replays program `program` n_steps times in one command buffer and waits (prefill). Like
+ * lt_metal_generate, refused while a launch is pending. */
 int lt_metal_run(lt_metal *m, int program, uint32_t n_steps);
 
 void lt_metal_counters_get(const lt_metal *m, lt_metal_counters *out);

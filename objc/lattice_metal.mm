@@ -60,6 +60,13 @@ struct InFlight {
     bool done;
 };
 
+// One lt_metal_launch not yet waited for: its command buffer (commit number) and the OUTPUT bytes
+// lt_metal_wait copies out.
+struct Launch {
+    uint64_t cb_number;
+    size_t out_offset, out_n;
+};
+
 // One recorded program (decode, prefill, ...): its ICB and where its sampler writes tokens.
 struct Program {
     id<MTLIndirectCommandBuffer> icb;
@@ -104,6 +111,11 @@ struct lt_metal {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     std::deque<InFlight> in_flight;
+    uint64_t committed, completed;  // command buffers committed / drained, in commit order
+
+    // launch()/wait(): at most two launches pending, waited for in launch order
+    Launch launches[2];
+    uint32_t n_launched, n_waited;
 
     // generate() state, read by the completion path under `lock`
     const lt_dispatch *sample;
@@ -129,6 +141,7 @@ static void set_error(lt_metal *m, const char *fmt, ...)
 static const char *describe(NSError *e) { return e ? [[e localizedDescription] UTF8String] : "unknown error"; }
 
 static void keep_resident(lt_metal *m, id<MTLBuffer> buffer);
+static int check_range(lt_metal *m, uint32_t arena, size_t offset, size_t n);
 
 // ------------------------------------------------------------------------------------ completion
 static void drain_finished(lt_metal *m);
@@ -160,6 +173,7 @@ static void drain_finished(lt_metal *m)
     while (!m->in_flight.empty() && m->in_flight.front().done) {
         InFlight f = m->in_flight.front();
         m->in_flight.pop_front();
+        m->completed++;
         m->counters.steps += f.count;
         if ([f.cb status] == MTLCommandBufferStatusError) {
             if (!m->failure) {
@@ -193,8 +207,9 @@ static void drain_finished(lt_metal *m)
 }
 
 // ------------------------------------------------------------------------------------ encoding
-// Encodes and commits one command buffer of `count` steps; the caller holds no lock.
-static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t count)
+// Encodes and commits one command buffer of `count` steps; the caller holds no lock. Returns the
+// buffer's commit number (m->completed reaches it when its completion has been drained).
+static uint64_t commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t count)
 {
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     lt_metal_counters *c = &m->counters;
@@ -234,11 +249,13 @@ static void commit_steps(lt_metal *m, const Program &p, uint32_t first, uint32_t
     InFlight f = {[cb retain], first, count, false};
     pthread_mutex_lock(&m->lock);
     m->in_flight.push_back(f);
+    uint64_t number = ++m->committed;
     pthread_mutex_unlock(&m->lock);
     [cb commit];
     c->api_calls += 2;
     c->command_buffers++;
     [pool drain];
+    return number;
 }
 
 static void wait_all(lt_metal *m)
@@ -257,13 +274,70 @@ static bool check_program_id(lt_metal *m, int program)
     return true;
 }
 
+static bool check_no_launch_pending(lt_metal *m)
+{
+    if (m->n_launched != m->n_waited) {
+        set_error(m, "%u launch(es) not waited for", m->n_launched - m->n_waited);
+        return false;
+    }
+    return true;
+}
+
+static int kernel_error(lt_metal *m)
+{
+    const lt_step_args *step = (const lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
+    if (step->error) set_error(m, "kernel error %u", step->error);
+    return (int)step->error;
+}
+
+int lt_metal_launch(lt_metal *m, int program, uint32_t n_steps, size_t out_offset, size_t out_n)
+{
+    if (m->n_launched == m->n_waited) {  // a new sequence of launches: forget the last one's failure
+        m->failure = 0;
+        m->error[0] = 0;
+        m->tokens = NULL;
+    }
+    if (!check_program_id(m, program)) return LT_METAL_ERR_ARGS;
+    if (n_steps == 0 || m->n_launched - m->n_waited >= 2) {
+        set_error(m, "launch needs n_steps >= 1 (got %u) and at most two launches pending (%u are)", n_steps,
+                  m->n_launched - m->n_waited);
+        return LT_METAL_ERR_ARGS;
+    }
+    int err = check_range(m, LT_ARENA_OUTPUT, out_offset, out_n);
+    if (err) return err;
+    Launch *l = &m->launches[m->n_launched % 2];
+    l->out_offset = out_offset;
+    l->out_n = out_n;
+    l->cb_number = commit_steps(m, m->programs[program], 0, n_steps);
+    m->n_launched++;
+    return 0;
+}
+
+int lt_metal_wait(lt_metal *m, void *out)
+{
+    if (m->n_launched == m->n_waited) {
+        set_error(m, "wait without a pending launch");
+        return LT_METAL_ERR_ARGS;
+    }
+    const Launch *l = &m->launches[m->n_waited % 2];
+    pthread_mutex_lock(&m->lock);
+    while (m->completed < l->cb_number) pthread_cond_wait(&m->cond, &m->lock);
+    pthread_mutex_unlock(&m->lock);
+    m->n_waited++;
+    if (m->failure) return m->failure;
+    int err = kernel_error(m);
+    // the ring slots of this launch: a later launch in flight writes other slots (ring_cap >= 2 K)
+    if (!err && l->out_n) memcpy(out, (const unsigned char *)[m->arenas[LT_ARENA_OUTPUT] contents] + l->out_offset, l->out_n);
+    return err;
+}
+
 int lt_metal_generate(lt_metal *m, int program, uint32_t max_steps, uint32_t steps_per_cb, const uint32_t *stop_ids,
                       uint32_t n_stop, uint32_t *tokens, float *logprobs, uint32_t *n_out, uint32_t *n_steps_run)
 {
     *n_out = 0;
     *n_steps_run = 0;
     lt_step_args *step = (lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
-    if (!check_program_id(m, program)) return LT_METAL_ERR_ARGS;
+    if (!check_program_id(m, program) || !check_no_launch_pending(m)) return LT_METAL_ERR_ARGS;
     const Program &p = m->programs[program];
     if (!p.has_sample) {
         set_error(m, "the program has no SAMPLE dispatch: nothing writes tokens to the output ring");
@@ -322,18 +396,11 @@ int lt_metal_run(lt_metal *m, int program, uint32_t n_steps)
     m->failure = 0;
     m->tokens = NULL;
     m->error[0] = 0;
-    if (!check_program_id(m, program)) return LT_METAL_ERR_ARGS;
+    if (!check_program_id(m, program) || !check_no_launch_pending(m)) return LT_METAL_ERR_ARGS;
     if (n_steps == 0) return 0;
     commit_steps(m, m->programs[program], 0, n_steps);
     wait_all(m);
-    if (!m->failure) {
-        const lt_step_args *step = (const lt_step_args *)[m->arenas[LT_ARENA_STEP] contents];
-        if (step->error) {
-            set_error(m, "kernel error %u", step->error);
-            return (int)step->error;
-        }
-    }
-    return m->failure;
+    return m->failure ? m->failure : kernel_error(m);
 }
 
 // ------------------------------------------------------------------------------------ arenas

@@ -115,10 +115,38 @@ def test_stop_inside_a_k_step_call_then_second_turn(make_backend, name, k):
     assert st.position == len(PROMPT) + j  # the stop token is not fed; neither is the overshoot
     r2 = rt.generate(st, turn2(r1), 12)
     assert r2["tokens"] == c2["tokens"]
-    overshoot = k > 1 and j % k != 0
+    # device backends launch call i + 1 before reading call i: a stop always leaves one in flight
+    overshoot = rt.backend.name != "cpu" or (k > 1 and j % k != 0)
     assert c2["reused_tokens"] == len(PROMPT) + j
     expect_reused = 0 if overshoot and program(name).recurrent else len(PROMPT) + j
     assert r2["reused_tokens"] == expect_reused
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen35", "tiny-llama"])
+@pytest.mark.parametrize("k", [1, 8])
+@pytest.mark.parametrize("call", [1, 2])
+def test_stop_inside_the_first_or_second_call_in_flight(make_backend, name, k, call):
+    """Device backends have two decode calls in flight: a stop found in call 1 (call 2 queued
+    behind it) or in call 2 (call 3 queued) discards the queued call's steps; the second turn
+    gives the CPU backend's tokens (on Qwen3.5 after a re-prefill: its GDN state saw them)."""
+    j = (call - 1) * k + max(1, k // 2)  # decode call c makes tokens [(c - 1) k + 1, c k]
+    stop_after = lambda: (lambda tok, lp, seen=[]: seen.append(tok) or len(seen) <= j)  # noqa: E731
+    cpu = cpu_runtime(name)
+    cst = cpu.new_state()
+    c1 = cpu.generate(cst, PROMPT, N, on_token=stop_after())
+    turn2 = PROMPT + c1["tokens"] + [3, 7]
+    c2 = cpu.generate(cst, turn2, 6)
+
+    rt = R.Runtime(program(name), backend=make_backend(k))
+    st = rt.new_state()
+    r1 = rt.generate(st, PROMPT, N, on_token=stop_after())
+    assert r1["tokens"] == c1["tokens"] and len(r1["tokens"]) == j + 1 and r1["finish_reason"] == "stop"
+    assert st.position == len(PROMPT) + j  # the last accepted token is not fed; neither is the overshoot
+    r2 = rt.generate(st, turn2, 6)
+    assert r2["tokens"] == c2["tokens"]
+    overshoot = rt.backend.name != "cpu" or j % k != 0
+    assert c2["reused_tokens"] == len(PROMPT) + j
+    assert r2["reused_tokens"] == (0 if overshoot and program(name).recurrent else len(PROMPT) + j)
 
 
 # ------------------------------------------------------------------------------------ the K-step loop (CI stand-in)
@@ -127,15 +155,18 @@ def mirrored(name, k, context=64):
 
 
 @pytest.mark.parametrize("k", [3, 8])
-def test_stop_at_the_end_of_a_call_keeps_the_recurrent_state(k):
+def test_stop_at_the_end_of_a_call(k):
+    """Host K-step calls: nothing ran past a stop at a call's end, the recurrent state continues.
+    Device backends had the next call in flight: the next turn re-prefills, same tokens."""
     cpu = cpu_runtime("tiny-qwen35")
     want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
     j = next(j for j in range(k, len(want), k) if want[j] not in want[:j])
-    rt = mirrored("tiny-qwen35", k)
-    st = rt.new_state()
-    assert rt.generate(st, PROMPT, N, stop_ids=[want[j]])["tokens"] == want[:j]
-    res = rt.generate(st, PROMPT + want[:j + 1], 4)
-    assert res["reused_tokens"] == len(PROMPT) + j and res["tokens"] == want[j + 1:j + 5]
+    for backend, reused in ((R.cpu_backend(steps=k), len(PROMPT) + j), (R.cpu_backend(steps=k, mirrored=True), 0)):
+        rt = R.Runtime(program("tiny-qwen35"), backend=backend)
+        st = rt.new_state()
+        assert rt.generate(st, PROMPT, N, stop_ids=[want[j]])["tokens"] == want[:j]
+        res = rt.generate(st, PROMPT + want[:j + 1], 4)
+        assert res["reused_tokens"] == reused and res["tokens"] == want[j + 1:j + 5]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 9, 11])
@@ -226,6 +257,8 @@ def test_bad_steps_per_call():
         R.cpu_backend(steps=0)
     with pytest.raises(ConfigError, match="257 steps per backend call overrun the output ring of 256 tokens"):
         R.Runtime(program("tiny-llama"), backend=R.cpu_backend(steps=257))
+    with pytest.raises(ConfigError, match=r"129 steps per backend call \(2 calls in flight\) overrun the output ring"):
+        R.Runtime(program("tiny-llama"), backend=R.cpu_backend(steps=129, mirrored=True))
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -354,6 +387,8 @@ int (*cuda_add_program)(lt_cuda *, const lt_dispatch *, uint32_t, const uint8_t 
 int (*cuda_write)(lt_cuda *, uint32_t, size_t, const void *, size_t) = lt_cuda_write;
 int (*cuda_read)(lt_cuda *, uint32_t, size_t, void *, size_t) = lt_cuda_read;
 int (*cuda_run)(lt_cuda *, int, uint32_t, uint32_t) = lt_cuda_run;
+int (*cuda_launch)(lt_cuda *, int, uint32_t, uint32_t, size_t, size_t) = lt_cuda_launch;
+int (*cuda_wait)(lt_cuda *, const void **) = lt_cuda_wait;
 const char *(*cuda_message)(lt_cuda *) = lt_cuda_message;
 void (*cuda_free)(lt_cuda *) = lt_cuda_free;
 lt_metal *(*metal_create)(const size_t *, const uint8_t *, size_t, const char *, int *, char *, size_t) = lt_metal_create;
@@ -361,6 +396,8 @@ int (*metal_add_program)(lt_metal *, const lt_dispatch *, uint32_t) = lt_metal_a
 int (*metal_write)(lt_metal *, uint32_t, size_t, const void *, size_t) = lt_metal_write;
 int (*metal_read)(lt_metal *, uint32_t, size_t, void *, size_t) = lt_metal_read;
 int (*metal_run)(lt_metal *, int, uint32_t) = lt_metal_run;
+int (*metal_launch)(lt_metal *, int, uint32_t, size_t, size_t) = lt_metal_launch;
+int (*metal_wait)(lt_metal *, void *) = lt_metal_wait;
 const char *(*metal_message)(const lt_metal *) = lt_metal_error;
 void (*metal_free)(lt_metal *) = lt_metal_free;
 """

@@ -49,6 +49,8 @@ def load_bridge():
                                      ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)]
     so.lt_metal_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    so.lt_metal_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_size_t]
+    so.lt_metal_wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     so.lt_metal_counters_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(Counters)]
     so.lt_metal_error.restype = ctypes.c_char_p
     so.lt_metal_error.argtypes = [ctypes.c_void_p]
@@ -291,6 +293,28 @@ def test_stop_inside_a_command_buffer(bridge, k):
     more, _, _ = cpu_generate(recs, consts, 8, token=3)[:3]
     rc, tokens, _, _ = b.generate(3, k)
     assert rc == 0 and tokens == more[5:8]
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_launch_and_wait_two_command_buffers_in_flight(bridge, k):
+    """The runtime's path: launch call i + 1 before waiting for call i; each wait hands back the
+    ring as its own command buffer left it (the next one, in flight, writes other slots)."""
+    recs, consts = tiny_program()
+    want, _, want_step = cpu_generate(recs, consts, 2 * k, token=3)
+    b = bridge(token=3)
+    rings = [np.zeros(8 * RING, np.uint8) for _ in range(2)]
+    assert b.lib.lt_metal_launch(b.m, b.prog, k, RING_T, 8 * RING) == 0
+    assert b.lib.lt_metal_launch(b.m, b.prog, k, RING_T, 8 * RING) == 0
+    assert b.lib.lt_metal_launch(b.m, b.prog, k, RING_T, 8 * RING) == ERR_ARGS  # a third is refused
+    assert "at most two launches pending" in b.message()
+    assert b.lib.lt_metal_run(b.m, b.prog, 1) == ERR_ARGS and "not waited for" in b.message()
+    for ring in rings:
+        assert b.lib.lt_metal_wait(b.m, ring.ctypes.data) == 0, b.message()
+    got = [int(rings[i // k][:4 * RING].view(np.uint32)[i % RING]) for i in range(2 * k)]
+    assert got == want
+    assert b.step()["pos"] == want_step["pos"] and b.counters().command_buffers == 2
+    assert b.lib.lt_metal_wait(b.m, rings[0].ctypes.data) == ERR_ARGS and "without a pending launch" in b.message()
+    assert b.lib.lt_metal_launch(b.m, b.prog, 1, 4 * RING, 8 * RING) == ERR_ARGS  # past the OUTPUT arena
 
 
 def test_command_buffers_per_token_and_api_calls(bridge):

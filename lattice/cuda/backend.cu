@@ -57,8 +57,12 @@ struct lt_cuda {
     int eager = 0;
     int sms = 132;
     std::vector<program *> progs;
-    uint8_t *pinned = nullptr;
-    size_t pinned_n = 0;
+    /* Two launches may be pending (the token loop queues call i + 1 before reading call i's
+       tokens): each has its pinned copy and an event after it; waited for in launch order. */
+    uint8_t *pinned[2] = {};
+    size_t pinned_n[2] = {};
+    cudaEvent_t copied[2] = {};
+    uint32_t n_launched = 0, n_waited = 0;
     char msg[256] = "";
 };
 
@@ -334,8 +338,12 @@ void lt_cuda_free(lt_cuda *c) {
     }
     for (int i = 0; i < LT_N_ARENAS; i++)
         cudaFree(c->arena[i]);
-    if (c->pinned)
-        cudaFreeHost(c->pinned);
+    for (int i = 0; i < 2; i++) {
+        if (c->pinned[i])
+            cudaFreeHost(c->pinned[i]);
+        if (c->copied[i])
+            cudaEventDestroy(c->copied[i]);
+    }
     if (c->stream)
         cudaStreamDestroy(c->stream);
     delete c;
@@ -351,6 +359,8 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking, greatest));
+    for (int i = 0; i < 2; i++)
+        CK(cudaEventCreateWithFlags(&c->copied[i], cudaEventDisableTiming));
     for (int i = 0; i < LT_N_ARENAS; i++) {
         if (i == LT_ARENA_CONST)
             continue;
@@ -524,14 +534,17 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
     program &p = *c->progs[prog];
     if (T > p.max_tokens || out_offset + out_n > c->size[LT_ARENA_OUTPUT])
         return LT_ERR_ARGS;
+    if (c->n_launched - c->n_waited >= 2)
+        return LT_ERR_ARGS;
+    const int slot = c->n_launched % 2;  /* not pending: its last wait has returned */
     size_t need = sizeof(lt_step_args) + out_n;
-    if (need > c->pinned_n) {
-        if (c->pinned)
-            cudaFreeHost(c->pinned);
-        c->pinned = nullptr;
-        c->pinned_n = 0;
-        CK(cudaHostAlloc((void **)&c->pinned, need, cudaHostAllocDefault));
-        c->pinned_n = need;
+    if (need > c->pinned_n[slot]) {
+        if (c->pinned[slot])
+            cudaFreeHost(c->pinned[slot]);
+        c->pinned[slot] = nullptr;
+        c->pinned_n[slot] = 0;
+        CK(cudaHostAlloc((void **)&c->pinned[slot], need, cudaHostAllocDefault));
+        c->pinned_n[slot] = need;
     }
     uint32_t s = 0;
     if (T > 1 || c->eager) {  /* prefill step (T > 1), or every step in eager mode */
@@ -550,19 +563,25 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
         CK(cudaGraphLaunch(p.graph[which], c->stream));
         s += which ? GRAPH_STEPS : 1;
     }
-    CK(cudaMemcpyAsync(c->pinned, c->arena[LT_ARENA_STEP], sizeof(lt_step_args), cudaMemcpyDeviceToHost, c->stream));
+    CK(cudaMemcpyAsync(c->pinned[slot], c->arena[LT_ARENA_STEP], sizeof(lt_step_args), cudaMemcpyDeviceToHost,
+                       c->stream));
     if (out_n)
-        CK(cudaMemcpyAsync(c->pinned + sizeof(lt_step_args), c->arena[LT_ARENA_OUTPUT] + out_offset, out_n,
+        CK(cudaMemcpyAsync(c->pinned[slot] + sizeof(lt_step_args), c->arena[LT_ARENA_OUTPUT] + out_offset, out_n,
                            cudaMemcpyDeviceToHost, c->stream));
+    CK(cudaEventRecord(c->copied[slot], c->stream));
+    c->n_launched++;
     return LT_OK;
 }
 
 int lt_cuda_wait(lt_cuda *c, const void **host) {
-    CK(cudaStreamSynchronize(c->stream));
+    if (c->n_launched == c->n_waited)
+        return LT_ERR_ARGS;
+    const int slot = c->n_waited++ % 2;
+    CK(cudaEventSynchronize(c->copied[slot]));
     CK(cudaGetLastError());
     if (host)
-        *host = c->pinned;
-    return (int)((const lt_step_args *)c->pinned)->error;
+        *host = c->pinned[slot];
+    return (int)((const lt_step_args *)c->pinned[slot])->error;
 }
 
 int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T) {

@@ -44,11 +44,13 @@ void lt_cuda_set_eager(lt_cuda *c, int eager);
 
 /* Queues n_steps replays of program `prog` with T tokens in the first step (later steps have
  * T = 1: the sampler sets step.n_tokens), then an asynchronous copy of the step args and of
- * OUTPUT bytes [out_offset, out_offset + out_n) into pinned host memory. Returns at once. */
+ * OUTPUT bytes [out_offset, out_offset + out_n) into pinned host memory (one buffer per pending
+ * launch). Returns at once. At most two launches are pending (LT_ERR_ARGS past that). */
 int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t out_offset, size_t out_n);
 
-/* Waits for the last launch. *host (if not NULL) points at the pinned copy: lt_step_args, then
- * the OUTPUT bytes asked for. Returns the step's error code (LT_OK, LT_ERR_*) or LT_ERR_CUDA. */
+/* Waits for the oldest pending launch. *host (if not NULL) points at its pinned copy (valid until
+ * the second launch after it): lt_step_args, then the OUTPUT bytes asked for. Returns the step's
+ * error code (LT_OK, LT_ERR_*), LT_ERR_ARGS (nothing pending) or LT_ERR_CUDA. */
 int lt_cuda_wait(lt_cuda *c, const void **host);
 
 /* lt_cuda_launch + lt_cuda_wait without the output copy. */
