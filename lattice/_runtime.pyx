@@ -55,7 +55,7 @@ import time
 import numpy as np
 
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport uint8_t, uint32_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -105,6 +105,12 @@ cdef struct lt_backend_cfg:
     const char *library         # Metal: the .metallib (or the fake's)
 
 
+cdef struct lt_backend_counters:
+    uint32_t dispatches_per_step    # of the decode program, as the backend runs it
+    uint64_t submissions            # command buffers (Metal) / CUDA graph launches
+    uint64_t api_calls              # device API calls the host made (Metal messages, CUDA runtime calls)
+
+
 cdef struct lt_backend:
     # A handle owns (or borrows) the six arenas; the programs added to it share them. Every call
     # returns 0 or an error code (LT_ERR_* of the kernels, or the backend's own) for message().
@@ -123,6 +129,8 @@ cdef struct lt_backend:
     int (*launch)(void *h, int prog, uint32_t n_steps, uint32_t n_tokens, size_t out_offset,
                   size_t out_n) noexcept nogil
     int (*wait)(void *h, void *out, size_t out_n) noexcept nogil
+    # Since creation, for lattice-bench (NULL on the CPU: no submissions, one call per step).
+    void (*counters)(void *h, lt_backend_counters *out) noexcept nogil
     # The arena's host memory when the loop may use it in place, else NULL (device memory).
     uint8_t *(*host_arena)(void *h, uint32_t arena) noexcept nogil
     const char *(*message)(void *h, int err) noexcept nogil
@@ -272,16 +280,20 @@ cdef void cpu_free(void *h) noexcept nogil:
 
 
 cdef lt_backend CPU_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run, NULL, NULL,
-                                     cpu_host_arena, cpu_message, cpu_free)
+                                     NULL, cpu_host_arena, cpu_message, cpu_free)
 # The CPU kernels behind the device-backend path of the loop (mirrored step-args, ring read-back,
 # K steps per call): runs that path, and its overshoot logic, on machines without a GPU.
 cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
-                                               cpu_launch, cpu_wait, no_host_arena, cpu_message, cpu_free)
+                                               cpu_launch, cpu_wait, NULL, no_host_arena, cpu_message, cpu_free)
 
 
 # --- CUDA: lattice_cuda.h, its functions' addresses taken from the ctypes-loaded library
 cdef enum:
     CUDA_ERR = 100      # LT_ERR_CUDA
+
+cdef struct cuda_counters:           # lt_cuda_counters
+    uint32_t dispatches_per_step
+    uint64_t steps, graph_launches, kernel_launches, api_calls
 
 cdef struct cuda_api:
     void *(*create)(const size_t *sizes, int device, char *msg, size_t msg_n) noexcept nogil
@@ -292,6 +304,7 @@ cdef struct cuda_api:
     int (*run)(void *c, int prog, uint32_t n_steps, uint32_t T) noexcept nogil
     int (*launch)(void *c, int prog, uint32_t n_steps, uint32_t T, size_t out_offset, size_t out_n) noexcept nogil
     int (*wait)(void *c, const void **host) noexcept nogil
+    void (*counters)(const void *c, cuda_counters *out) noexcept nogil
     const char *(*message)(void *c) noexcept nogil
     void (*free)(void *c) noexcept nogil
 
@@ -346,12 +359,19 @@ cdef int cuda_wait(void *h, void *out, size_t out_n) noexcept nogil:
     return err
 
 
+cdef void cuda_counters_get(void *h, lt_backend_counters *out) noexcept nogil:
+    cdef cuda_counters c
+    CUDA.counters(h, &c)
+    out.dispatches_per_step, out.submissions, out.api_calls = c.dispatches_per_step, c.graph_launches, c.api_calls
+
+
 cdef void cuda_free(void *h) noexcept nogil:
     CUDA.free(h)
 
 
 cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_add_program, cuda_write, cuda_read, cuda_run,
-                                      cuda_launch, cuda_wait, no_host_arena, cuda_message, cuda_free)
+                                      cuda_launch, cuda_wait, cuda_counters_get, no_host_arena, cuda_message,
+                                      cuda_free)
 
 
 # --- Metal: objc/lattice_metal.h from the bridge's shared library
@@ -359,6 +379,10 @@ cdef enum:
     METAL_ERR_FIRST = 100   # LT_METAL_ERR_*: the message is in lt_metal_error
 
 cdef uint32_t NO_INDEX = 0xFFFFFFFF
+
+cdef struct metal_counters:          # lt_metal_counters
+    uint32_t dispatches_per_step
+    uint64_t steps, tokens, command_buffers, api_calls
 
 cdef struct metal_api:
     void *(*create)(const size_t *sizes, const uint8_t *consts, size_t n_consts, const char *library,
@@ -369,6 +393,7 @@ cdef struct metal_api:
     int (*run)(void *m, int prog, uint32_t n_steps) noexcept nogil
     int (*launch)(void *m, int prog, uint32_t n_steps, size_t out_offset, size_t out_n) noexcept nogil
     int (*wait)(void *m, void *out) noexcept nogil
+    void (*counters)(const void *m, metal_counters *out) noexcept nogil
     const char *(*message)(const void *m) noexcept nogil
     void (*free)(void *m) noexcept nogil
 
@@ -415,6 +440,12 @@ cdef int metal_wait(void *h, void *out, size_t out_n) noexcept nogil:
     return METAL.wait(h, out)
 
 
+cdef void metal_counters_get(void *h, lt_backend_counters *out) noexcept nogil:
+    cdef metal_counters c
+    METAL.counters(h, &c)
+    out.dispatches_per_step, out.submissions, out.api_calls = c.dispatches_per_step, c.command_buffers, c.api_calls
+
+
 cdef const char *metal_message(void *h, int err) noexcept nogil:
     return METAL.message(h) if err >= METAL_ERR_FIRST else lt_cpu_error_string(err)
 
@@ -424,7 +455,8 @@ cdef void metal_free(void *h) noexcept nogil:
 
 
 cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_add_program, metal_write, metal_read, metal_run,
-                                       metal_launch, metal_wait, no_host_arena, metal_message, metal_free)
+                                       metal_launch, metal_wait, metal_counters_get, no_host_arena, metal_message,
+                                       metal_free)
 
 
 cdef void _copy_message(char *dst, size_t n, const char *src) noexcept nogil:
@@ -491,6 +523,7 @@ def cuda_backend(int device=0, int steps=16):
     CUDA.run = <int (*)(void *, int, uint32_t, uint32_t) noexcept nogil>_address(lib, "lt_cuda_run")
     CUDA.launch = <int (*)(void *, int, uint32_t, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_cuda_launch")
     CUDA.wait = <int (*)(void *, const void **) noexcept nogil>_address(lib, "lt_cuda_wait")
+    CUDA.counters = <void (*)(const void *, cuda_counters *) noexcept nogil>_address(lib, "lt_cuda_counters_get")
     CUDA.message = <const char *(*)(void *) noexcept nogil>_address(lib, "lt_cuda_message")
     CUDA.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_cuda_free")
     b = _backend(&CUDA_OPS, "cuda", steps)
@@ -498,7 +531,7 @@ def cuda_backend(int device=0, int steps=16):
     return b
 
 
-def metal_backend(bridge, library, int steps=8):
+def metal_backend(bridge, library, int steps=16):
     """The Metal bridge from the shared library `bridge` (objc/lattice_metal.mm built for this
     machine), with kernels from `library` (a .metallib). Raises BackendError if it cannot load."""
     global _metal_bridge
@@ -521,6 +554,7 @@ def metal_backend(bridge, library, int steps=8):
     METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
     METAL.launch = <int (*)(void *, int, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_metal_launch")
     METAL.wait = <int (*)(void *, void *) noexcept nogil>_address(lib, "lt_metal_wait")
+    METAL.counters = <void (*)(const void *, metal_counters *) noexcept nogil>_address(lib, "lt_metal_counters_get")
     METAL.message = <const char *(*)(const void *) noexcept nogil>_address(lib, "lt_metal_error")
     METAL.free = <void (*)(void *) noexcept nogil>_address(lib, "lt_metal_free")
     _metal_bridge = bridge
@@ -652,6 +686,7 @@ cdef class State:
     cdef uint32_t _ring_cap
     cdef bint _stale              # the recurrent state ran past the history (overshoot): not reusable
     cdef uint32_t _n_pending      # decode launches not waited for yet (device backends)
+    cdef uint64_t _n_tokens, _n_steps, _n_calls   # counters(): tokens handed back, steps run, table calls
     cdef readonly list history
     cdef object _prog
 
@@ -720,6 +755,27 @@ cdef class State:
     def position(self):
         """Tokens whose state is cached (the position of the next token fed)."""
         return len(self.history)
+
+    def counters(self):
+        """Since the session was created, prefill included (lattice-bench): tokens handed back,
+        steps run (overshoot included), dispatches per decode step, submissions (Metal command
+        buffers, CUDA graph launches; 0 on the CPU), calls of the runtime's backend table and the
+        device API calls the host made (Metal messages, CUDA runtime calls; the CPU: its kernel
+        runs), with per-token ratios."""
+        cdef lt_backend_counters c
+        memset(&c, 0, sizeof(c))
+        if self._ops.counters != NULL:
+            self._ops.counters(self._h, &c)
+        else:
+            c.dispatches_per_step = len(self.runtime._progs["decode"])
+            c.api_calls = self._n_calls
+        per_token = lambda n: n / self._n_tokens if self._n_tokens else 0.0  # noqa: E731
+        return {"backend": self.runtime.backend.name, "tokens": self._n_tokens, "steps": self._n_steps,
+                "dispatches_per_step": c.dispatches_per_step, "submissions": c.submissions,
+                "backend_calls": self._n_calls, "api_calls": c.api_calls,
+                "submissions_per_token": per_token(c.submissions),
+                "backend_calls_per_token": per_token(self._n_calls),
+                "api_calls_per_token": per_token(c.api_calls)}
 
     def reset(self):
         """Forget the sequence: the next generate() prefills from position 0."""
@@ -845,6 +901,8 @@ cdef class State:
             self._push_step(n)
         with nogil:
             err = self._ops.run(self._h, self._prog_id[which], n_steps, n)
+        self._n_calls += 1
+        self._n_steps += n_steps
         return self._fail(err) if err else 0
 
     cdef int _fail(self, int err) except -1:
@@ -863,9 +921,11 @@ cdef class State:
         cdef int err
         with nogil:
             err = self._ops.launch(self._h, self._prog_id[DECODE], n_steps, 1, 0, 8 * self._ring_cap)
+        self._n_calls += 1
         if err:
             return self._fail(err)
         self._n_pending += 1
+        self._n_steps += n_steps
         return 0
 
     cdef int _wait(self) except -1:
@@ -874,6 +934,7 @@ cdef class State:
         with nogil:
             err = self._ops.wait(self._h, self._out, 8 * self._ring_cap)
         self._n_pending -= 1
+        self._n_calls += 1
         return self._fail(err) if err else 0
 
     cdef int _drain(self) except -1:
@@ -882,6 +943,7 @@ cdef class State:
             with nogil:
                 self._ops.wait(self._h, self._out, 8 * self._ring_cap)
             self._n_pending -= 1
+            self._n_calls += 1
         return 0
 
     def _prefill(self, list ids, int which, int chunk, rows=None):
@@ -996,6 +1058,7 @@ cdef class State:
             if self._step.pos > len(self.history) and self._prog.recurrent:
                 self._stale = True
         t2 = time.perf_counter()
+        self._n_tokens += len(tokens)
         res = {"tokens": tokens, "logprobs": logprobs, "finish_reason": finish, "prompt_tokens": len(ids),
                "reused_tokens": reused, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
         if want_logits:

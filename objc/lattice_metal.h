@@ -34,11 +34,11 @@ enum {
 
 /* Counters since creation (lattice-bench). */
 typedef struct lt_metal_counters {
-    uint32_t dispatches_per_step;  /* commands in the last program recorded (decode), split
-                                      attention reduces included */
+    uint32_t dispatches_per_step;  /* commands in the first program recorded (the runtime's
+                                      decode), split attention reduces included */
     uint64_t steps;                /* steps executed on the GPU, overshoot included */
     uint64_t tokens;               /* tokens handed back by lt_metal_generate */
-    uint64_t command_buffers;      /* command buffers committed by runs */
+    uint64_t command_buffers;      /* command buffers committed by runs and launches */
     uint64_t api_calls;            /* Metal messages the host sent during runs */
 } lt_metal_counters;
 

@@ -326,6 +326,7 @@ int lt_metal_wait(lt_metal *m, void *out)
     m->n_waited++;
     if (m->failure) return m->failure;
     int err = kernel_error(m);
+    m->counters.api_calls += l->out_n ? 2 : 1;  // contents
     // the ring slots of this launch: a later launch in flight writes other slots (ring_cap >= 2 K)
     if (!err && l->out_n) memcpy(out, (const unsigned char *)[m->arenas[LT_ARENA_OUTPUT] contents] + l->out_offset, l->out_n);
     return err;
@@ -832,7 +833,7 @@ int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n)
         }
     }
     m->programs.push_back(p);
-    m->counters.dispatches_per_step = p.n_commands;
+    if (m->programs.size() == 1) m->counters.dispatches_per_step = p.n_commands;  // the runtime adds decode first
     return (int)m->programs.size() - 1;
 }
 

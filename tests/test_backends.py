@@ -261,6 +261,49 @@ def test_bad_steps_per_call():
         R.Runtime(program("tiny-llama"), backend=R.cpu_backend(steps=129, mirrored=True))
 
 
+# ------------------------------------------------------------------------------------ counters
+def test_cpu_counters_one_kernel_run_per_step_no_submissions():
+    rt = cpu_runtime("tiny-llama")
+    st = rt.new_state()
+    rt.generate(st, PROMPT, N)
+    c = st.counters()
+    # one prefill step (the prompt fits one chunk) and N - 1 decode steps, one kernel run each
+    assert c["tokens"] == N and c["steps"] == N and c["backend_calls"] == c["api_calls"] == N
+    assert c["submissions"] == 0 and c["submissions_per_token"] == 0.0
+    assert c["dispatches_per_step"] == len(program("tiny-llama").dispatches["decode"])
+
+
+def test_counters_show_the_call_in_flight_behind_a_stop():
+    """cpu-mirrored, K = 8, a stop in decode call 1: call 2 was already launched (8 steps of
+    overshoot), and nothing after it; each call is one launch and one wait."""
+    cpu = cpu_runtime("tiny-llama")
+    want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
+    rt = mirrored("tiny-llama", 8)
+    st = rt.new_state()
+    res = rt.generate(st, PROMPT, N, on_token=lambda tok, lp, seen=[]: seen.append(tok) or len(seen) <= 4)
+    assert res["tokens"] == want[:5]
+    c = st.counters()
+    assert c["steps"] == 1 + 8 + 8 and c["backend_calls"] == 1 + 2 * 2 and c["tokens"] == 5
+
+
+def test_metal_counters_fewer_than_one_command_buffer_per_8_tokens(metal_files):
+    """Issue 5's goal through the fake: 16 steps per command buffer (the default), two in flight."""
+    bridge, lib = metal_files
+    n = 64
+    cpu = cpu_runtime("tiny-qwen35", context=128)
+    want = cpu.generate(cpu.new_state(), PROMPT, n)["tokens"]
+    rt = R.Runtime(program("tiny-qwen35", 128), backend=R.metal_backend(bridge, lib))
+    st = rt.new_state()
+    assert rt.generate(st, PROMPT, n)["tokens"] == want
+    c = st.counters()
+    # one prefill command buffer, then decode calls of 16, 16, 16, 15 steps
+    assert c["submissions"] == 5 and c["steps"] == n and c["tokens"] == n
+    assert c["submissions_per_token"] < 1 / 8
+    assert c["backend_calls"] == 1 + 2 * 4
+    assert c["dispatches_per_step"] >= len(program("tiny-qwen35", 128).dispatches["decode"])
+    assert 0 < c["api_calls_per_token"] < 10
+
+
 # ------------------------------------------------------------------------------------ selection
 @pytest.fixture
 def no_gpu_no_mac(monkeypatch):
@@ -351,7 +394,7 @@ def test_metal_through_the_fake_selected_by_name_and_auto(no_gpu_no_mac, metal_f
     monkeypatch.setenv("LATTICE_METAL_LIBRARY", metal_files[1])
     ck = open_checkpoint(os.path.join(FIXTURES, "tiny-llama"))
     eng = api._make_engine(ck, "metal", None, 64, None)
-    assert eng.name == "metal" and eng.runtime.backend.steps == 8
+    assert eng.name == "metal" and eng.runtime.backend.steps == 16
     tokens = []
     st = eng.new_state()
     assert eng.generate(st, PROMPT, 10, (), None, lambda t, lp: tokens.append(t))[0] == "length"
@@ -389,6 +432,7 @@ int (*cuda_read)(lt_cuda *, uint32_t, size_t, void *, size_t) = lt_cuda_read;
 int (*cuda_run)(lt_cuda *, int, uint32_t, uint32_t) = lt_cuda_run;
 int (*cuda_launch)(lt_cuda *, int, uint32_t, uint32_t, size_t, size_t) = lt_cuda_launch;
 int (*cuda_wait)(lt_cuda *, const void **) = lt_cuda_wait;
+void (*cuda_counters)(const lt_cuda *, lt_cuda_counters *) = lt_cuda_counters_get;
 const char *(*cuda_message)(lt_cuda *) = lt_cuda_message;
 void (*cuda_free)(lt_cuda *) = lt_cuda_free;
 lt_metal *(*metal_create)(const size_t *, const uint8_t *, size_t, const char *, int *, char *, size_t) = lt_metal_create;
@@ -398,6 +442,7 @@ int (*metal_read)(lt_metal *, uint32_t, size_t, void *, size_t) = lt_metal_read;
 int (*metal_run)(lt_metal *, int, uint32_t) = lt_metal_run;
 int (*metal_launch)(lt_metal *, int, uint32_t, size_t, size_t) = lt_metal_launch;
 int (*metal_wait)(lt_metal *, void *) = lt_metal_wait;
+void (*metal_counters)(const lt_metal *, lt_metal_counters *) = lt_metal_counters_get;
 const char *(*metal_message)(const lt_metal *) = lt_metal_error;
 void (*metal_free)(lt_metal *) = lt_metal_free;
 """

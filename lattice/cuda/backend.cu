@@ -63,6 +63,7 @@ struct lt_cuda {
     size_t pinned_n[2] = {};
     cudaEvent_t copied[2] = {};
     uint32_t n_launched = 0, n_waited = 0;
+    lt_cuda_counters counters = {};
     char msg[256] = "";
 };
 
@@ -485,6 +486,8 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
         return -LT_ERR_NOMEM;
     }
     c->progs.push_back(p);
+    if (c->progs.size() == 1)  /* the runtime adds decode first */
+        c->counters.dispatches_per_step = (uint32_t)p->l.size();
     return (int)c->progs.size() - 1;
 }
 
@@ -551,6 +554,8 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
         for (; s < (c->eager ? n_steps : 1); s++) {
             launch_step(c, p, s == 0 ? T : 1);
             CK(cudaGetLastError());
+            c->counters.kernel_launches += p.l.size();
+            c->counters.api_calls += p.l.size() + 1;
         }
     }
     while (s < n_steps) {
@@ -562,6 +567,8 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
         }
         CK(cudaGraphLaunch(p.graph[which], c->stream));
         s += which ? GRAPH_STEPS : 1;
+        c->counters.graph_launches++;
+        c->counters.api_calls++;
     }
     CK(cudaMemcpyAsync(c->pinned[slot], c->arena[LT_ARENA_STEP], sizeof(lt_step_args), cudaMemcpyDeviceToHost,
                        c->stream));
@@ -570,6 +577,8 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
                            cudaMemcpyDeviceToHost, c->stream));
     CK(cudaEventRecord(c->copied[slot], c->stream));
     c->n_launched++;
+    c->counters.steps += n_steps;
+    c->counters.api_calls += out_n ? 3 : 2;
     return LT_OK;
 }
 
@@ -579,6 +588,7 @@ int lt_cuda_wait(lt_cuda *c, const void **host) {
     const int slot = c->n_waited++ % 2;
     CK(cudaEventSynchronize(c->copied[slot]));
     CK(cudaGetLastError());
+    c->counters.api_calls += 2;
     if (host)
         *host = c->pinned[slot];
     return (int)((const lt_step_args *)c->pinned[slot])->error;
@@ -587,6 +597,10 @@ int lt_cuda_wait(lt_cuda *c, const void **host) {
 int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T) {
     int e = lt_cuda_launch(c, prog, n_steps, T, 0, 0);
     return e != LT_OK ? e : lt_cuda_wait(c, nullptr);
+}
+
+void lt_cuda_counters_get(const lt_cuda *c, lt_cuda_counters *out) {
+    *out = c->counters;
 }
 
 const char *lt_cuda_message(lt_cuda *c) {

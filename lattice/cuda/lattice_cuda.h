@@ -56,6 +56,17 @@ int lt_cuda_wait(lt_cuda *c, const void **host);
 /* lt_cuda_launch + lt_cuda_wait without the output copy. */
 int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T);
 
+/* Counters since creation (lattice-bench): runs and launches, prefill included. */
+typedef struct lt_cuda_counters {
+    uint32_t dispatches_per_step;  /* kernels of one step of the first program added (decode) */
+    uint64_t steps;                /* steps queued, overshoot included */
+    uint64_t graph_launches;       /* cudaGraphLaunch calls (a graph holds 1 or 8 steps) */
+    uint64_t kernel_launches;      /* kernels launched one by one (prefill steps, eager mode) */
+    uint64_t api_calls;            /* CUDA runtime calls made by launches and waits */
+} lt_cuda_counters;
+
+void lt_cuda_counters_get(const lt_cuda *c, lt_cuda_counters *out);
+
 /* The last CUDA error message, or "". */
 const char *lt_cuda_message(lt_cuda *c);
 
