@@ -18,8 +18,9 @@ read / run / message / free, plus host_arena), so the token loop below is the sa
   - metal_backend(bridge, library): the Objective-C++ bridge (objc/lattice_metal.h) from a shared
     library (on Linux: built against tests/metal_fake, for tests only).
 Device backends own their arenas: the loop keeps a host mirror of the step-args and reads the token
-ring back after each run. Each session uploads the weights into its own device arenas (the C APIs
-of both bridges allocate every arena per handle).
+ring back after each run. The weights are uploaded once per Runtime, into a handle it owns; each
+session's handle is created from it (create_shared) and uses its weights arena (Metal: also its
+constants and pipelines), with its own state, scratch, step-args and output arenas.
 
 A step is one replay of the program: the runtime writes the step-args (position, token ids,
 sampling parameters, seed), the backend runs every dispatch, and the program's last kernel samples
@@ -115,6 +116,9 @@ cdef struct lt_backend:
     # A handle owns (or borrows) the six arenas; the programs added to it share them. Every call
     # returns 0 or an error code (LT_ERR_* of the kernels, or the backend's own) for message().
     void *(*create)(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg_n) noexcept nogil
+    # Device backends (NULL on the CPU, whose handles borrow the host weights): a handle using
+    # `source`'s weights arena (not uploaded again), which must outlive it.
+    void *(*create_shared)(const lt_backend_cfg *cfg, void *source, int *err, char *msg, size_t msg_n) noexcept nogil
     # Returns the program's index (>= 0) or -error; max_tokens bounds T of its runs.
     int (*add_program)(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
                        uint32_t max_tokens, uint32_t *err_index) noexcept nogil
@@ -279,11 +283,11 @@ cdef void cpu_free(void *h) noexcept nogil:
     free(c)
 
 
-cdef lt_backend CPU_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run, NULL, NULL,
+cdef lt_backend CPU_OPS = lt_backend(cpu_create, NULL, cpu_add_program, cpu_write, cpu_read, cpu_run, NULL, NULL,
                                      NULL, cpu_host_arena, cpu_message, cpu_free)
 # The CPU kernels behind the device-backend path of the loop (mirrored step-args, ring read-back,
 # K steps per call): runs that path, and its overshoot logic, on machines without a GPU.
-cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, cpu_add_program, cpu_write, cpu_read, cpu_run,
+cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, NULL, cpu_add_program, cpu_write, cpu_read, cpu_run,
                                                cpu_launch, cpu_wait, NULL, no_host_arena, cpu_message, cpu_free)
 
 
@@ -297,6 +301,7 @@ cdef struct cuda_counters:           # lt_cuda_counters
 
 cdef struct cuda_api:
     void *(*create)(const size_t *sizes, int device, char *msg, size_t msg_n) noexcept nogil
+    void *(*create_shared)(const void *source, const size_t *sizes, char *msg, size_t msg_n) noexcept nogil
     int (*add_program)(void *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
                        uint32_t max_tokens, uint32_t *err_index) noexcept nogil
     int (*write)(void *c, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
@@ -321,6 +326,13 @@ cdef void *cuda_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t ms
         _copy_message(msg, msg_n, CUDA.message(c))
         CUDA.free(c)
         return NULL
+    return c
+
+
+cdef void *cuda_create_shared(const lt_backend_cfg *cfg, void *source, int *err, char *msg, size_t msg_n) noexcept nogil:
+    cdef void *c = CUDA.create_shared(source, cfg.sizes, msg, msg_n)
+    if c == NULL:
+        err[0] = CUDA_ERR
     return c
 
 
@@ -369,7 +381,7 @@ cdef void cuda_free(void *h) noexcept nogil:
     CUDA.free(h)
 
 
-cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_add_program, cuda_write, cuda_read, cuda_run,
+cdef lt_backend CUDA_OPS = lt_backend(cuda_create, cuda_create_shared, cuda_add_program, cuda_write, cuda_read, cuda_run,
                                       cuda_launch, cuda_wait, cuda_counters_get, no_host_arena, cuda_message,
                                       cuda_free)
 
@@ -387,6 +399,7 @@ cdef struct metal_counters:          # lt_metal_counters
 cdef struct metal_api:
     void *(*create)(const size_t *sizes, const uint8_t *consts, size_t n_consts, const char *library,
                     int *err, char *msg, size_t msg_n) noexcept nogil
+    void *(*create_shared)(void *source, const size_t *sizes, int *err, char *msg, size_t msg_n) noexcept nogil
     int (*add_program)(void *m, const lt_dispatch *prog, uint32_t n) noexcept nogil
     int (*write)(void *m, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
     int (*read)(void *m, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
@@ -411,6 +424,11 @@ cdef void *metal_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t m
         METAL.free(m)
         return NULL
     return m
+
+
+cdef void *metal_create_shared(const lt_backend_cfg *cfg, void *source, int *err, char *msg,
+                              size_t msg_n) noexcept nogil:
+    return METAL.create_shared(source, cfg.sizes, err, msg, msg_n)
 
 
 cdef int metal_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_backend_cfg *cfg,
@@ -454,7 +472,7 @@ cdef void metal_free(void *h) noexcept nogil:
     METAL.free(h)
 
 
-cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_add_program, metal_write, metal_read, metal_run,
+cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_create_shared, metal_add_program, metal_write, metal_read, metal_run,
                                        metal_launch, metal_wait, metal_counters_get, no_host_arena, metal_message,
                                        metal_free)
 
@@ -516,6 +534,8 @@ def cuda_backend(int device=0, int steps=16):
         raise BackendError(f"the CUDA backend is unavailable: {why}")
     lib = load_library()
     CUDA.create = <void *(*)(const size_t *, int, char *, size_t) noexcept nogil>_address(lib, "lt_cuda_create")
+    CUDA.create_shared = <void *(*)(const void *, const size_t *, char *, size_t) noexcept nogil>_address(
+        lib, "lt_cuda_create_shared")
     CUDA.add_program = <int (*)(void *, const lt_dispatch *, uint32_t, const uint8_t *, size_t, uint32_t,
                                 uint32_t *) noexcept nogil>_address(lib, "lt_cuda_add_program")
     CUDA.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_cuda_write")
@@ -549,6 +569,8 @@ def metal_backend(bridge, library, int steps=16):
     METAL.create = <void *(*)(const size_t *, const uint8_t *, size_t, const char *, int *, char *,
                               size_t) noexcept nogil>_address(lib, "lt_metal_create")
     METAL.add_program = <int (*)(void *, const lt_dispatch *, uint32_t) noexcept nogil>_address(lib, "lt_metal_add_program")
+    METAL.create_shared = <void *(*)(void *, const size_t *, int *, char *, size_t) noexcept nogil>_address(
+        lib, "lt_metal_create_shared")
     METAL.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_metal_write")
     METAL.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_metal_read")
     METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
@@ -600,6 +622,8 @@ cdef class Runtime:
     cdef readonly int n_threads
     cdef readonly Backend backend
     cdef object _weights, _consts, _progs
+    cdef void *_weights_handle     # device backends: holds the weights every session's handle uses
+    cdef object _weights_lock
 
     def __init__(self, program, n_threads=None, Backend backend=None):
         if program.weights is None:
@@ -619,6 +643,46 @@ cdef class Runtime:
         self._weights = np.ascontiguousarray(program.weights).reshape(-1).view(np.uint8)
         self._consts = np.ascontiguousarray(program.consts)
         self._progs = {v: np.ascontiguousarray(program.dispatches[v]) for v in VARIANTS}
+        self._weights_lock = threading.Lock()
+
+    def __dealloc__(self):
+        if self._weights_handle != NULL:     # every session (each holds this Runtime) is gone
+            self.backend.ops.free(self._weights_handle)
+            self._weights_handle = NULL
+
+    cdef void _config(self, lt_backend_cfg *cfg, bint weights_only):
+        """A handle's configuration: the program's arena sizes, or (weights_only) the weights
+        with token-sized other arenas (the handle sessions take their weights from)."""
+        memset(cfg, 0, sizeof(lt_backend_cfg))
+        for name, a in ARENA.items():
+            if name == "weights":
+                cfg.sizes[a] = self._weights.nbytes
+            elif name != "const":
+                cfg.sizes[a] = ALIGN if weights_only else max(int(self.program.sizes[name]), ALIGN)
+        if weights_only:
+            cfg.sizes[LT_ARENA_STEP] = max(sizeof(lt_step_args), <size_t>ALIGN)
+        cfg.weights = _ptr(self._weights)
+        cfg.consts, cfg.n_consts = _ptr(self._consts), self._consts.nbytes
+        cfg.n_threads, cfg.device = self.n_threads, self.backend.device
+        cfg.library = NULL
+
+    cdef void *_weights_source(self) except NULL:
+        """Device backends: the handle holding the uploaded weights (made by the first session)."""
+        cdef lt_backend_cfg cfg
+        cdef int err = 0
+        cdef char msg[512]
+        with self._weights_lock:
+            if self._weights_handle == NULL:
+                self._config(&cfg, True)
+                library = self.backend.library or b""
+                cfg.library = library
+                msg[0] = 0
+                with nogil:
+                    self._weights_handle = self.backend.ops.create(&cfg, &err, msg, sizeof(msg))
+                if self._weights_handle == NULL:
+                    raise BackendError(f"the {self.backend.name} backend could not be created: "
+                                       f"{(<char *>msg).decode(errors='replace') or lt_cpu_error_string(err).decode()}")
+        return self._weights_handle
 
     @property
     def context(self):
@@ -692,6 +756,7 @@ cdef class State:
 
     def __init__(self, Runtime rt):
         cdef lt_backend_cfg cfg
+        cdef void *source
         cdef int err = 0, idx
         cdef uint32_t where = 0
         cdef char msg[512]
@@ -702,20 +767,17 @@ cdef class State:
         be = rt.backend
         self._ops = be.ops
         self._steps = be.steps
-        memset(&cfg, 0, sizeof(cfg))
-        for name, a in ARENA.items():
-            if name == "weights":
-                cfg.sizes[a] = rt._weights.nbytes
-            elif name != "const":
-                cfg.sizes[a] = max(int(prog.sizes[name]), ALIGN)
-        cfg.weights = _ptr(rt._weights)
-        cfg.consts, cfg.n_consts = _ptr(rt._consts), rt._consts.nbytes
-        cfg.n_threads, cfg.device = rt.n_threads, be.device
+        rt._config(&cfg, False)
         library = be.library or b""
         cfg.library = library
         msg[0] = 0
-        with nogil:
-            self._h = self._ops.create(&cfg, &err, msg, sizeof(msg))
+        if self._ops.create_shared != NULL:     # the weights are uploaded once per Runtime
+            source = rt._weights_source()
+            with nogil:
+                self._h = self._ops.create_shared(&cfg, source, &err, msg, sizeof(msg))
+        else:
+            with nogil:
+                self._h = self._ops.create(&cfg, &err, msg, sizeof(msg))
         if self._h == NULL:
             raise BackendError(f"the {be.name} backend could not be created: "
                                f"{(<char *>msg).decode(errors='replace') or lt_cpu_error_string(err).decode()}")

@@ -50,6 +50,16 @@ typedef struct lt_metal_counters {
 lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts, size_t n_consts,
                           const char *library, int *err, char *err_msg, size_t err_cap);
 
+/* A second session of `source`'s model: its WEIGHTS and CONST arenas, libraries and device are
+ * `source`'s (retained: the weights are not uploaded or allocated again, sizes[WEIGHTS] and
+ * sizes[CONST] are ignored), pipelines are taken from `source` and the ones this handle creates
+ * are left there for the next session; state, scratch, step and output arenas, the queue and the
+ * recorded programs are its own. `source` must outlive it (its pipeline table is shared: add
+ * programs to handles of one source from one thread at a time), and its weights must not be
+ * written while it exists. Split attention follows source's setting. */
+lt_metal *lt_metal_create_shared(lt_metal *source, const size_t sizes[LT_N_ARENAS], int *err, char *err_msg,
+                                 size_t err_cap);
+
 /* Validates a program against the arenas, creates the pipelines of the kernels it uses and
  * records it into its own indirect command buffer. Programs (decode, prefill, ...) share the
  * arenas. Returns the program's id (>= 0) or -LT_METAL_ERR_*. */

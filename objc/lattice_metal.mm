@@ -90,6 +90,7 @@ struct lt_metal;
 @end
 
 struct lt_metal {
+    lt_metal *source;  // lt_metal_create_shared: weights, consts and pipelines come from it
     id<MTLDevice> device;
     id<MTLCommandQueue> queue;
     std::vector<id<MTLLibrary> > libraries;
@@ -635,11 +636,21 @@ static size_t workspace_bytes(const lt_metal *m, const lt_dispatch *d, uint32_t 
     return 16 + (size_t)d->grid[1] * a->n_heads * splits * (a->head_dim + 2) * sizeof(float);
 }
 
+static bool from_source(const lt_metal *m, uint32_t arena)
+{
+    return m->source && (arena == LT_ARENA_WEIGHTS || arena == LT_ARENA_CONST);
+}
+
 static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
 {
     id<MTLCommandBuffer> cb = [m->queue commandBuffer];
     id<MTLBlitCommandEncoder> enc = [cb blitCommandEncoder];
     for (uint32_t a = 0; a < LT_N_ARENAS; a++) {
+        if (from_source(m, a)) {
+            m->arenas[a] = [m->source->arenas[a] retain];
+            keep_resident(m, m->arenas[a]);
+            continue;
+        }
         // Metal rejects zero-length buffers; fills need multiples of 4 on macOS
         size_t n = m->sizes[a] ? (m->sizes[a] + 15) / 16 * 16 : 16;
         MTLResourceOptions opt = is_private(a) ? MTLResourceStorageModePrivate : MTLResourceStorageModeShared;
@@ -657,7 +668,7 @@ static int make_arenas(lt_metal *m, const uint8_t *consts, size_t n_consts)
     [enc endEncoding];
     [cb commit];
     [cb waitUntilCompleted];
-    if (n_consts) memcpy([m->arenas[LT_ARENA_CONST] contents], consts, n_consts);
+    if (n_consts && !m->source) memcpy([m->arenas[LT_ARENA_CONST] contents], consts, n_consts);
     m->zeros = [m->device newBufferWithLength:ZEROS_BYTES options:MTLResourceStorageModeShared];
     if (!m->zeros) {
         set_error(m, "cannot allocate the zero buffer");
@@ -778,6 +789,40 @@ static void keep_resident(lt_metal *m, id<MTLBuffer> buffer)
 #endif
 }
 
+lt_metal *lt_metal_create_shared(lt_metal *source, const size_t sizes[LT_N_ARENAS], int *err, char *err_msg,
+                                 size_t err_cap)
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    lt_metal *m = new lt_metal();
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_cond_init(&m->cond, NULL);
+    m->source = source;
+    for (uint32_t a = 0; a < LT_N_ARENAS; a++) m->sizes[a] = from_source(m, a) ? source->sizes[a] : sizes[a];
+    m->device = [source->device retain];
+    for (size_t i = 0; i < source->libraries.size(); i++) m->libraries.push_back([source->libraries[i] retain]);
+    m->attention_splits = source->attention_splits;
+    m->warm_pipelines = source->warm_pipelines;
+    m->queue = [m->device newCommandQueue];
+    int e = 0;
+    if (!m->queue) {
+        set_error(m, "cannot create a command queue");
+        e = LT_METAL_ERR_DEVICE;
+    }
+    if (!e) e = make_arenas(m, NULL, 0);
+    if (!e) {
+        m->completion = [[LTMetalCompletion alloc] init];
+        m->completion->_m = m;
+    }
+    *err = e;
+    if (err_msg && err_cap) snprintf(err_msg, err_cap, "%s", m->error);
+    [pool drain];
+    if (e) {
+        lt_metal_free(m);
+        return NULL;
+    }
+    return m;
+}
+
 lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts, size_t n_consts,
                           const char *library, int *err, char *err_msg, size_t err_cap)
 {
@@ -815,9 +860,16 @@ int lt_metal_add_program(lt_metal *m, const lt_dispatch *prog, uint32_t n)
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     m->error[0] = 0;
     int e = check_program(m, prog, n, m->sizes[LT_ARENA_CONST]);
-    for (uint32_t i = 0; i < n && !e; i++)
-        if (!m->pipelines[prog[i].kernel])
-            m->pipelines[prog[i].kernel] = make_pipeline(m, KERNEL_NAMES[prog[i].kernel], prog[i].kernel, &e);
+    for (uint32_t i = 0; i < n && !e; i++) {
+        uint32_t k = prog[i].kernel;
+        if (m->pipelines[k]) continue;
+        if (m->source && m->source->pipelines[k]) {
+            m->pipelines[k] = [m->source->pipelines[k] retain];
+            continue;
+        }
+        m->pipelines[k] = make_pipeline(m, KERNEL_NAMES[k], k, &e);
+        if (m->pipelines[k] && m->source) m->source->pipelines[k] = [m->pipelines[k] retain];  // for the next session
+    }
     if (!e) e = prepare_splits(m, prog, n);
     Program p = Program();
     if (!e) e = record(m, prog, n, &p);

@@ -10,6 +10,7 @@ Every backend is a C table the same Cython loop drives. Here, without a GPU or a
 Each must give exactly the CPU backend's tokens (greedy), with K = 1 and K = 8.
 """
 import copy
+import ctypes
 import glob
 import os
 import subprocess
@@ -261,6 +262,48 @@ def test_bad_steps_per_call():
         R.Runtime(program("tiny-llama"), backend=R.cpu_backend(steps=129, mirrored=True))
 
 
+# ------------------------------------------------------------------------------------ sessions share the weights
+def test_metal_sessions_share_the_weights(metal_files):
+    """The Runtime uploads the weights once (into a handle it owns); every session's handle uses
+    that buffer: one weights allocation and one upload for two sessions, tokens as alone."""
+    bridge, lib = metal_files
+    fake = ctypes.CDLL(bridge)  # the library the runtime loaded: the same fake, the same counters
+    for name in ("fake_metal_buffers_labeled", "fake_metal_copies_into"):
+        getattr(fake, name).restype, getattr(fake, name).argtypes = ctypes.c_long, [ctypes.c_char_p]
+    fake.fake_metal_reset.argtypes = [ctypes.c_uint64, ctypes.c_int64]
+    fake.fake_metal_violation.restype = ctypes.c_char_p
+    fake.fake_metal_reset(1, 1007)
+    cpu = cpu_runtime("tiny-qwen35")
+    want = {n: cpu.generate(cpu.new_state(), PROMPT[:n], N)["tokens"] for n in (3, 4)}
+
+    rt = R.Runtime(program("tiny-qwen35"), backend=R.metal_backend(bridge, lib, steps=8))
+    a = rt.new_state()
+    uploads = fake.fake_metal_copies_into(b"lattice weights")
+    assert fake.fake_metal_buffers_labeled(b"lattice weights") == 1 and uploads >= 1
+    b = rt.new_state()
+    assert fake.fake_metal_buffers_labeled(b"lattice weights") == 1
+    assert fake.fake_metal_copies_into(b"lattice weights") == uploads
+    assert fake.fake_metal_buffers_labeled(b"lattice state") == 3  # the Runtime's (token-sized) and one per session
+    assert rt.generate(a, PROMPT, N)["tokens"] == want[4]
+    assert rt.generate(b, PROMPT[:3], N)["tokens"] == want[3]
+    del a  # the weights belong to the Runtime, not to the first session
+    assert rt.generate(b, PROMPT, N)["tokens"] == want[4]
+    R.Runtime(program("tiny-qwen35"), backend=R.metal_backend(bridge, lib)).new_state()
+    assert fake.fake_metal_buffers_labeled(b"lattice weights") == 2  # another model object: its own
+    assert fake.fake_metal_violation() == b""
+
+
+def test_cpu_mirrored_sessions_generate_independently():
+    """Interleaved sessions of one Runtime on the device path of the loop: each its own tokens."""
+    cpu = cpu_runtime("tiny-llama")
+    want = {n: cpu.generate(cpu.new_state(), PROMPT[:n], N)["tokens"] for n in (3, 4)}
+    rt = mirrored("tiny-llama", 8)
+    a, b = rt.new_state(), rt.new_state()
+    assert rt.generate(a, PROMPT, N)["tokens"] == want[4]
+    assert rt.generate(b, PROMPT[:3], N)["tokens"] == want[3]
+    assert rt.generate(a, PROMPT, N)["tokens"] == want[4]
+
+
 # ------------------------------------------------------------------------------------ counters
 def test_cpu_counters_one_kernel_run_per_step_no_submissions():
     rt = cpu_runtime("tiny-llama")
@@ -425,6 +468,7 @@ BRIDGE_SIGNATURES = r"""
 /* the types lattice/_runtime.pyx calls these functions through (cuda_api, metal_api), with the
    handle as the bridge's own pointer type (void * in the runtime: the same ABI) */
 lt_cuda *(*cuda_create)(const size_t *, int, char *, size_t) = lt_cuda_create;
+lt_cuda *(*cuda_create_shared)(const lt_cuda *, const size_t *, char *, size_t) = lt_cuda_create_shared;
 int (*cuda_add_program)(lt_cuda *, const lt_dispatch *, uint32_t, const uint8_t *, size_t, uint32_t,
                         uint32_t *) = lt_cuda_add_program;
 int (*cuda_write)(lt_cuda *, uint32_t, size_t, const void *, size_t) = lt_cuda_write;
@@ -436,6 +480,7 @@ void (*cuda_counters)(const lt_cuda *, lt_cuda_counters *) = lt_cuda_counters_ge
 const char *(*cuda_message)(lt_cuda *) = lt_cuda_message;
 void (*cuda_free)(lt_cuda *) = lt_cuda_free;
 lt_metal *(*metal_create)(const size_t *, const uint8_t *, size_t, const char *, int *, char *, size_t) = lt_metal_create;
+lt_metal *(*metal_create_shared)(lt_metal *, const size_t *, int *, char *, size_t) = lt_metal_create_shared;
 int (*metal_add_program)(lt_metal *, const lt_dispatch *, uint32_t) = lt_metal_add_program;
 int (*metal_write)(lt_metal *, uint32_t, size_t, const void *, size_t) = lt_metal_write;
 int (*metal_read)(lt_metal *, uint32_t, size_t, void *, size_t) = lt_metal_read;

@@ -64,6 +64,7 @@ struct lt_cuda {
     cudaEvent_t copied[2] = {};
     uint32_t n_launched = 0, n_waited = 0;
     lt_cuda_counters counters = {};
+    bool weights_borrowed = false;  /* arena[WEIGHTS] belongs to the handle it was created from */
     char msg[256] = "";
 };
 
@@ -338,7 +339,8 @@ void lt_cuda_free(lt_cuda *c) {
         delete p;
     }
     for (int i = 0; i < LT_N_ARENAS; i++)
-        cudaFree(c->arena[i]);
+        if (!(i == LT_ARENA_WEIGHTS && c->weights_borrowed))
+            cudaFree(c->arena[i]);
     for (int i = 0; i < 2; i++) {
         if (c->pinned[i])
             cudaFreeHost(c->pinned[i]);
@@ -363,7 +365,7 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     for (int i = 0; i < 2; i++)
         CK(cudaEventCreateWithFlags(&c->copied[i], cudaEventDisableTiming));
     for (int i = 0; i < LT_N_ARENAS; i++) {
-        if (i == LT_ARENA_CONST)
+        if (i == LT_ARENA_CONST || (i == LT_ARENA_WEIGHTS && c->weights_borrowed))
             continue;
         size_t n = sizes[i] > 64 ? sizes[i] : 64;
         if (i == LT_ARENA_STEP && n < sizeof(lt_step_args))
@@ -381,6 +383,24 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaGetLastError());
     CK(cudaStreamSynchronize(c->stream));
     return LT_OK;
+}
+
+lt_cuda *lt_cuda_create_shared(const lt_cuda *source, const size_t sizes[LT_N_ARENAS], char *msg, size_t msg_n) {
+    lt_cuda *c = new lt_cuda;
+    c->device = source->device;
+    c->weights_borrowed = true;
+    c->arena[LT_ARENA_WEIGHTS] = source->arena[LT_ARENA_WEIGHTS];
+    c->size[LT_ARENA_WEIGHTS] = source->size[LT_ARENA_WEIGHTS];
+    /* the weights' upload ran on the source's stream: done before this handle's first launch */
+    cudaError_t e = cudaStreamSynchronize(source->stream);
+    if (e != cudaSuccess)
+        snprintf(c->msg, sizeof c->msg, "cudaStreamSynchronize: %s", cudaGetErrorString(e));
+    if (e != cudaSuccess || create(c, sizes) != LT_OK) {
+        snprintf(msg, msg_n, "%s", c->msg);
+        lt_cuda_free(c);
+        return nullptr;
+    }
+    return c;
 }
 
 lt_cuda *lt_cuda_create(const size_t sizes[LT_N_ARENAS], int device, char *msg, size_t msg_n) {

@@ -28,6 +28,11 @@ typedef struct lt_cuda lt_cuda;
  * zeroed, on device `device`. Returns NULL on failure with the reason in msg. */
 lt_cuda *lt_cuda_create(const size_t sizes[LT_N_ARENAS], int device, char *msg, size_t msg_n);
 
+/* A handle whose WEIGHTS arena is `source`'s (not uploaded again; sizes[WEIGHTS] is ignored), on
+ * its device, with its own other arenas and stream: a second session of one model. `source` must
+ * outlive it and its weights must not be written while it exists. */
+lt_cuda *lt_cuda_create_shared(const lt_cuda *source, const size_t sizes[LT_N_ARENAS], char *msg, size_t msg_n);
+
 /* Validates a program against the arenas and adds it; max_tokens bounds T of its runs (sizes its
  * workspaces). Returns the program's index (>= 0), or -LT_ERR_* with *err_index = the dispatch. */
 int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts,

@@ -56,6 +56,8 @@ std::mutex g_lock;
 std::string g_violation;  // first rule violation since the last fake_metal_reset
 uint64_t g_seed = 1;
 MTLGPUFamily g_family = MTLGPUFamilyApple7;
+// Since the last reset, per buffer label: buffers given it, blit copies into them (test hooks)
+std::map<std::string, long> g_labeled, g_copies_into;
 
 void violation(std::string &pending, const std::string &message)
 {
@@ -84,7 +86,13 @@ typedef void (*LaunchFn)(const msl_rt::Launch *);
 - (void *)contents { return _private ? NULL : _mem; }
 - (NSUInteger)length { return _length; }
 - (NSString *)label { return _label; }
-- (void)setLabel:(NSString *)label { [_label release]; _label = [label copy]; }
+- (void)setLabel:(NSString *)label
+{
+    [_label release];
+    _label = [label copy];
+    std::lock_guard<std::mutex> hold(g_lock);
+    g_labeled[std::string([label UTF8String])]++;
+}
 @end
 
 static std::string buffer_name(FakeBuffer *b)
@@ -436,6 +444,10 @@ struct Op {
     op.dst_off = dof;
     op.size = size;
     _cb->_ops->push_back(op);
+    if (d->_label) {
+        std::lock_guard<std::mutex> hold(g_lock);
+        g_copies_into[std::string([d->_label UTF8String])]++;
+    }
 }
 - (void)fillBuffer:(id<MTLBuffer>)buffer range:(NSRange)range value:(uint8_t)value
 {
@@ -747,12 +759,28 @@ const char *fake_metal_violation(void)
     return copy.c_str();
 }
 
-// Clears the violation, seeds the ICB shuffle, and picks the GPU family the device reports
+// Buffers labeled `label` since the last reset (the bridge labels each arena it allocates), and
+// blit copies encoded into buffers with that label (uploads to private arenas).
+long fake_metal_buffers_labeled(const char *label)
+{
+    std::lock_guard<std::mutex> hold(g_lock);
+    return g_labeled[label];
+}
+
+long fake_metal_copies_into(const char *label)
+{
+    std::lock_guard<std::mutex> hold(g_lock);
+    return g_copies_into[label];
+}
+
+// Clears the violation and the counters, seeds the ICB shuffle, and picks the GPU family the device reports
 // (1007 = Apple7 / M1 ... 1009 = Apple9 / M3).
 void fake_metal_reset(uint64_t seed, int64_t family)
 {
     std::lock_guard<std::mutex> hold(g_lock);
     g_violation.clear();
+    g_labeled.clear();
+    g_copies_into.clear();
     g_seed = seed;
     g_family = (MTLGPUFamily)family;
 }
