@@ -53,10 +53,11 @@ lt_metal *lt_metal_create(const size_t sizes[LT_N_ARENAS], const uint8_t *consts
 /* A second session of `source`'s model: its WEIGHTS and CONST arenas, libraries and device are
  * `source`'s (retained: the weights are not uploaded or allocated again, sizes[WEIGHTS] and
  * sizes[CONST] are ignored), pipelines are taken from `source` and the ones this handle creates
- * are left there for the next session; state, scratch, step and output arenas, the queue and the
- * recorded programs are its own. `source` must outlive it (its pipeline table is shared: add
- * programs to handles of one source from one thread at a time), and its weights must not be
- * written while it exists. Split attention follows source's setting. */
+ * are left there for the next session; state, scratch, step and output arenas, the queue, the
+ * recorded programs and the split-attention reduce pipeline are its own. `source` must outlive
+ * it while programs are added (its pipeline table is shared: add programs to handles of one
+ * source from one thread at a time); its weights must not be written while it exists. Split
+ * attention follows source's setting. */
 lt_metal *lt_metal_create_shared(lt_metal *source, const size_t sizes[LT_N_ARENAS], int *err, char *err_msg,
                                  size_t err_cap);
 

@@ -272,6 +272,7 @@ def test_metal_sessions_share_the_weights(metal_files):
         getattr(fake, name).restype, getattr(fake, name).argtypes = ctypes.c_long, [ctypes.c_char_p]
     fake.fake_metal_reset.argtypes = [ctypes.c_uint64, ctypes.c_int64]
     fake.fake_metal_violation.restype = ctypes.c_char_p
+    fake.fake_metal_pipelines_created.restype = ctypes.c_long
     fake.fake_metal_reset(1, 1007)
     cpu = cpu_runtime("tiny-qwen35")
     want = {n: cpu.generate(cpu.new_state(), PROMPT[:n], N)["tokens"] for n in (3, 4)}
@@ -279,10 +280,13 @@ def test_metal_sessions_share_the_weights(metal_files):
     rt = R.Runtime(program("tiny-qwen35"), backend=R.metal_backend(bridge, lib, steps=8))
     a = rt.new_state()
     uploads = fake.fake_metal_copies_into(b"lattice weights")
+    pipelines = fake.fake_metal_pipelines_created()
+    assert pipelines > 0
     assert fake.fake_metal_buffers_labeled(b"lattice weights") == 1 and uploads >= 1
     b = rt.new_state()
     assert fake.fake_metal_buffers_labeled(b"lattice weights") == 1
     assert fake.fake_metal_copies_into(b"lattice weights") == uploads
+    assert fake.fake_metal_pipelines_created() == pipelines  # the first session's, reused
     assert fake.fake_metal_buffers_labeled(b"lattice state") == 3  # the Runtime's (token-sized) and one per session
     assert rt.generate(a, PROMPT, N)["tokens"] == want[4]
     assert rt.generate(b, PROMPT[:3], N)["tokens"] == want[3]

@@ -58,6 +58,7 @@ uint64_t g_seed = 1;
 MTLGPUFamily g_family = MTLGPUFamilyApple7;
 // Since the last reset, per buffer label: buffers given it, blit copies into them (test hooks)
 std::map<std::string, long> g_labeled, g_copies_into;
+long g_pipelines;  // compute pipelines created since the last reset
 
 void violation(std::string &pending, const std::string &message)
 {
@@ -713,6 +714,10 @@ static void worker()
 {
     FakePipeline *p = [[FakePipeline alloc] init];
     p->_function = (FakeFunction *)[[d computeFunction] retain];
+    {
+        std::lock_guard<std::mutex> hold(g_lock);
+        g_pipelines++;
+    }
     p->_icb = [d supportIndirectCommandBuffers];
     return p;
 }
@@ -767,6 +772,12 @@ long fake_metal_buffers_labeled(const char *label)
     return g_labeled[label];
 }
 
+long fake_metal_pipelines_created(void)
+{
+    std::lock_guard<std::mutex> hold(g_lock);
+    return g_pipelines;
+}
+
 long fake_metal_copies_into(const char *label)
 {
     std::lock_guard<std::mutex> hold(g_lock);
@@ -781,6 +792,7 @@ void fake_metal_reset(uint64_t seed, int64_t family)
     g_violation.clear();
     g_labeled.clear();
     g_copies_into.clear();
+    g_pipelines = 0;
     g_seed = seed;
     g_family = (MTLGPUFamily)family;
 }
