@@ -615,6 +615,8 @@ int lt_cuda_wait(lt_cuda *c, const void **host) {
 }
 
 int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T) {
+    if (c->n_launched != c->n_waited)  /* its wait would return an earlier launch's result */
+        return LT_ERR_ARGS;
     int e = lt_cuda_launch(c, prog, n_steps, T, 0, 0);
     return e != LT_OK ? e : lt_cuda_wait(c, nullptr);
 }

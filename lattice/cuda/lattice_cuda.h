@@ -58,7 +58,7 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
  * error code (LT_OK, LT_ERR_*), LT_ERR_ARGS (nothing pending) or LT_ERR_CUDA. */
 int lt_cuda_wait(lt_cuda *c, const void **host);
 
-/* lt_cuda_launch + lt_cuda_wait without the output copy. */
+/* lt_cuda_launch + lt_cuda_wait without the output copy; LT_ERR_ARGS while a launch is pending. */
 int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T);
 
 /* Counters since creation (lattice-bench): runs and launches, prefill included. */
