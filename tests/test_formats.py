@@ -782,3 +782,14 @@ def test_safetensors_truncated_fixture(tmp_path):
     for cut in (5, 100, len(good) - 1):
         with pytest.raises(ModelFormatError, match="model.safetensors"):
             open_checkpoint(_bad_safetensors(tmp_path, good[:cut]))
+
+
+@pytest.mark.parametrize("model_type, key", [("llama", "mlp_bias"), ("llama", "attention_bias"),
+                                             ("qwen2", "use_sliding_window")])
+def test_unmodelled_features_are_refused(model_type, key):
+    from lattice.formats.hf_config import config_from_hf
+    cfg = {"model_type": model_type, "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 2, key: True}
+    config_from_hf(dict(cfg, **{key: False}), "x/config.json")   # the same config without it loads
+    with pytest.raises(UnsupportedModelError, match=f"x/config.json.*{key}"):
+        config_from_hf(cfg, "x/config.json")

@@ -71,6 +71,15 @@ def config_from_hf(cfg: dict, path="config.json") -> ModelConfig:
             text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
         cfg, model_type = text, "qwen3_5_text"
 
+    # features no family file models: refuse them rather than run a silently different model
+    unsupported = [("mlp_bias", "MLP biases"), ("use_sliding_window", "sliding-window attention")]
+    if model_type == "llama":
+        unsupported.append(("attention_bias", "attention biases"))
+    for key, what in unsupported:
+        if cfg.get(key):
+            raise UnsupportedModelError(f"{path}: {what} ({key}: true) are not supported for "
+                                        f"model_type {model_type!r}")
+
     try:
         hidden = _field(cfg, "hidden_size", path)
         heads = _field(cfg, "num_attention_heads", path)
