@@ -912,15 +912,7 @@ cdef class State:
     def _prepare(self, ids):
         """Reuse the cached prefix for ids; returns the number of reused tokens."""
         h = self.history
-        if self._stale:
-            reuse = 0
-        elif self._prog.recurrent:
-            reuse = len(h) if len(h) < len(ids) and ids[:len(h)] == h else 0
-        else:
-            n = min(len(h), len(ids) - 1)
-            reuse = 0
-            while reuse < n and h[reuse] == ids[reuse]:
-                reuse += 1
+        reuse = 0 if self._stale else self._prog.reusable_prefix(h, ids)
         if reuse == 0:
             self._restart()
         self.history = h[:reuse]

@@ -794,6 +794,18 @@ class Program:
     def vocab(self):
         return self.config.vocab_size
 
+    def reusable_prefix(self, history, ids) -> int:
+        """How many leading tokens of ids a session whose cache holds `history` can keep.
+        Attention-only programs keep the longest common prefix (later KV entries are overwritten);
+        a recurrent state cannot rewind, so it is kept only when ids extend the whole history.
+        At least one token of ids is always left to prefill (its logits give the next token)."""
+        if self.recurrent:
+            return len(history) if len(history) < len(ids) and ids[:len(history)] == history else 0
+        n, reuse = min(len(history), len(ids) - 1), 0
+        while reuse < n and history[reuse] == ids[reuse]:
+            reuse += 1
+        return reuse
+
     def stats(self, variant="decode"):
         """Dispatch counts of one replay: total, barriers, per kernel, and per layer type (total
         and per layer), plus those outside the layers (embed, lm_head, sample)."""
