@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from lattice.bench import cli, engines, make_model as mm, stats
 from lattice.bench.engines import Engine, Timing
 from lattice.bench.load import LoadProcesses
-from lattice.bench.runner import Settings, measure_engine, prompt_ids, run_in_worker, run_spec
+from lattice.bench.runner import EngineHost, EngineWorker, Settings, measure, prompt_ids
 from lattice.bench.stats import BenchError
 from lattice.errors import ConfigError, LatticeError
 
@@ -94,15 +94,20 @@ def test_degradation():
 # ---------------------------------------------------------------------------------------------
 # a synthetic engine with exact times
 
+CALLS = []          # (spec, prompt length, n) of every generate() call of every FakeEngine, in order
+
+
 class FakeEngine(Engine):
     """T(prompt P, n tokens) = overhead + P * prefill + n * decode * (1 + jitter of the call)."""
     kind = "fake"
     formats = ("gguf", "hf")
     DECODE_S, PREFILL_S, OVERHEAD_S = 0.01, 0.001, 0.05
+    instances = []
 
     def __init__(self, spec, options):
         super().__init__(spec, options)
-        self.calls, self.jitter, self.short_by = [], [0.0], 0
+        self.calls, self.jitter, self.short_by, self.short_at = [], [0.0], 0, None
+        FakeEngine.instances.append(self)
 
     def load(self, model_path, threads, context):
         self.loaded = (model_path, threads, context)
@@ -112,18 +117,38 @@ class FakeEngine(Engine):
 
     def generate(self, prompt_ids, n):
         j = self.jitter[len(self.calls) % len(self.jitter)]
+        short = self.short_by if self.short_at is None or len(self.calls) >= self.short_at else 0
         self.calls.append((len(prompt_ids), n))
+        CALLS.append((self.spec, len(prompt_ids), n))
         return Timing(self.OVERHEAD_S + len(prompt_ids) * self.PREFILL_S + n * self.DECODE_S * (1 + j),
-                      n - self.short_by)
+                      n - short)
 
     def info(self):
         return {"backend": "fake", "quant": "none"}
 
+    def counters(self):
+        """Like the runtime's: 2 steps and 1 submission per token (prefill counted as one token)."""
+        tokens = sum(n for _, n in self.calls)
+        return {"backend": "fake", "tokens": tokens, "steps": 2 * tokens, "dispatches_per_step": 7,
+                "submissions": tokens, "backend_calls": tokens, "api_calls": 10 * tokens}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes():
+    FakeEngine.instances.clear()
+    CALLS.clear()
+
+
+def measure_fakes(s, *specs, registry=None):
+    """measure() over in-process hosts of fake engines; returns the records and the engines."""
+    reg = {"fake": FakeEngine, **(registry or {})}
+    recs = measure([EngineHost(spec, {"gguf": "model.gguf"}, s, reg) for spec in specs], s)
+    return recs, list(FakeEngine.instances)
+
 
 def test_protocol_end_to_end_with_exact_times():
-    eng = FakeEngine("fake", [])
     s = Settings(n1=64, n2=512, warmup=2, runs=15, pp=512, prompt_tokens=16, threads=3)
-    rec = measure_engine(eng, "model.gguf", s)
+    (rec,), (eng,) = measure_fakes(s, "fake")
     assert eng.loaded == ("model.gguf", 3, s.context)
     # every run: one N1, one N2, one prefill (max_tokens=1); warm-ups included
     assert len(eng.calls) == 3 * (2 + 15)
@@ -135,24 +160,54 @@ def test_protocol_end_to_end_with_exact_times():
     p = rec["unloaded"]["prefill"]
     assert p["median"] == pytest.approx(512 / (0.05 + 0.512 + 0.01), rel=1e-12)
     assert rec["unloaded"]["ttft_ms"]["median"] == pytest.approx(572.0, rel=1e-12)
-    assert "loaded" not in rec and rec["info"]["backend"] == "fake"
+    assert "loaded" not in rec and rec["info"]["backend"] == "fake" and rec["peak_rss_mb"] > 0
 
 
 def test_protocol_slope_follows_jitter():
-    eng = FakeEngine("fake", [])
     # calls per run: N1, N2, prefill (even runs); N2, N1, prefill (odd runs). Jitter only on run 0's N2.
-    eng.jitter = [0.0] * 6 + [0.0, 0.25, 0.0] + [0.0] * 3
     s = Settings(n1=64, n2=512, warmup=2, runs=2, pp=512, prompt_tokens=16)
-    rec = measure_engine(eng, "m", s)
+
+    class Jittery(FakeEngine):
+        def __init__(self, spec, options):
+            super().__init__(spec, options)
+            self.jitter = [0.0] * 6 + [0.0, 0.25, 0.0] + [0.0] * 3
+    (rec,), _ = measure_fakes(s, "jittery", registry={"jittery": Jittery})
     slope0 = 448 / (0.05 + 0.016 + 5.12 * 1.25 - (0.05 + 0.016 + 0.64))
     assert rec["unloaded"]["decode_tps"] == pytest.approx([slope0, 100.0], rel=1e-12)
 
 
-def test_protocol_rejects_short_generation():
-    eng = FakeEngine("fake", [])
-    eng.short_by = 1
-    with pytest.raises(BenchError, match="produced 63 tokens when asked for 64"):
-        measure_engine(eng, "m", Settings(runs=2, warmup=0))
+def test_runs_interleave_between_engines():
+    """Warm-ups first, then run r of every engine before run r + 1 of any; the engine that goes first
+    rotates; within a run N1/N2 order alternates."""
+    measure_fakes(Settings(n1=2, n2=5, warmup=2, runs=3, pp=7, prompt_tokens=3), "fake:a", "fake:b")
+    even, odd = [(3, 2), (3, 5), (7, 1)], [(3, 5), (3, 2), (7, 1)]
+    expect = []
+    for r, first in ((0, "a"), (1, "b"), (0, "a"), (1, "b"), (2, "a")):      # 2 warm-ups, 3 measured runs
+        for spec in (["fake:a", "fake:b"] if first == "a" else ["fake:b", "fake:a"]):
+            expect += [(spec, p, n) for p, n in (even if r % 2 == 0 else odd)]
+    assert CALLS == expect
+
+
+def test_failing_engine_is_reported_and_the_others_go_on():
+    class Short(FakeEngine):
+        def __init__(self, spec, options):
+            super().__init__(spec, options)
+            self.short_by, self.short_at = 1, 6           # fine in the warm-up, short in measured run 0
+    recs, _ = measure_fakes(Settings(runs=3, warmup=2), "fake", "short", "fake:x", registry={"short": Short})
+    assert recs[1] == {"engine": "short", "status": "error",
+                       "reason": "short produced 63 tokens when asked for 64; the slope would be wrong"}
+    assert [r["status"] for r in recs] == ["ok", "error", "ok"]
+    assert recs[0]["unloaded"]["decode"]["n"] == 3 and recs[2]["unloaded"]["decode"]["n"] == 3
+
+
+def test_runtime_counters_per_phase():
+    s = Settings(n1=4, n2=8, warmup=1, runs=2, pp=5, prompt_tokens=3, load=1, load_device="cpu", load_duty=0.05)
+    (rec,), _ = measure_fakes(s, "fake")
+    for phase in ("unloaded", "loaded"):
+        c = rec[phase]["counters"]
+        assert c["tokens"] == 2 * (4 + 8 + 1)                   # the phase's runs only, not the warm-up
+        assert (c["steps_per_token"], c["submissions_per_token"], c["api_calls_per_token"]) == (2.0, 1.0, 10.0)
+        assert c["dispatches_per_step"] == 7 and c["backend"] == "fake"
 
 
 def test_prompt_ids_fixed_and_in_range():
@@ -182,13 +237,17 @@ def test_cli_run_tables_json_csv(tmp_path, fake_registry):
     res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "-e", "nosuch-but-skipped",
                                         "--runs", "3", "--warmup", "0", "--threads", "2",
                                         "--json", str(out_json), "--csv", str(out_csv), "--in-process"])
-    assert res.exit_code != 0 and "unknown engine 'nosuch-but-skipped'" in str(res.exception)
+    assert res.exit_code == 2 and "unknown engine 'nosuch-but-skipped'" in res.output
     res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "-e", "transformers",
                                         "--runs", "3", "--warmup", "0", "--threads", "2",
                                         "--json", str(out_json), "--csv", str(out_csv), "--in-process"])
     assert res.exit_code == 0, res.output
     assert "pp512" in res.output and "tg448" in res.output and "100.00 ± 0.00" in res.output
     assert "transformers: skipped: " in res.output
+    counters_row = next(line for line in res.output.splitlines() if "fake" in line and "unloaded" in line
+                        and line.count("|") == 9)
+    assert [c.strip() for c in counters_row.split("|")[1:-1]] == ["fake", "unloaded", "fake", "7", "2.000", "1.000",
+                                                                    "1.000", "10.0"]
     doc = json.loads(out_json.read_text())
     assert doc["settings"]["threads"] == 2 and "cpu" in doc["machine"] and "command" in doc["machine"]
     fake = doc["results"][0]
@@ -223,20 +282,20 @@ def test_help_documents_the_method():
     res = CliRunner().invoke(cli.main, ["run", "--help"])
     assert res.exit_code == 0
     for phrase in ("(N2 - N1) / (T(N2) - T(N1))", "N1=64, N2=512", "15 measured runs", "Student's t",
-                   "spread % = (max - min) / mean", "--load"):
+                   "spread % = (max - min) / mean", "--load", "interleaved"):
         assert phrase in res.output
 
 
 def test_skipped_when_not_installed_or_no_matching_file():
     class Missing(FakeEngine):
         package = "surely_not_an_installed_package_xyz"
-    r = run_spec("missing", {"gguf": "m.gguf"}, Settings(), {"missing": Missing})
+    r = EngineHost("missing", {"gguf": "m.gguf"}, Settings(), {"missing": Missing}).open()
     assert r == {"engine": "missing", "status": "skipped",
                  "reason": "not installed (surely_not_an_installed_package_xyz is missing)"}
 
     class HFOnly(FakeEngine):
         formats = ("hf",)
-    r = run_spec("hfonly", {"gguf": "m.gguf", "hf": None}, Settings(), {"hfonly": HFOnly})
+    r = EngineHost("hfonly", {"gguf": "m.gguf", "hf": None}, Settings(), {"hfonly": HFOnly}).open()
     assert r["status"] == "skipped" and "needs a model in hf format" in r["reason"]
 
 
@@ -249,8 +308,61 @@ def test_engine_specs_parse():
 
 
 def test_worker_process_reports_errors():
-    r = run_in_worker("nosuch", {"gguf": "m.gguf"}, Settings())
+    w = EngineWorker("nosuch", {"gguf": "m.gguf"}, Settings())
+    try:
+        r = w.open()
+    finally:
+        w.close()
     assert r["status"] == "error" and "unknown engine 'nosuch'" in r["reason"]
+    assert w.proc.returncode is not None                        # the worker is gone
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny SmolLM2-shaped model as an HF folder and as GGUF (f32)."""
+    out = tmp_path_factory.mktemp("tiny")
+    spec = mm.model_spec("smollm2-135m", tiny=True)
+    mm.write_hf(spec, str(out / "hf"), seed=1, dtype="f32")
+    return {"hf": str(out / "hf"), "gguf": mm.write_gguf(spec, str(out / "m.gguf"), seed=1, outtype="f32", dtype="f32")}
+
+
+def test_worker_processes_measure_a_tiny_model(tiny_model):
+    """Two Lattice backends, each in its own worker process, loaded once and interleaved."""
+    s = Settings(n1=2, n2=6, warmup=1, runs=2, pp=8, prompt_tokens=4, threads=1)
+    hosts = [EngineWorker("lattice:cpu", tiny_model, s), EngineWorker("lattice:reference", tiny_model, s)]
+    recs = measure(hosts, s)
+    assert [r["status"] for r in recs] == ["ok", "ok"], recs
+    cpu, ref = recs
+    assert cpu["model_file"] == tiny_model["gguf"] and cpu["info"]["backend"] == "cpu"
+    assert ref["info"]["backend"] == "reference" and ref["unloaded"]["counters"] is None
+    c = cpu["unloaded"]["counters"]
+    assert c["backend"] == "cpu" and c["tokens"] == 2 * (2 + 6 + 1) and c["dispatches_per_step"] > 0
+    assert c["submissions"] == 0 and c["backend_calls_per_token"] > 0
+    for r in recs:
+        assert len(r["unloaded"]["times_n2"]) == 2 and r["unloaded"]["decode"]["n"] == 2 and r["peak_rss_mb"] > 0
+    assert hosts[0].proc.pid != hosts[1].proc.pid and all(h.proc.returncode == 0 for h in hosts)
+
+
+def test_worker_that_dies_is_an_error(tiny_model):
+    s = Settings(n1=2, n2=4, runs=2, pp=4, prompt_tokens=2)
+    w = EngineWorker("lattice:cpu", tiny_model, s)
+    try:
+        assert w.open()["status"] == "ok"
+        assert set(w.run(0)) == {"n1", "n2", "prefill"}
+        w.proc.kill()
+        with pytest.raises(BenchError, match="the worker of lattice:cpu exited with code -9"):
+            w.run(1)
+    finally:
+        w.close()
+
+
+def test_worker_reports_a_bad_backend(tiny_model):
+    w = EngineWorker("lattice:nosuch", tiny_model, Settings())
+    try:
+        r = w.open()
+    finally:
+        w.close()
+    assert r["status"] == "error" and "unknown backend 'nosuch'" in r["reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +413,9 @@ def test_load_option_errors():
 
 
 def test_contention_mode_with_fake_engine():
-    eng = FakeEngine("fake", [])
     s = Settings(runs=2, warmup=0, load=1, load_device="cpu", load_duty=0.05)
-    rec = measure_engine(eng, "m", s)
+    (rec, other), _ = measure_fakes(s, "fake", "fake:2")
+    assert other["loaded"]["load"] == rec["loaded"]["load"]             # one load for all engines
     assert rec["loaded"]["decode"]["median"] == pytest.approx(100.0)
     assert rec["degradation_pct"]["decode"] == pytest.approx(0.0, abs=1e-9)
     assert rec["loaded"]["load"]["reported"] == 1
@@ -474,7 +586,7 @@ def test_cli_python_option_needs_kind_and_path(tmp_path):
 
 
 def test_worker_uses_the_given_interpreter():
-    r = run_in_worker("nosuch", {"gguf": "m.gguf"}, Settings(), python="/nonexistent/python")
+    r = EngineWorker("nosuch", {"gguf": "m.gguf"}, Settings(), python="/nonexistent/python").open()
     assert r["status"] == "error" and "cannot start the worker with /nonexistent/python" in r["reason"]
 
 

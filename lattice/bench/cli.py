@@ -14,7 +14,9 @@ from .engines import ENGINES
 from .load import check_load_options
 from .machine import machine_info
 from .make_model import GGUF_TYPES, HF_DTYPES, MODELS, model_spec, write_gguf, write_hf
-from .runner import Settings, run_in_worker, run_spec
+from .engines import make_engine
+from .runner import EngineHost, EngineWorker, Settings, measure
+from .stats import BenchError
 
 METHOD = """\
 \b
@@ -28,9 +30,13 @@ Method (see bench/README.md):
 - Statistics on the per-run slopes: median, 10% trimmed mean, stdev, a 95%
   confidence interval of the mean from Student's t, spread % = (max - min) / mean.
   Plain float arithmetic (math.fsum); nothing is truncated.
-- Each engine runs in its own fresh process, with the same thread count and the
-  same prompt token ids. Results record the machine, versions, model file,
-  quantization, backend, threads and the exact command line.
+- Each engine runs in its own worker process, which loads the model once; the
+  measured runs are interleaved between engines (run 1 of A, run 1 of B, run 2
+  of B, run 2 of A, ...: who goes first rotates), warm-ups first, so a change of
+  machine load hits every engine alike. Same thread count and prompt token ids
+  for every engine. Results record the machine, versions, model file,
+  quantization, backend, threads, runtime counters (Lattice: submissions and
+  backend calls per token, dispatches per step) and the exact command line.
 - --load N: N background processes run a small piece of work every period
   (default 0.2 ms every 10 ms, a 2% duty cycle) on the same device during a
   second, loaded measurement; the report gives each engine's throughput and
@@ -94,7 +100,8 @@ MLX read --hf.
               help="Draw decode tok/s distributions (needs matplotlib: pip install 'lattice[bench]').")
 @click.option("--python", "pythons", multiple=True, metavar="KIND=PYTHON",
               help="Interpreter for one engine kind, e.g. llama.cpp=/opt/venv/bin/python (repeatable).")
-@click.option("--in-process", is_flag=True, help="Run engines in this process (debugging).")
+@click.option("--in-process", is_flag=True,
+              help="Run engines in this process, still interleaved (debugging: errors raise).")
 def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prompt_tokens, load, load_duty,
             load_period_ms, load_device, json_path, csv_path, plot_path, pythons, in_process):
     if plot_path:
@@ -116,16 +123,20 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
         check_load_options(load, load_duty, load_period_ms, s.load_device)
     except LatticeError as e:
         raise click.BadParameter(str(e)) from None
+    for spec in engines:
+        try:
+            make_engine(spec, ENGINES)
+        except BenchError as e:
+            raise click.BadParameter(str(e), param_hint="--engine") from None
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     files = {"gguf": gguf_path, "hf": hf_path}
-    results = []
-    for spec in engines:
-        click.echo(f"[{spec}] measuring ...", err=True)
-        python = interpreters.get(spec.split(":")[0])
-        rec = run_spec(spec, files, s, ENGINES) if in_process else run_in_worker(spec, files, s, python)
+    hosts = [EngineHost(spec, files, s, ENGINES) if in_process else
+             EngineWorker(spec, files, s, interpreters.get(spec.split(":")[0])) for spec in engines]
+    click.echo(f"measuring {', '.join(engines)} (interleaved) ...", err=True)
+    results = measure(hosts, s)
+    for rec in results:
         if rec["status"] != "ok":
-            click.echo(f"[{spec}] {rec['status']}: {rec['reason']}", err=True)
-        results.append(rec)
+            click.echo(f"[{rec['engine']}] {rec['status']}: {rec['reason']}", err=True)
     doc = {"machine": machine_info(), "settings": vars(s), "files": files, "results": results}
     click.echo(render_report(doc))
     if json_path:
@@ -208,8 +219,21 @@ def render_report(doc: dict) -> str:
                    "; by CUDA events, queueing included: "
                    + ", ".join(f"{r['engine']} {_fmt(r['loaded']['load'].get('share_events_pct', math.nan))}%"
                                for r in ok if "loaded" in r) + ")")]
+    rows = []
+    for r in ok:
+        for phase in ("unloaded", "loaded"):
+            c = r.get(phase, {}).get("counters")
+            if c:
+                rows.append([r["engine"], phase, str(c["backend"]), str(c["dispatches_per_step"]),
+                             _fmt(c["steps_per_token"], 3), _fmt(c["submissions_per_token"], 3),
+                             _fmt(c["backend_calls_per_token"], 3), _fmt(c["api_calls_per_token"], 1)])
+    if rows:
+        out += ["", _table(["engine", "phase", "runtime", "dispatches/step", "steps/token", "submissions/token",
+                            "backend calls/token", "API calls/token"], rows),
+                "(runtime counters over the measured runs; submissions: Metal command buffers, CUDA graph "
+                "launches; API calls: device API calls of the host, CPU kernel runs on the CPU)"]
     rows = [[r["engine"], os.path.basename(r["model_file"]), _fmt(_size_mb(r["model_file"]), 1),
-             _fmt(r["peak_rss_mb"], 1), _fmt(r["load_s"])] for r in ok]
+             _fmt(r.get("peak_rss_mb") or math.nan, 1), _fmt(r["load_s"])] for r in ok]
     if rows:
         out += ["", _table(["engine", "model", "model MB", "peak RSS MB", "load s"], rows)]
     for r in doc["results"]:

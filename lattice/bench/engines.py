@@ -55,6 +55,10 @@ class Engine:
         """Versions, backend, precision, device: recorded with every result."""
         return {}
 
+    def counters(self) -> dict | None:
+        """The engine's own cumulative counters (Lattice: its runtime's State.counters()), or None."""
+        return None
+
     def close(self):
         pass
 
@@ -98,6 +102,12 @@ class LatticeEngine(Engine):
         import lattice
         return {"version": getattr(lattice, "__version__", None), "backend": self.model.backend,
                 "quant": self.quant or "as stored"}
+
+    def counters(self):
+        # the runtime's State.counters(): the public Session does not expose them (yet); the
+        # numpy reference backend has none
+        state = getattr(self.session._state, "st", None)
+        return state.counters() if hasattr(state, "counters") else None
 
 
 class LlamaCppEngine(Engine):

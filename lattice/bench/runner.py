@@ -1,22 +1,40 @@
-"""The measurement protocol, run for one engine (in a fresh worker process by default).
+"""The measurement protocol: every engine loaded once in its own worker process, measured runs
+interleaved between engines.
 
-Per measured run: T(N1) and T(N2) from the same decode prompt (their order alternates between runs so
-slow drift does not favour either), and the time to first token of a P-token prompt. Decode tok/s of
-the run = (N2 - N1) / (T(N2) - T(N1)); prefill tok/s = P / TTFT. Warm-up runs are discarded.
-With a load, the same runs are repeated while the load processes run.
+A run of one engine: T(N1) and T(N2) from the same decode prompt (their order alternates between
+runs so slow drift does not favour either), then the time to first token of a P-token prompt.
+Decode tok/s of the run = (N2 - N1) / (T(N2) - T(N1)); prefill tok/s = P / TTFT.
+
+Engines take turns run by run (run 0 of A, run 0 of B, run 1 of B, run 1 of A, ...: the engine that
+goes first rotates), so a change of machine load during the measurement hits every engine alike
+instead of skewing their ratio. Warm-up runs come first (interleaved the same way, discarded); with
+a load, the same runs are repeated while the load processes run, for all engines at once.
+
+Each engine lives in its own process (EngineWorker; EngineHost in this process with --in-process),
+which loads the model once and answers requests over a pipe, one JSON object a line:
+{"op": "open", "spec", "files", "settings"} -> the record's header (or a skip);
+{"op": "run", "index": r} -> {"n1", "n2", "prefill"} seconds, timed inside the worker;
+{"op": "counters"} -> the engine's runtime counters (or null); {"op": "close"} -> its peak RSS.
 """
 from __future__ import annotations
 
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 from .engines import Engine, EngineUnavailable, make_engine, pick_model_file
 from .load import LoadProcesses
 from .stats import BenchError, degradation_pct, slope_rates, summarize
+
+# Pause between two engines' runs: an engine's worker threads may spin for a while after a call
+# (OpenMP's default wait policy, ggml's thread pool polling); they go to sleep before the next
+# engine is timed.
+SWITCH_PAUSE_S = 0.02
 
 
 @dataclass
@@ -66,18 +84,160 @@ def _timed(engine: Engine, ids: list[int], n: int) -> float:
     return t.seconds
 
 
-def _phase(engine: Engine, s: Settings, decode_prompt, prefill_prompt, runs: int) -> dict:
-    t1, t2, tp = [], [], []
-    for r in range(runs):
-        if r % 2 == 0:
-            t1.append(_timed(engine, decode_prompt, s.n1))
-            t2.append(_timed(engine, decode_prompt, s.n2))
-        else:
-            t2.append(_timed(engine, decode_prompt, s.n2))
-            t1.append(_timed(engine, decode_prompt, s.n1))
-        tp.append(_timed(engine, prefill_prompt, 1))
-    return {"times_n1": t1, "times_n2": t2, "times_prefill": tp}
+class EngineHost:
+    """One engine, loaded once, answering measured runs. Runs in a worker process (see serve()), or
+    in the harness's own process with --in-process."""
 
+    def __init__(self, spec: str, files: dict, s: Settings, registry: dict | None = None):
+        self.spec, self.files, self.s, self.registry = spec, files, s, registry
+        self.engine: Engine | None = None
+
+    def open(self) -> dict:
+        """Load the model. Returns the engine's record: status ok, or skipped (package missing, no
+        model file it reads)."""
+        try:
+            engine = make_engine(self.spec, self.registry)
+            engine.check_installed()
+            path = pick_model_file(engine, self.files)
+        except EngineUnavailable as e:
+            return {"engine": self.spec, "status": "skipped", "reason": str(e)}
+        t0 = time.perf_counter()
+        engine.load(path, self.s.threads, self.s.context)
+        self.engine = engine
+        load_s = time.perf_counter() - t0
+        vocab = engine.vocab_size()
+        self.decode_prompt = prompt_ids(vocab, self.s.prompt_tokens)
+        self.prefill_prompt = prompt_ids(vocab, self.s.pp)
+        return {"engine": self.spec, "status": "ok", "model_file": path, "load_s": load_s, "info": engine.info()}
+
+    def run(self, index: int) -> dict:
+        """Run `index`: N1 then N2 (N2 first on odd runs), then the prefill; seconds of each."""
+        s, e, ids = self.s, self.engine, self.decode_prompt
+        if index % 2 == 0:
+            t1 = _timed(e, ids, s.n1)
+            t2 = _timed(e, ids, s.n2)
+        else:
+            t2 = _timed(e, ids, s.n2)
+            t1 = _timed(e, ids, s.n1)
+        return {"n1": t1, "n2": t2, "prefill": _timed(e, self.prefill_prompt, 1)}
+
+    def counters(self) -> dict | None:
+        return self.engine.counters() if self.engine else None
+
+    def close(self) -> dict:
+        if self.engine:
+            self.engine.close()
+            self.engine = None
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class EngineWorker:
+    """The parent's end of a worker process holding one EngineHost. `python` picks the interpreter
+    (e.g. a venv where only that engine is installed; this one by default). Engines do not share
+    thread pools, allocators or memory, and peak RSS is the engine's own. A reply that reports an
+    error, or a worker that dies, raises BenchError."""
+
+    def __init__(self, spec: str, files: dict, s: Settings, python: str | None = None):
+        self.spec, self.files, self.s = spec, files, s
+        self.python = python or sys.executable
+        self.proc: subprocess.Popen | None = None
+
+    def open(self) -> dict:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+        self.stderr = tempfile.TemporaryFile(mode="w+")   # a file: a chatty engine cannot fill a pipe
+        try:
+            self.proc = subprocess.Popen([self.python, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        except OSError as e:
+            return {"engine": self.spec, "status": "error",
+                    "reason": f"cannot start the worker with {self.python}: {e}"}
+        try:
+            return self._ask("open", spec=self.spec, files=self.files, settings=asdict(self.s))
+        except BenchError as e:
+            return {"engine": self.spec, "status": "error", "reason": str(e)}
+
+    def run(self, index: int) -> dict:
+        return self._ask("run", index=index)
+
+    def counters(self) -> dict | None:
+        return self._ask("counters")
+
+    def close(self) -> dict:
+        """Ask the worker to unload and exit; kill it if it does not. Returns its peak RSS (or {})."""
+        if self.proc is None:
+            return {}
+        out = {}
+        try:
+            if self.proc.poll() is None:
+                out = self._ask("close")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (BenchError, OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            self.kill()
+            self.stderr.close()
+        return out
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _ask(self, op: str, **args):
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.proc.wait()
+            raise BenchError(f"the worker of {self.spec} exited with code {self.proc.returncode}"
+                             f"{self._stderr_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BenchError(reply["error"])
+        return reply["ok"]
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        err = self.stderr.read().strip()
+        return f": {err[-3000:]}" if err else ""
+
+
+def serve():
+    """The worker's loop (python -m lattice.bench.runner): one request a line on stdin, one reply a
+    line on the original stdout. File descriptor 1 is pointed at stderr first, so whatever an engine
+    prints cannot corrupt the replies."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    host = None
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if req["op"] == "open":
+                host = EngineHost(req["spec"], req["files"], Settings(**req["settings"]))
+                out = host.open()
+            elif req["op"] == "run":
+                out = host.run(req["index"])
+            elif req["op"] == "counters":
+                out = host.counters()
+            elif req["op"] == "close":
+                out = host.close() if host else {}
+            else:
+                raise BenchError(f"unknown request {req['op']!r}")
+            reply = {"ok": out}
+        except Exception as e:   # reported, not raised: the other engines still run
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+        if req["op"] == "close":
+            break
+
+
+# -------------------------------------------------------------------------------------- the schedule
 
 def summarize_phase(raw: dict, s: Settings) -> dict:
     rates = slope_rates(s.n1, s.n2, raw["times_n1"], raw["times_n2"])
@@ -87,85 +247,97 @@ def summarize_phase(raw: dict, s: Settings) -> dict:
             "ttft_ms": summarize([t * 1e3 for t in raw["times_prefill"]]).to_dict()}
 
 
-def measure_engine(engine: Engine, model_path: str, s: Settings) -> dict:
-    """Load, warm up, measure (and again under load when s.load > 0). Returns the engine's record."""
+COUNTED = ("tokens", "steps", "submissions", "backend_calls", "api_calls")
+
+
+def counters_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The runtime counters of one phase (after - before), with per-token ratios over it."""
+    if before is None or after is None:
+        return None
+    d = {"backend": after.get("backend"), "dispatches_per_step": after.get("dispatches_per_step"),
+         **{k: after[k] - before[k] for k in COUNTED}}
+    for k in ("steps", "submissions", "backend_calls", "api_calls"):
+        d[f"{k}_per_token"] = d[k] / d["tokens"] if d["tokens"] else 0.0
+    return d
+
+
+class _Schedule:
+    """Engines taking turns run by run; an engine that fails is recorded as an error and leaves."""
+
+    def __init__(self, hosts: list, records: list[dict]):
+        self.hosts, self.records = hosts, records
+        self.live = [i for i, r in enumerate(records) if r["status"] == "ok"]
+
+    def phase(self, runs: int) -> dict:
+        """`runs` runs of every live engine, interleaved: run r starts at engine r mod k."""
+        raw = {i: {"times_n1": [], "times_n2": [], "times_prefill": []} for i in self.live}
+        for r in range(runs):
+            order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
+            for i in order:
+                if len(self.live) > 1:
+                    time.sleep(SWITCH_PAUSE_S)
+                try:
+                    t = self.hosts[i].run(r)
+                except BenchError as e:
+                    self.fail(i, e)
+                    continue
+                raw[i]["times_n1"].append(t["n1"])
+                raw[i]["times_n2"].append(t["n2"])
+                raw[i]["times_prefill"].append(t["prefill"])
+        return {i: v for i, v in raw.items() if i in self.live}
+
+    def counters(self) -> dict:
+        out = {}
+        for i in list(self.live):
+            try:
+                out[i] = self.hosts[i].counters()
+            except BenchError as e:
+                self.fail(i, e)
+        return out
+
+    def fail(self, i: int, e: Exception):
+        self.records[i] = {"engine": self.records[i]["engine"], "status": "error", "reason": str(e)}
+        self.live.remove(i)
+
+
+def measure(hosts: list, s: Settings) -> list[dict]:
+    """Open every engine (each loads its model), warm up, then measure them interleaved (and again
+    under load when s.load > 0). Returns one record per host, in order; hosts are closed at the end,
+    also on errors and Ctrl-C."""
     s.validate()
-    t0 = time.perf_counter()
-    engine.load(model_path, s.threads, s.context)
-    record = {"engine": engine.spec, "status": "ok", "model_file": model_path,
-              "load_s": time.perf_counter() - t0}
+    records: list[dict] = []
     try:
-        vocab = engine.vocab_size()
-        decode_prompt, prefill_prompt = prompt_ids(vocab, s.prompt_tokens), prompt_ids(vocab, s.pp)
-        record["info"] = engine.info()
-        if s.warmup:
-            _phase(engine, s, decode_prompt, prefill_prompt, s.warmup)
-        record["unloaded"] = summarize_phase(_phase(engine, s, decode_prompt, prefill_prompt, s.runs), s)
-        if s.load:
+        for h in hosts:
+            records.append(h.open())
+        sched = _Schedule(hosts, records)
+        sched.phase(s.warmup)
+        before = sched.counters()
+        unloaded = sched.phase(s.runs)
+        after = sched.counters()
+        for i in sched.live:
+            records[i]["unloaded"] = summarize_phase(unloaded[i], s)
+            records[i]["unloaded"]["counters"] = counters_delta(before.get(i), after.get(i))
+        if s.load and sched.live:
             with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
                                python=s.load_python or None) as lp:
-                raw = _phase(engine, s, decode_prompt, prefill_prompt, s.runs)
-            record["loaded"] = summarize_phase(raw, s)
-            record["loaded"]["load"] = lp.summary()
-            record["degradation_pct"] = {
-                "decode": degradation_pct(record["unloaded"]["decode"]["median"],
-                                          record["loaded"]["decode"]["median"]),
-                "prefill": degradation_pct(record["unloaded"]["prefill"]["median"],
-                                           record["loaded"]["prefill"]["median"])}
+                loaded = sched.phase(s.runs)
+            final = sched.counters()
+            for i in sched.live:
+                rec = records[i]
+                rec["loaded"] = summarize_phase(loaded[i], s)
+                rec["loaded"]["counters"] = counters_delta(after.get(i), final.get(i))
+                rec["loaded"]["load"] = lp.summary()
+                rec["degradation_pct"] = {
+                    "decode": degradation_pct(rec["unloaded"]["decode"]["median"], rec["loaded"]["decode"]["median"]),
+                    "prefill": degradation_pct(rec["unloaded"]["prefill"]["median"],
+                                               rec["loaded"]["prefill"]["median"])}
     finally:
-        engine.close()
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return record
-
-
-def run_spec(spec: str, files: dict, s: Settings, registry: dict | None = None) -> dict:
-    """Measure one engine spec in this process; a missing engine or model format becomes a skip."""
-    try:
-        engine = make_engine(spec, registry)
-        engine.check_installed()
-        path = pick_model_file(engine, files)
-        return measure_engine(engine, path, s)
-    except EngineUnavailable as e:
-        return {"engine": spec, "status": "skipped", "reason": str(e)}
-
-
-def run_in_worker(spec: str, files: dict, s: Settings, python: str | None = None) -> dict:
-    """Measure one engine in a fresh Python process (`python`, e.g. a venv where only that engine is
-    installed; this interpreter by default): engines do not share thread pools, allocators or memory,
-    and peak RSS is the engine's own."""
-    import subprocess
-    job = json.dumps({"spec": spec, "files": files, "settings": asdict(s)})
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    exe = python or sys.executable
-    try:
-        p = subprocess.Popen([exe, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    except OSError as e:
-        return {"engine": spec, "status": "error", "reason": f"cannot start the worker with {exe}: {e}"}
-    try:
-        out, err = p.communicate(job)
-    except BaseException:
-        p.kill()         # Ctrl-C: the worker also got SIGINT; make sure it is gone (its loads follow it)
-        p.wait()
-        raise
-    for line in out.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"engine": spec, "status": "error",
-            "reason": f"worker exited with code {p.returncode}: {err.strip()[-3000:]}"}
-
-
-def worker_main():
-    job = json.loads(sys.stdin.read())
-    s = Settings(**job["settings"])
-    try:
-        record = run_spec(job["spec"], job["files"], s)
-    except Exception as e:   # reported, not raised: the other engines still run
-        record = {"engine": job["spec"], "status": "error", "reason": f"{type(e).__name__}: {e}"}
-    sys.stdout.write("\n" + json.dumps(record) + "\n")
-    sys.stdout.flush()
+        for i, h in enumerate(hosts):
+            closed = h.close()
+            if i < len(records) and records[i]["status"] == "ok":
+                records[i]["peak_rss_mb"] = closed.get("peak_rss_mb")
+    return records
 
 
 if __name__ == "__main__":
-    worker_main()
+    serve()
