@@ -528,15 +528,51 @@ def test_llama_gguf_permutes_q_k_and_writes_rope_factors(tmp_path):
     path = mm.write_gguf(spec, str(tmp_path / "l.gguf"), seed=2, outtype="q8_0", dtype="f32")
     _, t = _gguf_tensors(path)
     hf = dict(mm.generate(spec, seed=2, dtype="f32"))
-    q = hf["model.layers.1.self_attn.q_proj.weight"]                          # 4 heads x 16 rows
-    # HF row order per head: [x0..x7 | y0..y7] (rotate-half); llama.cpp: x0 y0 x1 y1 ...
-    expect = q.reshape(4, 2, 8, -1).transpose(0, 2, 1, 3).reshape(q.shape)
+    q = hf["model.layers.1.self_attn.q_proj.weight"]                          # 4 heads x 64 rows
+    # HF row order per head: [x0..x31 | y0..y31] (rotate-half); llama.cpp: x0 y0 x1 y1 ...
+    expect = q.reshape(4, 2, 32, -1).transpose(0, 2, 1, 3).reshape(q.shape)
     assert t["blk.1.attn_q.weight"][0] == "Q8_0"
     np.testing.assert_allclose(t["blk.1.attn_q.weight"][1], expect, atol=np.abs(q).max() / 127)
     assert t["blk.0.attn_norm.weight"][0] == "F32"
     np.testing.assert_array_equal(t["blk.0.attn_norm.weight"][1], hf["model.layers.0.input_layernorm.weight"])
     f = t["rope_freqs.weight"][1]
-    assert f.shape == (8,) and f[0] == 1.0 and f[-1] == 32.0 and np.all(np.diff(f) >= 0)
+    assert f.shape == (32,) and f[0] == 1.0 and f[-1] == 32.0 and np.all(np.diff(f) >= 0)
+
+
+def test_llama3_rope_scaling_round_trip(tmp_path):
+    """`make-model llama-3.2-1b`: config.json carries Llama 3.2's rope_scaling, the GGUF its
+    rope_freqs.weight, and Lattice derives the same inverse frequencies from either. The tiny shape
+    has the 1B's head_dim, rope_theta and rope_scaling (only the rope inputs matter here)."""
+    from lattice.formats import open_checkpoint
+    from lattice.formats.hf_config import config_from_hf
+    from lattice.models import rope_inv_freq
+    full = mm.model_spec("llama-3.2-1b")
+    cfg = mm.hf_config(full)
+    assert cfg["rope_theta"] == 500000.0 and cfg["head_dim"] == 64 and cfg["max_position_embeddings"] == 131072
+    assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    spec = mm.model_spec("llama-3.2-1b", tiny=True)
+    assert all(spec[k] == full[k] for k in ("head_dim", "rope_theta", "rope_scaling"))
+    mm.write_hf(spec, str(tmp_path / "hf"), seed=1, dtype="f32")
+    path = mm.write_gguf(spec, str(tmp_path / "l.gguf"), seed=1, outtype="q8_0", dtype="f32")
+    from_hf = open_checkpoint(tmp_path / "hf").config
+    from_gguf = open_checkpoint(path).config
+    assert from_gguf.rope_scaling == from_hf.rope_scaling == cfg["rope_scaling"]
+    inv_hf, inv_gguf = rope_inv_freq(from_hf), rope_inv_freq(from_gguf)
+    np.testing.assert_array_equal(inv_hf, inv_gguf)
+    np.testing.assert_array_equal(rope_inv_freq(config_from_hf(cfg)), inv_hf)       # the full 1B's config
+    # what llama.cpp computes from the GGUF: theta^(-2i/d) / rope_freqs[i]
+    _, t = _gguf_tensors(path)
+    base = 500000.0 ** (-np.arange(0, 64, 2) / 64)
+    np.testing.assert_allclose(inv_gguf, base / t["rope_freqs.weight"][1], rtol=1e-6)
+    # wavelength 2 pi / f: below 8192 / 4 kept (15 frequencies), above 8192 divided by 32 (14), 3 between
+    wavelen = 2 * np.pi / base
+    kept, slowed = wavelen < 2048, wavelen > 8192
+    assert (kept.sum(), slowed.sum()) == (15, 14)
+    np.testing.assert_allclose(inv_hf[kept], base[kept], rtol=1e-6)
+    np.testing.assert_allclose(inv_hf[slowed], base[slowed] / 32, rtol=1e-6)
+    mid = ~kept & ~slowed
+    assert np.all(inv_hf[mid] < base[mid]) and np.all(inv_hf[mid] > base[mid] / 32)
 
 
 def test_gguf_f16_fallback_for_rows_not_multiple_of_32():
@@ -554,8 +590,7 @@ def test_gguf_round_trip_through_lattice_reader(tmp_path):
     pytest.importorskip("lattice.formats.gguf", reason="lattice.formats.gguf (formats engineer) not landed yet")
     from lattice.formats import open_checkpoint
     for name in sorted(mm.MODELS):
-        # llama-3.2-1b without its rope_freqs tensor: the reader does not take Llama 3 rope scaling yet
-        spec = mm.model_spec(name, tiny=True, **({"rope_scaling": None} if name == "llama-3.2-1b" else {}))
+        spec = mm.model_spec(name, tiny=True)
         for outtype, atol in (("f32", 1e-6), ("q8_0", 2e-3)):
             path = mm.write_gguf(spec, str(tmp_path / f"{name}-{outtype}.gguf"), seed=4, outtype=outtype,
                                  dtype="f32")

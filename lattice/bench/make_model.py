@@ -70,15 +70,15 @@ MODELS = {
 
 # Small versions with the same structure (layer pattern, head ratios, tied embeddings) for tests.
 # The tiny Qwen3.5 has more value heads than key heads so the grouped-head reorder is exercised.
+# The tiny Llama 3.2 keeps the real head_dim, rope_theta and rope_scaling, so its inverse frequencies
+# are the 1B's (and three of them fall in the smooth band, which the GGUF reader needs to recover
+# rope_scaling from rope_freqs.weight).
 TINY = {
     "smollm2-135m": dict(vocab_size=384, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                          max_position_embeddings=512),
     "llama-3.2-1b": dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=1024,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "qwen3.5-0.8b": dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                          max_position_embeddings=512, layer_types=_QWEN35_PATTERN,
