@@ -694,54 +694,81 @@ class WeightStore:
         return entry
 
     # filling -----------------------------------------------------------------------------------
-    def _planes(self, name, fmt):
-        """Plane arrays of one named weight in format fmt (2-D: rows first)."""
-        if name in self.derived:
-            return [self.derived[name].reshape(-1)]
-        t = self.tensors[name]
-        if fmt == "f32":
-            return [t.to_f32().reshape(t.shape[0], -1) if len(t.shape) == 2 else t.to_f32().reshape(-1)]
-        if fmt == "f16":
-            raw = t.raw if t.dtype == "f16" else t.to_f32().astype(np.float16)
-            return [np.asarray(raw).reshape(t.shape)]
-        from .quant import from_tensor
-        qm = from_tensor(t, fmt)
-        return [qm.qs, qm.scales] + ([qm.mins] if fmt == "q4" else [])
-
     def fill(self):
-        """Convert every placed weight into one 64-byte aligned uint8 array (the WEIGHTS arena)."""
+        """Convert every placed weight into one 64-byte aligned uint8 array (the WEIGHTS arena).
+
+        Peak memory stays near the arena's size: each matrix is converted in chunks of rows written
+        straight into its planes (temporaries of a few MB, whatever the matrix), and a checkpoint
+        tensor that can `release()` gives back its file pages (and any loaded copy) after its
+        last use, so the converted checkpoint does not stay resident next to the arena."""
         blob = aligned_zeros(self.size)
-        for key, e in self.entries.items():
-            slots = list(e["planes"].values())
-            if isinstance(key, tuple):
-                kind, parts = key[0], key[1:]
-                if e["cols"] == 1:          # joint vector (bias)
-                    vals = [self._planes(p, "f32")[0] if p else None for p in parts]
-                    sizes = [self._shape(p)[0] if p else 0 for p in parts]
-                    joint = np.concatenate([v if v is not None else np.zeros(s, np.float32)
-                                            for v, s in zip(vals, sizes)])
-                    self._write(blob, slots[0], joint)
+        last_use = {}
+        for i, key in enumerate(self.entries):
+            for name in key[1:] if isinstance(key, tuple) else (key,):
+                if name:
+                    last_use[name] = i
+        for i, (key, e) in enumerate(self.entries.items()):
+            kind, parts = (key[0], key[1:]) if isinstance(key, tuple) else ("concat", (key,))
+            views = [blob[off:off + nbytes].view(dtype).reshape(e["rows"], -1) for (off, nbytes), dtype
+                     in zip(e["planes"].values(), PLANE_DTYPES[e["format"]])]
+            row = 0
+            for j, name in enumerate(parts):
+                if e["cols"] == 1:              # vector; a joint bias leaves missing parts zero
+                    n = int(np.prod(self._shape(name))) if name else 0
+                    if name:
+                        _put(views[0][row:row + n], self._f32(name).reshape(n, 1), name)
+                    row += n
                     continue
-                per_part = [self._planes(p, e["format"]) for p in parts]
-                for i, (off, nbytes) in enumerate(slots):
-                    planes = [np.ascontiguousarray(pp[i]).reshape(pp[i].shape[0], -1) for pp in per_part]
-                    if kind == "interleave":
-                        joint = np.stack(planes, axis=1).reshape(-1, planes[0].shape[1])
-                    else:
-                        joint = np.concatenate(planes, axis=0)
-                    self._write(blob, (off, nbytes), joint)
-            else:
-                for (off, nbytes), plane in zip(slots, self._planes(key, e["format"])):
-                    self._write(blob, (off, nbytes), plane)
+                n = self._shape(name)[0]
+                rows = slice(j, None, len(parts)) if kind == "interleave" else slice(row, row + n)
+                self._convert(name, e["format"], [v[rows] for v in views])
+                row += n
+            for name in parts:
+                if name and last_use[name] == i:
+                    release = getattr(self.tensors.get(name), "release", None)
+                    if release is not None:
+                        release()
         return blob
 
-    @staticmethod
-    def _write(blob, slot, arr):
-        off, nbytes = slot
-        data = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-        if data.size != nbytes:
-            raise AssertionError(f"weight plane of {data.size} bytes where {nbytes} were planned")
-        blob[off:off + nbytes] = data
+    def _f32(self, name):
+        return self.derived[name] if name in self.derived else self.tensors[name].to_f32()
+
+    def _convert(self, name, fmt, planes):
+        """Write matrix `name` in format fmt into its plane views ([rows, plane width] each)."""
+        if name in self.derived:                # f32 by format_of
+            _put(planes[0], self.derived[name], name)
+            return
+        from .formats.tensor import f32_rows
+        from .quant import from_tensor
+        t = self.tensors[name]
+        n, k = t.shape
+        step = max(1, CONVERT_CHUNK_BYTES // (4 * k))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            if fmt == "f32":
+                chunk = [f32_rows(t, start, stop)]
+            elif fmt == "f16":
+                chunk = [t.raw[start:stop] if t.dtype == "f16"
+                         else f32_rows(t, start, stop).astype(np.float16)]
+            else:
+                qm = from_tensor(t, fmt, start, stop)
+                chunk = [qm.qs, qm.scales] + ([qm.mins] if fmt == "q4" else [])
+            for plane, values in zip(planes, chunk):
+                _put(plane[start:stop], values, name)
+
+
+# the planes of each weight format, in slot order (wq, ws, wm), as [rows, plane width] arrays
+PLANE_DTYPES = {"f32": (np.float32,), "f16": (np.float16,), "q8": (np.int8, np.float16),
+                "q4": (np.uint8, np.float16, np.float16)}
+CONVERT_CHUNK_BYTES = 4 << 20     # float32 size of the rows converted at once
+
+
+def _put(dst, src, name):
+    src = np.asarray(src)
+    if src.dtype != dst.dtype or src.size != dst.size:
+        raise AssertionError(f"{name}: weight plane {src.dtype} {src.shape} where "
+                             f"{dst.dtype} {dst.shape} was planned")
+    dst[...] = src.reshape(dst.shape)
 
 
 # ============================================================================================ program

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NumericalError
+from .formats.tensor import f32_rows
 
 BLOCK = 32
 ALIGN = 16
@@ -208,14 +209,19 @@ def from_mlx_q4(packed, scales, biases, group_size, shape) -> QuantizedMatrix:
     return QuantizedMatrix("q4", (n, k), pack_q4(q), per_block(scales), per_block(biases))
 
 
-def from_tensor(t, kind) -> QuantizedMatrix:
-    """A lattice.formats Tensor -> QuantizedMatrix: exact where the native format allows it (see the
-    module docstring), else quantized from its float32 values."""
-    if len(t.shape) == 2:
-        if kind == "q8" and t.dtype == "q8_0":
-            return from_gguf_q8_0(t.raw, t.shape)
-        if kind == "q4" and t.dtype in ("q4_0", "q4_1"):
-            return from_gguf_q4(t.raw, t.shape, t.dtype == "q4_1")
-        if kind == "q4" and t.dtype == "mlx_q4" and t.group_size % BLOCK == 0:
-            return from_mlx_q4(t.raw, t.scales, t.biases, t.group_size, t.shape)
-    return quantize(t.to_f32(), kind, name=t.name)
+def from_tensor(t, kind, start=0, stop=None) -> QuantizedMatrix:
+    """A lattice.formats Tensor (rows [start, stop) of a 2-D one) -> QuantizedMatrix: exact where
+    the native format allows it (see the module docstring), else quantized from its float32
+    values. Every conversion is row by row, so a slice of rows converts to exactly those rows of
+    the whole matrix: large matrices can be converted in chunks."""
+    if len(t.shape) != 2:
+        return quantize(t.to_f32(), kind, name=t.name)
+    stop = t.shape[0] if stop is None else stop
+    rows, shape = slice(start, stop), (stop - start, t.shape[1])
+    if kind == "q8" and t.dtype == "q8_0":
+        return from_gguf_q8_0(t.raw[rows], shape)
+    if kind == "q4" and t.dtype in ("q4_0", "q4_1"):
+        return from_gguf_q4(t.raw[rows], shape, t.dtype == "q4_1")
+    if kind == "q4" and t.dtype == "mlx_q4" and t.group_size % BLOCK == 0:
+        return from_mlx_q4(t.raw[rows], t.scales[rows], t.biases[rows], t.group_size, shape)
+    return quantize(f32_rows(t, start, stop), kind, name=t.name)

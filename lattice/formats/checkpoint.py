@@ -24,6 +24,17 @@ class Checkpoint:
     folder: Path | None = None   # HF/MLX folder (tokenizer files live there); None for GGUF
     metadata: dict = field(default_factory=dict)   # GGUF key -> value; {} for folders
 
+    def release(self):
+        """Give back the memory the weights' file data holds (once they have been converted):
+        every tensor forgets its loaded data and its file pages, and the files are unmapped once
+        no view of them is left. Tensors stay usable: their data is read again on next use."""
+        maps = {}
+        for t in self.tensors.values():
+            t.release()
+            maps.update((id(fmap), fmap) for fmap, _, _ in t.spans)
+        for fmap in maps.values():
+            fmap.close()
+
 
 def open_checkpoint(path) -> Checkpoint:
     """Open a Hugging Face / MLX folder (or its config.json / *.safetensors), or a GGUF file (or a
@@ -125,7 +136,8 @@ def _float_tensor(st: SafetensorsFile, name, canon) -> Tensor:
     if dtype not in FLOAT_DTYPES:
         raise TensorShapeError(f"tensor {name!r} has dtype {dtype}; weights must be "
                                f"F32, F16 or BF16", st.path)
-    return Tensor(canon, shape, FLOAT_DTYPES[dtype], st.path, lambda: st.array(name))
+    return Tensor(canon, shape, FLOAT_DTYPES[dtype], st.path, lambda: st.array(name),
+                  spans=[st.span(name)])
 
 
 def check_against_config(config: ModelConfig, tensors: dict, path):

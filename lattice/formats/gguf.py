@@ -28,6 +28,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelFormatError, UnsupportedModelError
 from .checkpoint import Checkpoint, check_against_config
+from .filemap import FileMap
 from .gguf_header import GGUFTensorInfo, parse_gguf_header
 from .hf_config import check_layer_count
 from .tensor import Tensor
@@ -80,7 +81,7 @@ def open_gguf(path) -> Checkpoint:
         raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
                                     f"(supported: {', '.join(SUPPORTED_ARCHS)})")
     infos = {t.name: t for t in header.tensors}
-    fmap = _FileMap(path)
+    fmap = FileMap(path)
     rope_freqs = infos.pop("rope_freqs.weight", None)
     config = config_from_gguf(meta, infos, path)
     if rope_freqs is not None:
@@ -223,18 +224,6 @@ def llama3_scaling_from_factors(factors, cfg: ModelConfig, path) -> dict | None:
 
 # --- tensors ------------------------------------------------------------------------------------
 
-class _FileMap:
-    """One read-only memory map of the whole file, made on first tensor access."""
-
-    def __init__(self, path):
-        self.path, self._map = path, None
-
-    def bytes(self, offset, nbytes):
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return np.asarray(self._map[offset:offset + nbytes])
-
-
 def _llama_qk_rows(n_rows, n_heads):
     """Index that maps llama.cpp's interleaved rope rows back to HF's halves: hf = gguf[idx]."""
     hd = n_rows // n_heads
@@ -288,15 +277,14 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
             raise ModelFormatError(f"tensor {info.name!r} has shape {np_shape}, inconsistent with "
                                    f"the head counts in the metadata", path)
 
+    spans = [(fmap, info.offset, nbytes)]
     if fix is None and cols is None:
         load = native if rows is None else (lambda: native()[rows])
-        return Tensor(hf_name, hf_shape, dtype, path, load)
+        return Tensor(hf_name, hf_shape, dtype, path, load, spans=spans)
 
     # values change or quantized blocks would split: present the HF values as f32
-    probe = Tensor(hf_name, np_shape, dtype, path, native)
-
     def converted():
-        a = probe.to_f32()
+        a = Tensor(hf_name, np_shape, dtype, path, native).to_f32()
         if rows is not None:
             a = a[rows]
         if cols is not None:
@@ -306,8 +294,8 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
         return np.ascontiguousarray(a, dtype=np.float32).reshape(hf_shape)
 
     if not quantized and fix is None:      # float column permutation keeps the native dtype
-        return Tensor(hf_name, hf_shape, dtype, path, lambda: native()[:, cols])
-    return Tensor(hf_name, hf_shape, "f32", path, converted)
+        return Tensor(hf_name, hf_shape, dtype, path, lambda: native()[:, cols], spans=spans)
+    return Tensor(hf_name, hf_shape, "f32", path, converted, spans=spans)
 
 
 def _qwen35_value_heads(short, np_shape, cfg):

@@ -75,9 +75,10 @@ def mlx_tensors(arrays: dict, quant, folder, model_type) -> dict:
         if sanitized and name.endswith("conv1d.weight"):
             c, k, _ = t.shape
             t = Tensor(name, (c, 1, k), t.dtype, st.path,
-                       lambda st=st, s=stored: st.array(s).transpose(0, 2, 1))
+                       lambda st=st, s=stored: st.array(s).transpose(0, 2, 1), spans=t.spans)
         elif sanitized and name.endswith(QWEN35_PLUS_ONE):
-            t = Tensor(name, t.shape, "f32", st.path, lambda t=t: t.to_f32() - np.float32(1))
+            t = Tensor(name, t.shape, "f32", st.path, lambda t=t: t.to_f32() - np.float32(1),
+                       spans=t.spans)
         tensors[name] = t
     return tensors
 
@@ -90,7 +91,7 @@ def _quantized_tensor(name, arrays, bits, group):
         raise TensorShapeError(f"MLX-quantized tensor {stored!r} must be 2-D U32, got {dtype} "
                                f"{list(shape)}", st.path)
     out, in_features = shape[0], shape[1] * 32 // bits
-    parts = {}
+    parts, spans = {}, [st.span(stored)]
     for part in ("scales", "biases"):
         pst, pname = arrays[f"{module}.{part}"]
         pdtype, pshape, _, _ = pst.entries[pname]
@@ -103,6 +104,7 @@ def _quantized_tensor(name, arrays, bits, group):
                 f"{bits} bits with group_size {group} needs [{out}, {in_features / group:g}]",
                 pst.path)
         parts[part] = pst.array(pname)
+        spans.append(pst.span(pname))
     return Tensor(name, (out, in_features), SUPPORTED_BITS[bits], st.path,
                   lambda: st.array(stored), scales=parts["scales"], biases=parts["biases"],
-                  group_size=group)
+                  group_size=group, spans=spans)

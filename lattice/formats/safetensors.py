@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
+from .filemap import FileMap
 
 # safetensors dtype -> (numpy storage dtype, bytes per element); bf16 is kept as its uint16 bits
 ST_DTYPES = {
@@ -88,18 +89,21 @@ def _check_entry(path, name, info, data_start, data_size):
 
 
 class SafetensorsFile:
-    """One memory-mapped safetensors file: `entries` from the validated header, `array(name)` a view."""
+    """One memory-mapped safetensors file: `entries` from the validated header, `array(name)` a view,
+    `span(name)` where its bytes lie (for Tensor.release)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.entries, self.data_start, self.size = read_safetensors_header(self.path)
-        self._map = None
+        self.map = FileMap(self.path)
 
     def array(self, name) -> np.ndarray:
         dtype, shape, begin, end = self.entries[name]
         np_dtype = ST_DTYPES[dtype][0]
         if end == begin:
             return np.zeros(shape, dtype=np_dtype)
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return np.asarray(self._map[begin:end]).view(np_dtype).reshape(shape)
+        return self.map.bytes(begin, end - begin).view(np_dtype).reshape(shape)
+
+    def span(self, name) -> tuple:
+        _, _, begin, end = self.entries[name]
+        return self.map, begin, end - begin

@@ -41,6 +41,33 @@ def mlx_dequantize(packed, scales, biases, bits, group_size):
     return (q * scales + biases).reshape(out, -1)
 
 
+def native_to_f32(t, raw, start=0, stop=None) -> np.ndarray:
+    """float32 values of `raw`, native data of tensor `t` (anything with `.dtype`, and `.scales`,
+    `.biases`, `.group_size` for MLX dtypes) or rows [start, stop) of it: rows of `raw` are rows of
+    a 2-D tensor in every format, and every conversion is row by row, so converting a slice of
+    rows gives exactly those rows of the whole. The result has `raw`'s row count; the caller
+    reshapes."""
+    if t.dtype in ("f32", "f16", "bf16"):
+        return _as_f32(raw)
+    if t.dtype in GGUF_QUANT_DTYPES:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+        return dequantize(np.asarray(raw), GGMLQuantizationType[GGUF_QUANT_DTYPES[t.dtype]])
+    if t.dtype in MLX_DTYPES:
+        rows = slice(start, stop)
+        return mlx_dequantize(raw, t.scales[rows], t.biases[rows], MLX_DTYPES[t.dtype],
+                              t.group_size)
+    raise ModelFormatError(f"tensor {t.name!r}: no f32 conversion for dtype {t.dtype}",
+                           getattr(t, "path", None))
+
+
+def f32_rows(t, start, stop) -> np.ndarray:
+    """float32 rows [start, stop) of a 2-D tensor: the same values as `t.to_f32()[start:stop]`
+    without converting the rest."""
+    rows = native_to_f32(t, t.raw[start:stop], start, stop)
+    return np.ascontiguousarray(rows, dtype=np.float32).reshape(stop - start, t.shape[1])
+
+
 class Tensor:
     """A weight: `.shape` in HF orientation (Linear [out, in]), `.dtype` format-native.
 
@@ -52,10 +79,11 @@ class Tensor:
     stores different values (Qwen3.5 norm `+1`, `-exp(A_log)`) or permutes quantized columns, the
     tensor is presented as `dtype == "f32"` with the HF values.
     `.to_f32()` returns a C-contiguous float32 array of `.shape` (for f32 files, a read-only view
-    of the file: no copy).
+    of the file: no copy). `.release()` drops the loaded data and the file pages behind it.
     """
 
-    def __init__(self, name, shape, dtype, path, load, *, scales=None, biases=None, group_size=None):
+    def __init__(self, name, shape, dtype, path, load, *, scales=None, biases=None, group_size=None,
+                 spans=()):
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
@@ -65,6 +93,7 @@ class Tensor:
         self.scales = scales
         self.biases = biases
         self.group_size = group_size
+        self.spans = tuple(spans)       # (FileMap, offset, nbytes) of the file data behind it
 
     @property
     def raw(self) -> np.ndarray:
@@ -84,20 +113,15 @@ class Tensor:
         return int(np.prod(self.shape, dtype=np.int64))
 
     def to_f32(self) -> np.ndarray:
-        raw = self.raw
-        if self.dtype in ("f32", "f16", "bf16"):
-            out = _as_f32(raw)
-        elif self.dtype in GGUF_QUANT_DTYPES:
-            from gguf import GGMLQuantizationType
-            from gguf.quants import dequantize
-            out = dequantize(np.asarray(raw), GGMLQuantizationType[GGUF_QUANT_DTYPES[self.dtype]])
-        elif self.dtype in MLX_DTYPES:
-            out = mlx_dequantize(raw, self.scales, self.biases, MLX_DTYPES[self.dtype],
-                                 self.group_size)
-        else:
-            raise ModelFormatError(f"tensor {self.name!r}: no f32 conversion for dtype {self.dtype}",
-                                   self.path)
-        return np.ascontiguousarray(out.reshape(self.shape), dtype=np.float32)
+        return np.ascontiguousarray(native_to_f32(self, self.raw).reshape(self.shape),
+                                    dtype=np.float32)
+
+    def release(self):
+        """Forget the loaded data and give the file pages it came from back to the OS; the tensor
+        stays usable (its data is read again on next use)."""
+        self._raw = None
+        for fmap, offset, nbytes in self.spans:
+            fmap.release(offset, nbytes)
 
     def __repr__(self):
         return f"Tensor({self.name!r}, shape={self.shape}, dtype={self.dtype!r})"
