@@ -356,8 +356,9 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaSetDevice(c->device));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, c->device));
-    const char *pdl = getenv("LATTICE_CUDA_PDL");
+    const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
+    c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->sms = prop.multiProcessorCount;
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));

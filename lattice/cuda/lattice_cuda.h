@@ -6,7 +6,8 @@
  * more programs (decode, prefill, logits) are added to it and share its arenas. Decode steps
  * (T = 1) replay CUDA graphs captured on first use: one of 8 steps while 8 or more remain, then
  * one of a single step; steps with T > 1 (prefill) and the eager mode launch kernels one by one.
- * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off). */
+ * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off);
+ * LATTICE_CUDA_EAGER=1 makes every handle start in the eager mode (the graph-replay ablation). */
 #ifndef LATTICE_CUDA_H
 #define LATTICE_CUDA_H
 

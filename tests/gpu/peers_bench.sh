@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Lattice-CUDA side by side with llama.cpp (CUDA, built here from .peers/llama.cpp) and
+# transformers (bf16) on shape-exact random checkpoints, through lattice-bench, alone and under
+# --load N; then Lattice-CUDA with eager launches (the graph-replay ablation). On a GPU machine:
+#
+#   OUT=... LOAD=10 RUNS=5 tests/gpu/peers_bench.sh
+#
+# Carry .peers (tests/gpu/prepare_llama_cpp.sh) and, where the machine lacks them, .whl (gguf,
+# click, diskcache, cython, pytest-xdist, execnet wheels). LLAMA_LIB=dir: use prebuilt llama.cpp
+# libraries instead of building; TESTS=1: run tests/test_cuda.py first; NCU=1: per-kernel times
+# of one decode step (profile_step.sh); MAIN=0 / EAGER=0 / TRANSFORMERS=0 skip those runs; MPS=1:
+# repeat the loaded runs under CUDA MPS; PACK=1: return the built llama.cpp libraries as $OUT/llama-libs.tgz.*.
+# Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/lattice-peers}
+R=$OUT/res
+mkdir -p "$R"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PWD/.peers/py${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LATTICE_CUDA_CACHE=$PWD/build/cuda-cache
+MODELS=${MODELS:-"smollm2-135m qwen3.5-0.8b"}
+RUNS=${RUNS:-5}
+LOAD=${LOAD:-10}
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc; } >"$R/machine.txt" 2>&1
+head -12 "$R/machine.txt"
+
+if [ -z "${LLAMA_LIB:-}" ]; then
+    echo "== llama.cpp build (background)"
+    (BUILD=/tmp/llama-build JOBS=${JOBS:-14} bash tests/gpu/build_llama_cpp.sh >"$R/llama-build.txt" 2>&1; echo "rc=$?" >>"$R/llama-build.txt") &
+    build_pid=$!
+fi
+
+echo "== Lattice: runtime extension and CUDA bridge"
+python3 setup.py build_ext --inplace >"$R/build_ext.log" 2>&1 || { tail -20 "$R/build_ext.log"; exit 1; }
+python3 -c 'import lattice.cuda as c; print(c.build_library()); print(c.device_name())' 2>&1 | tee "$R/cuda_build.log"
+
+if [ "${TESTS:-0}" = 1 ]; then
+    echo "== tests"
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-4}" tests/test_cuda.py \
+        tests/test_backends.py -k "cuda or Cuda" >"$R/pytest.log" 2>&1
+    tail -15 "$R/pytest.log"
+fi
+
+echo "== models"
+mkdir -p /tmp/models
+for m in $MODELS; do
+    [ -f "/tmp/models/$m.gguf" ] || python3 -m lattice.bench.cli make-model "$m" --random "/tmp/models/$m" --gguf q8_0 \
+        >>"$R/make-model.log" 2>&1 || { tail -20 "$R/make-model.log"; exit 1; }
+done
+ls -la /tmp/models
+
+if [ "${NCU:-0}" = 1 ]; then
+    echo "== one decode step's kernels (Nsight Compute)"
+    for m in $MODELS; do
+        case $m in smollm2*) n=183 ;; *) n=129 ;; esac
+        bash tests/gpu/profile_step.sh "/tmp/models/$m.gguf" "$R/ncu-$m.csv" "$n" 2>&1 | tee "$R/ncu-$m.txt"
+    done
+fi
+
+if [ -z "${LLAMA_LIB:-}" ]; then
+    wait "$build_pid"
+    tail -3 "$R/llama-build.txt"
+    LLAMA_LIB=$(cat /tmp/llama-build/libdir 2>/dev/null || true)
+fi
+export LLAMA_CPP_LIB_PATH=$LLAMA_LIB
+export LD_LIBRARY_PATH=$LLAMA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+[ -f /tmp/llama-cublas-libdir ] && export LD_LIBRARY_PATH=$(cat /tmp/llama-cublas-libdir):$LD_LIBRARY_PATH
+
+bench() {  # tag, extra lattice-bench args...
+    local tag=$1
+    shift
+    timeout "${BENCH_TIMEOUT:-300}" python3 -m lattice.bench.cli run --warmup 1 --runs "$RUNS" --pp 64 "$@" \
+        --json "$R/$tag.json" >"$R/$tag.txt" 2>&1
+    echo "-- $tag (rc $?)"
+    grep -v "^\s*$" "$R/$tag.txt" | tail -14
+}
+
+for m in $MODELS; do
+    M=/tmp/models/$m
+    [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda -e llama.cpp:gpu --n1 64 --n2 320 \
+        --load "$LOAD"
+    [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 \
+        --n2 320 --load "$LOAD"
+    [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
+        --load "$LOAD"
+done
+
+if [ "${MPS:-0}" = 1 ]; then
+    echo "== the same under CUDA MPS"
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && sleep 1
+    for m in $MODELS; do
+        M=/tmp/models/$m
+        bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD"
+    done
+    echo quit | nvidia-cuda-mps-control
+fi
+
+if [ "${PACK:-0}" = 1 ] && [ -n "$LLAMA_LIB" ]; then
+    (cd "$LLAMA_LIB" && tar czf - ./*.so*) | split -b 15m - "$OUT/llama-libs.tgz."
+    ls -la "$OUT"
+fi
+tar czf "$OUT/results.tgz" -C "$OUT" res
