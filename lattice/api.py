@@ -84,13 +84,17 @@ class Model:
         from .tokenizer import Tokenizer
         t0 = time.perf_counter()
         self.path = path
-        self.checkpoint = open_checkpoint(path)
-        self.config = self.checkpoint.config
-        check_weights(self.checkpoint)
-        self.tokenizer = Tokenizer.from_checkpoint(self.checkpoint)
+        ckpt = open_checkpoint(path)
+        self.config = ckpt.config
+        check_weights(ckpt)
+        self.tokenizer = Tokenizer.from_checkpoint(ckpt)
         self.context = min(context, self.config.max_position_embeddings or context)
-        self._engine = _make_engine(self.checkpoint, backend, quant, self.context, threads)
+        self._engine = _make_engine(ckpt, backend, quant, self.context, threads)
         self.backend = self._engine.name
+        if self.backend != "reference":
+            # the program holds its own converted weights: the files need not stay mapped, and
+            # the checkpoint (GGUF metadata included) is not kept
+            ckpt.release()
         self.load_seconds = time.perf_counter() - t0
 
     def session(self) -> "Session":

@@ -699,8 +699,9 @@ class WeightStore:
 
         Peak memory stays near the arena's size: each matrix is converted in chunks of rows written
         straight into its planes (temporaries of a few MB, whatever the matrix), and a checkpoint
-        tensor that can `release()` gives back its file pages (and any loaded copy) after its
-        last use, so the converted checkpoint does not stay resident next to the arena."""
+        tensor that can `release()` gives back the file pages of converted rows chunk by chunk,
+        and all its pages and any loaded copy after its last use, so the converted checkpoint
+        does not stay resident next to the arena."""
         blob = aligned_zeros(self.size)
         last_use = {}
         for i, key in enumerate(self.entries):
@@ -741,6 +742,7 @@ class WeightStore:
         from .formats.tensor import f32_rows
         from .quant import from_tensor
         t = self.tensors[name]
+        release = getattr(t, "release", None)
         n, k = t.shape
         step = max(1, CONVERT_CHUNK_BYTES // (4 * k))
         for start in range(0, n, step):
@@ -755,6 +757,8 @@ class WeightStore:
                 chunk = [qm.qs, qm.scales] + ([qm.mins] if fmt == "q4" else [])
             for plane, values in zip(planes, chunk):
                 _put(plane[start:stop], values, name)
+            if release is not None:         # a large matrix's converted rows leave memory early
+                release(start, stop)
 
 
 # the planes of each weight format, in slot order (wq, ws, wm), as [rows, plane width] arrays

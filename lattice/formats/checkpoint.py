@@ -137,7 +137,7 @@ def _float_tensor(st: SafetensorsFile, name, canon) -> Tensor:
         raise TensorShapeError(f"tensor {name!r} has dtype {dtype}; weights must be "
                                f"F32, F16 or BF16", st.path)
     return Tensor(canon, shape, FLOAT_DTYPES[dtype], st.path, lambda: st.array(name),
-                  spans=[st.span(name)])
+                  spans=[st.span(name)], rows_in_order=True)
 
 
 def check_against_config(config: ModelConfig, tensors: dict, path):

@@ -280,7 +280,8 @@ def _make_tensor(info: GGUFTensorInfo, hf_name, arch, cfg: ModelConfig, header, 
     spans = [(fmap, info.offset, nbytes)]
     if fix is None and cols is None:
         load = native if rows is None else (lambda: native()[rows])
-        return Tensor(hf_name, hf_shape, dtype, path, load, spans=spans)
+        return Tensor(hf_name, hf_shape, dtype, path, load, spans=spans,
+                      rows_in_order=rows is None and len(hf_shape) == len(np_shape))
 
     # values change or quantized blocks would split: present the HF values as f32
     def converted():

@@ -107,4 +107,4 @@ def _quantized_tensor(name, arrays, bits, group):
         spans.append(pst.span(pname))
     return Tensor(name, (out, in_features), SUPPORTED_BITS[bits], st.path,
                   lambda: st.array(stored), scales=parts["scales"], biases=parts["biases"],
-                  group_size=group, spans=spans)
+                  group_size=group, spans=spans, rows_in_order=True)

@@ -79,11 +79,12 @@ class Tensor:
     stores different values (Qwen3.5 norm `+1`, `-exp(A_log)`) or permutes quantized columns, the
     tensor is presented as `dtype == "f32"` with the HF values.
     `.to_f32()` returns a C-contiguous float32 array of `.shape` (for f32 files, a read-only view
-    of the file: no copy). `.release()` drops the loaded data and the file pages behind it.
+    of the file: no copy). `.release()` drops the loaded data and the file pages behind it (after
+    conversion: see lattice.program.WeightStore.fill).
     """
 
     def __init__(self, name, shape, dtype, path, load, *, scales=None, biases=None, group_size=None,
-                 spans=()):
+                 spans=(), rows_in_order=False):
         self.name = name
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
@@ -94,6 +95,7 @@ class Tensor:
         self.biases = biases
         self.group_size = group_size
         self.spans = tuple(spans)       # (FileMap, offset, nbytes) of the file data behind it
+        self.rows_in_order = rows_in_order      # each span holds the rows in order, equal bytes each
 
     @property
     def raw(self) -> np.ndarray:
@@ -116,12 +118,18 @@ class Tensor:
         return np.ascontiguousarray(native_to_f32(self, self.raw).reshape(self.shape),
                                     dtype=np.float32)
 
-    def release(self):
-        """Forget the loaded data and give the file pages it came from back to the OS; the tensor
-        stays usable (its data is read again on next use)."""
-        self._raw = None
-        for fmap, offset, nbytes in self.spans:
-            fmap.release(offset, nbytes)
+    def release(self, start=None, stop=None):
+        """Give back the file pages behind this tensor and forget its loaded data; the tensor stays
+        usable (its data is read again on next use). With a row range [start, stop), only the
+        pages of those rows go (where the file holds the rows in order; else nothing)."""
+        if start is None:
+            self._raw = None
+            for fmap, offset, nbytes in self.spans:
+                fmap.release(offset, nbytes)
+        elif self.rows_in_order:
+            for fmap, offset, nbytes in self.spans:
+                per_row = nbytes // self.shape[0]
+                fmap.release(offset + start * per_row, (stop - start) * per_row)
 
     def __repr__(self):
         return f"Tensor({self.name!r}, shape={self.shape}, dtype={self.dtype!r})"
