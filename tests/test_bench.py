@@ -407,7 +407,7 @@ def test_gpu_load_without_cuda_fails_clearly():
 
 
 def test_load_option_errors():
-    for args in ((-1, "cpu", 0.02, 10), (1, "cpu", 0.0, 10), (1, "cpu", 0.02, 0), (1, "metal", 0.02, 10)):
+    for args in ((-1, "cpu", 0.02, 10), (1, "cpu", 0.0, 10), (1, "cpu", 0.02, 0), (1, "tpu", 0.02, 10)):
         with pytest.raises(BenchError):
             LoadProcesses(*args)
 

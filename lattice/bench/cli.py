@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import platform
 import sys
 
 import click
@@ -39,9 +40,11 @@ Method (see bench/README.md):
   backend calls per token, dispatches per step) and the exact command line.
 - --load N: N background processes run a small piece of work every period
   (default 0.2 ms every 10 ms, a 2% duty cycle) on the same device during a
-  second, loaded measurement; the report gives each engine's throughput and
-  spread with and without load, the loss %, and the share of device time the
-  load itself took.
+  second, loaded measurement (cuda: matmuls through torch; metal: one compute
+  dispatch of a busy loop per period through the Metal bridge, timed by
+  GPUStartTime/GPUEndTime; cpu: a Python loop); the report gives each engine's
+  throughput and spread with and without load, the loss %, and the share of
+  device time the load itself took.
 """
 
 
@@ -58,6 +61,9 @@ def _default_threads() -> int:
 
 
 def _default_load_device() -> str:
+    """metal on Apple silicon, cuda where torch sees a GPU, else cpu."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
     try:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,8 +98,9 @@ MLX read --hf.
 @click.option("--load-duty", type=float, default=0.02, show_default=True,
               help="Fraction of each period a load process works.")
 @click.option("--load-period-ms", type=float, default=10.0, show_default=True, help="Load period.")
-@click.option("--load-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the load runs (auto: cuda when torch sees a GPU).")
+@click.option("--load-device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto",
+              show_default=True,
+              help="Where the load runs (auto: metal on Apple silicon, cuda when torch sees a GPU, else cpu).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write summary rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
@@ -216,9 +223,10 @@ def render_report(doc: dict) -> str:
                 f"(load: {s['load']} x {s['load_device']} processes, {s['load_duty'] * 100:g}% of every "
                 f"{s['load_period_ms']:g} ms; share = device time the load's own work took"
                 + (", % of one core per process, summed)" if s["load_device"] == "cpu" else
-                   "; by CUDA events, queueing included: "
-                   + ", ".join(f"{r['engine']} {_fmt(r['loaded']['load'].get('share_events_pct', math.nan))}%"
-                               for r in ok if "loaded" in r) + ")")]
+                   ("; by CUDA events, queueing included: " if s["load_device"] == "cuda" else
+                    "; by GPU timestamps, other work in between included: ")
+                   + _fmt(next(r["loaded"]["load"].get("share_events_pct", math.nan) for r in ok if "loaded" in r))
+                   + "%)")]
     rows = []
     for r in ok:
         for phase in ("unloaded", "loaded"):

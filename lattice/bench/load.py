@@ -7,8 +7,13 @@ cycle), like other applications sharing the device, and measures how much device
   alone at start-up; the report gives the load's share of GPU time both as that calibrated work
   (bursts x burst time alone) and as measured by CUDA events (which also counts time spent queued
   behind the engine, so it is an upper bound).
+- metal (Apple GPUs): one compute dispatch of a busy-loop kernel (metal/load.metal) per period,
+  submitted through the Metal bridge library (objc/lattice_load.mm) in its own command buffer and
+  timed by the GPU (the command buffer's GPUEndTime - GPUStartTime). The loop count is calibrated
+  alone at start-up so one dispatch takes duty x period of GPU time; the share is reported as for
+  cuda: calibrated work, and as measured by the GPU timestamps during the run (an upper bound: the
+  GPU may run other processes' work between the dispatch's start and end).
 - cpu: a Python arithmetic loop (one core per process); its share is its CPU time over wall time.
-- Apple GPUs (short Metal compute dispatches) are not implemented: nothing here can run them.
 
 Run as `python -m lattice.bench.load --device cuda --duty 0.02 --period-ms 10`: it prints "ready"
 once calibrated, works until SIGTERM/SIGINT (or until its parent dies), then prints one JSON report.
@@ -93,10 +98,102 @@ def run_cuda(duty: float, period: float, parent: int, size: int = 512) -> dict:
             "busy_events_s": measured, "share": bursts * alone / wall, "share_events": measured / wall}
 
 
+# One Metal load dispatch: 16 threadgroups of 64 threads, a small compute pass like an app's.
+METAL_THREADGROUPS, METAL_THREADS = 16, 64
+
+
+def metal_files() -> tuple[str, str]:
+    """The bridge library and metallib, found as the Metal backend finds them (lattice.engine:
+    LATTICE_METAL_BRIDGE / LATTICE_METAL_LIBRARY, else lattice/_metal/ on Apple silicon)."""
+    bridge, library = os.environ.get("LATTICE_METAL_BRIDGE"), os.environ.get("LATTICE_METAL_LIBRARY")
+    if bridge and library:
+        return bridge, library
+    try:
+        from ..engine import METAL_DIR, apple_silicon
+    except ImportError as e:
+        raise BenchError(f"Metal load needs lattice's compiled runtime: {e}") from None
+    if not bridge and not apple_silicon():
+        raise BenchError("Metal load needs macOS on Apple silicon (or LATTICE_METAL_BRIDGE and "
+                         "LATTICE_METAL_LIBRARY)")
+    return (bridge or os.path.join(METAL_DIR, "liblattice_metal.dylib"),
+            library or os.path.join(METAL_DIR, "lattice.metallib"))
+
+
+class MetalLoad:
+    """lt_load_* of the bridge library over ctypes: burst(iterations) -> GPU seconds."""
+
+    def __init__(self, bridge: str, library: str, threadgroups: int = METAL_THREADGROUPS,
+                 threads: int = METAL_THREADS):
+        import ctypes
+        try:
+            lib = ctypes.CDLL(bridge)
+            lib.lt_load_create.restype = ctypes.c_void_p
+        except (OSError, AttributeError) as e:
+            raise BenchError(f"Metal load: {bridge} is not a bridge library with the GPU load "
+                             f"(objc/lattice_load.mm): {e}") from None
+        lib.lt_load_create.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_char_p,
+                                       ctypes.c_size_t]
+        lib.lt_load_burst.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_double)]
+        lib.lt_load_error.restype = ctypes.c_char_p
+        lib.lt_load_error.argtypes = [ctypes.c_void_p]
+        lib.lt_load_free.argtypes = [ctypes.c_void_p]
+        msg = ctypes.create_string_buffer(1024)
+        self.lib, self.seconds = lib, ctypes.c_double()
+        self.handle = lib.lt_load_create(library.encode(), threadgroups, threads, msg, len(msg))
+        if not self.handle:
+            raise BenchError(msg.value.decode(errors="replace"))
+
+    def burst(self, iterations: int) -> float:
+        import ctypes
+        if self.lib.lt_load_burst(self.handle, iterations, ctypes.byref(self.seconds)) != 0:
+            raise BenchError(self.lib.lt_load_error(self.handle).decode(errors="replace"))
+        return self.seconds.value
+
+    def close(self):
+        self.lib.lt_load_free(self.handle)
+
+
+def calibrate_metal(burst, target: float, start: int = 256, limit: int = 2 ** 31) -> tuple[int, float]:
+    """Loop iterations for one dispatch of about `target` GPU seconds, and that dispatch's time
+    alone (best of 3). Doubles the count until a dispatch takes at least the target, then scales it
+    down linearly (the fixed cost of a dispatch makes the result err slightly short)."""
+    burst(start)                                            # warm up: pipeline, clocks
+    n, t = start, burst(start)
+    while t < target and n < limit // 2:
+        n *= 2
+        t = min(burst(n) for _ in range(2))
+    k = max(1, min(limit, round(n * target / t))) if t > 0 else n
+    return k, min(burst(k) for _ in range(3))
+
+
+def run_metal(duty: float, period: float, parent: int) -> dict:
+    load = MetalLoad(*metal_files())
+    try:
+        k, alone = calibrate_metal(load.burst, duty * period)
+        print("ready", flush=True)
+        t0 = time.perf_counter()
+        bursts, measured, tick = 0, 0.0, t0
+        while not _Stop.requested and os.getppid() == parent:
+            measured += load.burst(k)
+            bursts += 1
+            tick += period
+            _sleep_until(tick)
+        wall = time.perf_counter() - t0
+    finally:
+        load.close()
+    return {"device": "metal", "threadgroups": METAL_THREADGROUPS, "threads_per_threadgroup": METAL_THREADS,
+            "iterations_per_burst": k, "burst_alone_s": alone, "bursts": bursts, "wall_s": wall,
+            "busy_s": bursts * alone, "busy_events_s": measured, "share": bursts * alone / wall,
+            "share_events": measured / wall}
+
+
+RUNNERS = {"cpu": run_cpu, "cuda": run_cuda, "metal": run_metal}
+
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(description="one background load process for lattice-bench")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=tuple(RUNNERS), default="cpu")
     p.add_argument("--duty", type=float, default=0.02)
     p.add_argument("--period-ms", type=float, default=10.0)
     p.add_argument("--parent", type=int, default=None)
@@ -104,9 +201,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     parent = a.parent if a.parent is not None else os.getppid()
-    run = run_cuda if a.device == "cuda" else run_cpu
     try:
-        report = run(a.duty, a.period_ms / 1e3, parent)
+        report = RUNNERS[a.device](a.duty, a.period_ms / 1e3, parent)
     except BenchError as e:
         print(f"error: {e}", flush=True)        # the parent shows this line instead of "ready"
         sys.exit(1)
@@ -120,8 +216,8 @@ def check_load_options(n: int, duty: float, period_ms: float, device: str):
         raise BenchError(f"--load-duty must be in (0, 1], got {duty}")
     if period_ms <= 0:
         raise BenchError(f"--load-period-ms must be > 0, got {period_ms}")
-    if device not in ("cpu", "cuda"):
-        raise BenchError(f"--load-device must be cpu or cuda, got {device!r}")
+    if device not in ("cpu", "cuda", "metal"):
+        raise BenchError(f"--load-device must be cpu, cuda or metal, got {device!r}")
 
 
 class LoadProcesses:

@@ -1,9 +1,10 @@
-"""Build the Metal bridge (objc/lattice_metal.mm) against the test-only fake Metal on Linux.
+"""Build the Metal bridge (objc/lattice_metal.mm, and the GPU load of objc/lattice_load.mm) against
+the test-only fake Metal on Linux.
 
-build() compiles objc/lattice_metal.mm + fake_metal.mm + probes.mm with GCC's Objective-C++ and
-GNUstep (manual retain/release, as on Apple with -fno-objc-arc) into one shared library, cached by
-content hash next to the MSL emulator's builds; metallib() writes the fake's "metallib": a list of
-emulator-built kernel libraries.
+build() compiles objc/lattice_metal.mm + lattice_load.mm + fake_metal.mm + probes.mm with GCC's
+Objective-C++ and GNUstep (manual retain/release, as on Apple with -fno-objc-arc) into one shared
+library, cached by content hash next to the MSL emulator's builds; metallib() writes the fake's
+"metallib": a list of emulator-built kernel libraries.
 """
 import ctypes
 import hashlib
@@ -17,9 +18,10 @@ from msl_emu.library import cache_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SOURCES = [os.path.join(ROOT, "objc", "lattice_metal.mm"), os.path.join(HERE, "fake_metal.mm"),
-           os.path.join(HERE, "probes.mm")]
-HEADERS = [os.path.join(ROOT, "objc", "lattice_metal.h"), os.path.join(ROOT, "metal", "lattice_shared.h"),
+SOURCES = [os.path.join(ROOT, "objc", "lattice_metal.mm"), os.path.join(ROOT, "objc", "lattice_load.mm"),
+           os.path.join(HERE, "fake_metal.mm"), os.path.join(HERE, "probes.mm")]
+HEADERS = [os.path.join(ROOT, "objc", "lattice_metal.h"), os.path.join(ROOT, "objc", "lattice_load.h"),
+           os.path.join(ROOT, "metal", "lattice_shared.h"),
            os.path.join(HERE, "Metal", "Metal.h"), os.path.join(ROOT, "tests", "msl_emu", "include", "msl_runtime.h")]
 INCLUDES = [HERE, os.path.join(ROOT, "tests", "msl_emu", "include"), os.path.join(ROOT, "objc")]
 DEFINES = ["-DLT_METAL_STAGING_BYTES=4096"]  # uploads of more than 4 KiB take several staging pieces

@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -68,6 +69,14 @@ void violation(std::string &pending, const std::string &message)
 }
 
 std::string str(NSString *s) { return s ? std::string([s UTF8String]) : std::string("(unnamed)"); }
+
+// The fake's GPU timestamps: seconds of the host's monotonic clock (Metal's are mach time).
+double host_seconds()
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 }  // namespace
 
 typedef void (*LaunchFn)(const msl_rt::Launch *);
@@ -338,6 +347,7 @@ struct Op {
     NSError *_error;
     std::mutex *_done_lock;
     std::condition_variable *_done;
+    double _gpu_start, _gpu_end;  // host seconds (CLOCK_MONOTONIC), set when it completes
 }
 - (void)execute;
 @end
@@ -558,6 +568,17 @@ static void worker()
 }
 - (MTLCommandBufferStatus)status { return _status; }
 - (NSError *)error { return _error; }
+// Documented: both stay 0.0 until the GPU finished the command buffer.
+- (CFTimeInterval)GPUStartTime
+{
+    std::lock_guard<std::mutex> hold(*_done_lock);
+    return _status >= MTLCommandBufferStatusCompleted ? _gpu_start : 0.0;
+}
+- (CFTimeInterval)GPUEndTime
+{
+    std::lock_guard<std::mutex> hold(*_done_lock);
+    return _status >= MTLCommandBufferStatusCompleted ? _gpu_end : 0.0;
+}
 
 // Runs an ICB range: in order across barriers, shuffled between them; returns an error or "".
 - (std::string)runICB:(const Op &)op resident:(const std::set<FakeBuffer *> &)resident
@@ -596,6 +617,7 @@ static void worker()
 
 - (void)execute
 {
+    double started = host_seconds();
     std::string failure = *_pending;
     uint64_t seed;
     {
@@ -642,6 +664,8 @@ static void worker()
     }
     {
         std::lock_guard<std::mutex> hold(*_done_lock);
+        _gpu_start = started;
+        _gpu_end = host_seconds();
         _status = failure.empty() ? MTLCommandBufferStatusCompleted : MTLCommandBufferStatusError;
     }
     for (NSUInteger i = 0; i < [_handlers count]; i++) [[_handlers objectAtIndex:i] commandBufferCompleted:self];

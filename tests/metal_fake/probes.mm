@@ -115,3 +115,29 @@ extern "C" int fake_icb_command_has_set_bytes(void)
     [pool drain];
     return has;
 }
+
+// GPUStartTime / GPUEndTime of a command buffer (one blit fill) read before commit (out[0], out[1])
+// and after waitUntilCompleted (out[2], out[3]). Returns its final status.
+extern "C" long fake_probe_gpu_times(double out[4])
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+    id<MTLCommandQueue> queue = [device newCommandQueue];
+    id<MTLBuffer> buffer = [device newBufferWithLength:1 << 20 options:MTLResourceStorageModeShared];
+    id<MTLCommandBuffer> cb = [queue commandBuffer];
+    id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
+    [blit fillBuffer:buffer range:NSMakeRange(0, 1 << 20) value:7];
+    [blit endEncoding];
+    out[0] = [cb GPUStartTime];
+    out[1] = [cb GPUEndTime];
+    [cb commit];
+    [cb waitUntilCompleted];
+    out[2] = [cb GPUStartTime];
+    out[3] = [cb GPUEndTime];
+    long status = (long)[cb status];
+    [buffer release];
+    [queue release];
+    [device release];
+    [pool drain];
+    return status;
+}

@@ -17,6 +17,9 @@
 
 #import <Foundation/Foundation.h>
 
+/* CFTimeInterval: CoreFoundation's seconds as a double (GNUstep base has no CoreFoundation) */
+typedef double CFTimeInterval;
+
 /* mtlsize, mtlsizemake(_:_:_:) */
 typedef struct { NSUInteger width, height, depth; } MTLSize;
 static inline MTLSize MTLSizeMake(NSUInteger w, NSUInteger h, NSUInteger d) { MTLSize s = {w, h, d}; return s; }
@@ -175,7 +178,9 @@ typedef id<LTFakeCompletedHandler> MTLCommandBufferHandler;
 #endif
 
 /* mtlcommandbuffer: computeCommandEncoder(), blitCommandEncoder(), addCompletedHandler(_:),
- * commit(), waitUntilCompleted(), status, error */
+ * commit(), waitUntilCompleted(), status, error, gpuStartTime / gpuEndTime (Objective-C
+ * GPUStartTime / GPUEndTime, macOS 10.15: host times in seconds, relative to mach time, that stay
+ * 0.0 until the GPU finished the command buffer) */
 @protocol MTLCommandBuffer <NSObject>
 - (id<MTLComputeCommandEncoder>)computeCommandEncoder;
 - (id<MTLBlitCommandEncoder>)blitCommandEncoder;
@@ -184,6 +189,8 @@ typedef id<LTFakeCompletedHandler> MTLCommandBufferHandler;
 - (void)waitUntilCompleted;
 @property (readonly) MTLCommandBufferStatus status;
 @property (readonly) NSError *error;
+@property (readonly) CFTimeInterval GPUStartTime;
+@property (readonly) CFTimeInterval GPUEndTime;
 @end
 
 /* mtlcommandqueue: makeCommandBuffer() = commandBuffer */
