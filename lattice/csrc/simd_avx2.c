@@ -39,6 +39,7 @@ AVX2 static inline float h1(uint16_t h) {
 #define TOK_TILE 15  /* tokens per call: whole 4x3 tiles */
 #define TILE_RM 4   /* the largest RM */
 #define TILE_RN 4   /* the largest RN */
+#define PREFETCH_AHEAD 1024  /* bytes of weights fetched ahead of the block being multiplied */
 
 __attribute__((always_inline)) AVX2 static inline void widen_block(const uint8_t *q, int q4, __m256i *w0,
                                                                    __m256i *w1) {
@@ -105,8 +106,17 @@ __attribute__((always_inline)) AVX2 static inline void quant_tile(
                             mins[r][t] += h1(wm[r][b0 + j]) * xsum[t][b0 + j];
                     }
         }
+        /* The next tile's scales (its rows follow this tile's, as do its quants below). */
+        _mm_prefetch((const char *)(ws[RM - 1] + nb) + (size_t)b0 * 2 * RM + PREFETCH_AHEAD / 8, _MM_HINT_T0);
         for (uint32_t j = 0; j < n; j++) {
             uint32_t b = b0 + j;
+            /* Rows are a few hundred bytes: too short for the hardware prefetcher to ramp up on
+             * the RM interleaved row streams, so decode ran at a third of DRAM bandwidth. The
+             * next tile is contiguous after this one; fetch it as this one is consumed. */
+            const char *next = (const char *)wq[RM - 1] + (q4 ? kp / 2 : kp) + (size_t)b * (q4 ? 16 : LT_QK) * RM;
+            _mm_prefetch(next + PREFETCH_AHEAD, _MM_HINT_T0);
+            if (!q4 || RM > 2)
+                _mm_prefetch(next + PREFETCH_AHEAD + 64, _MM_HINT_T0);
 #pragma GCC unroll 4
             for (int r = 0; r < RM; r++) {
                 __m256i w0, w1;
