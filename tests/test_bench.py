@@ -194,10 +194,23 @@ def test_failing_engine_is_reported_and_the_others_go_on():
             super().__init__(spec, options)
             self.short_by, self.short_at = 1, 6           # fine in the warm-up, short in measured run 0
     recs, _ = measure_fakes(Settings(runs=3, warmup=2), "fake", "short", "fake:x", registry={"short": Short})
-    assert recs[1] == {"engine": "short", "status": "error",
-                       "reason": "short produced 63 tokens when asked for 64; the slope would be wrong"}
+    assert (recs[1]["status"], recs[1]["reason"]) == (
+        "error", "short produced 63 tokens when asked for 64; the slope would be wrong")
+    assert "unloaded" not in recs[1] and recs[1]["info"]["backend"] == "fake"   # what it had: the header
     assert [r["status"] for r in recs] == ["ok", "error", "ok"]
     assert recs[0]["unloaded"]["decode"]["n"] == 3 and recs[2]["unloaded"]["decode"]["n"] == 3
+
+
+def test_engine_without_a_valid_slope_is_an_error():
+    class Backwards(FakeEngine):                     # N2 tokens faster than N1 in the loaded phase
+        def generate(self, prompt_ids, n):
+            t = super().generate(prompt_ids, n)
+            return Timing(0.001 if n == 8 and len(self.calls) > 6 else t.seconds, t.tokens)
+    s = Settings(n1=4, n2=8, warmup=0, runs=2, pp=5, prompt_tokens=3, load=1, load_device="cpu", load_duty=0.05)
+    recs, _ = measure_fakes(s, "backwards", "fake", registry={"backwards": Backwards})
+    assert recs[0]["status"] == "error" and "is not greater than T(N1=4)" in recs[0]["reason"]
+    assert recs[0]["unloaded"]["decode"]["n"] == 2 and "loaded" not in recs[0]    # kept: the unloaded phase
+    assert recs[1]["status"] == "ok" and recs[1]["loaded"]["decode"]["n"] == 2
 
 
 def test_runtime_counters_per_phase():
@@ -328,7 +341,8 @@ def tiny_model(tmp_path_factory):
 
 def test_worker_processes_measure_a_tiny_model(tiny_model):
     """Two Lattice backends, each in its own worker process, loaded once and interleaved."""
-    s = Settings(n1=2, n2=6, warmup=1, runs=2, pp=8, prompt_tokens=4, threads=1)
+    # N2 - N1 = 299 tokens (tens of ms) so that scheduling noise on a busy machine cannot make a slope negative
+    s = Settings(n1=1, n2=300, warmup=0, runs=2, pp=8, prompt_tokens=4, threads=1)
     hosts = [EngineWorker("lattice:cpu", tiny_model, s), EngineWorker("lattice:reference", tiny_model, s)]
     recs = measure(hosts, s)
     assert [r["status"] for r in recs] == ["ok", "ok"], recs
@@ -336,11 +350,25 @@ def test_worker_processes_measure_a_tiny_model(tiny_model):
     assert cpu["model_file"] == tiny_model["gguf"] and cpu["info"]["backend"] == "cpu"
     assert ref["info"]["backend"] == "reference" and ref["unloaded"]["counters"] is None
     c = cpu["unloaded"]["counters"]
-    assert c["backend"] == "cpu" and c["tokens"] == 2 * (2 + 6 + 1) and c["dispatches_per_step"] > 0
+    assert c["backend"] == "cpu" and c["tokens"] == 2 * (1 + 300 + 1) and c["dispatches_per_step"] > 0
     assert c["submissions"] == 0 and c["backend_calls_per_token"] > 0
     for r in recs:
         assert len(r["unloaded"]["times_n2"]) == 2 and r["unloaded"]["decode"]["n"] == 2 and r["peak_rss_mb"] > 0
     assert hosts[0].proc.pid != hosts[1].proc.pid and all(h.proc.returncode == 0 for h in hosts)
+
+
+def test_cli_measures_engines_in_workers(tiny_model, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", tiny_model["gguf"], "-e", "lattice:cpu", "-e", "lattice:reference",
+                                        "--n1", "1", "--n2", "300", "--runs", "2", "--warmup", "0", "--pp", "8",
+                                        "--prompt-tokens", "4", "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert [r["status"] for r in doc["results"]] == ["ok", "ok"]
+    assert "dispatches/step" in res.output and "tg299" in res.output
+    row = next(line for line in res.output.splitlines() if "lattice:cpu" in line and "unloaded" in line
+               and line.count("|") == 9)
+    assert row.split("|")[3].strip() == "cpu"                                 # the runtime's backend
 
 
 def test_worker_that_dies_is_an_error(tiny_model):

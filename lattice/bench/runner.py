@@ -150,6 +150,7 @@ class EngineWorker:
             self.proc = subprocess.Popen([self.python, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         except OSError as e:
+            self.stderr.close()
             return {"engine": self.spec, "status": "error",
                     "reason": f"cannot start the worker with {self.python}: {e}"}
         try:
@@ -295,8 +296,17 @@ class _Schedule:
                 self.fail(i, e)
         return out
 
+    def summarize(self, i: int, raw: dict, s: Settings) -> dict | None:
+        """The phase's statistics; a slope that cannot be computed (T(N2) <= T(N1)) fails the engine."""
+        try:
+            return summarize_phase(raw, s)
+        except BenchError as e:
+            self.fail(i, e)
+            return None
+
     def fail(self, i: int, e: Exception):
-        self.records[i] = {"engine": self.records[i]["engine"], "status": "error", "reason": str(e)}
+        """The engine leaves the schedule; its record keeps what was measured before."""
+        self.records[i].update(status="error", reason=str(e))
         self.live.remove(i)
 
 
@@ -314,19 +324,22 @@ def measure(hosts: list, s: Settings) -> list[dict]:
         before = sched.counters()
         unloaded = sched.phase(s.runs)
         after = sched.counters()
-        for i in sched.live:
-            records[i]["unloaded"] = summarize_phase(unloaded[i], s)
-            records[i]["unloaded"]["counters"] = counters_delta(before.get(i), after.get(i))
+        for i in list(sched.live):
+            stats = sched.summarize(i, unloaded[i], s)
+            if stats:
+                records[i]["unloaded"] = {**stats, "counters": counters_delta(before.get(i), after.get(i))}
         if s.load and sched.live:
             with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
                                python=s.load_python or None) as lp:
                 loaded = sched.phase(s.runs)
             final = sched.counters()
-            for i in sched.live:
+            for i in list(sched.live):
+                stats = sched.summarize(i, loaded[i], s)
+                if not stats:
+                    continue
                 rec = records[i]
-                rec["loaded"] = summarize_phase(loaded[i], s)
-                rec["loaded"]["counters"] = counters_delta(after.get(i), final.get(i))
-                rec["loaded"]["load"] = lp.summary()
+                rec["loaded"] = {**stats, "counters": counters_delta(after.get(i), final.get(i)),
+                                 "load": lp.summary()}
                 rec["degradation_pct"] = {
                     "decode": degradation_pct(rec["unloaded"]["decode"]["median"], rec["loaded"]["decode"]["median"]),
                     "prefill": degradation_pct(rec["unloaded"]["prefill"]["median"],
@@ -334,8 +347,8 @@ def measure(hosts: list, s: Settings) -> list[dict]:
     finally:
         for i, h in enumerate(hosts):
             closed = h.close()
-            if i < len(records) and records[i]["status"] == "ok":
-                records[i]["peak_rss_mb"] = closed.get("peak_rss_mb")
+            if i < len(records) and "peak_rss_mb" in closed:
+                records[i]["peak_rss_mb"] = closed["peak_rss_mb"]
     return records
 
 
