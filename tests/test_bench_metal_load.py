@@ -3,6 +3,7 @@ the MSL emulator, the bridge's load generator (objc/lattice_load.mm) against the
 (tests/metal_fake), which times command buffers with GPUStartTime / GPUEndTime, and the load
 processes run by lattice.bench.load through it."""
 import ctypes
+import json
 import os
 import sys
 import time
@@ -123,3 +124,21 @@ def test_load_generator_uses_only_declared_metal_api(tmp_path):
     declaration checked against Apple's documentation (GCC warns about undeclared ones)."""
     metal_fake.compile_bridge([os.path.join(ROOT, "objc", "lattice_load.mm")], str(tmp_path / "l.so"),
                               extra=["-Werror", "-fsyntax-only"])
+
+
+def test_cli_contention_with_metal_load(files, monkeypatch, tmp_path):
+    from lattice.bench import engines
+    from test_bench import FakeEngine
+    monkeypatch.setitem(engines.ENGINES, "fake", FakeEngine)
+    monkeypatch.setenv("LATTICE_METAL_BRIDGE", files[0])
+    monkeypatch.setenv("LATTICE_METAL_LIBRARY", files[1])
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "fake", "--runs", "2", "--warmup", "0",
+                                        "--load", "1", "--load-device", "metal", "--load-duty", "0.2",
+                                        "--load-period-ms", "20", "--in-process", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 x metal processes" in res.output and "by GPU timestamps" in res.output
+    load = json.loads(out.read_text())["results"][0]["loaded"]["load"]
+    assert load["device"] == "metal" and load["reported"] == 1 and load["reports"][0]["iterations_per_burst"] >= 1
