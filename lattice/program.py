@@ -764,7 +764,7 @@ class WeightStore:
 # the planes of each weight format, in slot order (wq, ws, wm), as [rows, plane width] arrays
 PLANE_DTYPES = {"f32": (np.float32,), "f16": (np.float16,), "q8": (np.int8, np.float16),
                 "q4": (np.uint8, np.float16, np.float16)}
-CONVERT_CHUNK_BYTES = 4 << 20     # float32 size of the rows converted at once
+CONVERT_CHUNK_BYTES = 1 << 20     # float32 size of the rows converted at once
 
 
 def _put(dst, src, name):
