@@ -236,6 +236,7 @@ def test_released_tensors_leave_memory_and_stay_usable(tmp_path):
 
 LOAD_SCRIPT = """
 import json, os, sys
+import lattice
 model = lattice.load(sys.argv[1], backend="cpu", context=64)
 mapped = os.path.realpath(sys.argv[1]) in open("/proc/self/maps").read()
 print(json.dumps({"mapped": mapped, "tokens": model.generate("Hi", max_tokens=4).tokens}))
