@@ -110,7 +110,8 @@ static int check_args(uint32_t kernel, const void *args) {
             return LT_ERR_ARGS;
     } else if (kernel == LT_K_ATTENTION) {
         const lt_attention_args *a = args;
-        if (a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 || a->n_heads % a->n_kv_heads
+        if (a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 || a->head_dim > 512
+            || a->n_heads % a->n_kv_heads
             || a->ctx_cap == 0 || a->n_heads / a->n_kv_heads > 512)
             return LT_ERR_ARGS;
     } else if (kernel == LT_K_GDN) {

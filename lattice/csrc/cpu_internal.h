@@ -162,8 +162,10 @@ typedef struct lt_simd {
     float (*dot_f16)(const float *x, const uint16_t *h, uint32_t n);   /* sum x[i] * h[i] */
     void (*axpy_f16)(float *y, float a, const uint16_t *h, uint32_t n); /* y += a * h */
     float (*exp_shift)(float *s, uint32_t n, float mx);  /* s[j] = exp(s[j] - mx), returns sum */
+    void (*sigmoid)(float *x, uint32_t n);               /* x[j] = 1 / (1 + exp(-x[j])) */
 } lt_simd;
 float lt_exp_shift(float *s, uint32_t n, float mx);     /* the portable exp_shift */
+void lt_sigmoid_n(float *x, uint32_t n);                /* the portable sigmoid */
 
 extern const lt_simd lt_simd_scalar;
 #if defined(__x86_64__) || defined(_M_X64)

@@ -114,9 +114,14 @@ static void attend_range(const lt_attention_args *a, const lt_simd *simd, const 
             simd->axpy_f16(acc + g * D, scores[g * n + (j - j0)], vh + (size_t)j * D, D);
 }
 
-static void finish(float *o, const float *acc, float inv, const float *gate, uint32_t D) {
+static void finish(const lt_simd *simd, float *o, const float *acc, float inv, const float *gate, uint32_t D) {
+    float sg[MAX_HEAD_DIM];
+    if (gate) {
+        memcpy(sg, gate, D * sizeof(float));
+        simd->sigmoid(sg, D);
+    }
     for (uint32_t i = 0; i < D; i++)
-        o[i] = gate ? acc[i] * inv * lt_sigmoid(gate[i]) : acc[i] * inv;
+        o[i] = gate ? acc[i] * inv * sg[i] : acc[i] * inv;
 }
 
 void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
@@ -151,7 +156,7 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
             attend_range(a, simd, qh, kc + base, vc + base, j0, j1, group, scores, m, l, acc);
             for (uint32_t g = 0; g < group; g++) {
                 size_t col = (size_t)(kvh * group + g) * D;
-                finish(out + (size_t)t * a->out_stride + col, acc + g * D, 1.0f / l[g],
+                finish(simd, out + (size_t)t * a->out_stride + col, acc + g * D, 1.0f / l[g],
                        gate ? gate + (size_t)t * a->gate_stride + col : NULL, D);
             }
         } else {  /* partial state of head h, chunk ch at shared + (h * chunks + ch) * (D + 2) */
@@ -181,7 +186,7 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
             for (uint32_t i = 0; i < D; i++)
                 acc[i] += pc[2 + i] * w;
         }
-        finish(out + (size_t)h * D, acc, 1.0f / sum, gate ? gate + (size_t)h * D : NULL, D);
+        finish(simd, out + (size_t)h * D, acc, 1.0f / sum, gate ? gate + (size_t)h * D : NULL, D);
     }
     lt_sync(c);  /* the shared scratch is reused by the next dispatch that needs it */
 }

@@ -12,16 +12,23 @@ size_t lt_gdn_thread_floats(const lt_gdn_args *a) {
     return 0;
 }
 
-/* conv over time for channel ch at token t, then SiLU. */
-static inline float conv_silu(const float *x, size_t xs, const float *state, uint32_t C,
-                              const float *w, uint32_t K, uint32_t t, uint32_t ch) {
-    float acc = 0.0f;
-    for (uint32_t j = 0; j < K; j++) {
-        int64_t r = (int64_t)t - (int64_t)(K - 1) + j;  /* input time; < 0: from the state */
-        float in = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * xs + ch];
-        acc += w[(size_t)ch * K + j] * in;
+/* out[i] = SiLU(conv over time of channel ch0 + i at token t), i < n. */
+static void conv_silu(const lt_simd *simd, const float *x, size_t xs, const float *state, uint32_t C,
+                      const float *w, uint32_t K, uint32_t t, uint32_t ch0, uint32_t n, float *out) {
+    float sg[MAX_DIM];
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t ch = ch0 + i;
+        float acc = 0.0f;
+        for (uint32_t j = 0; j < K; j++) {
+            int64_t r = (int64_t)t - (int64_t)(K - 1) + j;  /* input time; < 0: from the state */
+            float in = r < 0 ? state[(size_t)(r + K - 1) * C + ch] : x[(size_t)r * xs + ch];
+            acc += w[(size_t)ch * K + j] * in;
+        }
+        out[i] = sg[i] = acc;
     }
-    return lt_silu(acc);
+    simd->sigmoid(sg, n);
+    for (uint32_t i = 0; i < n; i++)
+        out[i] *= sg[i];
 }
 
 /* The last K-1 inputs become the state, oldest first (ascending order reads ahead of writes). */
@@ -59,21 +66,19 @@ void lt_k_gdn(const lt_ctx *c, const lt_dispatch *d) {
     uint32_t group = a->n_v_heads / a->n_k_heads;
     float q[MAX_DIM], k[MAX_DIM], v[MAX_DIM], o[MAX_DIM];
     float q_scale = 1.0f / sqrtf((float)Dk);
+    const lt_simd *simd = lt_simd_get();
     uint32_t lo, hi;
     lt_split(a->n_k_heads, 1, c->tid, c->nth, &lo, &hi);
     for (uint32_t kh = lo; kh < hi; kh++) {
         uint32_t qc = a->q_offset + kh * Dk, kc = a->k_offset + kh * Dk;
         for (uint32_t t = 0; t < c->T; t++) {
-            for (uint32_t i = 0; i < Dk; i++) {
-                q[i] = conv_silu(x, a->x_stride, cstate, C, conv_w, K, t, qc + i);
-                k[i] = conv_silu(x, a->x_stride, cstate, C, conv_w, K, t, kc + i);
-            }
+            conv_silu(simd, x, a->x_stride, cstate, C, conv_w, K, t, qc, Dk, q);
+            conv_silu(simd, x, a->x_stride, cstate, C, conv_w, K, t, kc, Dk, k);
             l2norm(q, Dk, q_scale);
             l2norm(k, Dk, 1.0f);
             for (uint32_t h = kh * group; h < (kh + 1) * group; h++) {
                 uint32_t vc = a->v_offset + h * Dv;
-                for (uint32_t i = 0; i < Dv; i++)
-                    v[i] = conv_silu(x, a->x_stride, cstate, C, conv_w, K, t, vc + i);
+                conv_silu(simd, x, a->x_stride, cstate, C, conv_w, K, t, vc, Dv, v);
                 float beta = lt_sigmoid(pb[(size_t)t * a->b_stride + h]);
                 float g = -expf(a_log[h]) * softplus(pa[(size_t)t * a->a_stride + h] + dt_bias[h]);
                 float decay = expf(g);
@@ -107,8 +112,11 @@ void lt_k_gdn(const lt_ctx *c, const lt_dispatch *d) {
                 float r = 1.0f / sqrtf(ss / (float)Dv + a->norm_eps);
                 const float *zh = z + (size_t)t * a->z_stride + (size_t)h * Dv;
                 float *oh = out + (size_t)t * a->out_stride + (size_t)h * Dv;
+                float sz[MAX_DIM];
+                memcpy(sz, zh, Dv * sizeof(float));
+                simd->sigmoid(sz, Dv);
                 for (uint32_t j = 0; j < Dv; j++)
-                    oh[j] = o[j] * r * norm_w[j] * lt_silu(zh[j]);
+                    oh[j] = o[j] * r * norm_w[j] * zh[j] * sz[j];
             }
         }
         conv_state_update(x, a->x_stride, cstate, C, K, c->T, qc, Dk);

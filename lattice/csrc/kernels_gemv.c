@@ -70,21 +70,22 @@ void lt_prepare_x(const float *x, uint32_t cols, uint32_t padded, const float *n
 }
 
 /* Writes tile rows [row0, row0 + nr) of tokens [t0, t0 + nt) through the epilogues into y. */
-static void epilogue(const lt_gemv_args *a, const float *tile, uint32_t row0, uint32_t nr,
-                     uint32_t t0, uint32_t nt, const float *bias, const float *resid, float *y) {
+static void epilogue(const lt_simd *simd, const lt_gemv_args *a, const float *tile, uint32_t row0,
+                     uint32_t nr, uint32_t t0, uint32_t nt, const float *bias, const float *resid, float *y) {
     for (uint32_t t = 0; t < nt; t++) {
         const float *v = tile + t * nr;
         float *yt = y + (size_t)(t0 + t) * a->y_stride;
         const float *rt = resid ? resid + (size_t)(t0 + t) * a->resid_stride : NULL;
-        if (a->flags & LT_GEMV_SILU_MUL) {
-            for (uint32_t i = 0; i < nr; i += 2) {
-                float g = v[i], u = v[i + 1];
-                if (bias) {
-                    g += bias[row0 + i];
-                    u += bias[row0 + i + 1];
-                }
-                uint32_t o = (row0 + i) / 2;
-                float out = lt_silu(g) * u;
+        if (a->flags & LT_GEMV_SILU_MUL) {  /* rows alternate gate, up */
+            float g[ROW_TILE / 2], sg[ROW_TILE / 2];
+            uint32_t n = nr / 2;
+            for (uint32_t i = 0; i < n; i++)
+                sg[i] = g[i] = v[2 * i] + (bias ? bias[row0 + 2 * i] : 0.0f);
+            simd->sigmoid(sg, n);
+            for (uint32_t i = 0; i < n; i++) {
+                float u = v[2 * i + 1] + (bias ? bias[row0 + 2 * i + 1] : 0.0f);
+                uint32_t o = row0 / 2 + i;
+                float out = g[i] * sg[i] * u;
                 yt[o] = rt ? rt[o] + out : out;
             }
         } else {
@@ -97,7 +98,7 @@ static void epilogue(const lt_gemv_args *a, const float *tile, uint32_t row0, ui
     }
 }
 
-static void partials(const float *logits, uint32_t lo, uint32_t hi, lt_argmax_partial *p) {
+static void partials(const lt_simd *simd, const float *logits, uint32_t lo, uint32_t hi, lt_argmax_partial *p) {
     for (uint32_t b0 = lo; b0 < hi; b0 += LT_ARGMAX_BLOCK) {
         uint32_t b1 = b0 + LT_ARGMAX_BLOCK < hi ? b0 + LT_ARGMAX_BLOCK : hi;
         float mx = -INFINITY;
@@ -112,10 +113,15 @@ static void partials(const float *logits, uint32_t lo, uint32_t hi, lt_argmax_pa
             }
         }
         float se = 0.0f;
-        if (mx > -INFINITY)
+        if (mx > -INFINITY && !bad) {  /* exp over a copy: the logits stay as they are */
+            float e[LT_ARGMAX_BLOCK];
+            memcpy(e, logits + b0, (b1 - b0) * sizeof(float));
+            se = simd->exp_shift(e, b1 - b0, mx);
+        } else if (mx > -INFINITY) {
             for (uint32_t i = b0; i < b1; i++)
                 if (isfinite(logits[i]))
                     se += expf(logits[i] - mx);
+        }
         lt_argmax_partial *q = &p[b0 / LT_ARGMAX_BLOCK];
         q->max = mx;
         q->argmax = arg;
@@ -170,13 +176,13 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
         for (uint32_t t0 = 0; t0 < T; t0 += simd->tok_tile) {
             uint32_t nt = T - t0 < simd->tok_tile ? T - t0 : simd->tok_tile;
             simd->gemm[a->wformat](&w, r, nr, x + t0 * xs, xs, nt, tile);
-            epilogue(a, tile, r, nr, t0, nt, bias, resid, y);
+            epilogue(simd, a, tile, r, nr, t0, nt, bias, resid, y);
         }
     }
     if (lm_head) {
         lt_argmax_partial *p = lt_bound(c, d, LT_GEMV_B_PARTIALS);
         if (p)
-            partials(y + (size_t)(T - 1) * a->y_stride, lo, hi, p);
+            partials(simd, y + (size_t)(T - 1) * a->y_stride, lo, hi, p);
     }
     if (prep && T > 1) {  /* the shared input buffer is reused by the next GEMV */
         lt_sync(c);

@@ -278,8 +278,23 @@ AVX2 static float exp_shift(float *s, uint32_t n, float mx) {
     return total;
 }
 
+/* sigmoid(x) from e = exp(-|x|) <= 1: 1 / (1 + e) for x >= 0, e / (1 + e) below (no overflow). */
+AVX2 static void sigmoid(float *x, uint32_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    uint32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        __m256 e = exp_nonpos(_mm256_or_ps(v, sign));
+        __m256 r = _mm256_div_ps(_mm256_blendv_ps(one, e, v), _mm256_add_ps(one, e));
+        _mm256_storeu_ps(x + j, _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));  /* NaN stays */
+    }
+    for (; j < n; j++)
+        x[j] = lt_sigmoid(x[j]);
+}
+
 const lt_simd lt_simd_avx2 = {
     "avx2", LT_XQ_I16, TOK_TILE, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, exp_shift,
+    sigmoid,
 };
 
 #endif

@@ -101,8 +101,14 @@ float lt_exp_shift(float *s, uint32_t n, float mx) {
     return sum;
 }
 
+void lt_sigmoid_n(float *x, uint32_t n) {
+    for (uint32_t j = 0; j < n; j++)
+        x[j] = lt_sigmoid(x[j]);
+}
+
 const lt_simd lt_simd_scalar = {
     "scalar", LT_XQ_F32, 4, NULL, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, lt_exp_shift,
+    lt_sigmoid_n,
 };
 
 /* ------------------------------------------------------------------------------- selection */
