@@ -77,6 +77,7 @@ class BuildExt(build_ext):
                             os.path.join(out, "lattice.metallib")], check=True)
             subprocess.run(["xcrun", "clang++", "-std=c++17", "-x", "objective-c++", "-fno-objc-arc", "-O2",
                             "-shared", "-fPIC", os.path.join(ROOT, "objc", "lattice_metal.mm"),
+                            os.path.join(ROOT, "objc", "lattice_load.mm"),
                             "-framework", "Metal", "-framework", "Foundation",
                             "-o", os.path.join(out, "liblattice_metal.dylib")], check=True)
         except (OSError, subprocess.CalledProcessError) as e:

@@ -206,6 +206,13 @@ class Session:
     def reset(self):
         self._state.reset()
 
+    def counters(self) -> dict:
+        """The runtime's counters since the session was created (tokens, steps, dispatches per
+        decode step, submissions, backend and device API calls, per-token ratios); empty for the
+        numpy reference engine, which has no runtime."""
+        counters = getattr(self._state, "counters", None)
+        return counters() if counters else {}
+
     def logits(self, ids) -> np.ndarray:
         """Teacher-forced logits [T, vocab] (f32) of token ids from a fresh context (the session
         starts over). For evaluation: perplexity, KL against a reference."""

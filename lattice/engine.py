@@ -89,3 +89,6 @@ class _RuntimeState:
 
     def reset(self):
         self.st.reset()
+
+    def counters(self):
+        return self.st.counters()

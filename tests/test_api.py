@@ -61,6 +61,18 @@ def test_multi_turn_reuses_cached_prefix(model):
     assert g2.reused_tokens == before > 0
 
 
+def test_session_counters(model):
+    s = model.session()
+    s.generate("Hi", max_tokens=5, ignore_eos=True)
+    c = s.counters()
+    if model.backend == "reference":
+        assert c == {}
+        return
+    assert c["tokens"] == 5 and c["steps"] >= 5 and c["backend"] == model.backend
+    assert c["dispatches_per_step"] > 0 and c["backend_calls"] >= 5
+    assert c["backend_calls_per_token"] == c["backend_calls"] / 5
+
+
 def test_interrupted_stream_leaves_session_usable(model):
     s = model.session()
     it = s.stream("The quick brown fox", max_tokens=50, ignore_eos=True)

@@ -104,10 +104,7 @@ class LatticeEngine(Engine):
                 "quant": self.quant or "as stored"}
 
     def counters(self):
-        # the runtime's State.counters(): the public Session does not expose them (yet); the
-        # numpy reference backend has none
-        state = getattr(self.session._state, "st", None)
-        return state.counters() if hasattr(state, "counters") else None
+        return self.session.counters() or None  # the numpy reference engine has none
 
 
 class LlamaCppEngine(Engine):
