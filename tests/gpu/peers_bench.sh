@@ -6,10 +6,12 @@
 #   OUT=... LOAD=10 RUNS=5 tests/gpu/peers_bench.sh
 #
 # Carry .peers (tests/gpu/prepare_llama_cpp.sh) and, where the machine lacks them, .whl (gguf,
-# click, diskcache, cython, pytest-xdist, execnet wheels). LLAMA_LIB=dir: use prebuilt llama.cpp
-# libraries instead of building; TESTS=1: run tests/test_cuda.py first; NCU=1: per-kernel times
-# of one decode step (profile_step.sh); MAIN=0 / EAGER=0 / TRANSFORMERS=0 skip those runs; MPS=1:
-# repeat the loaded runs under CUDA MPS; PACK=1: return the built llama.cpp libraries as $OUT/llama-libs.tgz.*.
+# click, diskcache, cython, pytest-xdist, execnet wheels). Options (environment):
+#   LLAMA_LIB=dir, or .peers/libs/llama-libs.tgz.* (what PACK=1 returned): prebuilt llama.cpp
+#     libraries instead of building them; PACK=1: return the built ones as $OUT/llama-libs.tgz.*
+#   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh)
+#   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: the loaded runs again
+#     under CUDA MPS
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,6 +30,10 @@ LOAD=${LOAD:-10}
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nproc; } >"$R/machine.txt" 2>&1
 head -12 "$R/machine.txt"
 
+if [ -z "${LLAMA_LIB:-}" ] && ls .peers/libs/llama-libs.tgz.* >/dev/null 2>&1; then  # returned by PACK=1
+    mkdir -p /tmp/llama-libs && cat .peers/libs/llama-libs.tgz.* | tar xzf - -C /tmp/llama-libs
+    LLAMA_LIB=/tmp/llama-libs
+fi
 if [ -z "${LLAMA_LIB:-}" ]; then
     echo "== llama.cpp build (background)"
     (BUILD=/tmp/llama-build JOBS=${JOBS:-14} bash tests/gpu/build_llama_cpp.sh >"$R/llama-build.txt" 2>&1; echo "rc=$?" >>"$R/llama-build.txt") &
@@ -81,8 +87,12 @@ bench() {  # tag, extra lattice-bench args...
 
 for m in $MODELS; do
     M=/tmp/models/$m
-    [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda -e llama.cpp:gpu --n1 64 --n2 320 \
-        --load "$LOAD"
+    # llama.cpp in the harness's own process (--in-process, the load device named so that the
+    # harness does not import torch): with torch loaded, or in the harness's worker process on
+    # this machine, llama.cpp's CUDA build crashes while loading the model (SIGSEGV)
+    [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
+    [ "${LLAMA:-1}" = 1 ] && bench "$m-llama.cpp" --gguf "$M.gguf" -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" \
+        --in-process --load-device cuda
     [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 \
         --n2 320 --load "$LOAD"
     [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
@@ -90,13 +100,15 @@ for m in $MODELS; do
 done
 
 if [ "${MPS:-0}" = 1 ]; then
-    echo "== the same under CUDA MPS"
+    echo "== the same under CUDA MPS (every CUDA process of the machine through one MPS server)"
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     nvidia-cuda-mps-control -d && sleep 1
     for m in $MODELS; do
         M=/tmp/models/$m
-        bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD"
+        bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
+        [ "${LLAMA:-1}" = 1 ] && bench "$m-mps-llama.cpp" --gguf "$M.gguf" -e llama.cpp:gpu --n1 64 --n2 320 \
+            --load "$LOAD" --in-process --load-device cuda
     done
     echo quit | nvidia-cuda-mps-control
 fi

@@ -22,14 +22,15 @@ m.session().generate(list(range(100, 116)), max_tokens=40, ignore_eos=True)
 python3 - "$CSV" <<'EOF'
 import csv, sys, collections
 rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))][1:]  # skip units
+num = lambda s: float(s.replace(",", ""))  # ncu writes thousands separators
 kinds = collections.OrderedDict()
 for r in rows:
     name = r["Kernel Name"].split("(")[0]
     k = kinds.setdefault(name, [0, 0.0, 0.0, r["launch__registers_per_thread"], r["launch__grid_size"],
                                 r["launch__block_size"], r["sm__warps_active.avg.pct_of_peak_sustained_active"]])
     k[0] += 1
-    k[1] += float(r["gpu__time_duration.sum"]) / 1e3  # ns -> us
-    k[2] += (float(r["dram__bytes_read.sum"]) + float(r["dram__bytes_write.sum"])) / 1e6
+    k[1] += num(r["gpu__time_duration.sum"]) / 1e3  # ns -> us
+    k[2] += (num(r["dram__bytes_read.sum"]) + num(r["dram__bytes_write.sum"])) / 1e6
 total = sum(k[1] for k in kinds.values())
 print(f"{len(rows)} kernels, {total:.1f} us of kernel time")
 print(f"{'kernel':60s} {'n':>4s} {'us':>8s} {'us/each':>8s} {'MB':>8s} {'GB/s':>7s} regs grid block occ%")
