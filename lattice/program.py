@@ -714,7 +714,7 @@ class WeightStore:
                      in zip(e["planes"].values(), PLANE_DTYPES[e["format"]])]
             row = 0
             for j, name in enumerate(parts):
-                if e["cols"] == 1:              # vector; a joint bias leaves missing parts zero
+                if e["cols"] == 1:              # f32 vector; a joint bias holds the parts present
                     n = int(np.prod(self._shape(name))) if name else 0
                     if name:
                         _put(views[0][row:row + n], self._f32(name).reshape(n, 1), name)

@@ -250,3 +250,17 @@ def test_load_does_not_keep_the_checkpoint_mapped(smollm2_path):
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)
     assert not m["mapped"] and len(m["tokens"]) == 4
+
+
+@linux_only
+def test_releasing_rows_gives_back_only_their_pages(tmp_path):
+    path = tmp_path / "small.gguf"
+    write_llama_q8_0_gguf(path, vocab=4096, hidden=256, inter=512, layers=1, heads=4, kv_heads=2)
+    emb = open_checkpoint(path).tensors["model.embed_tokens.weight"]      # 1.1 MB of Q8_0 rows
+    assert emb.rows_in_order
+    emb.raw.sum()                                   # every page of it resident
+    full = mapped_rss(path)
+    assert full >= emb.raw.nbytes
+    emb.release(0, 2048)
+    assert full - mapped_rss(path) >= emb.raw.nbytes // 2 - 2 * 4096
+    assert mapped_rss(path) >= emb.raw.nbytes // 2 - 2 * 4096      # the other half stays

@@ -33,10 +33,6 @@ class FileMap:
             self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         return self._bytes[offset:offset + nbytes]
 
-    @property
-    def mapped(self) -> bool:
-        return self._mmap is not None
-
     def release(self, offset, nbytes):
         """Take the pages holding [offset, offset + nbytes) out of this process's resident set.
         Pages are rounded outward: a page shared with a neighbouring tensor is read back if that

@@ -42,11 +42,10 @@ def mlx_dequantize(packed, scales, biases, bits, group_size):
 
 
 def native_to_f32(t, raw, start=0, stop=None) -> np.ndarray:
-    """float32 values of `raw`, native data of tensor `t` (anything with `.dtype`, and `.scales`,
-    `.biases`, `.group_size` for MLX dtypes) or rows [start, stop) of it: rows of `raw` are rows of
-    a 2-D tensor in every format, and every conversion is row by row, so converting a slice of
-    rows gives exactly those rows of the whole. The result has `raw`'s row count; the caller
-    reshapes."""
+    """float32 values of `raw`: the native data of tensor `t` (anything with `.dtype`; MLX dtypes
+    also `.scales`, `.biases`, `.group_size`), or its rows [start, stop). Every conversion works row
+    by row, so a slice of rows converts to exactly those rows of the whole. The result has `raw`'s
+    row count; the caller reshapes."""
     if t.dtype in ("f32", "f16", "bf16"):
         return _as_f32(raw)
     if t.dtype in GGUF_QUANT_DTYPES:
