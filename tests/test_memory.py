@@ -11,7 +11,9 @@ import pytest
 
 from conftest import FIXTURES
 from lattice import program
+from lattice.errors import ModelFormatError
 from lattice.formats import open_checkpoint
+from lattice.formats.filemap import FileMap
 from lattice.program import build, trace
 from lattice.quant import from_tensor
 
@@ -152,7 +154,9 @@ def write_llama_bf16_folder(folder, vocab=16000, hidden=512, inter=1536, layers=
 
 PEAK_SCRIPT = """
 import json, sys
+from lattice.errors import ModelFormatError
 from lattice.formats import open_checkpoint
+from lattice.formats.filemap import FileMap
 from lattice.program import build
 
 def status(key):
@@ -264,3 +268,16 @@ def test_releasing_rows_gives_back_only_their_pages(tmp_path):
     emb.release(0, 2048)
     assert full - mapped_rss(path) >= emb.raw.nbytes // 2 - 2 * 4096
     assert mapped_rss(path) >= emb.raw.nbytes // 2 - 2 * 4096      # the other half stays
+
+
+def test_a_file_that_cannot_be_mapped_names_itself(tmp_path):
+    """The map is made on first use: a file gone (or emptied) by then is a ModelFormatError."""
+    path = tmp_path / "gone.gguf"
+    path.write_bytes(open(os.path.join(FIXTURES, "formats", "tiny-llama-q8_0.gguf"), "rb").read())
+    ckpt = open_checkpoint(path)
+    path.unlink()
+    with pytest.raises(ModelFormatError, match="gone.gguf.*cannot memory-map"):
+        ckpt.tensors["model.embed_tokens.weight"].to_f32()
+    path.write_bytes(b"")
+    with pytest.raises(ModelFormatError, match="gone.gguf.*cannot memory-map"):
+        FileMap(path).bytes(0, 1)
