@@ -88,12 +88,13 @@ class Model:
         self.config = ckpt.config
         check_weights(ckpt)
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
+        ckpt.metadata = {}      # the GGUF vocabulary lists (tens of MB) are the tokenizer's now
         self.context = min(context, self.config.max_position_embeddings or context)
         self._engine = _make_engine(ckpt, backend, quant, self.context, threads)
         self.backend = self._engine.name
         if self.backend != "reference":
             # the program holds its own converted weights: the files need not stay mapped, and
-            # the checkpoint (GGUF metadata included) is not kept
+            # the checkpoint is not kept
             ckpt.release()
         self.load_seconds = time.perf_counter() - t0
 
