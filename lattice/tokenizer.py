@@ -297,9 +297,15 @@ class _HFBackend:
             raise TokenizerError(f"{source}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre; "
                                  f"supported: {', '.join(known)})")
         vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        for i, (left, right) in enumerate(pairs):  # `tokenizers` panics (Rust) on these
+            missing = next((t for t in (left, right, left + right) if t not in vocab), None)
+            if missing is not None:
+                raise TokenizerError(f"{source}: tokenizer.ggml.merges[{i}] = {merges[i]!r} needs "
+                                     f"{missing!r}, which is not in the vocabulary")
         try:
-            model = BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                        fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
+            model = BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                        ignore_merges=pre in _IGNORE_MERGES)
         except Exception as e:
             raise TokenizerError(f"{source}: invalid BPE vocabulary/merges: {e}") from e
         tok = HFTokenizer(model)

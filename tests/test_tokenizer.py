@@ -259,6 +259,9 @@ def test_bad_gguf_tokenizer_metadata(smollm2_metadata):
         Tokenizer.from_gguf_metadata(broken(token_type=[1, 2]), "m.gguf")
     with pytest.raises(TokenizerError, match="tokenizer.ggml.merges"):
         Tokenizer.from_gguf_metadata(broken(merges=None), "m.gguf")
+    merges = list(smollm2_metadata["tokenizer.ggml.merges"])
+    with pytest.raises(TokenizerError, match=r"merges\[3\] = 'zq xj' needs 'zq'"):  # not a Rust panic
+        Tokenizer.from_gguf_metadata(broken(merges=merges[:3] + ["zq xj"] + merges[3:]), "m.gguf")
     with pytest.raises(TokenizerError, match="tokenizer.ggml.eos_token_id"):
         Tokenizer.from_gguf_metadata(broken(eos_token_id=10 ** 6), "m.gguf")
     with pytest.raises(TokenizerError, match="m.gguf: no embedded tokenizer"):
