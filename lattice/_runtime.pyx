@@ -148,7 +148,8 @@ cdef extern from *:
     #include <sys/mman.h>
     #endif
     /* Large arenas on transparent huge pages where the kernel gives them only on request (as numpy
-       does for its arrays): fewer TLB misses walking the KV cache. */
+       does for its arrays): fewer TLB misses. Not the STATE arena: its KV cache would become
+       resident 2 MB at a time from the first token; on 4 KB pages it grows with the tokens used. */
     static void lt_hugepage_hint(void *p, size_t n) {
     #if defined(__linux__) && defined(MADV_HUGEPAGE)
         const uintptr_t page = 4096;
@@ -198,7 +199,8 @@ cdef void *cpu_create(const lt_backend_cfg *cfg, int *err, char *msg, size_t msg
                 err[0] = LT_ERR_NOMEM
                 return NULL
             c.arenas[a] = c.raw[a] + (-<uintptr_t>c.raw[a]) % ALIGN
-            lt_hugepage_hint(c.arenas[a], cfg.sizes[a])
+            if a != LT_ARENA_STATE:
+                lt_hugepage_hint(c.arenas[a], cfg.sizes[a])
     return c
 
 
