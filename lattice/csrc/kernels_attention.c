@@ -145,8 +145,9 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
     float m[MAX_GROUP], l[MAX_GROUP];
     const float *qh[MAX_GROUP];
     uint32_t lo, hi;
-    lt_split(c->T * Hkv * chunks, 1, c->tid, c->nth, &lo, &hi);
-    for (uint32_t u = lo; u < hi; u++) {
+    /* Items round-robin: a causal prefill's later tokens attend to more positions, so contiguous
+     * halves would leave the first thread idle half the time. */
+    for (uint32_t u = (uint32_t)c->tid; u < c->T * Hkv * chunks; u += (uint32_t)c->nth) {
         uint32_t t = u / (Hkv * chunks), kvh = (u / chunks) % Hkv, ch = u % chunks;
         uint32_t len = c->pos + t + 1, j0 = len * ch / chunks, j1 = len * (ch + 1) / chunks;
         for (uint32_t g = 0; g < group; g++)
