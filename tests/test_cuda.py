@@ -1,11 +1,11 @@
-"""The CUDA backend (lattice/cuda): every kernel against lattice/reference.py, whole programs against
-the CPU backend, graph replay against eager launches, the device sampler against the CPU sampler.
+"""The CUDA backend (lattice/cuda): every kernel against lattice/reference.py, whole programs through
+the unified runtime (lattice._runtime.Runtime with cuda_backend) against the CPU backend, graph
+replay against eager launches, the device sampler against the CPU sampler.
 
 Kernel tests are the CPU backend's own (tests/test_cpu_kernels.py, same inputs and tolerances), run
 through `CudaKernelLib`, which serves the `lt_cpu_*` calls those tests make with the CUDA backend.
 Everything that needs a GPU skips without one (no nvidia-smi GPU, no nvcc); tests/gpu/run_gpu_tests.sh
-runs this file on a GPU machine. The token loop of `CudaRuntime` is also run over the CPU kernels
-(`HostBackend`), so its logic is tested everywhere.
+runs this file on a GPU machine.
 """
 import ctypes
 import os
@@ -48,6 +48,10 @@ class CudaKernelLib:
 
     def __init__(self):
         self.so = lcuda.load_library()
+
+    @staticmethod
+    def lt_cpu_simd():
+        return b"cuda"  # f32 dot products of unquantized x: the plain rounding bound applies
 
     @staticmethod
     def lt_cpu_error_string(err):
@@ -93,68 +97,6 @@ class CudaKernelLib:
             return self.lt_cpu_run(h, 1)
         finally:
             self.lt_cpu_free(h)
-
-
-class HostBackend:
-    """CudaBackend's interface over host arenas and the CPU kernels (tests/test_cpu_kernels.py's
-    library): runs CudaRuntime's token loop (steps queued ahead, ring read-back, overshoot, prefix
-    reuse, context limit) on machines without a GPU."""
-    cpu_lib = None
-
-    def __init__(self, sizes, device=0):
-        from test_cpu_kernels import Mem
-        self.mem = Mem()
-        self.mem.items = {a: [] for a in range(lcuda.N_ARENAS)}
-        self.mem.ends = [int(n) for n in sizes]
-        self.mem.build()
-        self.handles, self.last = [], None
-
-    def close(self):
-        for h in self.handles:
-            self.cpu_lib.lt_cpu_free(h)
-        self.handles = []
-
-    def set_eager(self, eager):
-        pass
-
-    def add_program(self, dispatches, consts, max_tokens):
-        recs = np.ascontiguousarray(dispatches)
-        consts = np.ascontiguousarray(consts).tobytes()
-        err, where = ctypes.c_int(), ctypes.c_uint32()
-        h = self.cpu_lib.lt_cpu_create(ctypes.c_void_p(recs.ctypes.data), len(recs), consts, len(consts),
-                                       self.mem.ptrs, self.mem.sizes, 1, ctypes.byref(err), ctypes.byref(where))
-        if not h:
-            raise BackendError(f"the CPU backend rejected dispatch {where.value}: error {err.value}")
-        self.handles.append(h)
-        return len(self.handles) - 1
-
-    def write(self, arena, offset, data):
-        a = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        self.mem.bufs[arena][offset:offset + a.nbytes] = a
-
-    def read(self, arena, offset, nbytes):
-        return self.mem.bufs[arena][offset:offset + nbytes].copy()
-
-    def launch(self, prog, n_steps, T=1, out_offset=0, out_n=0):
-        err = self.cpu_lib.lt_cpu_run(self.handles[prog], n_steps)
-        self.last = (err, self.read(lcuda.OUTPUT, out_offset, out_n))
-
-    def wait(self, step_dtype, out_n=0):
-        err, out = self.last
-        step = self.mem.bufs[lcuda.STEP][:step_dtype.itemsize].view(step_dtype)[0].copy()
-        return step, out[:out_n], err
-
-    def run(self, prog, n_steps, T=1):
-        return self.cpu_lib.lt_cpu_run(self.handles[prog], n_steps)
-
-
-@pytest.fixture
-def host_backend():
-    from lattice._runtime import simd
-    from test_cpu_kernels import lib as cpu_lib_fixture
-    HostBackend.cpu_lib = cpu_lib_fixture.__wrapped__()
-    assert HostBackend.cpu_lib.lt_cpu_set_simd(simd().encode()) == 0  # the runtime's SIMD path
-    return HostBackend
 
 
 @pytest.fixture(scope="session")
@@ -237,6 +179,41 @@ def test_attention_split_k(lib, head_dim, T, pos):
 
 # ---------------------------------------------------------------------------------------------- no GPU
 
+@pytest.mark.parametrize("fmt", [2, 3, 1])  # Q8, Q4, F16
+@pytest.mark.parametrize("cols", [576, 2048, 3584])
+@pytest.mark.parametrize("flags", [0, 1 | 2, 1 | 8 | 16])
+def test_gemv_one_token_float4_x(lib, fmt, cols, flags):
+    """One token with 16-byte aligned x rows (x_stride = cols), as decode programs lay them out:
+    the kernel stages x with float4 loads, in two passes past 2048 columns (the CPU kernel tests
+    pad their x rows, which takes the scalar staging)."""
+    from lattice import reference as ref
+    from test_cpu_kernels import (GemvArgs, K_GEMV, Mem, OK, SCRATCH, StepArgs, WEIGHTS, assert_dot_close,
+                                  dot_error_limit, put_matrix, rand, run_one)
+    rng = np.random.default_rng(cols + 10 * flags + fmt)
+    rows = 40
+    x, w = rand(rng, 1, cols), rand(rng, rows, cols, scale=0.1)
+    mem = Mem(StepArgs(n_tokens=1))
+    wq, ws, wm, deq = put_matrix(mem, w, fmt)
+    norm_w = rand(rng, cols)
+    n_out = rows // 2 if flags & 8 else rows
+    resid = rand(rng, 1, n_out)
+    rx, rn = mem.put(SCRATCH, x), mem.put(WEIGHTS, norm_w)
+    y = mem.put(SCRATCH, resid.copy()) if flags & 16 else mem.zeros(SCRATCH, (1, n_out))
+    args = GemvArgs(wformat=fmt, rows=rows, cols=cols, flags=flags, x_stride=cols, y_stride=n_out,
+                    resid_stride=n_out, eps=1e-6)
+    assert run_one(lib, mem, K_GEMV, args, [rx, y, wq, ws, wm, rn, None, y, None]) == OK
+    xin = ref.rms_norm(x, norm_w, 1e-6, True) if flags & 1 else x
+    want = xin.astype(np.float64) @ deq.T.astype(np.float64)
+    bound = dot_error_limit(xin, deq, fmt, "cuda")
+    if flags & 8:
+        g, u = want[:, 0::2].astype(np.float32), want[:, 1::2].astype(np.float32)
+        want = ref.silu_mul(g, u)
+        bound = 1.1 * np.abs(u) * bound[:, 0::2] + np.abs(ref.silu_mul(g, np.ones_like(g))) * bound[:, 1::2]
+    if flags & 16:
+        want = want + resid
+    assert_dot_close(mem.view(y), want, bound)
+
+
 def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):
     monkeypatch.setattr(lcuda, "_lib", None)
     monkeypatch.setenv("LATTICE_NVCC", str(tmp_path / "no-nvcc"))
@@ -273,6 +250,12 @@ def _cpu(prog):
     return rt, rt.new_state()
 
 
+def _gpu(prog, steps=8):
+    from lattice._runtime import Runtime, cuda_backend
+    rt = Runtime(prog, backend=cuda_backend(steps=steps))
+    return rt, rt.new_state()
+
+
 def _prompt(prog, n, seed=0):
     return [int(t) for t in np.random.default_rng(seed).integers(0, prog.vocab, n)]
 
@@ -288,49 +271,21 @@ def _same_greedy(cpu, st, prompt, want, got):
     assert len(want) == len(got)
 
 
-@pytest.mark.parametrize("steps_ahead", [1, 3, 8])
-@pytest.mark.parametrize("fixture", ["tiny-qwen2", "tiny-qwen35"])
-def test_token_loop_matches_cpu_runtime(host_backend, fixture, steps_ahead):
-    """CudaRuntime's token loop over the CPU kernels (no GPU needed) gives lattice._runtime's tokens:
-    greedy and sampled, a stop inside a queued submission, the follow-up turn, the context limit."""
-    prog = _program(fixture, "q8", context=24)
-    cpu, st = _cpu(prog)
-    rt = lcuda.CudaRuntime(prog, steps_ahead=steps_ahead, backend=host_backend)
-    prompt = _prompt(prog, 7, seed=2)
-    want = cpu.logits(st, prompt)
-    # same kernels, but the test library is built with other flags (-O2): f32 rounding differs
-    assert np.abs(rt.logits(prompt) - want).max() <= 2e-4 * np.abs(want).max()
-    for sp in (None, SamplingParams(temperature=0.9, top_k=20, seed=3)):
-        rc, rg = cpu.generate(st, prompt, 9, sampling=sp), rt.generate(prompt, 9, sampling=sp)
-        assert rg["tokens"] == rc["tokens"] and np.allclose(rg["logprobs"], rc["logprobs"], atol=1e-3)
-    stop = cpu.generate(st, prompt, 9)["tokens"][4]
-    rc, rg = cpu.generate(st, prompt, 9, stop_ids=[stop]), rt.generate(prompt, 9, stop_ids=[stop])
-    assert rg["tokens"] == rc["tokens"] and rg["finish_reason"] == rc["finish_reason"] == "stop"
-    follow = prompt + rg["tokens"] + [1, 2]
-    rc, rg = cpu.generate(st, follow, 30), rt.generate(follow, 30)
-    assert rg["tokens"] == rc["tokens"] and rg["finish_reason"] == rc["finish_reason"] == "context"
-    if not prog.recurrent:  # a recurrent state that ran past a stop cannot be reused: it restarts
-        assert rg["reused_tokens"] == rc["reused_tokens"] > 0
-    assert rt.generate(prompt, 0)["tokens"] == []
-    rt.close()
-
-
 @needs_gpu
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("fixture", TINY)
 def test_program_matches_cpu_backend(fixture, quant):
     prog = _program(fixture, quant)
     cpu, st = _cpu(prog)
-    gpu = lcuda.CudaRuntime(prog, steps_ahead=4)
+    gpu, gs = _gpu(prog, steps=4)
     prompt = _prompt(prog, 11)
-    want, got = cpu.logits(st, prompt), gpu.logits(prompt)
+    want, got = cpu.logits(st, prompt), gpu.logits(gs, prompt)
     assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
-    rc, rg = cpu.generate(st, prompt, 20), gpu.generate(prompt, 20)
+    rc, rg = cpu.generate(st, prompt, 20), gpu.generate(gs, prompt, 20)
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
     assert np.allclose(rc["logprobs"][:3], rg["logprobs"][:3], atol=2e-3)
     sp = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.2, seed=7)
-    assert cpu.generate(st, prompt, 16, sampling=sp)["tokens"] == gpu.generate(prompt, 16, sampling=sp)["tokens"]
-    gpu.close()
+    assert cpu.generate(st, prompt, 16, sampling=sp)["tokens"] == gpu.generate(gs, prompt, 16, sampling=sp)["tokens"]
 
 
 @needs_gpu
@@ -341,25 +296,28 @@ def test_program_matches_cpu_backend(fixture, quant):
 def test_device_sampler_matches_cpu_sampler(params):
     prog = _program("tiny-qwen3", "q8")
     cpu, st = _cpu(prog)
-    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    gpu, gs = _gpu(prog)
     prompt = _prompt(prog, 6, seed=5)
     sp = SamplingParams(**params)
-    rc, rg = cpu.generate(st, prompt, 24, sampling=sp), gpu.generate(prompt, 24, sampling=sp)
+    rc, rg = cpu.generate(st, prompt, 24, sampling=sp), gpu.generate(gs, prompt, 24, sampling=sp)
     assert rc["tokens"] == rg["tokens"]
     assert np.allclose(rc["logprobs"], rg["logprobs"], atol=2e-3)
-    gpu.close()
 
 
 @needs_gpu
 @pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
-def test_eager_launches_match_graph_replay(fixture):
+def test_eager_launches_match_graph_replay(fixture, monkeypatch):
     prog = _program(fixture, "q4")
     prompt = _prompt(prog, 7, seed=3)
-    graph, eager = lcuda.CudaRuntime(prog), lcuda.CudaRuntime(prog, eager=True)
     sp = SamplingParams(temperature=0.8, top_k=30, seed=11)
-    assert graph.generate(prompt, 25, sampling=sp) ["tokens"] == eager.generate(prompt, 25, sampling=sp)["tokens"]
-    graph.close()
-    eager.close()
+    graph, gs = _gpu(prog)
+    want = graph.generate(gs, prompt, 25, sampling=sp)
+    monkeypatch.setenv("LATTICE_CUDA_EAGER", "1")  # read when the backend's handle is created
+    eager, es = _gpu(prog)
+    got = eager.generate(es, prompt, 25, sampling=sp)
+    assert got["tokens"] == want["tokens"]
+    c = es.counters()
+    assert c["submissions"] == 0 and c["api_calls"] > c["dispatches_per_step"] * c["steps"] > 0
 
 
 @needs_gpu
@@ -369,33 +327,48 @@ def test_stop_discards_overshoot_and_session_continues(fixture):
     reuse on KV models, a restart on recurrent ones) still matches the CPU backend."""
     prog = _program(fixture, "q8")
     cpu, st = _cpu(prog)
-    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    gpu, gs = _gpu(prog)
     prompt = _prompt(prog, 5, seed=9)
     free = cpu.generate(st, prompt, 12)["tokens"]
     stop = free[4]
     first = free.index(stop)
-    rc, rg = cpu.generate(st, prompt, 12, stop_ids=[stop]), gpu.generate(prompt, 12, stop_ids=[stop])
+    rc, rg = cpu.generate(st, prompt, 12, stop_ids=[stop]), gpu.generate(gs, prompt, 12, stop_ids=[stop])
     assert rg["tokens"] == rc["tokens"] == free[:first] and rg["finish_reason"] == "stop"
     follow = prompt + rg["tokens"] + _prompt(prog, 3, seed=10)
-    rc, rg = cpu.generate(st, follow, 8), gpu.generate(follow, 8)
+    rc, rg = cpu.generate(st, follow, 8), gpu.generate(gs, follow, 8)
     _same_greedy(cpu, st, follow, rc["tokens"], rg["tokens"])
-    gpu.close()
+
+
+@needs_gpu
+@pytest.mark.parametrize("fixture,fused", [("tiny-llama", True), ("tiny-qwen3", True), ("tiny-qwen35", False)])
+def test_rope_fused_into_attention_past_one_split(fixture, fused):
+    """Decode fuses each ROPE_KV into the ATTENTION after it when the attention's output cannot
+    overwrite rope inputs other blocks still read (Qwen3.5's output rows overlap the q|gate rows
+    of other heads: not fused); positions past 64 use two splits of the cache."""
+    prog = _program(fixture, "q8", context=160)
+    cpu, st = _cpu(prog)
+    gpu, gs = _gpu(prog)
+    prompt = _prompt(prog, 70, seed=4)
+    rc, rg = cpu.generate(st, prompt, 30), gpu.generate(gs, prompt, 30)
+    _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
+    ropes = sum(1 for kind, *_ in prog.notes["decode"] if kind == "qk_rope_kv")
+    n = len(prog.dispatches["decode"])
+    assert gs.counters()["dispatches_per_step"] == (n - ropes if fused else n)
 
 
 @needs_gpu
 def test_context_limit_and_errors():
     prog = _program("tiny-llama", "q8", context=16)
     cpu, st = _cpu(prog)
-    gpu = lcuda.CudaRuntime(prog, steps_ahead=8)
+    gpu, gs = _gpu(prog)
     prompt = _prompt(prog, 10, seed=1)
-    rc, rg = cpu.generate(st, prompt, 50), gpu.generate(prompt, 50)
+    rc, rg = cpu.generate(st, prompt, 50), gpu.generate(gs, prompt, 50)
     assert rg["finish_reason"] == rc["finish_reason"] == "context"
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
     with pytest.raises(TokenizerError):
-        gpu.generate([prog.vocab], 4)
+        gpu.generate(gs, [prog.vocab], 4)
     with pytest.raises(ContextLengthError):
-        gpu.generate(_prompt(prog, 17), 4)
-    gpu.close()
+        gpu.generate(gs, _prompt(prog, 17), 4)
 
 
 @needs_gpu
@@ -420,8 +393,7 @@ SMOLLM2 = os.path.expanduser("~/.cache/lattice/smollm2-135m/SmolLM2-135M-Instruc
 def test_smollm2_matches_cpu_backend():
     prog = build(open_checkpoint(SMOLLM2), context=256)
     cpu, st = _cpu(prog)
-    gpu = lcuda.CudaRuntime(prog, steps_ahead=16)
+    gpu, gs = _gpu(prog, steps=16)
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30]
-    rc, rg = cpu.generate(st, prompt, 32), gpu.generate(prompt, 32)
+    rc, rg = cpu.generate(st, prompt, 32), gpu.generate(gs, prompt, 32)
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
-    gpu.close()

@@ -24,6 +24,9 @@ struct launch {
     int ks, rpw;
     /* ATTENTION */
     att_geom ag;
+    const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
+    lt_binds rb = {};
+    uint32_t gate_from_q = 0;
 };
 
 struct program {
@@ -148,6 +151,8 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
         g.nvec = g.row_bytes / 16;
         g.vec_ok = g.row_bytes % 16 == 0 && bind[LT_GEMV_B_WQ].offset % 16 == 0;
     }
+    g.x_vec = a->cols % 4 == 0 && a->x_stride % 4 == 0 && g.xcols <= 4 * 4 * 256 && bind[LT_GEMV_B_X].offset % 16 == 0
+              && (!(a->flags & LT_GEMV_NORM) || bind[LT_GEMV_B_NORM].offset % 16 == 0);
     uint32_t want_warps = (uint32_t)c->sms * 32;
     L.rpw = 1;
     L.ks = 1;
@@ -271,8 +276,13 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     }
     case LT_K_ATTENTION: {
         const lt_attention_args &a = *(const lt_attention_args *)L.args;
-        launch_k(k_attention, dim3(a.n_heads, L.ag.n_split, T), ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws,
-                 p.attn_cnt);
+        dim3 grid(a.n_heads, L.ag.n_split, T);
+        if (L.rope_args)
+            launch_k(k_attention<true>, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt,
+                     *(const lt_rope_kv_args *)L.rope_args, L.rb, L.gate_from_q);
+        else
+            launch_k(k_attention<false>, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt,
+                     lt_rope_kv_args{}, L.b, 0u);
         break;
     }
     case LT_K_GDN: {
@@ -440,6 +450,54 @@ static int check_dispatch(const lt_cuda *c, const lt_dispatch *d, const uint8_t 
     return LT_OK;
 }
 
+static bool overlap(const void *a, size_t na, const void *b, size_t nb) {
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + nb && y < x + na;
+}
+
+/* Whether attention blocks may write OUT while other blocks still read the rope's inputs: OUT
+ * must miss K and V, and miss Q unless it is Q itself with the same per-head rows (then a head's
+ * output lands only where that head's q was, after every block of that head read it). */
+static bool rope_fusable_out(const lt_rope_kv_args &r, const lt_binds &rb, const void *out) {
+    size_t D = (size_t)r.head_dim * 4, nq = r.n_heads * D * ((r.flags & LT_ROPE_SPLIT_GATE) ? 2 : 1);
+    size_t no = r.n_heads * D, nkv = r.n_kv_heads * D;
+    if (overlap(out, no, rb.p[LT_ROPE_B_K], nkv) || overlap(out, no, rb.p[LT_ROPE_B_V], nkv))
+        return false;
+    return !overlap(out, no, rb.p[LT_ROPE_B_Q], nq) || (out == rb.p[LT_ROPE_B_Q] && !(r.flags & LT_ROPE_SPLIT_GATE));
+}
+
+/* Decode programs (one token per step): a ROPE_KV whose q and new k/v feed the ATTENTION right
+ * after it becomes part of that attention kernel (k_attention<true>): one dependent kernel less
+ * per attention layer. Its Q_OUT / GATE_OUT rows are then not written: in the program they exist
+ * for that attention only. */
+static void fuse_rope_into_attention(program &p) {
+    std::vector<launch> out;
+    for (size_t i = 0; i < p.l.size(); i++) {
+        const launch &r = p.l[i];
+        if (r.kernel == LT_K_ROPE_KV && i + 1 < p.l.size() && p.l[i + 1].kernel == LT_K_ATTENTION) {
+            const lt_rope_kv_args &ra = *(const lt_rope_kv_args *)r.args;
+            launch at = p.l[i + 1];
+            const lt_attention_args &aa = *(const lt_attention_args *)at.args;
+            bool split = ra.flags & LT_ROPE_SPLIT_GATE;
+            if (ra.n_heads == aa.n_heads && ra.n_kv_heads == aa.n_kv_heads && ra.head_dim == aa.head_dim
+                && ra.ctx_cap == aa.ctx_cap && at.b.p[LT_ATTN_B_Q] == r.b.p[LT_ROPE_B_Q_OUT]
+                && at.b.p[LT_ATTN_B_K_CACHE] == r.b.p[LT_ROPE_B_K_CACHE]
+                && at.b.p[LT_ATTN_B_V_CACHE] == r.b.p[LT_ROPE_B_V_CACHE]
+                && (!(aa.flags & LT_ATTN_OUT_GATE) || !split || at.b.p[LT_ATTN_B_GATE] == r.b.p[LT_ROPE_B_GATE_OUT])
+                && rope_fusable_out(ra, r.b, at.b.p[LT_ATTN_B_OUT])) {
+                at.rope_args = r.args;
+                at.rb = r.b;
+                at.gate_from_q = split && (aa.flags & LT_ATTN_OUT_GATE);
+                out.push_back(at);
+                i++;
+                continue;
+            }
+        }
+        out.push_back(r);
+    }
+    p.l.swap(out);
+}
+
 int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
                         uint32_t max_tokens, uint32_t *err_index) {
     *err_index = 0;
@@ -471,9 +529,9 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             gemv_shape(c, L, (const lt_gemv_args *)L.args, d->bind);
         } else if (d->kernel == LT_K_ATTENTION) {
             const lt_attention_args *a = (const lt_attention_args *)L.args;
-            /* at most 64 splits of >= 256 positions each */
+            /* at most 64 splits of >= 64 positions each: short dependent load chains per block */
             uint32_t chunk = (a->ctx_cap + 63) / 64;
-            chunk = chunk < 256 ? 256 : (chunk + 255) / 256 * 256;
+            chunk = (chunk + 63) / 64 * 64;
             uint32_t nvec = a->head_dim / 8, G = 1;
             while (G < nvec && G < 32)
                 G *= 2;
@@ -506,6 +564,8 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
         delete p;
         return -LT_ERR_NOMEM;
     }
+    if (max_tokens == 1)
+        fuse_rope_into_attention(*p);
     c->progs.push_back(p);
     if (c->progs.size() == 1)  /* the runtime adds decode first */
         c->counters.dispatches_per_step = (uint32_t)p->l.size();

@@ -1,26 +1,20 @@
-"""Decode throughput of the CUDA backend on shape-exact random checkpoints, graph replay vs eager
-launches, alone and under GPU load, with the memory-bandwidth roofline.
+"""The memory-bandwidth roofline of Lattice-CUDA decode on shape-exact random checkpoints: weight
+bytes one decode step reads (every GEMV and LM-head matrix of the program, scales included) over
+the device-to-device copy bandwidth measured here (bytes read + written, through torch).
 
-    python -m lattice.cuda.bench --model qwen3.5-0.8b --model smollm2-135m --quant q8 \
-        --runs 5 --n1 64 --n2 320 --load 10 --json out.json
+    python -m lattice.cuda.bench --model qwen3.5-0.8b --model smollm2-135m --quant q8 --json out.json
 
-Decode tok/s is the slope method of lattice.bench: (N2 - N1) / (T(N2) - T(N1)) over paired
-generate() calls (greedy, no stop tokens), so prefill and per-call costs cancel. The roofline is
-weight bytes read per decode step (every GEMV / LM-head matrix of the decode program, scales
-included) over the device-to-device copy bandwidth measured here (bytes read + written).
+Decode throughput itself is measured by lattice-bench (tests/gpu/peers_bench.sh runs it next to
+llama.cpp and transformers); the time of each kernel of a step by tests/gpu/profile_step.sh.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
-import time
 
 import numpy as np
 
-from . import CudaRuntime, device_name
-from ..bench.stats import degradation_pct, slope_rates, summarize
 from ..program import build
 
 GEMV_KERNELS = (3, 8)  # LT_K_GEMV, LT_K_LM_HEAD
@@ -59,130 +53,31 @@ def copy_bandwidth(nbytes=1 << 30, reps=20) -> float:
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
     return 2 * nbytes / float(np.median(times))
 
 
-def decode_rates(rt, prompt, n1, n2, runs):
-    t1s, t2s = [], []
-    rt.generate(prompt, n1)  # warm up (graph capture, clocks)
-    for _ in range(runs):
-        r1 = rt.generate(prompt, n1)
-        r2 = rt.generate(prompt, n2)
-        assert len(r1["tokens"]) == n1 and len(r2["tokens"]) == n2
-        t1s.append(r1["decode_seconds"])
-        t2s.append(r2["decode_seconds"])
-    return slope_rates(n1, n2, t1s, t2s)
-
-
-def profile(rt, reps=200):
-    """Per kernel kind: dispatches per step and microseconds per step, each dispatch replayed
-    alone reps times as a one-node graph (an upper bound: a graph launch costs ~2 us by itself)."""
-    prog = rt.program
-    decode = prog.dispatches["decode"]
-    rt._set_sampling(None)  # greedy, no penalties: the sampler's benchmark path
-    per_kind = {}
-    for i, (kind, layer, _, _) in enumerate(prog.notes["decode"]):
-        idx = rt.be.add_program(decode[i:i + 1], prog.consts, 1)
-        for _ in range(2):
-            rt.step["pos"], rt.step["step"], rt.step["error"] = 16, 0, 0
-            rt.be.write(3, 0, rt.step)
-            rt.be.run(idx, 5)
-            rt.step["pos"] = 16
-            rt.be.write(3, 0, rt.step)
-            t0 = time.perf_counter()
-            err = rt.be.run(idx, reps)
-            dt = (time.perf_counter() - t0) / reps * 1e6
-        assert err == 0, (i, kind, err)
-        n, us = per_kind.get(kind, (0, 0.0))
-        per_kind[kind] = (n + 1, us + dt)
-    rt.step["pos"], rt.step["step"] = 16, 0
-    rt.be.write(3, 0, rt.step)
-    t0 = time.perf_counter()
-    rt.be.run(rt.progs["decode"], reps)
-    whole = (time.perf_counter() - t0) / reps * 1e6
-    return {"per_kind_us": {k: {"dispatches": n, "us_per_step": us} for k, (n, us) in per_kind.items()},
-            "whole_step_us": whole}
-
-
-def bench_model(name, quant, args, bandwidth):
+def main(argv=None):
     from ..bench.make_model import model_spec, write_hf
     from ..formats import open_checkpoint
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        write_hf(model_spec(name), tmp, seed=0)
-        prog = build(open_checkpoint(tmp), quant=quant, context=args.context, prefill_chunk=64)
-        made = time.perf_counter() - t0
-    rt = CudaRuntime(prog, steps_ahead=args.steps_ahead)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(0, prog.vocab, 16)]
-    wbytes = weight_bytes_per_step(prog)
-    res = {"model": name, "quant": quant, "context": args.context, "steps_ahead": args.steps_ahead,
-           "dispatches_per_step": int(len(prog.dispatches["decode"])), "weight_bytes_per_step": wbytes,
-           "roofline_tok_s": bandwidth / wbytes, "build_seconds": made, "modes": {}}
-    if args.profile:
-        res["profile"] = profile(rt)
-        print(json.dumps(res["profile"], indent=1), flush=True)
-    loads = [0] + ([args.load] if args.load else [])
-    for load in loads:
-        ctx = None
-        if load:
-            from ..bench.load import LoadProcesses
-            ctx = LoadProcesses(load, device="cuda")
-            ctx.__enter__()
-        try:
-            for mode in ("graph", "eager"):
-                rt.be.set_eager(mode == "eager")
-                rates = decode_rates(rt, prompt, args.n1, args.n2, args.runs)
-                s = summarize(rates).to_dict()
-                s["rates"] = rates
-                res["modes"][f"{mode}@load{load}"] = s
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-                res[f"load{load}"] = ctx.summary()
-    for mode in ("graph", "eager"):
-        m = res["modes"][f"{mode}@load0"]
-        m["roofline_pct"] = 100.0 * m["median"] / res["roofline_tok_s"]
-        if args.load:
-            res["modes"][f"{mode}@load{args.load}"]["loss_pct"] = degradation_pct(
-                m["median"], res["modes"][f"{mode}@load{args.load}"]["median"])
-    rt.close()
-    return res
-
-
-def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", action="append", default=None)
     ap.add_argument("--quant", default="q8")
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps-ahead", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--n1", type=int, default=64)
-    ap.add_argument("--n2", type=int, default=320)
-    ap.add_argument("--load", type=int, default=0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile", action="store_true", help="time every kernel kind of a decode step")
     args = ap.parse_args(argv)
-    models = args.model or ["smollm2-135m", "qwen3.5-0.8b"]
     bw = copy_bandwidth()
-    out = {"device": device_name(), "copy_bandwidth_gb_s": bw / 1e9, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "python -m lattice.cuda.bench " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-           "results": []}
-    print(f"# {out['device']}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    for name in models:
-        r = bench_model(name, args.quant, args, bw)
-        out["results"].append(r)
-        for k, m in r["modes"].items():
-            extra = f" roofline {m['roofline_pct']:.1f}%" if "roofline_pct" in m else ""
-            extra += f" loss {m['loss_pct']:.1f}%" if "loss_pct" in m else ""
-            print(f"{name} {args.quant} {k}: {m['median']:.1f} tok/s (spread {m['spread_pct']:.1f}%){extra}",
-                  flush=True)
-        print(f"{name}: {r['dispatches_per_step']} dispatches/step, {r['weight_bytes_per_step'] / 1e6:.1f} MB "
-              f"weights/step, roofline {r['roofline_tok_s']:.0f} tok/s", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+    out = {"copy_bandwidth_gb_s": bw / 1e9, "quant": args.quant, "models": {}}
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    for name in args.model or ["smollm2-135m", "qwen3.5-0.8b"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_hf(model_spec(name), tmp, seed=0)
+            prog = build(open_checkpoint(tmp), quant=args.quant, context=64, prefill_chunk=16)
+        wb = weight_bytes_per_step(prog)
+        out["models"][name] = {"weight_bytes_per_step": wb, "roofline_tok_s": bw / wb,
+                               "dispatches_per_step": len(prog.dispatches["decode"])}
+        print(f"{name} {args.quant}: {wb / 1e6:.1f} MB of weights per step, roofline {bw / wb:.0f} tok/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
     return out
 
 

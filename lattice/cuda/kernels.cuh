@@ -252,9 +252,19 @@ struct wrow {
     const __half *s, *m;    /* the row's scales / mins (Q8, Q4) */
 };
 
-/* dot of weight vector `v` (16 bytes w) with x (VALS floats in shared memory). */
+/* Scale (and min) of weight vector v of a row: loaded with the vector, before it is used. */
 template <int FMT>
-__device__ __forceinline__ float vec_dot(uint4 w, const float *x, const wrow &r, uint32_t v) {
+__device__ __forceinline__ float2 vec_scale(const wrow &r, uint32_t v) {
+    if (FMT == LT_WF_Q8)
+        return make_float2(__half2float(__ldg(r.s + v / 2)), 0.0f);
+    if (FMT == LT_WF_Q4)
+        return make_float2(__half2float(__ldg(r.s + v)), __half2float(__ldg(r.m + v)));
+    return make_float2(1.0f, 0.0f);
+}
+
+/* dot of a 16-byte weight vector w (scale / min sm) with x (VALS floats in shared memory). */
+template <int FMT>
+__device__ __forceinline__ float vec_dot(uint4 w, const float *x, float2 sm) {
     if (FMT == LT_WF_F32) {
         float4 xv = *(const float4 *)x;
         return __uint_as_float(w.x) * xv.x + __uint_as_float(w.y) * xv.y + __uint_as_float(w.z) * xv.z
@@ -278,7 +288,7 @@ __device__ __forceinline__ float vec_dot(uint4 w, const float *x, const wrow &r,
             acc += (float)(int8_t)(wd[i]) * xv.x + (float)(int8_t)(wd[i] >> 8) * xv.y
                    + (float)(int8_t)(wd[i] >> 16) * xv.z + (float)(int8_t)(wd[i] >> 24) * xv.w;
         }
-        return acc * __half2float(r.s[v / 2]);
+        return acc * sm.x;
     } else {
         const uint32_t wd[4] = {w.x, w.y, w.z, w.w};
         float acc = 0.0f, xs = 0.0f;
@@ -292,7 +302,7 @@ __device__ __forceinline__ float vec_dot(uint4 w, const float *x, const wrow &r,
                    + (float)((d >> 20) & 15u) * hi.z + (float)(d >> 28) * hi.w;
             xs += lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
         }
-        return acc * __half2float(r.s[v]) + xs * __half2float(r.m[v]);
+        return acc * sm.x + xs * sm.y;
     }
 }
 
@@ -309,6 +319,7 @@ struct gemv_geom {
     uint32_t nvec;      /* 16-byte vectors per row (vector path) */
     uint32_t nblk;      /* quant blocks per row */
     uint32_t vec_ok;    /* rows are 16-byte aligned whole vectors */
+    uint32_t x_vec;     /* x rows and the norm weight load as float4, cols <= 4 * 4 * 256 */
 };
 
 /* KS warps per row group, RPW rows per warp, NT tokens per block (grid.y = token tiles).
@@ -341,6 +352,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     /* weights do not depend on earlier kernels: the first vectors are requested before waiting
      * for them, so their latency overlaps the previous kernel and the x prologue */
     uint4 w[RPW][U];
+    float2 wsc[RPW][U];  /* their scales: also requested before the wait */
     const uint32_t stride = 32 * KS * U;
     uint32_t base = kpart * 32 + lane;
     auto load = [&](uint32_t bs) {
@@ -349,8 +361,10 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             uint32_t v = bs + u * 32 * KS;
 #pragma unroll
             for (int r = 0; r < RPW; r++)
-                if (v < g.nvec)
+                if (v < g.nvec) {
                     w[r][u] = __ldg((const uint4 *)rr[r].q + v);
+                    wsc[r][u] = vec_scale<FMT>(rr[r], v);
+                }
         }
     };
     /* epilogue operands of this thread: bias (a weight) before the wait, the residual right after
@@ -385,9 +399,40 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         e_res = ((const float *)b.p[LT_GEMV_B_RESID])[(size_t)e_t * a.resid_stride + e_o];
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
+    /* decode (NT = 1) with float4-aligned rows: every thread's x and norm-weight vectors are
+     * requested at once (two at a time: registers), not one dependent load per loop trip */
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
-    bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    for (int nt = 0; nt < NT; nt++) {
+    const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
+    const bool xvec = NT == 1 && g.x_vec;
+    if (xvec) {
+        const float4 *src = (const float4 *)(x + (size_t)t_first * a.x_stride);
+        float ss = 0.0f;
+        for (uint32_t k0 = threadIdx.x; k0 * 4 < g.xcols; k0 += 2 * 256) {
+            float4 xv[2], nwv[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t k4 = k0 + i * 256;
+                bool in = k4 * 4 < a.cols;
+                xv[i] = in ? src[k4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                nwv[i] = nw && in ? __ldg((const float4 *)nw + k4) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t k4 = k0 + i * 256;
+                float f = nw && add_one ? 1.0f : 0.0f;
+                ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
+                if (k4 * 4 < g.xcols)
+                    ((float4 *)xs)[k4] = make_float4(xv[i].x * (f + nwv[i].x), xv[i].y * (f + nwv[i].y),
+                                                     xv[i].z * (f + nwv[i].z), xv[i].w * (f + nwv[i].w));
+            }
+        }
+        if (nw) {
+            ss = block_sum(ss, redb);
+            if (threadIdx.x == 0)
+                rnorm[0] = rsqrtf(ss / (float)a.cols + a.eps);
+        }
+    }
+    for (int nt = 0; nt < NT && !xvec; nt++) {
         float *xr = xs + nt * g.xcols;
         uint32_t t = t0 + nt;
         if (t >= n_tok) {
@@ -433,7 +478,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                     for (int r = 0; r < RPW; r++)
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++)
-                            acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, rr[r], v);
+                            acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, wsc[r][u]);
                 }
             }
             base += stride;
@@ -513,24 +558,15 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
 }
 
 /* ============================================================================ ROPE_KV */
-/* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. */
-__global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
-    __shared__ float tmp[512], rot[512];
-    __shared__ float red[32];
-    pdl_begin();
-    pdl_wait();
-    if (st->error)
-        return;
-    uint32_t pos = st->pos;
-    if (pos + T > a.ctx_cap) {
-        lt_raise(st, LT_ERR_CONTEXT);
-        return;
-    }
-    uint32_t h = blockIdx.x, t = blockIdx.y, p = pos + t, D = a.head_dim, half = a.rotary_dim / 2;
+/* Head h (q heads first, then kv heads) of token t at position p: optional RMSNorm, then NeoX
+ * RoPE, into rot[D] (shared memory; tmp[D] is scratch). Every thread of the block calls it;
+ * synchronizes before returning. */
+__device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t h, uint32_t t, uint32_t p,
+                          float *tmp, float *rot, float *red) {
+    uint32_t D = a.head_dim, half = a.rotary_dim / 2;
     bool split = a.flags & LT_ROPE_SPLIT_GATE, add_one = a.flags & LT_ROPE_NORM_ADD_ONE;
-    bool is_q = h < a.n_heads;
     const float *src, *nw = nullptr;
-    if (is_q) {
+    if (h < a.n_heads) {
         src = (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * (split ? 2 * D : D);
         if (a.flags & LT_ROPE_QK_NORM)
             nw = (const float *)b.p[LT_ROPE_B_Q_NORM];
@@ -550,7 +586,7 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
         for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
             tmp[i] = tmp[i] * r * (add_one ? 1.0f + nw[i] : nw[i]);
     }
-    __syncthreads();  /* q_out may alias q: everything is read before anything is written */
+    __syncthreads();
     const float *inv_freq = (const float *)b.p[LT_ROPE_B_INV_FREQ];
     for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
         if (i < half) {
@@ -563,11 +599,31 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
         }
     }
     __syncthreads();
-    if (is_q) {
+}
+
+/* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. */
+__global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
+    __shared__ float tmp[512], rot[512];
+    __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
+    if (st->error)
+        return;
+    uint32_t pos = st->pos;
+    if (pos + T > a.ctx_cap) {
+        lt_raise(st, LT_ERR_CONTEXT);
+        return;
+    }
+    uint32_t h = blockIdx.x, t = blockIdx.y, p = pos + t, D = a.head_dim;
+    bool split = a.flags & LT_ROPE_SPLIT_GATE;
+    /* q_out may alias q: rope_head reads everything before anything is written */
+    rope_head(a, b, h, t, p, tmp, rot, red);
+    if (h < a.n_heads) {
         float *qo = (float *)b.p[LT_ROPE_B_Q_OUT] + (size_t)t * a.q_out_stride + (size_t)h * D;
         for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
             qo[i] = rot[i];
         if (split) {
+            const float *src = (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * 2 * D;
             float *go = (float *)b.p[LT_ROPE_B_GATE_OUT] + (size_t)t * a.gate_stride + (size_t)h * D;
             for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
                 go[i] = src[D + i];
@@ -598,13 +654,22 @@ struct att_geom {
     uint32_t n_split, chunk, G;
 };
 
+/* ROPE (decode, T = 1): the ROPE_KV dispatch before this one is fused in (backend.cu checks that
+ * it feeds this one): every block ropes its own q head; the blocks whose split holds the new
+ * position rope its k (and take its v) into shared memory, in f16 as the cache stores them, and
+ * read that row from there; the first q head of each kv head writes it to the caches. Blocks of
+ * other splits read only older positions. gate_from_q: the output gate is the second half of the
+ * q head (LT_ROPE_SPLIT_GATE), read where ROPE_KV would have copied it from. */
+template <bool ROPE>
 __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
                                                            uint32_t T, att_geom g, float *part,
-                                                           unsigned *counters) {
+                                                           unsigned *counters, lt_rope_kv_args ra, lt_binds rb,
+                                                           uint32_t gate_from_q) {
     __shared__ __align__(16) float qs[512];
     __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * ceil(nvec / G) <= 2048 */
     __shared__ float sc[ATT_SUB];
     __shared__ float red[32];
+    __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
     pdl_begin();
     pdl_wait();
     if (st->error)
@@ -618,10 +683,33 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     uint32_t len = pos + t + 1, j_begin = s * g.chunk, j_end = min(j_begin + g.chunk, len);
     if (j_begin >= len)
         return;
-    uint32_t kvh = h / (a.n_heads / a.n_kv_heads), nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
-    const float *q = (const float *)b.p[LT_ATTN_B_Q] + (size_t)t * a.q_stride + (size_t)h * D;
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
-        qs[i] = q[i];
+    uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
+    const uint32_t jnew = ROPE && j_end == len ? pos : 0xffffffffu;  /* the row read from knew / vnew */
+    if (ROPE) {
+        float *tmp = sbuf, *rot = sbuf + 512;
+        rope_head(ra, rb, h, 0, pos, tmp, rot, red);
+        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+            qs[i] = rot[i];
+        if (jnew != 0xffffffffu) {
+            __syncthreads();
+            rope_head(ra, rb, ra.n_heads + kvh, 0, pos, tmp, rot, red);
+            const float *vsrc = (const float *)rb.p[LT_ROPE_B_V] + (size_t)kvh * D;
+            size_t slot = ((size_t)kvh * a.ctx_cap + pos) * D;
+            bool writer = h % group == 0;
+            for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
+                knew[i] = __float2half_rn(rot[i]);
+                vnew[i] = __float2half_rn(vsrc[i]);
+                if (writer) {
+                    ((__half *)b.p[LT_ATTN_B_K_CACHE])[slot + i] = knew[i];
+                    ((__half *)b.p[LT_ATTN_B_V_CACHE])[slot + i] = vnew[i];
+                }
+            }
+        }
+    } else {
+        const float *q = (const float *)b.p[LT_ATTN_B_Q] + (size_t)t * a.q_stride + (size_t)h * D;
+        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+            qs[i] = q[i];
+    }
     __syncthreads();
     const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
@@ -644,7 +732,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 for (int u = 0; u < 2; u++) {
                     uint32_t v = li + u * G;
                     if (v < nvec) {
-                        uint4 w = *((const uint4 *)(kc + (size_t)j * D) + v);
+                        const __half *row = ROPE && j == jnew ? knew : kc + (size_t)j * D;
+                        uint4 w = *((const uint4 *)row + v);
                         const __half2 *h2 = (const __half2 *)&w;
 #pragma unroll
                         for (int e = 0; e < 4; e++) {
@@ -685,7 +774,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             for (int u = 0; u < 2; u++) {
                 uint32_t v = li + u * G;
                 if (v < nvec) {
-                    uint4 w = *((const uint4 *)(vc + (size_t)j * D) + v);
+                    const __half *row = ROPE && j == jnew ? vnew : vc + (size_t)j * D;
+                    uint4 w = *((const uint4 *)row + v);
                     const __half2 *h2 = (const __half2 *)&w;
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
@@ -698,8 +788,9 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         }
         __syncthreads();  /* sc is reused by the next sub-chunk */
     }
-    const float *gate = (a.flags & LT_ATTN_OUT_GATE)
-        ? (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D : nullptr;
+    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
+        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
+        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
     /* sum acc over the NG position groups (in group order: deterministic) */
     float *buf = (float *)sbuf;  /* [NG][D] */
 #pragma unroll

@@ -9,7 +9,8 @@
 # click, diskcache, cython, pytest-xdist, execnet wheels). Options (environment):
 #   LLAMA_LIB=dir, or .peers/libs/llama-libs.tgz.* (what PACK=1 returned): prebuilt llama.cpp
 #     libraries instead of building them; PACK=1: return the built ones as $OUT/llama-libs.tgz.*
-#   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh)
+#   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh);
+#   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench)
 #   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: the loaded runs again
 #     under CUDA MPS
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
@@ -51,6 +52,11 @@ if [ "${TESTS:-0}" = 1 ]; then
     tail -15 "$R/pytest.log"
 fi
 
+if [ "${ROOFLINE:-1}" = 1 ]; then
+    python3 -m lattice.cuda.bench --model smollm2-135m --model qwen3.5-0.8b --quant q8 --json "$R/roofline.json" \
+        2>&1 | tail -3
+fi
+
 echo "== models"
 mkdir -p /tmp/models
 for m in $MODELS; do
@@ -76,10 +82,10 @@ export LLAMA_CPP_LIB_PATH=$LLAMA_LIB
 export LD_LIBRARY_PATH=$LLAMA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 [ -f /tmp/llama-cublas-libdir ] && export LD_LIBRARY_PATH=$(cat /tmp/llama-cublas-libdir):$LD_LIBRARY_PATH
 
-bench() {  # tag, extra lattice-bench args...
+bench() {  # tag, extra lattice-bench args... (BENCH_CLI: the harness's entry point)
     local tag=$1
     shift
-    timeout "${BENCH_TIMEOUT:-300}" python3 -m lattice.bench.cli run --warmup 1 --runs "$RUNS" --pp 64 "$@" \
+    timeout "${BENCH_TIMEOUT:-300}" python3 ${BENCH_CLI:--m lattice.bench.cli} run --warmup 1 --runs "$RUNS" --pp 64 "$@" \
         --json "$R/$tag.json" >"$R/$tag.txt" 2>&1
     echo "-- $tag (rc $?)"
     grep -v "^\s*$" "$R/$tag.txt" | tail -14
@@ -87,12 +93,10 @@ bench() {  # tag, extra lattice-bench args...
 
 for m in $MODELS; do
     M=/tmp/models/$m
-    # llama.cpp in the harness's own process (--in-process, the load device named so that the
-    # harness does not import torch): with torch loaded, or in the harness's worker process on
-    # this machine, llama.cpp's CUDA build crashes while loading the model (SIGSEGV)
     [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
-    [ "${LLAMA:-1}" = 1 ] && bench "$m-llama.cpp" --gguf "$M.gguf" -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" \
-        --in-process --load-device cuda
+    # llama.cpp in a process that imports llama_cpp first (bench_llama_first.py says why)
+    [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-llama.cpp" --gguf "$M.gguf" \
+        -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
     [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 \
         --n2 320 --load "$LOAD"
     [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
@@ -107,8 +111,8 @@ if [ "${MPS:-0}" = 1 ]; then
     for m in $MODELS; do
         M=/tmp/models/$m
         bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
-        [ "${LLAMA:-1}" = 1 ] && bench "$m-mps-llama.cpp" --gguf "$M.gguf" -e llama.cpp:gpu --n1 64 --n2 320 \
-            --load "$LOAD" --in-process --load-device cuda
+        [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-mps-llama.cpp" --gguf "$M.gguf" \
+            -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
     done
     echo quit | nvidia-cuda-mps-control
 fi
