@@ -494,12 +494,12 @@ def test_rope_kv(lib, head_dim, partial, mode, T):
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-@pytest.mark.parametrize("H,Hkv", [(4, 2), (3, 3)])
-@pytest.mark.parametrize("T,pos", [(1, 0), (1, 9), (7, 4)])
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (3, 3), (9, 3), (16, 1)])
+@pytest.mark.parametrize("T,pos", [(1, 0), (1, 9), (7, 4), (37, 21)])  # prefill blocks with remainders
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention(lib, simd, head_dim, H, Hkv, T, pos, threads):
     rng = np.random.default_rng(head_dim * 100 + H * 10 + T + pos)
-    cap = 24
+    cap = max(24, pos + T + 5)
     S = pos + T
     q = rand(rng, T, H * head_dim)
     kc = (rng.standard_normal((Hkv, cap, head_dim)) * 0.5).astype(np.float16)

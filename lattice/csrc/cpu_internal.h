@@ -153,6 +153,24 @@ void lt_quantize_x16(const float *x, uint32_t kp, float *record);
 
 #define LT_TOK_TILE_MAX 16   /* largest tok_tile of any path */
 
+/* Causal attention of nq queries (tokens of one prefill block x the query heads of one kv head)
+ * over one kv head's cache rows: query i sees keys [0, len[i]). Outputs per query the softmax
+ * state: max m, sum l and the unnormalized acc[i * D ...] = sum_j exp(s_ij - m) v_j.
+ * D % 16 == 0; nq <= LT_ATTN_BLOCK_Q. Scratch: lt_attend_block_floats(D, max len). */
+#define LT_ATTN_BLOCK_Q 64
+typedef struct lt_attend_block {
+    const float *q[LT_ATTN_BLOCK_Q];
+    uint32_t len[LT_ATTN_BLOCK_Q];
+    uint32_t nq, D;
+    const uint16_t *k, *v;   /* f16 [positions][D] */
+    float scale;
+    float *acc, *m, *l;      /* [nq][D], [nq], [nq] */
+    float *scratch;
+} lt_attend_block;
+static inline size_t lt_attend_block_floats(uint32_t D, uint32_t max_len) {
+    return ((size_t)LT_ATTN_BLOCK_Q + 4) * ((max_len + 7) / 8 * 8) + 9 * (size_t)D;
+}
+
 typedef struct lt_simd {
     const char *name;
     uint32_t xq;                                               /* LT_XQ_* for Q8/Q4 */
@@ -163,6 +181,7 @@ typedef struct lt_simd {
     void (*axpy_f16)(float *y, float a, const uint16_t *h, uint32_t n); /* y += a * h */
     float (*exp_shift)(float *s, uint32_t n, float mx);  /* s[j] = exp(s[j] - mx), returns sum */
     void (*sigmoid)(float *x, uint32_t n);               /* x[j] = 1 / (1 + exp(-x[j])) */
+    void (*attend_block)(const lt_attend_block *b);      /* NULL: attention per query */
 } lt_simd;
 float lt_exp_shift(float *s, uint32_t n, float mx);     /* the portable exp_shift */
 void lt_sigmoid_n(float *x, uint32_t n);                /* the portable sigmoid */

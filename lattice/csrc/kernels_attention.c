@@ -5,7 +5,9 @@
 #define MAX_HEAD_DIM 512
 
 size_t lt_attention_thread_floats(const lt_attention_args *a) {
-    return ((size_t)a->ctx_cap + a->head_dim) * (a->n_heads / a->n_kv_heads);
+    size_t per_query = ((size_t)a->ctx_cap + a->head_dim) * (a->n_heads / a->n_kv_heads);
+    size_t block = lt_attend_block_floats(a->head_dim, a->ctx_cap) + (size_t)LT_ATTN_BLOCK_Q * a->head_dim;
+    return per_query > block ? per_query : block;
 }
 
 static void head_norm(float *v, uint32_t n, const float *w, int add_one, float eps) {
@@ -124,6 +126,44 @@ static void finish(const lt_simd *simd, float *o, const float *acc, float inv, c
         o[i] = gate ? acc[i] * inv * sg[i] : acc[i] * inv;
 }
 
+/* Prefill through the path's attend_block: items are (block of tokens, kv head), round-robin. */
+static void attention_blocks(const lt_ctx *c, const lt_dispatch *d, const lt_simd *simd) {
+    const lt_attention_args *a = lt_args(c, d);
+    const float *q = lt_bound(c, d, LT_ATTN_B_Q);
+    float *out = lt_bound(c, d, LT_ATTN_B_OUT);
+    const uint16_t *kc = lt_bound(c, d, LT_ATTN_B_K_CACHE), *vc = lt_bound(c, d, LT_ATTN_B_V_CACHE);
+    const float *gate = (a->flags & LT_ATTN_OUT_GATE) ? lt_bound(c, d, LT_ATTN_B_GATE) : NULL;
+    uint32_t D = a->head_dim, Hkv = a->n_kv_heads, group = a->n_heads / Hkv;
+    uint32_t tb = LT_ATTN_BLOCK_Q / group < 8 ? LT_ATTN_BLOCK_Q / group : 8, blocks = (c->T + tb - 1) / tb;
+    float m[LT_ATTN_BLOCK_Q], l[LT_ATTN_BLOCK_Q];
+    lt_attend_block b;
+    b.D = D;
+    b.scale = a->scale;
+    b.m = m;
+    b.l = l;
+    b.acc = c->tbuf;
+    b.scratch = c->tbuf + (size_t)LT_ATTN_BLOCK_Q * D;
+    for (uint32_t u = (uint32_t)c->tid; u < blocks * Hkv; u += (uint32_t)c->nth) {
+        uint32_t t0 = u / Hkv * tb, kvh = u % Hkv, t1 = t0 + tb < c->T ? t0 + tb : c->T;
+        b.nq = 0;
+        for (uint32_t t = t0; t < t1; t++)
+            for (uint32_t g = 0; g < group; g++, b.nq++) {
+                b.q[b.nq] = q + (size_t)t * a->q_stride + (size_t)(kvh * group + g) * D;
+                b.len[b.nq] = c->pos + t + 1;
+            }
+        b.k = kc + (size_t)kvh * a->ctx_cap * D;
+        b.v = vc + (size_t)kvh * a->ctx_cap * D;
+        simd->attend_block(&b);
+        uint32_t i = 0;
+        for (uint32_t t = t0; t < t1; t++)
+            for (uint32_t g = 0; g < group; g++, i++) {
+                size_t col = (size_t)(kvh * group + g) * D;
+                finish(simd, out + (size_t)t * a->out_stride + col, b.acc + (size_t)i * D, 1.0f / l[i],
+                       gate ? gate + (size_t)t * a->gate_stride + col : NULL, D);
+            }
+    }
+}
+
 void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
     const lt_attention_args *a = lt_args(c, d);
     if (c->pos + c->T > a->ctx_cap) {
@@ -131,6 +171,10 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
         return;
     }
     const lt_simd *simd = lt_simd_get();
+    if (c->T > 1 && simd->attend_block && a->head_dim % 16 == 0 && a->n_heads / a->n_kv_heads <= LT_ATTN_BLOCK_Q) {
+        attention_blocks(c, d, simd);
+        return;
+    }
     const float *q = lt_bound(c, d, LT_ATTN_B_Q);
     float *out = lt_bound(c, d, LT_ATTN_B_OUT);
     const uint16_t *kc = lt_bound(c, d, LT_ATTN_B_K_CACHE), *vc = lt_bound(c, d, LT_ATTN_B_V_CACHE);

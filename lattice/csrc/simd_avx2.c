@@ -292,9 +292,107 @@ AVX2 static void sigmoid(float *x, uint32_t n) {
         x[j] = lt_sigmoid(x[j]);
 }
 
+/* In-register 8x8 transpose of f32 rows. */
+AVX2 static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Prefill attention as two small matrix products per kv head, so that each K and V row is
+ * converted from f16 once for all queries and no score needs a horizontal sum: keys are taken
+ * 8 at a time, transposed to [D][8] f32, and 4 queries accumulate their 8 scores each with one
+ * FMA per dimension; then P V runs 4 queries x 16 dimensions in registers over all keys. */
+AVX2 static void attend_block(const lt_attend_block *b) {
+    uint32_t D = b->D, nq = b->nq, maxlen = 0;
+    for (uint32_t i = 0; i < nq; i++)
+        maxlen = b->len[i] > maxlen ? b->len[i] : maxlen;
+    uint32_t lp = (maxlen + 7) / 8 * 8, nq4 = (nq + 3) / 4 * 4;
+    float *scores = b->scratch, *zeros = scores + (size_t)nq4 * lp, *kt = zeros + lp, *qzero = kt + 8 * D;
+    memset(zeros, 0, lp * sizeof(float));
+    memset(qzero, 0, D * sizeof(float));
+    const float *q[LT_ATTN_BLOCK_Q + 3];
+    for (uint32_t i = 0; i < nq4; i++)
+        q[i] = i < nq ? b->q[i] : qzero;
+    const __m256 vscale = _mm256_set1_ps(b->scale);
+    for (uint32_t j0 = 0; j0 < maxlen; j0 += 8) {
+        uint32_t nk = maxlen - j0 < 8 ? maxlen - j0 : 8;
+        for (uint32_t d0 = 0; d0 < D; d0 += 8) {
+            __m256 r[8];
+            for (uint32_t i = 0; i < 8; i++)
+                r[i] = i < nk ? h8(b->k + (size_t)(j0 + i) * D + d0) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int i = 0; i < 8; i++)
+                _mm256_store_ps(kt + (size_t)(d0 + i) * 8, r[i]);
+        }
+        for (uint32_t i = 0; i < nq4; i += 4) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (uint32_t d = 0; d < D; d++) {
+                __m256 kd = _mm256_load_ps(kt + (size_t)d * 8);
+                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q[i] + d), kd, a0);
+                a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(q[i + 1] + d), kd, a1);
+                a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(q[i + 2] + d), kd, a2);
+                a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(q[i + 3] + d), kd, a3);
+            }
+            _mm256_storeu_ps(scores + (size_t)i * lp + j0, _mm256_mul_ps(a0, vscale));
+            _mm256_storeu_ps(scores + (size_t)(i + 1) * lp + j0, _mm256_mul_ps(a1, vscale));
+            _mm256_storeu_ps(scores + (size_t)(i + 2) * lp + j0, _mm256_mul_ps(a2, vscale));
+            _mm256_storeu_ps(scores + (size_t)(i + 3) * lp + j0, _mm256_mul_ps(a3, vscale));
+        }
+    }
+    const float *p[LT_ATTN_BLOCK_Q + 3];
+    for (uint32_t i = 0; i < nq4; i++) {
+        if (i >= nq) {
+            p[i] = zeros;
+            continue;
+        }
+        float *s = scores + (size_t)i * lp, mx = -INFINITY;
+        uint32_t n = b->len[i];
+        for (uint32_t j = 0; j < n; j++)
+            mx = s[j] > mx ? s[j] : mx;
+        b->m[i] = mx;
+        b->l[i] = exp_shift(s, n, mx);
+        memset(s + n, 0, (lp - n) * sizeof(float));  /* keys this query does not see weigh 0 */
+        p[i] = s;
+    }
+    float sink[4 * 16] __attribute__((aligned(32)));
+    for (uint32_t i = 0; i < nq4; i += 4)
+        for (uint32_t d0 = 0; d0 < D; d0 += 16) {
+            __m256 a[4][2];
+            for (int r = 0; r < 4; r++)
+                a[r][0] = a[r][1] = _mm256_setzero_ps();
+            for (uint32_t j = 0; j < maxlen; j++) {
+                const uint16_t *vr = b->v + (size_t)j * D + d0;
+                __m256 v0 = h8(vr), v1 = h8(vr + 8);
+                for (int r = 0; r < 4; r++) {
+                    __m256 pj = _mm256_broadcast_ss(p[i + r] + j);
+                    a[r][0] = _mm256_fmadd_ps(pj, v0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(pj, v1, a[r][1]);
+                }
+            }
+            for (uint32_t r = 0; r < 4; r++) {
+                float *o = i + r < nq ? b->acc + (size_t)(i + r) * D + d0 : sink + r * 16;
+                _mm256_storeu_ps(o, a[r][0]);
+                _mm256_storeu_ps(o + 8, a[r][1]);
+            }
+        }
+}
+
 const lt_simd lt_simd_avx2 = {
     "avx2", LT_XQ_I16, TOK_TILE, lt_quantize_x16, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, exp_shift,
-    sigmoid,
+    sigmoid, attend_block,
 };
 
 #endif

@@ -154,7 +154,7 @@ static void axpy_f16(float *y, float a, const uint16_t *h, uint32_t n) {
 
 const lt_simd lt_simd_neon = {
     "neon", LT_XQ_F32, 4, NULL, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, lt_exp_shift,
-    lt_sigmoid_n,
+    lt_sigmoid_n, NULL,
 };
 
 #endif

@@ -108,7 +108,7 @@ void lt_sigmoid_n(float *x, uint32_t n) {
 
 const lt_simd lt_simd_scalar = {
     "scalar", LT_XQ_F32, 4, NULL, {gemm_f32, gemm_f16, gemm_q8, gemm_q4}, dot_f16, axpy_f16, lt_exp_shift,
-    lt_sigmoid_n,
+    lt_sigmoid_n, NULL,
 };
 
 /* ------------------------------------------------------------------------------- selection */
