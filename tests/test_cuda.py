@@ -202,7 +202,7 @@ def test_gemv_one_token_float4_x(lib, fmt, cols, flags):
     args = GemvArgs(wformat=fmt, rows=rows, cols=cols, flags=flags, x_stride=cols, y_stride=n_out,
                     resid_stride=n_out, eps=1e-6)
     assert run_one(lib, mem, K_GEMV, args, [rx, y, wq, ws, wm, rn, None, y, None]) == OK
-    xin = ref.rms_norm(x, norm_w, 1e-6, True) if flags & 1 else x
+    xin = ref.rms_norm(x, norm_w, 1e-6, bool(flags & 2)) if flags & 1 else x
     want = xin.astype(np.float64) @ deq.T.astype(np.float64)
     bound = dot_error_limit(xin, deq, fmt, "cuda")
     if flags & 8:
