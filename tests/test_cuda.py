@@ -112,31 +112,33 @@ def simd():
 
 
 @pytest.mark.parametrize("T", [1, 6])
-def test_gdn_one_value_head_per_key_head(lib, T):
-    """Qwen3.5-0.8B's layout (as many value heads as key heads): the CUDA backend fuses the conv into
-    the recurrent kernel, a path the CPU tests' grouped shapes do not reach."""
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(3, 3, 64, 40), (2, 2, 128, 128), (2, 4, 96, 64), (1, 1, 200, 256)])
+def test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv):
+    """The CUDA-only GDN paths: the conv fused into the recurrent kernel when there are as many
+    value heads as key heads (Qwen3.5-0.8B), and heads split over thread-block clusters of
+    v_dim / 32 blocks (2, 4, 8) when v_dim is a multiple of 32; the CPU tests' shapes reach neither."""
     from lattice import reference as ref
     from test_cpu_kernels import GdnArgs, K_GDN, Mem, OK, SCRATCH, STATE, StepArgs, WEIGHTS, rand, run_one
-    rng = np.random.default_rng(T)
-    H, Dk, Dv, K = 3, 64, 40, 4
-    C = 2 * H * Dk + H * Dv
+    rng = np.random.default_rng(T + Dv)
+    K = 4
+    C = 2 * Hk * Dk + Hv * Dv
     x = rand(rng, T, C + 1)
-    z, a, b = rand(rng, T, H * Dv), rand(rng, T, H), rand(rng, T, H)
+    z, a, b = rand(rng, T, Hv * Dv), rand(rng, T, Hv), rand(rng, T, Hv)
     conv_w, conv_state = rand(rng, C, K, scale=0.5), rand(rng, K - 1, C)
-    a_log, dt_bias, norm_w = rand(rng, H, scale=0.5), rand(rng, H), rand(rng, Dv)
-    S = rand(rng, H, Dk, Dv, scale=0.1)
+    a_log, dt_bias, norm_w = rand(rng, Hv, scale=0.5), rand(rng, Hv), rand(rng, Dv)
+    S = rand(rng, Hv, Dk, Dv, scale=0.1)
     mem = Mem(StepArgs(n_tokens=T))
     refs = [mem.put(SCRATCH, x), mem.put(SCRATCH, z), mem.put(SCRATCH, a), mem.put(SCRATCH, b),
-            mem.zeros(SCRATCH, (T, H * Dv)), mem.put(WEIGHTS, conv_w), mem.put(STATE, conv_state),
+            mem.zeros(SCRATCH, (T, Hv * Dv)), mem.put(WEIGHTS, conv_w), mem.put(STATE, conv_state),
             mem.put(WEIGHTS, a_log), mem.put(WEIGHTS, dt_bias), mem.put(STATE, S), mem.put(WEIGHTS, norm_w)]
-    args = GdnArgs(n_k_heads=H, n_v_heads=H, k_dim=Dk, v_dim=Dv, conv_kernel=K, channels=C, q_offset=0,
-                   k_offset=H * Dk, v_offset=2 * H * Dk, x_stride=C + 1, z_stride=H * Dv, a_stride=H,
-                   b_stride=H, out_stride=H * Dv, norm_eps=1e-6)
+    args = GdnArgs(n_k_heads=Hk, n_v_heads=Hv, k_dim=Dk, v_dim=Dv, conv_kernel=K, channels=C, q_offset=0,
+                   k_offset=Hk * Dk, v_offset=2 * Hk * Dk, x_stride=C + 1, z_stride=Hv * Dv, a_stride=Hv,
+                   b_stride=Hv, out_stride=Hv * Dv, norm_eps=1e-6)
     assert run_one(lib, mem, K_GDN, args, refs) == OK
     y, want_conv = ref.conv1d_silu(x[:, :C], conv_w, conv_state)
-    q, k, v = ref.split(y, [H * Dk, H * Dk, H * Dv])
-    o, want_S = ref.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, S, H, H, Dk, Dv)
-    want = ref.gated_rms_norm(o, z, norm_w, H, 1e-6)
+    q, k, v = ref.split(y, [Hk * Dk, Hk * Dk, Hv * Dv])
+    o, want_S = ref.gated_delta_rule(q, k, v, a, b, a_log, dt_bias, S, Hk, Hv, Dk, Dv)
+    want = ref.gated_rms_norm(o, z, norm_w, Hv, 1e-6)
     np.testing.assert_allclose(mem.view(refs[4]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(mem.view(refs[6]), want_conv, rtol=0, atol=0)
     np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())

@@ -156,8 +156,12 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     uint32_t want_warps = (uint32_t)c->sms * 32;
     L.rpw = 1;
     L.ks = 1;
-    if (a->rows >= 8 * want_warps / 2) {
+    if (a->rows >= 4 * want_warps) {  /* LM heads: 4 rows per warp */
         L.rpw = 4;
+        return;
+    }
+    if (a->rows > want_warps) {  /* more rows than resident warps: 2 per warp, one wave of blocks */
+        L.rpw = 2;
         return;
     }
     uint32_t max_ks = (a->flags & LT_GEMV_SILU_MUL) ? 4 : 8;
@@ -171,19 +175,39 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
  * start while its predecessor finishes, prefetch weights, then wait for it (kernels.cuh). */
 static int pdl_enabled = 1;
 
+/* Split GDN heads over thread-block clusters (k_gdn_cluster; LATTICE_CUDA_GDN_CLUSTER=0: one block
+ * per head, the ablation). */
+static int gdn_cluster_enabled = 1;
+
+/* cluster > 1: blocks in clusters of that many along x (sm_90). */
 template <typename... P, typename... A>
-static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+static void launch_kc(void (*k)(P...), dim3 grid, dim3 block, size_t smem, unsigned cluster, cudaStream_t s,
+                      A... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute at[2];
+    unsigned n = 0;
+    if (pdl_enabled) {
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster > 1) {
+        at[n].id = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = cluster;
+        at[n].val.clusterDim.y = 1;
+        at[n++].val.clusterDim.z = 1;
+    }
     cfg.attrs = at;
-    cfg.numAttrs = pdl_enabled ? 1 : 0;
+    cfg.numAttrs = n;
     cudaLaunchKernelEx(&cfg, k, args...);
+}
+
+template <typename... P, typename... A>
+static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+    launch_kc(k, grid, block, smem, 1, s, args...);
 }
 
 template <int FMT, int NT>
@@ -194,8 +218,10 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
         launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
         return;                                                                                   \
     }
-    if constexpr (NT == 1)
+    if constexpr (NT == 1) {
         LT_GEMV_CASE(1, 4)
+        LT_GEMV_CASE(1, 2)
+    }
     LT_GEMV_CASE(1, 1)
     LT_GEMV_CASE(2, 1)
     LT_GEMV_CASE(4, 1)
@@ -208,6 +234,7 @@ template <int FMT>
 static void set_gemv_smem() {
     const int bytes = 4 * 12288 * 4;
     cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 #define LT_SMEM(KS)                                                                               \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -221,7 +248,7 @@ static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStre
     uint32_t n_tok = lm && !(a.flags & LT_GEMV_ALL_TOKENS) ? 1 : T;
     int nt = n_tok > 1 ? 4 : 1;
     launch L = L0;
-    if (nt == 4 && L.rpw == 4)  /* 4 rows x 4 tokens per warp spills: one row per warp */
+    if (nt == 4 && L.rpw > 1)  /* several rows x 4 tokens per warp spill: one row per warp */
         L.rpw = 1;
     uint32_t rpb = 8 / L.ks * L.rpw;
     dim3 grid((a.rows + rpb - 1) / rpb, (n_tok + nt - 1) / nt);
@@ -291,6 +318,16 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.conv_ws;
         if (conv)
             launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
+        uint32_t cl = a.v_dim / 32, cl_rows = (a.k_dim + 7) / 8;  /* GDN_CL_THREADS / 32 slices */
+        if (gdn_cluster_enabled && a.v_dim % 32 == 0 && (cl == 2 || cl == 4 || cl == 8) && cl_rows <= 32) {
+            if (cl_rows <= 16)
+                launch_kc(k_gdn_cluster<16>, a.n_v_heads * cl, GDN_CL_THREADS, 0, cl, s, a, L.b, st, T,
+                          (const float *)conv);
+            else
+                launch_kc(k_gdn_cluster<32>, a.n_v_heads * cl, GDN_CL_THREADS, 0, cl, s, a, L.b, st, T,
+                          (const float *)conv);
+            break;
+        }
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
         if (rows <= 32)
             launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
@@ -368,6 +405,8 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaGetDeviceProperties(&prop, c->device));
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
+    const char *gdn_cl = getenv("LATTICE_CUDA_GDN_CLUSTER");
+    gdn_cluster_enabled = prop.major >= 9 && !(gdn_cl && gdn_cl[0] == '0');  /* clusters: sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->sms = prop.multiProcessorCount;
     int least, greatest;

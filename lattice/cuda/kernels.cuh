@@ -8,6 +8,7 @@
  * the first step that failed, and the steps it had queued behind it do nothing. */
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     __shared__ float redb[32];
     constexpr int RPB = 8 / KS * RPW;            /* rows per block */
     constexpr int VALS = wfmt<FMT>::VALS;
-    constexpr int U = RPW >= 4 ? 2 : 4;          /* 16-byte vectors in flight per row and lane */
+    constexpr int U = RPW >= 2 ? 2 : 4;          /* 16-byte vectors in flight per row and lane */
     pdl_begin();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = warp / KS, kpart = warp % KS;
@@ -1014,6 +1015,137 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_bind
             gdn_conv_state(a, x, cstate, T,
                            i < Dk ? a.q_offset + kh * Dk + i
                                   : i < 2 * Dk ? a.k_offset + kh * Dk + (i - Dk) : a.v_offset + h * Dv + (i - 2 * Dk));
+    }
+}
+
+/* Part 2 split over a thread-block cluster (sm_90): the CL blocks of value head h each own 32
+ * of its v_dim columns (CL = v_dim / 32), so a head's state is read and written by CL SMs instead
+ * of one. Every block computes the head's q, k (conv, l2 norm) itself; the gated RMSNorm of the
+ * output sums o^2 over the cluster through distributed shared memory (one cluster barrier per
+ * token). Thread (slice, j): rows [slice * R, slice * R + R) of column c0 + j in registers. */
+#define GDN_CL_THREADS 256
+template <int R>
+__global__ void __launch_bounds__(GDN_CL_THREADS) k_gdn_cluster(lt_gdn_args a, lt_binds b, lt_step_args *st,
+                                                               uint32_t T, const float *conv_out) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    __shared__ float qs[512], ks[512], vs[32], delta[32], red[32];
+    __shared__ float colsum[GDN_CL_THREADS];
+    __shared__ float ss_part[2];  /* this block's sum of o^2, by token parity (read by the cluster) */
+    pdl_begin();
+    pdl_wait();
+    const uint32_t CL = cluster.num_blocks(), rank = cluster.block_rank();
+    /* a block that returned early would leave the others waiting at the cluster barrier: the
+     * error flag is read once, the same for every block of the cluster */
+    const bool failed = st->error != 0;
+    uint32_t h = blockIdx.x / CL, Dk = a.k_dim, Dv = a.v_dim, C = a.channels, c0 = rank * 32;
+    uint32_t group = a.n_v_heads / a.n_k_heads, kh = h / group;
+    uint32_t j = threadIdx.x % 32, sl = threadIdx.x / 32, nsl = GDN_CL_THREADS / 32, rows_per = (Dk + nsl - 1) / nsl;
+    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv;
+    float s_reg[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sl * rows_per + r;
+        s_reg[r] = (!failed && r < (int)rows_per && i < Dk) ? S[(size_t)i * Dv + c0 + j] : 0.0f;
+    }
+    const float *pa = (const float *)b.p[LT_GDN_B_A], *pb = (const float *)b.p[LT_GDN_B_B];
+    const float *a_log = (const float *)b.p[LT_GDN_B_A_LOG], *dt_bias = (const float *)b.p[LT_GDN_B_DT_BIAS];
+    const float *norm_w = (const float *)b.p[LT_GDN_B_NORM_W];
+    const float *x = (const float *)b.p[LT_GDN_B_X], *conv_w = (const float *)b.p[LT_GDN_B_CONV_W];
+    float *cstate = (float *)b.p[LT_GDN_B_CONV_STATE];
+    float q_scale = 1.0f / sqrtf((float)Dk);
+    for (uint32_t t = 0; t < T && !failed; t++) {
+        const float *cw = conv_out ? conv_out + (size_t)t * C : nullptr;
+        float sq = 0.0f, sk = 0.0f;
+        for (uint32_t i = threadIdx.x; i < Dk; i += blockDim.x) {
+            uint32_t qc = a.q_offset + kh * Dk + i, kc = a.k_offset + kh * Dk + i;
+            float qv = cw ? cw[qc] : gdn_conv(a, x, cstate, conv_w, t, qc);
+            float kv = cw ? cw[kc] : gdn_conv(a, x, cstate, conv_w, t, kc);
+            qs[i] = qv;
+            ks[i] = kv;
+            sq += qv * qv;
+            sk += kv * kv;
+        }
+        if (threadIdx.x < 32) {
+            uint32_t vc = a.v_offset + h * Dv + c0 + threadIdx.x;
+            vs[threadIdx.x] = cw ? cw[vc] : gdn_conv(a, x, cstate, conv_w, t, vc);
+        }
+        sq = block_sum(sq, red);
+        sk = block_sum(sk, red);
+        float rq = q_scale / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
+        for (uint32_t i = threadIdx.x; i < Dk; i += blockDim.x) {
+            qs[i] *= rq;
+            ks[i] *= rk;
+        }
+        __syncthreads();
+        float beta = lt_sigmoid_d(pb[(size_t)t * a.b_stride + h]);
+        float xa = pa[(size_t)t * a.a_stride + h] + dt_bias[h];
+        float sp = xa > 20.0f ? xa : log1pf(expf(xa));
+        float decay = expf(-expf(a_log[h]) * sp);
+        float part = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t i = sl * rows_per + r;
+            if (r < (int)rows_per && i < Dk) {
+                s_reg[r] *= decay;
+                part += s_reg[r] * ks[i];
+            }
+        }
+        colsum[threadIdx.x] = part;
+        __syncthreads();
+        if (sl == 0) {
+            float o = 0.0f;
+            for (uint32_t k = 0; k < nsl; k++)
+                o += colsum[k * 32 + j];
+            delta[j] = (vs[j] - o) * beta;
+        }
+        __syncthreads();
+        part = 0.0f;
+        float dj = delta[j];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t i = sl * rows_per + r;
+            if (r < (int)rows_per && i < Dk) {
+                s_reg[r] += ks[i] * dj;
+                part += s_reg[r] * qs[i];
+            }
+        }
+        colsum[threadIdx.x] = part;
+        __syncthreads();
+        float o = 0.0f;
+        if (sl == 0)
+            for (uint32_t k = 0; k < nsl; k++)
+                o += colsum[k * 32 + j];
+        float ss = block_sum(sl == 0 ? o * o : 0.0f, red);
+        if (threadIdx.x == 0)
+            ss_part[t & 1] = ss;
+        cluster.sync();
+        float total = 0.0f;
+        for (uint32_t r = 0; r < CL; r++)
+            total += cluster.map_shared_rank(ss_part, r)[t & 1];
+        if (sl == 0) {
+            float rn = 1.0f / sqrtf(total / (float)Dv + a.norm_eps);
+            float z = ((const float *)b.p[LT_GDN_B_Z])[(size_t)t * a.z_stride + h * Dv + c0 + j];
+            ((float *)b.p[LT_GDN_B_OUT])[(size_t)t * a.out_stride + h * Dv + c0 + j] = o * rn * norm_w[c0 + j] * lt_silu_d(z);
+        }
+        __syncthreads();  /* qs/ks/vs/colsum are rewritten by the next token */
+    }
+    /* every block of the cluster has read the conv state and the others' ss_part */
+    cluster.sync();
+    if (failed)
+        return;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sl * rows_per + r;
+        if (r < (int)rows_per && i < Dk)
+            S[(size_t)i * Dv + c0 + j] = s_reg[r];
+    }
+    if (!conv_out) {
+        if (threadIdx.x < 32)
+            gdn_conv_state(a, x, cstate, T, a.v_offset + h * Dv + c0 + threadIdx.x);
+        if (rank == 0)
+            for (uint32_t i = threadIdx.x; i < 2 * Dk; i += blockDim.x)
+                gdn_conv_state(a, x, cstate, T, i < Dk ? a.q_offset + kh * Dk + i : a.k_offset + kh * Dk + (i - Dk));
     }
 }
 
