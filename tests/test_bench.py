@@ -213,6 +213,19 @@ def test_engine_without_a_valid_slope_is_an_error():
     assert recs[1]["status"] == "ok" and recs[1]["loaded"]["decode"]["n"] == 2
 
 
+def test_a_stalled_run_is_discarded_and_listed():
+    class OneStall(FakeEngine):                      # one N1 generation stalls for a second
+        def generate(self, prompt_ids, n):
+            t = super().generate(prompt_ids, n)
+            stalled = n == 4 and sum(1 for c in self.calls if c[1] == 4) == 2
+            return Timing(t.seconds + 1.0 if stalled else t.seconds, t.tokens)
+    s = Settings(n1=4, n2=8, warmup=0, runs=4, pp=5, prompt_tokens=3)
+    (rec,), _ = measure_fakes(s, "stall", registry={"stall": OneStall})
+    assert rec["status"] == "ok" and rec["unloaded"]["decode"]["n"] == 3
+    (d,) = rec["unloaded"]["discarded_runs"]
+    assert d["t_n1"] > d["t_n2"]
+
+
 def test_runtime_counters_per_phase():
     s = Settings(n1=4, n2=8, warmup=1, runs=2, pp=5, prompt_tokens=3, load=1, load_device="cpu", load_duty=0.05)
     (rec,), _ = measure_fakes(s, "fake")

@@ -209,6 +209,11 @@ def render_report(doc: dict) -> str:
     if rows:
         out += ["", _table(["engine", "phase", "N1->N2", "runs", "median t/s", "trimmed mean",
                             "95% CI (mean)", "stdev", "spread %", f"TTFT pp{s['pp']} ms"], rows)]
+        for r in ok:
+            for phase in ("unloaded", "loaded"):
+                for d in r.get(phase, {}).get("discarded_runs", []):
+                    out.append(f"{r['engine']} ({phase}): run {d['run']} discarded, T(N2) = {d['t_n2']:.3f} s "
+                               f"<= T(N1) = {d['t_n1']:.3f} s (the short generation stalled)")
     rows = []
     for r in ok:
         if "loaded" not in r:

@@ -241,8 +241,17 @@ def serve():
 # -------------------------------------------------------------------------------------- the schedule
 
 def summarize_phase(raw: dict, s: Settings) -> dict:
-    rates = slope_rates(s.n1, s.n2, raw["times_n1"], raw["times_n2"])
-    return {**raw, "decode_tps": rates, "prefill_tps": [s.pp / t for t in raw["times_prefill"]],
+    """A run whose T(N2) is not above its T(N1) (the engine stalled in its short generation: a
+    preempted spinning thread can take seconds) has no slope: it is discarded and listed; the
+    engine fails when that leaves fewer than half of its runs (at least 2)."""
+    t1, t2 = raw["times_n1"], raw["times_n2"]
+    bad = [i for i, (a, b) in enumerate(zip(t1, t2)) if not b > a]
+    kept = [i for i in range(len(t1)) if i not in bad]
+    if bad and len(kept) < max(2, (len(t1) + 1) // 2):
+        slope_rates(s.n1, s.n2, t1, t2)  # raises, naming the first such run
+    rates = slope_rates(s.n1, s.n2, [t1[i] for i in kept], [t2[i] for i in kept])
+    discarded = [{"run": i, "t_n1": t1[i], "t_n2": t2[i]} for i in bad]
+    return {**raw, "decode_tps": rates, "discarded_runs": discarded, "prefill_tps": [s.pp / t for t in raw["times_prefill"]],
             "decode": summarize(rates).to_dict(),
             "prefill": summarize([s.pp / t for t in raw["times_prefill"]]).to_dict(),
             "ttft_ms": summarize([t * 1e3 for t in raw["times_prefill"]]).to_dict()}
