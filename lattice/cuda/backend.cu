@@ -175,39 +175,19 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
  * start while its predecessor finishes, prefetch weights, then wait for it (kernels.cuh). */
 static int pdl_enabled = 1;
 
-/* Split GDN heads over thread-block clusters (k_gdn_cluster; LATTICE_CUDA_GDN_CLUSTER=0: one block
- * per head, the ablation). */
-static int gdn_cluster_enabled = 1;
-
-/* cluster > 1: blocks in clusters of that many along x (sm_90). */
 template <typename... P, typename... A>
-static void launch_kc(void (*k)(P...), dim3 grid, dim3 block, size_t smem, unsigned cluster, cudaStream_t s,
-                      A... args) {
+static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[2];
-    unsigned n = 0;
-    if (pdl_enabled) {
-        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster > 1) {
-        at[n].id = cudaLaunchAttributeClusterDimension;
-        at[n].val.clusterDim.x = cluster;
-        at[n].val.clusterDim.y = 1;
-        at[n++].val.clusterDim.z = 1;
-    }
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = n;
+    cfg.numAttrs = pdl_enabled ? 1 : 0;
     cudaLaunchKernelEx(&cfg, k, args...);
-}
-
-template <typename... P, typename... A>
-static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
-    launch_kc(k, grid, block, smem, 1, s, args...);
 }
 
 template <int FMT, int NT>
@@ -318,16 +298,6 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.conv_ws;
         if (conv)
             launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
-        uint32_t cl = a.v_dim / 32, cl_rows = (a.k_dim + 7) / 8;  /* GDN_CL_THREADS / 32 slices */
-        if (gdn_cluster_enabled && a.v_dim % 32 == 0 && (cl == 2 || cl == 4 || cl == 8) && cl_rows <= 32) {
-            if (cl_rows <= 16)
-                launch_kc(k_gdn_cluster<16>, a.n_v_heads * cl, GDN_CL_THREADS, 0, cl, s, a, L.b, st, T,
-                          (const float *)conv);
-            else
-                launch_kc(k_gdn_cluster<32>, a.n_v_heads * cl, GDN_CL_THREADS, 0, cl, s, a, L.b, st, T,
-                          (const float *)conv);
-            break;
-        }
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
         if (rows <= 32)
             launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
@@ -405,8 +375,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaGetDeviceProperties(&prop, c->device));
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
-    const char *gdn_cl = getenv("LATTICE_CUDA_GDN_CLUSTER");
-    gdn_cluster_enabled = prop.major >= 9 && !(gdn_cl && gdn_cl[0] == '0');  /* clusters: sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->sms = prop.multiProcessorCount;
     int least, greatest;

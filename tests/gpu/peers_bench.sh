@@ -12,7 +12,7 @@
 #   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh);
 #   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench)
 #   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: the loaded runs again
-#     under CUDA MPS; ABLATE_GDN=1: Qwen3.5 once more with LATTICE_CUDA_GDN_CLUSTER=0
+#     under CUDA MPS
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -102,11 +102,6 @@ for m in $MODELS; do
     [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
         --load "$LOAD"
 done
-
-if [ "${ABLATE_GDN:-0}" = 1 ]; then  # Qwen3.5's GDN heads on one block each instead of clusters
-    M=/tmp/models/qwen3.5-0.8b
-    LATTICE_CUDA_GDN_CLUSTER=0 bench qwen3.5-0.8b-gdn-one-block --gguf "$M.gguf" -e lattice:cuda --n1 64 --n2 320 --load 0
-fi
 
 if [ "${MPS:-0}" = 1 ]; then
     echo "== the same under CUDA MPS (every CUDA process of the machine through one MPS server)"
