@@ -47,8 +47,11 @@ struct lt_cpu {
     size_t tbuf_n;
     float *shared;          /* shared scratch, grown on demand for the step's T */
     size_t shared_n;
+    uint32_t *work;         /* per dispatch, WORK_STRIDE apart: units of work taken (lt_next_unit) */
     lt_barrier barrier;
 };
+
+#define WORK_STRIDE 16  /* one counter per 64-byte line: dispatches between barriers run together */
 
 static const lt_kernel_fn KERNELS[LT_K_COUNT] = {
     [LT_K_EMBED] = lt_k_embed,
@@ -180,6 +183,7 @@ void lt_cpu_free(lt_cpu *c) {
         return;
     free_threads(c);
     free(c->shared);
+    free(c->work);
     free(c->prog);
     free(c->consts);
     free(c);
@@ -226,8 +230,10 @@ lt_cpu *lt_cpu_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts
     c->consts = malloc(n_consts ? n_consts : 1);
     c->tbuf = calloc((size_t)c->n_threads, sizeof(float *));
     c->tbuf_n = tn;
-    if (!c->prog || !c->consts || !c->tbuf)
+    c->work = aligned_alloc(64, ((size_t)(n ? n : 1) * WORK_STRIDE * sizeof(uint32_t) + 63) / 64 * 64);
+    if (!c->prog || !c->consts || !c->tbuf || !c->work)
         goto nomem;
+    memset(c->work, 0, (size_t)(n ? n : 1) * WORK_STRIDE * sizeof(uint32_t));
     memcpy(c->prog, prog, sizeof(lt_dispatch) * n);
     memcpy(c->consts, consts, n_consts);
     for (int i = 0; i < LT_N_ARENAS; i++)
@@ -285,11 +291,16 @@ static void replay(lt_cpu *c, uint32_t n_steps) {
                 const lt_dispatch *d = &c->prog[i];
                 if (i > 0 && (d->flags & LT_DISPATCH_BARRIER))
                     lt_sync(&ctx);
+                ctx.work = c->work + (size_t)i * WORK_STRIDE;
                 KERNELS[d->kernel](&ctx, d);
             }
-            /* Everyone reads the error flag before anyone can start the next step. */
+            /* Everyone reads the error flag before anyone can start the next step; the work
+             * counters are reset in between, when no thread is in a kernel. */
             lt_sync(&ctx);
             uint32_t err = step->error;
+            if (ctx.tid == 0)
+                for (uint32_t i = 0; i < c->n; i++)
+                    c->work[(size_t)i * WORK_STRIDE] = 0;
             lt_sync(&ctx);
             if (err)
                 break;

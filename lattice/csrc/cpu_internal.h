@@ -43,6 +43,7 @@ typedef struct lt_ctx {
     lt_barrier *barrier; /* shared by the run's threads */
     float *tbuf;         /* this thread's scratch */
     float *shared;       /* scratch shared by all threads (prefill GEMV inputs) */
+    uint32_t *work;      /* the dispatch's work counter: 0 at its start (lt_next_unit) */
 } lt_ctx;
 
 typedef void (*lt_kernel_fn)(const lt_ctx *c, const lt_dispatch *d);
@@ -65,6 +66,14 @@ static inline const void *lt_args(const lt_ctx *c, const lt_dispatch *d) {
 /* First error wins. */
 static inline void lt_raise(const lt_ctx *c, uint32_t err) {
     __sync_bool_compare_and_swap(&c->step->error, 0u, err);
+}
+
+/* Dynamic partition: the next unit of work of the current dispatch, or `units` when none is
+ * left. Threads take units as they finish their last one, so a thread that the OS preempted or
+ * that runs on a busier core does less of the work instead of holding up the barrier. */
+static inline uint32_t lt_next_unit(const lt_ctx *c, uint32_t units) {
+    uint32_t u = c->nth > 1 ? __atomic_fetch_add(c->work, 1u, __ATOMIC_RELAXED) : (*c->work)++;
+    return u < units ? u : units;
 }
 
 /* Static partition of n items over the threads, in units of `grain` items. */

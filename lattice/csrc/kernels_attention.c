@@ -126,7 +126,7 @@ static void finish(const lt_simd *simd, float *o, const float *acc, float inv, c
         o[i] = gate ? acc[i] * inv * sg[i] : acc[i] * inv;
 }
 
-/* Prefill through the path's attend_block: items are (block of tokens, kv head), round-robin. */
+/* Prefill through the path's attend_block: items are (block of tokens, kv head), taken dynamically. */
 static void attention_blocks(const lt_ctx *c, const lt_dispatch *d, const lt_simd *simd) {
     const lt_attention_args *a = lt_args(c, d);
     const float *q = lt_bound(c, d, LT_ATTN_B_Q);
@@ -143,7 +143,7 @@ static void attention_blocks(const lt_ctx *c, const lt_dispatch *d, const lt_sim
     b.l = l;
     b.acc = c->tbuf;
     b.scratch = c->tbuf + (size_t)LT_ATTN_BLOCK_Q * D;
-    for (uint32_t u = (uint32_t)c->tid; u < blocks * Hkv; u += (uint32_t)c->nth) {
+    for (uint32_t u; (u = lt_next_unit(c, blocks * Hkv)) < blocks * Hkv;) {
         uint32_t t0 = u / Hkv * tb, kvh = u % Hkv, t1 = t0 + tb < c->T ? t0 + tb : c->T;
         b.nq = 0;
         for (uint32_t t = t0; t < t1; t++)
@@ -188,10 +188,9 @@ void lt_k_attention(const lt_ctx *c, const lt_dispatch *d) {
     float *scores = c->tbuf, *acc = c->tbuf + (size_t)group * a->ctx_cap;
     float m[MAX_GROUP], l[MAX_GROUP];
     const float *qh[MAX_GROUP];
-    uint32_t lo, hi;
-    /* Items round-robin: a causal prefill's later tokens attend to more positions, so contiguous
-     * halves would leave the first thread idle half the time. */
-    for (uint32_t u = (uint32_t)c->tid; u < c->T * Hkv * chunks; u += (uint32_t)c->nth) {
+    uint32_t lo, hi, items = c->T * Hkv * chunks;
+    /* Items taken dynamically: a causal prefill's later tokens attend to more positions. */
+    for (uint32_t u; (u = lt_next_unit(c, items)) < items;) {
         uint32_t t = u / (Hkv * chunks), kvh = (u / chunks) % Hkv, ch = u % chunks;
         uint32_t len = c->pos + t + 1, j0 = len * ch / chunks, j1 = len * (ch + 1) / chunks;
         for (uint32_t g = 0; g < group; g++)

@@ -67,9 +67,7 @@ void lt_k_gdn(const lt_ctx *c, const lt_dispatch *d) {
     float q[MAX_DIM], k[MAX_DIM], v[MAX_DIM], o[MAX_DIM];
     float q_scale = 1.0f / sqrtf((float)Dk);
     const lt_simd *simd = lt_simd_get();
-    uint32_t lo, hi;
-    lt_split(a->n_k_heads, 1, c->tid, c->nth, &lo, &hi);
-    for (uint32_t kh = lo; kh < hi; kh++) {
+    for (uint32_t kh; (kh = lt_next_unit(c, a->n_k_heads)) < a->n_k_heads;) {
         uint32_t qc = a->q_offset + kh * Dk, kc = a->k_offset + kh * Dk;
         for (uint32_t t = 0; t < c->T; t++) {
             conv_silu(simd, x, a->x_stride, cstate, C, conv_w, K, t, qc, Dk, q);

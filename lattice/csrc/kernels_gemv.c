@@ -1,8 +1,8 @@
 /* GEMV / GEMM with fused RMSNorm prologue and bias / SiLU-mul / residual epilogues, and the LM
  * head (GEMV of the last token + argmax/logsumexp partials for the sampler).
  *
- * Rows are split statically across threads (ROW_GRAIN rows at a time, LT_ARGMAX_BLOCK for the LM
- * head so that each partial block belongs to one thread). Within a thread, ROW_TILE rows are
+ * Threads take units of rows dynamically (multiples of ROW_GRAIN rows; LT_ARGMAX_BLOCK for the LM
+ * head so that each partial block belongs to one thread). Within a unit, ROW_TILE rows are
  * multiplied with LT_TOK_TILE tokens at a time, so in prefill each weight row is widened once per
  * token tile and the tile of x stays in cache across rows. */
 #include "cpu_internal.h"
@@ -169,18 +169,27 @@ static void gemv(const lt_ctx *c, const lt_dispatch *d, int lm_head) {
         x = buf;
         xs = ps;
     }
-    uint32_t lo, hi;
-    lt_split(a->rows, lm_head ? LT_ARGMAX_BLOCK : ROW_GRAIN, c->tid, c->nth, &lo, &hi);
-    for (uint32_t r = lo; r < hi; r += ROW_TILE) {
-        uint32_t nr = hi - r < ROW_TILE ? hi - r : ROW_TILE;
-        for (uint32_t t0 = 0; t0 < T; t0 += simd->tok_tile) {
-            uint32_t nt = T - t0 < simd->tok_tile ? T - t0 : simd->tok_tile;
-            simd->gemm[a->wformat](&w, r, nr, x + t0 * xs, xs, nt, tile);
-            epilogue(simd, a, tile, r, nr, t0, nt, bias, resid, y);
+    /* Units of rows taken dynamically: about 8 per thread for a decode GEMV (few rows, each
+     * claim costs an atomic), one row tile x all tokens in prefill, one argmax block in the LM
+     * head (its partials belong to the unit's thread). */
+    uint32_t grain = ROW_GRAIN;
+    if (lm_head)
+        grain = LT_ARGMAX_BLOCK;
+    else if (T == 1)
+        grain = (a->rows / (8 * (uint32_t)c->nth) + ROW_GRAIN - 1) / ROW_GRAIN * ROW_GRAIN;
+    grain = grain < ROW_GRAIN ? ROW_GRAIN : grain;
+    lt_argmax_partial *p = lm_head ? lt_bound(c, d, LT_GEMV_B_PARTIALS) : NULL;
+    uint32_t units = (a->rows + grain - 1) / grain;
+    for (uint32_t u; (u = lt_next_unit(c, units)) < units;) {
+        uint32_t lo = u * grain, hi = lo + grain < a->rows ? lo + grain : a->rows;
+        for (uint32_t r = lo; r < hi; r += ROW_TILE) {
+            uint32_t nr = hi - r < ROW_TILE ? hi - r : ROW_TILE;
+            for (uint32_t t0 = 0; t0 < T; t0 += simd->tok_tile) {
+                uint32_t nt = T - t0 < simd->tok_tile ? T - t0 : simd->tok_tile;
+                simd->gemm[a->wformat](&w, r, nr, x + t0 * xs, xs, nt, tile);
+                epilogue(simd, a, tile, r, nr, t0, nt, bias, resid, y);
+            }
         }
-    }
-    if (lm_head) {
-        lt_argmax_partial *p = lt_bound(c, d, LT_GEMV_B_PARTIALS);
         if (p)
             partials(simd, y + (size_t)(T - 1) * a->y_stride, lo, hi, p);
     }
