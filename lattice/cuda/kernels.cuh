@@ -238,9 +238,10 @@ __global__ void k_elementwise(lt_elementwise_args a, lt_binds b, lt_step_args *s
 
 /* ============================================================================ GEMV / GEMM */
 /* One 16-byte weight vector: 16 int8 (Q8), 32 nibbles (Q4), 8 f16 or 4 f32 values. The block
- * stages x (normalized, zero-padded) in shared memory; each warp streams 16-byte weight vectors,
- * four loads in flight per lane before the first use; KS warps share one row (split-K) when rows
- * are few, RPW rows per warp reuse the x registers when rows are many. */
+ * stages x (normalized, zero-padded) in shared memory; each warp streams 16-byte weight vectors
+ * with their scales, two or four per row and lane in flight before the first use (the first ones
+ * before the dependency wait); KS warps share one row (split-K) when rows are few, RPW rows per
+ * warp reuse the staged x when rows are many. */
 template <int FMT> struct wfmt;
 template <> struct wfmt<LT_WF_F32> { static constexpr int VALS = 4; };
 template <> struct wfmt<LT_WF_F16> { static constexpr int VALS = 8; };

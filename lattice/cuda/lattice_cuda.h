@@ -6,6 +6,9 @@
  * more programs (decode, prefill, logits) are added to it and share its arenas. Decode steps
  * (T = 1) replay CUDA graphs captured on first use: one of 8 steps while 8 or more remain, then
  * one of a single step; steps with T > 1 (prefill) and the eager mode launch kernels one by one.
+ * A program added with max_tokens = 1 (decode) may run fewer kernels than it has dispatches: a
+ * ROPE_KV feeding the ATTENTION after it is fused into that kernel where that is race-free
+ * (backend.cu, fuse_rope_into_attention); the dispatches' results are the same.
  * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off);
  * LATTICE_CUDA_EAGER=1 makes every handle start in the eager mode (the graph-replay ablation). */
 #ifndef LATTICE_CUDA_H
