@@ -147,7 +147,8 @@ class EngineWorker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
         self.stderr = tempfile.TemporaryFile(mode="w+")   # a file: a chatty engine cannot fill a pipe
         try:
-            self.proc = subprocess.Popen([self.python, "-m", "lattice.bench.runner"], stdin=subprocess.PIPE,
+            first = "llama_cpp" if self.spec.split(":")[0] == "llama.cpp" else ""
+            self.proc = subprocess.Popen([self.python, "-c", WORKER, first], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         except OSError as e:
             self.stderr.close()
@@ -206,6 +207,20 @@ class EngineWorker:
         self.stderr.seek(0)
         err = self.stderr.read().strip()
         return f": {err[-3000:]}" if err else ""
+
+
+# A llama.cpp worker imports llama_cpp (when installed) before anything of lattice: llama.cpp's
+# CUDA build crashes loading a model in a process that imported lattice's runtime or torch first.
+WORKER = """
+import importlib, sys
+if sys.argv[1]:
+    try:
+        importlib.import_module(sys.argv[1])
+    except ImportError:
+        pass
+from lattice.bench.runner import serve
+serve()
+"""
 
 
 def serve():
