@@ -1306,3 +1306,35 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
         st->step += 1;
     }
 }
+
+/* ============================================================================ L2 PREFETCH */
+/* Decode graphs (backend.cu, plan_l2_prefetch): while the chain of dependent kernels runs, a
+ * branch of the graph brings the weights of the next group of GEMVs from device memory into L2,
+ * so that those GEMVs read L2 instead of waiting on DRAM. A piece is 16-byte aligned, a multiple
+ * of 16 bytes, at most L2_PIECE bytes. Prefetches are hints: nothing waits for them, and the
+ * results never depend on them. */
+struct l2_piece {
+    const void *p;
+    uint32_t n;
+};
+#define L2_PIECE 16384
+#define L2_PREFETCH_THREADS 128
+
+/* bulk = 1: one cp.async.bulk.prefetch.L2 per piece (the copy engine fetches it, the thread
+ * moves on); bulk = 0: one prefetch.global.L2 per 128-byte line, a block's threads over a piece. */
+__global__ void __launch_bounds__(L2_PREFETCH_THREADS) k_l2_prefetch(const l2_piece *pc, uint32_t n, int bulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (bulk) {
+        for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(pc[i].p)),
+                         "r"(pc[i].n)
+                         : "memory");
+        return;
+    }
+#endif
+    for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
+        const char *p = (const char *)pc[i].p;
+        for (uint32_t o = threadIdx.x * 128; o < pc[i].n; o += blockDim.x * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+    }
+}

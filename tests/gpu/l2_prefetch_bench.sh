@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The L2 prefetch branch of Lattice-CUDA's decode graphs, on and off, in one call on one GPU:
+# builds, runs the CUDA tests, makes shape-exact random Q8 checkpoints, then lattice-bench decode
+# (slope 64 -> 320) with LATTICE_CUDA_L2_PREFETCH=0 (off), 1 (bulk prefetches, the default) and
+# 2 (line prefetches), the modes interleaved and repeated, and bulk with 8 MB groups once.
+#
+#   OUT=... tests/gpu/l2_prefetch_bench.sh      (carry .whl: gguf, click, diskcache wheels)
+#
+# Prints one line per run (model, mode, median tok/s, spread); JSON and logs in $OUT/results.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/lattice-l2}
+R=$OUT/res
+mkdir -p "$R"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LATTICE_CUDA_CACHE=$PWD/build/cuda-cache
+MODELS=${MODELS:-"qwen3.5-0.8b smollm2-135m"}
+RUNS=${RUNS:-5}
+REPEAT=${REPEAT:-2}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$R/machine.txt"
+
+echo "== build"
+python3 setup.py build_ext --inplace >"$R/build_ext.log" 2>&1 || { tail -20 "$R/build_ext.log"; exit 1; }
+python3 -c 'import lattice.cuda as c; print(c.build_library()); print(c.device_name())' 2>&1 | tee "$R/cuda_build.log"
+
+mkdir -p /tmp/models
+(for m in $MODELS; do
+    python3 -m lattice.bench.cli make-model "$m" --random "/tmp/models/$m" --gguf q8_0 >>"$R/make-model.log" 2>&1
+done; echo done >>"$R/make-model.log") &
+models_pid=$!
+
+if [ "${TESTS:-1}" = 1 ]; then
+    echo "== tests"
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" tests/test_cuda.py \
+        tests/test_backends.py -k "cuda or Cuda" >"$R/pytest.log" 2>&1
+    tail -6 "$R/pytest.log"
+fi
+wait "$models_pid"
+tail -2 "$R/make-model.log"
+
+bench() {  # model, tag, then environment assignments
+    local m=$1 tag=$2
+    shift 2
+    env "$@" timeout 200 python3 -m lattice.bench.cli run --gguf "/tmp/models/$m.gguf" -e lattice:cuda --n1 64 \
+        --n2 320 -r "$RUNS" --warmup 1 --pp 64 --json "$R/$m-$tag.json" >"$R/$m-$tag.txt" 2>&1
+    python3 -c "
+import json, sys
+r = json.load(open(sys.argv[1]))['results'][0]
+d = r['unloaded']['decode'] if r['status'] == 'ok' else None
+print(f'{sys.argv[2]:14s} {sys.argv[3]:10s}', f\"{d['median']:9.1f} tok/s  spread {d['spread_pct']:.1f}%\" if d else r)
+" "$R/$m-$tag.json" "$m" "$tag" 2>&1 || tail -5 "$R/$m-$tag.txt"
+}
+
+echo "== decode (lattice-bench, median of $RUNS)"
+for m in $MODELS; do
+    for i in $(seq "$REPEAT"); do
+        bench "$m" "off-$i" LATTICE_CUDA_L2_PREFETCH=0
+        bench "$m" "bulk-$i" LATTICE_CUDA_L2_PREFETCH=1
+        bench "$m" "lines-$i" LATTICE_CUDA_L2_PREFETCH=2
+    done
+    bench "$m" "bulk-8MB" LATTICE_CUDA_L2_PREFETCH=1 LATTICE_CUDA_L2_GROUP=8388608
+done
+
+if [ "${ROOFLINE:-1}" = 1 ]; then
+    timeout 120 python3 -m lattice.cuda.bench --model smollm2-135m --model qwen3.5-0.8b --quant q8 \
+        --json "$R/roofline.json" 2>&1 | tail -3
+fi
+tar czf "$OUT/results.tgz" -C "$OUT" res
