@@ -6,7 +6,8 @@
 #
 #   OUT=... tests/gpu/l2_prefetch_bench.sh      (carry .whl: gguf, click, diskcache wheels)
 #
-# Prints one line per run (model, mode, median tok/s, spread); JSON and logs in $OUT/results.tgz.
+# Prints one line per run (model, mode, median tok/s, spread), also kept in $OUT/summary.txt as it
+# goes (with $OUT/pytest.log); JSON and logs in $OUT/results.tgz at the end.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lattice-l2}
@@ -35,9 +36,10 @@ models_pid=$!
 
 if [ "${TESTS:-1}" = 1 ]; then
     echo "== tests"
-    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" tests/test_cuda.py \
+    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" tests/test_cuda.py \
         tests/test_backends.py -k "cuda or Cuda" >"$R/pytest.log" 2>&1
     tail -6 "$R/pytest.log"
+    cp "$R/pytest.log" "$OUT/pytest.log"
 fi
 wait "$models_pid"
 tail -2 "$R/make-model.log"
@@ -52,7 +54,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))['results'][0]
 d = r['unloaded']['decode'] if r['status'] == 'ok' else None
 print(f'{sys.argv[2]:14s} {sys.argv[3]:10s}', f\"{d['median']:9.1f} tok/s  spread {d['spread_pct']:.1f}%\" if d else r)
-" "$R/$m-$tag.json" "$m" "$tag" 2>&1 || tail -5 "$R/$m-$tag.txt"
+" "$R/$m-$tag.json" "$m" "$tag" 2>&1 | tee -a "$OUT/summary.txt" || tail -5 "$R/$m-$tag.txt"
 }
 
 echo "== decode (lattice-bench, median of $RUNS)"
