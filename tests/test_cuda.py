@@ -323,11 +323,11 @@ def test_eager_launches_match_graph_replay(fixture, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("mode", ["1", "2"])
+@pytest.mark.parametrize("mode", ["1", "2", "3"])
 @pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
 def test_l2_prefetch_branch_keeps_tokens(fixture, mode, monkeypatch):
-    """Decode graphs with the L2 prefetch branch forked at every group of GEMVs (groups of 16 KB
-    here, so that a tiny model has many) give the tokens of graphs without it."""
+    """L2 prefetches (a graph branch forked at every group of GEMVs, groups of 16 KB here so that a
+    tiny model has many; or every GEMV prefetching the next) leave the tokens unchanged."""
     prog = _program(fixture, "q8")
     prompt = _prompt(prog, 7, seed=6)
     sp = SamplingParams(temperature=0.8, top_k=30, seed=12)

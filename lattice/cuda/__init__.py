@@ -15,9 +15,10 @@ CUDA runtime or a GPU is missing. The token loop is lattice._runtime's, as for e
 Environment: LATTICE_NVCC (the compiler), LATTICE_CUDA_ARCH (e.g. sm_90; default: the GPU's own,
 else sm_90), LATTICE_CUDA_CACHE (where libraries are kept; default ~/.cache/lattice/cuda),
 LATTICE_CUDA_EAGER=1 (kernel launches instead of graph replay: the ablation), LATTICE_CUDA_PDL=0
-(no programmatic dependent launch), LATTICE_CUDA_L2_PREFETCH=0/1/2 (the decode graphs' branch that
-prefetches the next group of weights into L2: off / bulk prefetches, the default / per-line
-prefetches), LATTICE_CUDA_L2_GROUP=bytes (weights per prefetch group; default a quarter of L2).
+(no programmatic dependent launch), LATTICE_CUDA_L2_PREFETCH=0/1/2/3 (weights prefetched into L2:
+off / a graph branch prefetching the next group of weights with bulk prefetches, the default / the
+same with per-line prefetches / every GEMV prefetching the next GEMV's weights),
+LATTICE_CUDA_L2_GROUP=bytes (weights per prefetch group; default a quarter of L2).
 """
 from __future__ import annotations
 

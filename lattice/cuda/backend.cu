@@ -27,6 +27,8 @@ struct launch {
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
     lt_binds rb = {};
     uint32_t gate_from_q = 0;
+    /* GEMV, L2 prefetch mode 3: the next GEMV's weights, prefetched by this one */
+    l2_next nx = {};
 };
 
 struct program {
@@ -205,7 +207,7 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
                             dim3 grid, size_t smem, cudaStream_t s) {
 #define LT_GEMV_CASE(KS, RPW)                                                                     \
     if (L.ks == KS && L.rpw == RPW) {                                                             \
-        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
+        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.nx);          \
         return;                                                                                   \
     }
     if constexpr (NT == 1) {
@@ -345,12 +347,44 @@ static int weight_ranges(const launch &L, wrange out[5]) {
     return 5;
 }
 
+/* The whole 16-byte units of the weights arena covering a range: false if it lies outside. */
+static bool weights_span(const lt_cuda *c, const wrange &r, const uint8_t **a, const uint8_t **e) {
+    const uint8_t *lo = c->arena[LT_ARENA_WEIGHTS], *hi = lo + (c->size[LT_ARENA_WEIGHTS] & ~(size_t)15);
+    *a = (const uint8_t *)((uintptr_t)r.p & ~(uintptr_t)15);
+    *e = (const uint8_t *)(((uintptr_t)r.p + r.n + 15) & ~(uintptr_t)15);
+    *e = *e < hi ? *e : hi;
+    return r.p && r.n && *a >= lo && *a < *e;
+}
+
+/* Mode 3: every GEMV prefetches the matrix, scales and mins of the program's next GEMV (not the
+ * LM head, nor matrices over l2_group bytes: they stream). */
+static void plan_next_gemv_prefetch(lt_cuda *c, program &p) {
+    launch *prev = nullptr;
+    for (launch &L : p.l) {
+        wrange r[5];
+        int nr = weight_ranges(L, r);
+        if (!nr)
+            continue;
+        size_t w = 0;
+        for (int j = 0; j < nr; j++)
+            w += r[j].p ? r[j].n : 0;
+        if (prev && L.kernel == LT_K_GEMV && w <= c->l2_group)
+            for (int k = 0; k < 3; k++) {
+                const uint8_t *a, *e;
+                if (weights_span(c, r[k], &a, &e)) {
+                    prev->nx.p[k] = a;
+                    prev->nx.n[k] = (uint32_t)(e - a);
+                }
+            }
+        prev = &L;
+    }
+}
+
 /* Splits a step's launches into groups of consecutive launches whose weights fit in l2_group
  * bytes (a launch whose weights alone exceed it, the LM head, is a group of its own and is not
  * prefetched: it streams) and uploads each group's weights as prefetch pieces. Fewer than two
  * groups: no plan (the weights stay in L2 between steps anyway). */
 static int plan_l2_prefetch(lt_cuda *c, program &p) {
-    const uint8_t *lo = c->arena[LT_ARENA_WEIGHTS], *hi = lo + (c->size[LT_ARENA_WEIGHTS] & ~(size_t)15);
     std::vector<l2_piece> pieces;
     std::vector<uint32_t> start, first;
     size_t bytes = 0;
@@ -371,14 +405,9 @@ static int plan_l2_prefetch(lt_cuda *c, program &p) {
             continue;
         bytes += w;
         for (int j = 0; j < nr; j++) {
-            if (!r[j].p || !r[j].n)
+            const uint8_t *a, *e;
+            if (!weights_span(c, r[j], &a, &e))
                 continue;
-            /* whole 16-byte units of the weights arena covering the range */
-            const uint8_t *a = (const uint8_t *)((uintptr_t)r[j].p & ~(uintptr_t)15);
-            const uint8_t *e = (const uint8_t *)(((uintptr_t)r[j].p + r[j].n + 15) & ~(uintptr_t)15);
-            if (a < lo || a >= hi)
-                continue;
-            e = e < hi ? e : hi;
             for (; a < e; a += L2_PIECE)
                 pieces.push_back({a, (uint32_t)(e - a < L2_PIECE ? e - a : L2_PIECE)});
         }
@@ -405,7 +434,8 @@ static void fork_prefetch(lt_cuda *c, const program &p, size_t g) {
     int least, greatest;
     cudaDeviceGetStreamPriorityRange(&least, &greatest);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = c->l2_prefetch == 1 ? 1 : 8;
+    /* spread over the SMs: one SM alone issues too few requests to keep up with the chain */
+    cfg.gridDim = c->l2_prefetch == 1 ? (n + 7) / 8 < (uint32_t)c->sms ? (n + 7) / 8 : c->sms : c->sms;
     cfg.blockDim = L2_PREFETCH_THREADS;
     cfg.stream = c->side;
     cudaLaunchAttribute at[1];
@@ -498,10 +528,10 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking, greatest));
     const char *pf = getenv("LATTICE_CUDA_L2_PREFETCH"), *pf_group = getenv("LATTICE_CUDA_L2_GROUP");
-    c->l2_prefetch = pf && pf[0] == '0' ? 0 : pf && pf[0] == '2' ? 2 : 1;
+    c->l2_prefetch = pf && pf[0] >= '0' && pf[0] <= '3' ? pf[0] - '0' : 1;
     /* a group being read and the next one being fetched take half the L2 */
     c->l2_group = pf_group ? strtoull(pf_group, nullptr, 10) : (size_t)prop.l2CacheSize / 4;
-    if (c->l2_prefetch) {
+    if (c->l2_prefetch == 1 || c->l2_prefetch == 2) {
         CK(cudaStreamCreateWithPriority(&c->side, cudaStreamNonBlocking, least));
         CK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
         CK(cudaEventCreateWithFlags(&c->pf_join, cudaEventDisableTiming));
@@ -699,7 +729,9 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     }
     if (max_tokens == 1)
         fuse_rope_into_attention(*p);
-    if (c->l2_prefetch && plan_l2_prefetch(c, *p) != LT_OK) {
+    if (c->l2_prefetch == 3)
+        plan_next_gemv_prefetch(c, *p);
+    else if (c->l2_prefetch && plan_l2_prefetch(c, *p) != LT_OK) {
         cudaFree(p->conv_ws);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
@@ -734,7 +766,7 @@ void lt_cuda_set_eager(lt_cuda *c, int eager) {
 }
 
 static int capture(lt_cuda *c, program &p, int which) {
-    const bool prefetch = c->l2_prefetch && !p.pf_start.empty();
+    const bool prefetch = !p.pf_start.empty();
     cudaGraph_t g;
     CK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
     for (uint32_t i = 0; i < (which ? GRAPH_STEPS : 1); i++)

@@ -11,11 +11,12 @@
  * (backend.cu, fuse_rope_into_attention); the dispatches' results are the same.
  * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off);
  * LATTICE_CUDA_EAGER=1 makes every handle start in the eager mode (the graph-replay ablation).
- * Decode graphs carry an L2 prefetch branch: the step's launches are split into groups whose
- * weights fit in a quarter of L2 (LATTICE_CUDA_L2_GROUP=bytes to change it), and when a group
- * starts, a low-priority kernel forked off the chain prefetches the next group's weights into L2
- * (LATTICE_CUDA_L2_PREFETCH=0: off; 1, default: bulk prefetches through the copy engine; 2: one
- * prefetch instruction per 128-byte line). Results never depend on it. */
+ * L2 prefetch of weights (LATTICE_CUDA_L2_PREFETCH; results never depend on it): 0 off; 1 (default)
+ * and 2: decode graphs carry a branch: the step's launches are split into groups whose weights
+ * fit in a quarter of L2 (LATTICE_CUDA_L2_GROUP=bytes to change it), and when a group starts, a
+ * low-priority kernel forked off the chain prefetches the next group's weights into L2 (1: bulk
+ * prefetches through the copy engine; 2: one prefetch instruction per 128-byte line); 3: every
+ * GEMV's blocks ask the copy engine for the next GEMV's weights before their dependency wait. */
 #ifndef LATTICE_CUDA_H
 #define LATTICE_CUDA_H
 

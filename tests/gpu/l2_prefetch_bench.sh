@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The L2 prefetch branch of Lattice-CUDA's decode graphs, on and off, in one call on one GPU:
 # builds, runs the CUDA tests, makes shape-exact random Q8 checkpoints, then lattice-bench decode
-# (slope 64 -> 320) with LATTICE_CUDA_L2_PREFETCH=0 (off), 1 (bulk prefetches, the default) and
-# 2 (line prefetches), the modes interleaved and repeated, and bulk with 8 MB groups once.
+# (slope 64 -> 320) for each LATTICE_CUDA_L2_PREFETCH mode of MODES (lattice_cuda.h: 0 off,
+# 1 / 2 graph branch with bulk / line prefetches, 3 each GEMV prefetching the next), the modes
+# interleaved, REPEAT times; GROUP8=1: mode 1 with 8 MB groups once more.
 #
-#   OUT=... tests/gpu/l2_prefetch_bench.sh      (carry .whl: gguf, click, diskcache wheels)
+#   OUT=... MODES="0 1 3" REPEAT=2 tests/gpu/l2_prefetch_bench.sh   (carry .whl: gguf, click, diskcache)
 #
 # Prints one line per run (model, mode, median tok/s, spread), also kept in $OUT/summary.txt as it
 # goes (with $OUT/pytest.log); JSON and logs in $OUT/results.tgz at the end.
@@ -60,11 +61,11 @@ print(f'{sys.argv[2]:14s} {sys.argv[3]:10s}', f\"{d['median']:9.1f} tok/s  sprea
 echo "== decode (lattice-bench, median of $RUNS)"
 for m in $MODELS; do
     for i in $(seq "$REPEAT"); do
-        bench "$m" "off-$i" LATTICE_CUDA_L2_PREFETCH=0
-        bench "$m" "bulk-$i" LATTICE_CUDA_L2_PREFETCH=1
-        bench "$m" "lines-$i" LATTICE_CUDA_L2_PREFETCH=2
+        for mode in ${MODES:-0 1 2 3}; do
+            bench "$m" "mode$mode-$i" LATTICE_CUDA_L2_PREFETCH=$mode
+        done
     done
-    bench "$m" "bulk-8MB" LATTICE_CUDA_L2_PREFETCH=1 LATTICE_CUDA_L2_GROUP=8388608
+    [ "${GROUP8:-0}" = 1 ] && bench "$m" "mode1-8MB" LATTICE_CUDA_L2_PREFETCH=1 LATTICE_CUDA_L2_GROUP=8388608
 done
 
 if [ "${ROOFLINE:-1}" = 1 ]; then
