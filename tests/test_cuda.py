@@ -323,48 +323,6 @@ def test_eager_launches_match_graph_replay(fixture, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("mode", ["1", "2", "3"])
-@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen35"])
-def test_l2_prefetch_branch_keeps_tokens(fixture, mode, monkeypatch):
-    """L2 prefetches (a graph branch forked at every group of GEMVs, groups of 16 KB here so that a
-    tiny model has many; or every GEMV prefetching the next) leave the tokens unchanged."""
-    prog = _program(fixture, "q8")
-    prompt = _prompt(prog, 7, seed=6)
-    sp = SamplingParams(temperature=0.8, top_k=30, seed=12)
-    monkeypatch.setenv("LATTICE_CUDA_L2_PREFETCH", "0")  # read when the backend's handle is created
-    plain, ps = _gpu(prog)
-    want = plain.generate(ps, prompt, 25, sampling=sp)
-    monkeypatch.setenv("LATTICE_CUDA_L2_PREFETCH", mode)
-    monkeypatch.setenv("LATTICE_CUDA_L2_GROUP", "16384")
-    pf, fs = _gpu(prog)
-    got = pf.generate(fs, prompt, 25, sampling=sp)
-    assert got["tokens"] == want["tokens"]
-    assert np.array_equal(got["logprobs"], want["logprobs"])
-
-
-@needs_gpu
-def test_l2_prefetch_plan_groups(monkeypatch):
-    """Launches are grouped by weight bytes: small groups give many, none when the switch is off,
-    and none when the whole model fits in one group (its weights stay in L2 anyway)."""
-    prog = _program("tiny-qwen35", "q8")
-    sizes = [max(int(prog.sizes[k]), 64) for k in ("weights", "state", "scratch", "step", "output")] + [0]
-
-    def groups(**env):
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        be = lcuda.CudaBackend(sizes)
-        try:
-            return be.l2_prefetch_groups(be.add_program(prog.dispatches["decode"], prog.consts, 1))
-        finally:
-            be.close()
-
-    many = groups(LATTICE_CUDA_L2_PREFETCH="1", LATTICE_CUDA_L2_GROUP="16384")
-    assert prog.sizes["weights"] > 4 * 16384 and 4 <= many <= len(prog.dispatches["decode"])
-    assert groups(LATTICE_CUDA_L2_GROUP=str(1 << 40)) == 0
-    assert groups(LATTICE_CUDA_L2_PREFETCH="0", LATTICE_CUDA_L2_GROUP="16384") == 0
-
-
-@needs_gpu
 @pytest.mark.parametrize("fixture", ["tiny-qwen2", "tiny-qwen35"])
 def test_stop_discards_overshoot_and_session_continues(fixture):
     """A stop inside a queued submission: tokens after it are dropped, and the next call (prefix

@@ -15,10 +15,7 @@ CUDA runtime or a GPU is missing. The token loop is lattice._runtime's, as for e
 Environment: LATTICE_NVCC (the compiler), LATTICE_CUDA_ARCH (e.g. sm_90; default: the GPU's own,
 else sm_90), LATTICE_CUDA_CACHE (where libraries are kept; default ~/.cache/lattice/cuda),
 LATTICE_CUDA_EAGER=1 (kernel launches instead of graph replay: the ablation), LATTICE_CUDA_PDL=0
-(no programmatic dependent launch), LATTICE_CUDA_L2_PREFETCH=0/1/2/3 (weights prefetched into L2:
-off / a graph branch prefetching the next group of weights with bulk prefetches, the default / the
-same with per-line prefetches / every GEMV prefetching the next GEMV's weights),
-LATTICE_CUDA_L2_GROUP=bytes (weights per prefetch group; default a quarter of L2).
+(no programmatic dependent launch).
 """
 from __future__ import annotations
 
@@ -119,8 +116,6 @@ def load_library():
     so.lt_cuda_message.restype = ctypes.c_char_p
     so.lt_cuda_message.argtypes = [ctypes.c_void_p]
     so.lt_cuda_device.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-    so.lt_cuda_l2_prefetch_groups.restype = ctypes.c_uint32
-    so.lt_cuda_l2_prefetch_groups.argtypes = [ctypes.c_void_p, ctypes.c_int]
     so.lt_cuda_free.argtypes = [ctypes.c_void_p]
     so.lt_cuda_free.restype = None
     buf = ctypes.create_string_buffer(256)
@@ -195,7 +190,3 @@ class CudaBackend:
             detail = self.lib.lt_cuda_message(self.h).decode() if err in (ERR_CUDA, 7) else ERRORS.get(err, "?")
             raise BackendError(f"the CUDA backend rejected dispatch {where.value}: {detail}")
         return idx
-
-    def l2_prefetch_groups(self, idx):
-        """Groups of program idx's L2 prefetch plan (0: its graphs prefetch nothing)."""
-        return self.lib.lt_cuda_l2_prefetch_groups(self.h, idx)

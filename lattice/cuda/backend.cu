@@ -27,8 +27,6 @@ struct launch {
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
     lt_binds rb = {};
     uint32_t gate_from_q = 0;
-    /* GEMV, L2 prefetch mode 3: the next GEMV's weights, prefetched by this one */
-    l2_next nx = {};
 };
 
 struct program {
@@ -39,10 +37,6 @@ struct program {
     float *attn_ws = nullptr;   /* attention split partials */
     unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
     cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
-    /* L2 prefetch plan of its decode graphs (plan_l2_prefetch): group k of launches starts at
-     * launch pf_start[k]; its weights are pieces [pf_first[k], pf_first[k + 1]) of pf_pieces */
-    std::vector<uint32_t> pf_start, pf_first;
-    l2_piece *pf_pieces = nullptr;
 };
 
 /* Steps per multi-step graph: longer runs replay it, the remainder replays the one-step graph. */
@@ -65,12 +59,6 @@ struct lt_cuda {
     cudaStream_t stream = nullptr;
     int eager = 0;
     int sms = 132;
-    /* L2 prefetch branch of decode graphs: 0 off, 1 bulk prefetches, 2 line prefetches; weights
-     * per group (bytes); the branch's stream (lowest priority) and its fork / join events */
-    int l2_prefetch = 1;
-    size_t l2_group = 0;
-    cudaStream_t side = nullptr;
-    cudaEvent_t pf_fork = nullptr, pf_join = nullptr;
     std::vector<program *> progs;
     /* Two launches may be pending (the token loop queues call i + 1 before reading call i's
        tokens): each has its pinned copy and an event after it; waited for in launch order. */
@@ -207,7 +195,7 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
                             dim3 grid, size_t smem, cudaStream_t s) {
 #define LT_GEMV_CASE(KS, RPW)                                                                     \
     if (L.ks == KS && L.rpw == RPW) {                                                             \
-        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.nx);          \
+        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
         return;                                                                                   \
     }
     if constexpr (NT == 1) {
@@ -325,138 +313,10 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     }
 }
 
-/* ------------------------------------------------------------------------------ L2 prefetch */
-
-/* Weight bytes a launch reads as one range per plane (GEMV and LM head: matrix, scales, mins,
- * norm weight, bias); other kernels' weights are small and not prefetched. */
-struct wrange {
-    const void *p;
-    size_t n;
-};
-
-static int weight_ranges(const launch &L, wrange out[5]) {
-    if (L.kernel != LT_K_GEMV && L.kernel != LT_K_LM_HEAD)
-        return 0;
-    const lt_gemv_args &a = *(const lt_gemv_args *)L.args;
-    size_t scales = a.wformat >= LT_WF_Q8 ? (size_t)a.rows * L.gg.nblk * 2 : 0;
-    out[0] = {L.b.p[LT_GEMV_B_WQ], (size_t)a.rows * L.gg.row_bytes};
-    out[1] = {L.b.p[LT_GEMV_B_WS], scales};
-    out[2] = {L.b.p[LT_GEMV_B_WM], a.wformat == LT_WF_Q4 ? scales : 0};
-    out[3] = {L.b.p[LT_GEMV_B_NORM], (a.flags & LT_GEMV_NORM) ? (size_t)a.cols * 4 : 0};
-    out[4] = {L.b.p[LT_GEMV_B_BIAS], (a.flags & LT_GEMV_BIAS) ? (size_t)a.rows * 4 : 0};
-    return 5;
-}
-
-/* The whole 16-byte units of the weights arena covering a range: false if it lies outside. */
-static bool weights_span(const lt_cuda *c, const wrange &r, const uint8_t **a, const uint8_t **e) {
-    const uint8_t *lo = c->arena[LT_ARENA_WEIGHTS], *hi = lo + (c->size[LT_ARENA_WEIGHTS] & ~(size_t)15);
-    *a = (const uint8_t *)((uintptr_t)r.p & ~(uintptr_t)15);
-    *e = (const uint8_t *)(((uintptr_t)r.p + r.n + 15) & ~(uintptr_t)15);
-    *e = *e < hi ? *e : hi;
-    return r.p && r.n && *a >= lo && *a < *e;
-}
-
-/* Mode 3: every GEMV prefetches the matrix, scales and mins of the program's next GEMV (not the
- * LM head, nor matrices over l2_group bytes: they stream). */
-static void plan_next_gemv_prefetch(lt_cuda *c, program &p) {
-    launch *prev = nullptr;
-    for (launch &L : p.l) {
-        wrange r[5];
-        int nr = weight_ranges(L, r);
-        if (!nr)
-            continue;
-        size_t w = 0;
-        for (int j = 0; j < nr; j++)
-            w += r[j].p ? r[j].n : 0;
-        if (prev && L.kernel == LT_K_GEMV && w <= c->l2_group)
-            for (int k = 0; k < 3; k++) {
-                const uint8_t *a, *e;
-                if (weights_span(c, r[k], &a, &e)) {
-                    prev->nx.p[k] = a;
-                    prev->nx.n[k] = (uint32_t)(e - a);
-                }
-            }
-        prev = &L;
-    }
-}
-
-/* Splits a step's launches into groups of consecutive launches whose weights fit in l2_group
- * bytes (a launch whose weights alone exceed it, the LM head, is a group of its own and is not
- * prefetched: it streams) and uploads each group's weights as prefetch pieces. Fewer than two
- * groups: no plan (the weights stay in L2 between steps anyway). */
-static int plan_l2_prefetch(lt_cuda *c, program &p) {
-    std::vector<l2_piece> pieces;
-    std::vector<uint32_t> start, first;
-    size_t bytes = 0;
-    bool open = false;  /* the last group takes more launches */
-    for (uint32_t i = 0; i < p.l.size(); i++) {
-        wrange r[5];
-        int nr = weight_ranges(p.l[i], r);
-        size_t w = 0;
-        for (int j = 0; j < nr; j++)
-            w += r[j].p ? r[j].n : 0;
-        if (!open || w > c->l2_group || bytes + w > c->l2_group) {
-            start.push_back(i);
-            first.push_back((uint32_t)pieces.size());
-            bytes = 0;
-        }
-        open = w <= c->l2_group;
-        if (!open)
-            continue;
-        bytes += w;
-        for (int j = 0; j < nr; j++) {
-            const uint8_t *a, *e;
-            if (!weights_span(c, r[j], &a, &e))
-                continue;
-            for (; a < e; a += L2_PIECE)
-                pieces.push_back({a, (uint32_t)(e - a < L2_PIECE ? e - a : L2_PIECE)});
-        }
-    }
-    first.push_back((uint32_t)pieces.size());
-    if (start.size() < 2 || pieces.empty())
-        return LT_OK;
-    CK(cudaMalloc(&p.pf_pieces, pieces.size() * sizeof(l2_piece)));
-    CK(cudaMemcpy(p.pf_pieces, pieces.data(), pieces.size() * sizeof(l2_piece), cudaMemcpyHostToDevice));
-    p.pf_start.swap(start);
-    p.pf_first.swap(first);
-    return LT_OK;
-}
-
-/* Forks the prefetch of group g's weights off the chain at this point of the capture: the
- * branch's kernel starts when the kernel captured last has finished, and nothing in the chain
- * waits for it until the graph's end (its join). */
-static void fork_prefetch(lt_cuda *c, const program &p, size_t g) {
-    uint32_t first = p.pf_first[g], n = p.pf_first[g + 1] - first;
-    if (!n)
-        return;
-    cudaEventRecord(c->pf_fork, c->stream);
-    cudaStreamWaitEvent(c->side, c->pf_fork, 0);
-    int least, greatest;
-    cudaDeviceGetStreamPriorityRange(&least, &greatest);
-    cudaLaunchConfig_t cfg = {};
-    /* spread over the SMs: one SM alone issues too few requests to keep up with the chain */
-    cfg.gridDim = c->l2_prefetch == 1 ? (n + 7) / 8 < (uint32_t)c->sms ? (n + 7) / 8 : c->sms : c->sms;
-    cfg.blockDim = L2_PREFETCH_THREADS;
-    cfg.stream = c->side;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributePriority;
-    at[0].val.priority = least;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, k_l2_prefetch, (const l2_piece *)p.pf_pieces + first, n, (int)(c->l2_prefetch == 1));
-}
-
-/* One step's launches; with `prefetch` (decode graph capture with a plan), at the start of each
- * group the prefetch of the next group's weights (after the last group: the first's, for the
- * next step) forks off. */
-static void launch_step(lt_cuda *c, const program &p, uint32_t T, bool prefetch = false) {
+static void launch_step(lt_cuda *c, const program &p, uint32_t T) {
     lt_step_args *st = (lt_step_args *)c->arena[LT_ARENA_STEP];
-    size_t k = 0, groups = prefetch ? p.pf_start.size() : 0;
-    for (uint32_t i = 0; i < p.l.size(); i++) {
-        if (k < groups && p.pf_start[k] == i)
-            fork_prefetch(c, p, ++k % groups);
-        launch_one(p.l[i], p, st, T, c->stream);
-    }
+    for (const launch &L : p.l)
+        launch_one(L, p, st, T, c->stream);
 }
 
 /* ------------------------------------------------------------------------------ C interface */
@@ -493,7 +353,6 @@ void lt_cuda_free(lt_cuda *c) {
         cudaFree(p->conv_ws);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
-        cudaFree(p->pf_pieces);
         delete p;
     }
     for (int i = 0; i < LT_N_ARENAS; i++)
@@ -505,12 +364,6 @@ void lt_cuda_free(lt_cuda *c) {
         if (c->copied[i])
             cudaEventDestroy(c->copied[i]);
     }
-    if (c->pf_fork)
-        cudaEventDestroy(c->pf_fork);
-    if (c->pf_join)
-        cudaEventDestroy(c->pf_join);
-    if (c->side)
-        cudaStreamDestroy(c->side);
     if (c->stream)
         cudaStreamDestroy(c->stream);
     delete c;
@@ -527,15 +380,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking, greatest));
-    const char *pf = getenv("LATTICE_CUDA_L2_PREFETCH"), *pf_group = getenv("LATTICE_CUDA_L2_GROUP");
-    c->l2_prefetch = pf && pf[0] >= '0' && pf[0] <= '3' ? pf[0] - '0' : 1;
-    /* a group being read and the next one being fetched take half the L2 */
-    c->l2_group = pf_group ? strtoull(pf_group, nullptr, 10) : (size_t)prop.l2CacheSize / 4;
-    if (c->l2_prefetch == 1 || c->l2_prefetch == 2) {
-        CK(cudaStreamCreateWithPriority(&c->side, cudaStreamNonBlocking, least));
-        CK(cudaEventCreateWithFlags(&c->pf_fork, cudaEventDisableTiming));
-        CK(cudaEventCreateWithFlags(&c->pf_join, cudaEventDisableTiming));
-    }
     for (int i = 0; i < 2; i++)
         CK(cudaEventCreateWithFlags(&c->copied[i], cudaEventDisableTiming));
     for (int i = 0; i < LT_N_ARENAS; i++) {
@@ -729,16 +573,6 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     }
     if (max_tokens == 1)
         fuse_rope_into_attention(*p);
-    if (c->l2_prefetch == 3)
-        plan_next_gemv_prefetch(c, *p);
-    else if (c->l2_prefetch && plan_l2_prefetch(c, *p) != LT_OK) {
-        cudaFree(p->conv_ws);
-        cudaFree(p->attn_ws);
-        cudaFree(p->attn_cnt);
-        cudaFree(p->pf_pieces);
-        delete p;
-        return -LT_ERR_CUDA;
-    }
     c->progs.push_back(p);
     if (c->progs.size() == 1)  /* the runtime adds decode first */
         c->counters.dispatches_per_step = (uint32_t)p->l.size();
@@ -766,15 +600,10 @@ void lt_cuda_set_eager(lt_cuda *c, int eager) {
 }
 
 static int capture(lt_cuda *c, program &p, int which) {
-    const bool prefetch = !p.pf_start.empty();
     cudaGraph_t g;
     CK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
     for (uint32_t i = 0; i < (which ? GRAPH_STEPS : 1); i++)
-        launch_step(c, p, 1, prefetch);
-    if (prefetch) {  /* join the prefetch branch: a capture ends with every forked stream joined */
-        cudaEventRecord(c->pf_join, c->side);
-        cudaStreamWaitEvent(c->stream, c->pf_join, 0);
-    }
+        launch_step(c, p, 1);
     cudaError_t e = cudaStreamEndCapture(c->stream, &g);
     if (e != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "graph capture: %s", cudaGetErrorString(e));
@@ -862,10 +691,6 @@ int lt_cuda_run(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T) {
 
 void lt_cuda_counters_get(const lt_cuda *c, lt_cuda_counters *out) {
     *out = c->counters;
-}
-
-uint32_t lt_cuda_l2_prefetch_groups(const lt_cuda *c, int prog) {
-    return prog >= 0 && (size_t)prog < c->progs.size() ? (uint32_t)c->progs[prog]->pf_start.size() : 0;
 }
 
 const char *lt_cuda_message(lt_cuda *c) {

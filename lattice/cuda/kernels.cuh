@@ -38,29 +38,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-/* L2 prefetch (backend.cu, LATTICE_CUDA_L2_PREFETCH): weights requested from device memory into
- * L2 ahead of the GEMVs that read them. Prefetches are hints: nothing waits for them, and no
- * result depends on them. A piece is 16-byte aligned, a multiple of 16 bytes, at most L2_PIECE. */
-struct l2_piece {
-    const void *p;
-    uint32_t n;
-};
-#define L2_PIECE 16384
-
-/* The weight planes (matrix, scales, mins) of the next GEMV of the program, for a GEMV to have
- * prefetched (mode 3); n = 0: none. */
-struct l2_next {
-    const uint8_t *p[3];
-    uint32_t n[3];
-};
-
-/* Asks the copy engine to bring [p, p + n) into L2; the thread moves on at once. */
-__device__ __forceinline__ void l2_bulk_prefetch(const void *p, uint32_t n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(n) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -350,7 +327,7 @@ struct gemv_geom {
  * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. */
 template <int FMT, int KS, int RPW, int NT>
 __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
-                                              gemv_geom g, int lm_head, l2_next nx) {
+                                              gemv_geom g, int lm_head) {
     extern __shared__ float xs[];               /* [NT][g.xcols] */
     __shared__ float red[8][RPW][NT];
     __shared__ float rowsum[8 / KS * RPW][NT];
@@ -406,14 +383,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     }
     if (g.vec_ok)
         load(base);
-    /* mode 3: the next GEMV's weights, split over this kernel's blocks, requested into L2 */
-    if (threadIdx.x == 0 && blockIdx.y == 0)
-#pragma unroll
-        for (int k = 0; k < 3; k++) {
-            uint32_t per = ((nx.n[k] + gridDim.x - 1) / gridDim.x + 15) & ~15u;
-            for (uint32_t o = blockIdx.x * per, e = min(o + per, nx.n[k]); o < e; o += L2_PIECE)
-                l2_bulk_prefetch(nx.p[k] + o, min(e - o, (uint32_t)L2_PIECE));
-        }
     pdl_wait();
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
@@ -1335,27 +1304,5 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
         st->pos += T;
         st->n_tokens = 1;
         st->step += 1;
-    }
-}
-
-/* ============================================================================ L2 PREFETCH */
-/* Decode graphs, modes 1 and 2 (backend.cu, plan_l2_prefetch): while the chain of dependent
- * kernels runs, a branch of the graph brings the weights of the next group of GEMVs into L2. */
-#define L2_PREFETCH_THREADS 128
-
-/* bulk = 1: one cp.async.bulk.prefetch.L2 per piece (the copy engine fetches it, the thread
- * moves on); bulk = 0: one prefetch.global.L2 per 128-byte line, a block's threads over a piece. */
-__global__ void __launch_bounds__(L2_PREFETCH_THREADS) k_l2_prefetch(const l2_piece *pc, uint32_t n, int bulk) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bulk) {
-        for (uint32_t i = threadIdx.x * gridDim.x + blockIdx.x; i < n; i += gridDim.x * blockDim.x)
-            l2_bulk_prefetch(pc[i].p, pc[i].n);
-        return;
-    }
-#endif
-    for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
-        const char *p = (const char *)pc[i].p;
-        for (uint32_t o = threadIdx.x * 128; o < pc[i].n; o += blockDim.x * 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
     }
 }

@@ -10,13 +10,7 @@
  * ROPE_KV feeding the ATTENTION after it is fused into that kernel where that is race-free
  * (backend.cu, fuse_rope_into_attention); the dispatches' results are the same.
  * Kernels are launched with programmatic dependent launch (LATTICE_CUDA_PDL=0: off);
- * LATTICE_CUDA_EAGER=1 makes every handle start in the eager mode (the graph-replay ablation).
- * L2 prefetch of weights (LATTICE_CUDA_L2_PREFETCH; results never depend on it): 0 off; 1 (default)
- * and 2: decode graphs carry a branch: the step's launches are split into groups whose weights
- * fit in a quarter of L2 (LATTICE_CUDA_L2_GROUP=bytes to change it), and when a group starts, a
- * low-priority kernel forked off the chain prefetches the next group's weights into L2 (1: bulk
- * prefetches through the copy engine; 2: one prefetch instruction per 128-byte line); 3: every
- * GEMV's blocks ask the copy engine for the next GEMV's weights before their dependency wait. */
+ * LATTICE_CUDA_EAGER=1 makes every handle start in the eager mode (the graph-replay ablation). */
 #ifndef LATTICE_CUDA_H
 #define LATTICE_CUDA_H
 
@@ -81,9 +75,6 @@ typedef struct lt_cuda_counters {
 } lt_cuda_counters;
 
 void lt_cuda_counters_get(const lt_cuda *c, lt_cuda_counters *out);
-
-/* Groups of program `prog`'s L2 prefetch plan (0: no prefetch branch in its graphs). */
-uint32_t lt_cuda_l2_prefetch_groups(const lt_cuda *c, int prog);
 
 /* The last CUDA error message, or "". */
 const char *lt_cuda_message(lt_cuda *c);
