@@ -37,10 +37,11 @@ stops within one call and leaves the session consistent and usable.
 Prefix reuse: generate() keeps the cached prefix of the session's token history. Attention-only
 models reuse the longest common prefix with the new prompt (KV entries past it are simply
 overwritten, overshoot included). Models with Gated DeltaNet layers keep a recurrent state that
-cannot rewind: they reuse the cache only when the new prompt extends the whole history exactly and
-no overshoot step ran past it (after a stop inside a K-step call the state has seen tokens the
-history does not hold), and start over otherwise. At least one prompt token is always prefilled
-(its logits give the first token).
+cannot rewind: they reuse the cache only when the new prompt extends the whole history exactly,
+and start over otherwise. When steps may run past a stop (K steps per call, a call in flight), the
+conv + recurrent state is copied before decoding; after an overshoot it is put back, and the next
+call feeds the tokens since that copy (this turn's answer) instead of the whole history. At least
+one prompt token is always prefilled (its logits give the first token).
 
 Context policy: a prompt longer than the context raises ContextLengthError before any work;
 generation that fills the context stops with finish_reason "context".
@@ -750,7 +751,7 @@ cdef class State:
     cdef uint32_t *_ring_tokens
     cdef float *_ring_logprobs
     cdef uint32_t _ring_cap
-    cdef bint _stale              # the recurrent state ran past the history (overshoot): not reusable
+    cdef Py_ssize_t _rewound_to   # >= 0: the recurrent state holds only history[:_rewound_to]
     cdef uint32_t _n_pending      # decode launches not waited for yet (device backends)
     cdef uint64_t _n_tokens, _n_steps, _n_calls   # counters(): tokens handed back, steps run, table calls
     cdef readonly list history
@@ -766,6 +767,7 @@ cdef class State:
         self._prog = prog = rt.program
         self._lock = threading.Lock()
         self.history = []
+        self._rewound_to = -1
         be = rt.backend
         self._ops = be.ops
         self._steps = be.steps
@@ -909,15 +911,27 @@ cdef class State:
                 else:
                     self._write_state(key, np.zeros(nbytes, np.uint8))
         self.history = []
-        self._stale = False
+        self._rewound_to = -1
+
+    def _recurrent_state(self):
+        """A copy of the conv + recurrent state (the snapshot a stop past the history rewinds to)."""
+        snap = {}
+        for key, (off, nbytes) in self._prog.layout["state"].items():
+            if isinstance(key, tuple) and key[1] in ("conv", "ssm"):
+                snap[key] = aligned_zeros(nbytes)
+                self._read(LT_ARENA_STATE, off, _ptr(snap[key]), nbytes)
+        return snap
 
     def _prepare(self, ids):
         """Reuse the cached prefix for ids; returns the number of reused tokens."""
         h = self.history
-        reuse = 0 if self._stale else self._prog.reusable_prefix(h, ids)
+        if self._rewound_to >= 0:
+            h = h[:self._rewound_to]
+        reuse = self._prog.reusable_prefix(h, ids)
         if reuse == 0:
             self._restart()
         self.history = h[:reuse]
+        self._rewound_to = -1
         return reuse
 
     def _set_sampling(self, params):
@@ -1040,6 +1054,11 @@ cdef class State:
         tokens, logprobs, logits = [], [], []
         t0 = time.perf_counter()
         self._prefill(ids[reused:], PREFILL, self._prog.prefill_chunk)
+        # steps that run past a stop (K per call, a call in flight) feed the recurrent state tokens
+        # the history will not hold, and it cannot rewind: keep a copy from before decoding
+        snapshot = None
+        if self._prog.recurrent and (pipelined or steps > 1) and max_tokens > 1:
+            snapshot = (len(self.history), self._recurrent_state())
         if want_logits and not self._host:      # the last prompt token's row
             self._read(LT_ARENA_OUTPUT, logits_off, self._logits_rows, vocab * 4)
         t1 = time.perf_counter()
@@ -1109,10 +1128,14 @@ cdef class State:
                 self._drain()
                 self._pull(0, 0)        # the step-args as the last step left them
                 self._step.error = 0    # a failure was raised and the session reset
-            # steps run past a stop fed tokens the history does not hold: a recurrent state
-            # cannot rewind, so the next call starts over (a KV cache is simply overwritten)
+            # steps ran past a stop: the recurrent state goes back to its copy from before
+            # decoding, and the next call feeds it the tokens since (a KV cache is overwritten)
             if self._step.pos > len(self.history) and self._prog.recurrent:
-                self._stale = True
+                self._rewound_to = 0
+                if snapshot is not None:
+                    for key, arr in snapshot[1].items():
+                        self._write_state(key, arr)
+                    self._rewound_to = snapshot[0]
         t2 = time.perf_counter()
         self._n_tokens += len(tokens)
         res = {"tokens": tokens, "logprobs": logprobs, "finish_reason": finish, "prompt_tokens": len(ids),
@@ -1124,11 +1147,15 @@ cdef class State:
     def _logits(self, list ids, bint append):
         if not append:
             self._restart()
-        elif self._stale:       # the recurrent state ran past the history: rebuild it from the tokens
-            history = self.history
-            self._restart()
+        elif self._rewound_to >= 0:  # the recurrent state holds history[:_rewound_to]: feed the rest
+            rest = self.history[self._rewound_to:]
+            if self._rewound_to == 0:
+                self._restart()
+            else:
+                self.history = self.history[:self._rewound_to]
+                self._rewound_to = -1
             self._set_sampling(SamplingParams(seed=0))
-            self._prefill(history, PREFILL, self._prog.prefill_chunk)
+            self._prefill(rest, PREFILL, self._prog.prefill_chunk)
         if len(self.history) + len(ids) > self._prog.context:
             raise ContextLengthError(f"{len(self.history)} cached + {len(ids)} new tokens do not fit "
                                      f"the context of {self._prog.context}")

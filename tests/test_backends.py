@@ -99,8 +99,9 @@ def test_tokens_match_cpu_backend(make_backend, name, k):
 @pytest.mark.parametrize("k", [1, 8])
 def test_stop_inside_a_k_step_call_then_second_turn(make_backend, name, k):
     """A stop in the middle of a call: the overshoot is discarded; on Qwen3.5 the GDN state has
-    seen it, so the next turn re-prefills (on Llama the KV past the history is just overwritten),
-    and the second turn's tokens are still exactly the CPU backend's."""
+    seen it, so it goes back to its copy from before decoding and the next turn feeds this turn's
+    answer again (on Llama the KV past the history is just overwritten); the second turn's tokens
+    are still exactly the CPU backend's."""
     cpu = cpu_runtime(name)
     want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
     j = first_new(want, 2, 8)
@@ -119,7 +120,7 @@ def test_stop_inside_a_k_step_call_then_second_turn(make_backend, name, k):
     # device backends launch call i + 1 before reading call i: a stop always leaves one in flight
     overshoot = rt.backend.name != "cpu" or (k > 1 and j % k != 0)
     assert c2["reused_tokens"] == len(PROMPT) + j
-    expect_reused = 0 if overshoot and program(name).recurrent else len(PROMPT) + j
+    expect_reused = len(PROMPT) if overshoot and program(name).recurrent else len(PROMPT) + j
     assert r2["reused_tokens"] == expect_reused
 
 
@@ -129,7 +130,7 @@ def test_stop_inside_a_k_step_call_then_second_turn(make_backend, name, k):
 def test_stop_inside_the_first_or_second_call_in_flight(make_backend, name, k, call):
     """Device backends have two decode calls in flight: a stop found in call 1 (call 2 queued
     behind it) or in call 2 (call 3 queued) discards the queued call's steps; the second turn
-    gives the CPU backend's tokens (on Qwen3.5 after a re-prefill: its GDN state saw them)."""
+    gives the CPU backend's tokens (on Qwen3.5 the GDN state rewinds to before decoding)."""
     j = (call - 1) * k + max(1, k // 2)  # decode call c makes tokens [(c - 1) k + 1, c k]
     stop_after = lambda: (lambda tok, lp, seen=[]: seen.append(tok) or len(seen) <= j)  # noqa: E731
     cpu = cpu_runtime(name)
@@ -147,7 +148,7 @@ def test_stop_inside_the_first_or_second_call_in_flight(make_backend, name, k, c
     assert r2["tokens"] == c2["tokens"]
     overshoot = rt.backend.name != "cpu" or j % k != 0
     assert c2["reused_tokens"] == len(PROMPT) + j
-    assert r2["reused_tokens"] == (0 if overshoot and program(name).recurrent else len(PROMPT) + j)
+    assert r2["reused_tokens"] == (len(PROMPT) if overshoot and program(name).recurrent else len(PROMPT) + j)
 
 
 # ------------------------------------------------------------------------------------ the K-step loop (CI stand-in)
@@ -158,11 +159,12 @@ def mirrored(name, k, context=64):
 @pytest.mark.parametrize("k", [3, 8])
 def test_stop_at_the_end_of_a_call(k):
     """Host K-step calls: nothing ran past a stop at a call's end, the recurrent state continues.
-    Device backends had the next call in flight: the next turn re-prefills, same tokens."""
+    Device backends had the next call in flight: the state rewinds to the prompt and the next turn
+    feeds the answer again, same tokens."""
     cpu = cpu_runtime("tiny-qwen35")
     want = cpu.generate(cpu.new_state(), PROMPT, N)["tokens"]
     j = next(j for j in range(k, len(want), k) if want[j] not in want[:j])
-    for backend, reused in ((R.cpu_backend(steps=k), len(PROMPT) + j), (R.cpu_backend(steps=k, mirrored=True), 0)):
+    for backend, reused in ((R.cpu_backend(steps=k), len(PROMPT) + j), (R.cpu_backend(steps=k, mirrored=True), len(PROMPT))):
         rt = R.Runtime(program("tiny-qwen35"), backend=backend)
         st = rt.new_state()
         assert rt.generate(st, PROMPT, N, stop_ids=[want[j]])["tokens"] == want[:j]
@@ -220,7 +222,7 @@ def test_keyboard_interrupt_inside_a_call_leaves_session_usable():
         rt.generate(st, PROMPT, N, on_token=interrupt)
     assert st.position == len(PROMPT) + 3
     res = rt.generate(st, PROMPT + want[:5], 4)
-    assert res["reused_tokens"] == 0 and res["tokens"] == want[5:9]  # the overshoot forced a re-prefill
+    assert res["reused_tokens"] == len(PROMPT) and res["tokens"] == want[5:9]  # state rewound to the prompt
     assert rt.generate(st, PROMPT, N)["tokens"] == want
 
 
