@@ -904,22 +904,25 @@ cdef class State:
     def _restart(self):
         """Position 0: recurrent state zeroed (the KV cache needs nothing: it is overwritten)."""
         cdef uint8_t *state = self._ops.host_arena(self._h, LT_ARENA_STATE)
-        for key, (off, nbytes) in self._prog.layout["state"].items():
-            if isinstance(key, tuple) and key[1] in ("conv", "ssm"):
-                if state != NULL:
-                    memset(state + <size_t>off, 0, nbytes)
-                else:
-                    self._write_state(key, np.zeros(nbytes, np.uint8))
+        for key, off, nbytes in self._recurrent_regions():
+            if state != NULL:
+                memset(state + <size_t>off, 0, nbytes)
+            else:
+                self._write_state(key, np.zeros(nbytes, np.uint8))
         self.history = []
         self._rewound_to = -1
+
+    def _recurrent_regions(self):
+        """(key, offset, bytes) of every GDN layer's conv and recurrent state in the STATE arena."""
+        return [(key, off, nbytes) for key, (off, nbytes) in self._prog.layout["state"].items()
+                if isinstance(key, tuple) and key[1] in ("conv", "ssm")]
 
     def _recurrent_state(self):
         """A copy of the conv + recurrent state (the snapshot a stop past the history rewinds to)."""
         snap = {}
-        for key, (off, nbytes) in self._prog.layout["state"].items():
-            if isinstance(key, tuple) and key[1] in ("conv", "ssm"):
-                snap[key] = aligned_zeros(nbytes)
-                self._read(LT_ARENA_STATE, off, _ptr(snap[key]), nbytes)
+        for key, off, nbytes in self._recurrent_regions():
+            snap[key] = aligned_zeros(nbytes)
+            self._read(LT_ARENA_STATE, off, _ptr(snap[key]), nbytes)
         return snap
 
     def _prepare(self, ids):

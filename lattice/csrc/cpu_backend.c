@@ -230,10 +230,11 @@ lt_cpu *lt_cpu_create(const lt_dispatch *prog, uint32_t n, const uint8_t *consts
     c->consts = malloc(n_consts ? n_consts : 1);
     c->tbuf = calloc((size_t)c->n_threads, sizeof(float *));
     c->tbuf_n = tn;
-    c->work = aligned_alloc(64, ((size_t)(n ? n : 1) * WORK_STRIDE * sizeof(uint32_t) + 63) / 64 * 64);
+    size_t work_bytes = (size_t)(n ? n : 1) * WORK_STRIDE * sizeof(uint32_t);  /* a multiple of 64 */
+    c->work = aligned_alloc(64, work_bytes);
     if (!c->prog || !c->consts || !c->tbuf || !c->work)
         goto nomem;
-    memset(c->work, 0, (size_t)(n ? n : 1) * WORK_STRIDE * sizeof(uint32_t));
+    memset(c->work, 0, work_bytes);
     memcpy(c->prog, prog, sizeof(lt_dispatch) * n);
     memcpy(c->consts, consts, n_consts);
     for (int i = 0; i < LT_N_ARENAS; i++)

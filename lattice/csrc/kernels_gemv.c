@@ -112,15 +112,13 @@ static void partials(const lt_simd *simd, const float *logits, uint32_t lo, uint
                 arg = i;
             }
         }
+        /* exp over a copy (the logits stay as they are); a block with NaN/Inf makes the sampler
+         * raise, so its sum is not needed */
         float se = 0.0f;
-        if (mx > -INFINITY && !bad) {  /* exp over a copy: the logits stay as they are */
+        if (mx > -INFINITY && !bad) {
             float e[LT_ARGMAX_BLOCK];
             memcpy(e, logits + b0, (b1 - b0) * sizeof(float));
             se = simd->exp_shift(e, b1 - b0, mx);
-        } else if (mx > -INFINITY) {
-            for (uint32_t i = b0; i < b1; i++)
-                if (isfinite(logits[i]))
-                    se += expf(logits[i] - mx);
         }
         lt_argmax_partial *q = &p[b0 / LT_ARGMAX_BLOCK];
         q->max = mx;

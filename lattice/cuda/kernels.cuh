@@ -41,6 +41,18 @@ __device__ __forceinline__ void pdl_wait() {
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* The v-th group of 8 halves of an f16 row (16-byte aligned) as floats. */
+__device__ __forceinline__ void load8_f16(const __half *row, uint32_t v, float f[8]) {
+    uint4 w = *((const uint4 *)row + v);
+    const __half2 *h2 = (const __half2 *)&w;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float2 p = __half22float2(h2[e]);
+        f[2 * e] = p.x;
+        f[2 * e + 1] = p.y;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
@@ -733,14 +745,11 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 for (int u = 0; u < 2; u++) {
                     uint32_t v = li + u * G;
                     if (v < nvec) {
-                        const __half *row = ROPE && j == jnew ? knew : kc + (size_t)j * D;
-                        uint4 w = *((const uint4 *)row + v);
-                        const __half2 *h2 = (const __half2 *)&w;
+                        float f[8];
+                        load8_f16(ROPE && j == jnew ? knew : kc + (size_t)j * D, v, f);
 #pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            float2 f = __half22float2(h2[e]);
-                            d += f.x * qs[v * 8 + 2 * e] + f.y * qs[v * 8 + 2 * e + 1];
-                        }
+                        for (int e = 0; e < 8; e += 2)
+                            d += f[e] * qs[v * 8 + e] + f[e + 1] * qs[v * 8 + e + 1];
                     }
                 }
             }
@@ -775,15 +784,11 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             for (int u = 0; u < 2; u++) {
                 uint32_t v = li + u * G;
                 if (v < nvec) {
-                    const __half *row = ROPE && j == jnew ? vnew : vc + (size_t)j * D;
-                    uint4 w = *((const uint4 *)row + v);
-                    const __half2 *h2 = (const __half2 *)&w;
+                    float f[8];
+                    load8_f16(ROPE && j == jnew ? vnew : vc + (size_t)j * D, v, f);
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        float2 f = __half22float2(h2[e]);
-                        acc[u][2 * e] += pj * f.x;
-                        acc[u][2 * e + 1] += pj * f.y;
-                    }
+                    for (int e = 0; e < 8; e++)
+                        acc[u][e] += pj * f[e];
                 }
             }
         }
