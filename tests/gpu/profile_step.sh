@@ -5,19 +5,23 @@
 # launch shape and achieved occupancy. Prints a summary per kernel kind; the CSV goes to $2.
 #
 #   tests/gpu/profile_step.sh /tmp/models/qwen3.5-0.8b.gguf $OUT/ncu-qwen.csv [kernels per step]
+#   PREFILL=64 tests/gpu/profile_step.sh M.gguf out.csv 400   # every kernel of one 64-token prefill
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=$1
 CSV=$2
 PER_STEP=${3:-130}
+PREFILL=${PREFILL:-0}
+SKIP=$((PER_STEP * 4)) PROMPT=16 GEN=40
+[ "$PREFILL" != 0 ] && SKIP=0 PROMPT=$PREFILL GEN=1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-timeout 240 "$NCU" --clock-control none --csv --page raw -k regex:'^k_' --launch-skip $((PER_STEP * 4)) \
+timeout 240 "$NCU" --clock-control none --csv --page raw -k regex:'^k_' --launch-skip $SKIP \
     --launch-count "$PER_STEP" \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active \
     python3 -c "
 import lattice
 m = lattice.load('$MODEL', backend='cuda', context=512)
-m.session().generate(list(range(100, 116)), max_tokens=40, ignore_eos=True)
+m.session().generate(list(range(100, 100 + $PROMPT)), max_tokens=$GEN, ignore_eos=True)
 " >"$CSV" 2>"$CSV.err"
 python3 - "$CSV" <<'EOF'
 import csv, sys, collections

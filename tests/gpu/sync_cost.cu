@@ -1,0 +1,175 @@
+/* What one dependent phase of a decode step costs, without the work: a chain of N phases in which
+ * every block reads all blocks' outputs of the phase before (an all-to-all dependency, like a GEMV
+ * reading the whole x), as (a) N kernels in a CUDA graph, (b) the same with programmatic
+ * dependent launch, (c) one persistent cooperative kernel with a grid barrier between phases
+ * (an atomic counter), (d) the same with cooperative_groups' grid.sync().
+ *   nvcc -O3 -arch=sm_90 -std=c++17 sync_cost.cu -o sync_cost && ./sync_cost */
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+namespace cg = cooperative_groups;
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
+
+__device__ __forceinline__ void phase(const float *in, float *out, unsigned nb) {
+    __shared__ float red[32];
+    float s = 0.0f;
+    for (unsigned i = threadIdx.x; i < nb; i += blockDim.x)
+        s += __ldcg(in + i);
+    for (int o = 16; o; o >>= 1)
+        s += __shfl_xor_sync(~0u, s, o);
+    if ((threadIdx.x & 31) == 0)
+        red[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (unsigned w = 0; w < blockDim.x / 32; w++)
+            t += red[w];
+        out[blockIdx.x] = t * 0.5f / nb + 1.0f;
+    }
+}
+
+__global__ void k_phase(const float *in, float *out, unsigned nb, int pdl) {
+    if (pdl) {
+        asm volatile("griddepcontrol.launch_dependents;");
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
+    phase(in, out, nb);
+}
+
+__device__ __forceinline__ void grid_barrier(unsigned long long *count, unsigned nb) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        unsigned long long old = atomicAdd(count, 1ull), target = (old / nb + 1) * nb;
+        while (*(volatile unsigned long long *)count < target)
+            ;
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__global__ void k_persistent(float *buf, unsigned nb, int n, unsigned long long *count, int use_cg) {
+    for (int i = 0; i < n; i++) {
+        if (i) {
+            if (use_cg)
+                cg::this_grid().sync();
+            else
+                grid_barrier(count, nb);
+        }
+        phase(buf + (i & 1) * nb, buf + ((i + 1) & 1) * nb, nb);
+    }
+}
+
+static float median(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+int main() {
+    cudaDeviceProp p;
+    CK(cudaGetDeviceProperties(&p, 0));
+    const int N = 150, REPS = 30;
+    cudaStream_t s;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    float *buf;
+    unsigned long long *count;
+    CK(cudaMalloc(&buf, 2 * 4096 * sizeof(float)));
+    CK(cudaMalloc(&count, 8));
+    CK(cudaMemset(buf, 0, 2 * 4096 * sizeof(float)));
+    CK(cudaMemset(count, 0, 8));
+    printf("%s, %d SMs; %d dependent phases; us per phase (median of %d)\n", p.name, p.multiProcessorCount, N, REPS);
+    int shapes[][2] = {{1, 512}, {2, 256}, {1, 256}, {4, 128}};
+    for (auto &sh : shapes) {
+        unsigned nb = p.multiProcessorCount * sh[0], nt = sh[1];
+        for (int pdl = 0; pdl < 2; pdl++) {
+            cudaGraph_t g;
+            cudaGraphExec_t ge;
+            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+            for (int i = 0; i < N; i++) {
+                cudaLaunchConfig_t cfg = {};
+                cfg.gridDim = nb;
+                cfg.blockDim = nt;
+                cfg.stream = s;
+                cudaLaunchAttribute at[1];
+                at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                at[0].val.programmaticStreamSerializationAllowed = 1;
+                cfg.attrs = at;
+                cfg.numAttrs = pdl;
+                CK(cudaLaunchKernelEx(&cfg, k_phase, (const float *)(buf + (i & 1) * nb), buf + ((i + 1) & 1) * nb, nb, pdl));
+            }
+            CK(cudaStreamEndCapture(s, &g));
+            CK(cudaGraphInstantiate(&ge, g, 0));
+            std::vector<float> t;
+            for (int r = 0; r < REPS + 3; r++) {
+                CK(cudaEventRecord(e0, s));
+                CK(cudaGraphLaunch(ge, s));
+                CK(cudaEventRecord(e1, s));
+                CK(cudaEventSynchronize(e1));
+                float ms;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                if (r >= 3)
+                    t.push_back(ms * 1000.0f / N);
+            }
+            printf("  %3u x %3u  graph%-9s %6.2f\n", nb, nt, pdl ? "+PDL" : "", median(t));
+        }
+        for (int use_cg = 0; use_cg < 2; use_cg++) {
+            int n = N;
+            int cgv = use_cg;
+            void *args[] = {&buf, &nb, &n, &count, &cgv};
+            std::vector<float> t;
+            for (int r = 0; r < REPS + 3; r++) {
+                CK(cudaEventRecord(e0, s));
+                CK(cudaLaunchCooperativeKernel((void *)k_persistent, nb, nt, args, 0, s));
+                CK(cudaEventRecord(e1, s));
+                CK(cudaEventSynchronize(e1));
+                float ms;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                if (r >= 3)
+                    t.push_back(ms * 1000.0f / N);
+            }
+            printf("  %3u x %3u  persistent %-8s %6.2f\n", nb, nt, use_cg ? "cg sync" : "counter", median(t));
+        }
+    }
+    /* a persistent kernel inside a graph (cooperative launch attribute, captured) */
+    {
+        unsigned nb = p.multiProcessorCount, nt = 512;
+        int n = N, cgv = 0;
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = nb;
+        cfg.blockDim = nt;
+        cfg.stream = s;
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeCooperative;
+        at[0].val.cooperative = 1;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        for (int k = 0; k < 8; k++)
+            CK(cudaLaunchKernelEx(&cfg, k_persistent, buf, nb, n, count, cgv));
+        CK(cudaStreamEndCapture(s, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        std::vector<float> t;
+        for (int r = 0; r < REPS + 3; r++) {
+            CK(cudaEventRecord(e0, s));
+            CK(cudaGraphLaunch(ge, s));
+            CK(cudaEventRecord(e1, s));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= 3)
+                t.push_back(ms * 1000.0f / (8 * N));
+        }
+        printf("  %3u x %3u  8 cooperative kernels in a graph: %6.2f\n", nb, nt, median(t));
+    }
+    CK(cudaDeviceSynchronize());
+    return 0;
+}
