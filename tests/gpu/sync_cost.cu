@@ -70,6 +70,7 @@ static float median(std::vector<float> v) {
 }
 
 int main() {
+    setvbuf(stdout, nullptr, _IONBF, 0);
     cudaDeviceProp p;
     CK(cudaGetDeviceProperties(&p, 0));
     const int N = 150, REPS = 30;
@@ -122,6 +123,7 @@ int main() {
         for (int use_cg = 0; use_cg < 2; use_cg++) {
             int n = N;
             int cgv = use_cg;
+            CK(cudaMemset(count, 0, 8));  /* the barrier's phases count from 0 for this grid size */
             void *args[] = {&buf, &nb, &n, &count, &cgv};
             std::vector<float> t;
             for (int r = 0; r < REPS + 3; r++) {
@@ -141,6 +143,7 @@ int main() {
     {
         unsigned nb = p.multiProcessorCount, nt = 512;
         int n = N, cgv = 0;
+        CK(cudaMemset(count, 0, 8));
         cudaGraph_t g;
         cudaGraphExec_t ge;
         CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
