@@ -1,0 +1,415 @@
+/* Standalone check of lattice/cuda/gemm.cuh (k_gemm, launch_gemm) on a GPU: every supported weight
+ * format and epilogue flag against a float64 CPU reference, odd sizes, poisoned outputs; then
+ * timings at the prefill shapes of Qwen3.5-0.8B (T = 512). Independent of k_gemv.
+ * Build and run: tests/gpu/gemm_check.sh */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../../lattice/cuda/gemm.cuh"
+
+#define CUDA_OK(call)                                                                             \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(2);                                                                              \
+        }                                                                                         \
+    } while (0)
+
+static const char *FMT_NAME[] = {"f32", "f16", "q8", "q4"};
+static std::mt19937 rng(1234);
+
+static float randn() { return std::normal_distribution<float>(0.0f, 1.0f)(rng); }
+static float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+/* A weight matrix in the runtime's planes, and its values as doubles [rows][cols]. */
+struct weights {
+    uint32_t fmt, rows, cols;
+    std::vector<uint8_t> wq;
+    std::vector<__half> ws, wm;
+    std::vector<double> deq;
+};
+
+static weights make_weights(uint32_t fmt, uint32_t rows, uint32_t cols) {
+    weights w{fmt, rows, cols};
+    uint32_t nb = (cols + LT_QK - 1) / LT_QK, kp = nb * LT_QK;
+    w.deq.assign((size_t)rows * cols, 0.0);
+    if (fmt == LT_WF_F16) {
+        w.wq.resize((size_t)rows * cols * 2);
+        __half *h = (__half *)w.wq.data();
+        for (size_t i = 0; i < (size_t)rows * cols; i++) {
+            h[i] = __float2half(0.05f * randn());
+            w.deq[i] = __half2float(h[i]);
+        }
+        return w;
+    }
+    w.ws.resize((size_t)rows * nb);
+    if (fmt == LT_WF_Q4)
+        w.wm.resize((size_t)rows * nb);
+    for (size_t i = 0; i < w.ws.size(); i++) {
+        w.ws[i] = __float2half(uniform(0.002f, 0.02f));
+        if (fmt == LT_WF_Q4)
+            w.wm[i] = __float2half(-8.0f * __half2float(w.ws[i]) + uniform(-0.01f, 0.01f));
+    }
+    if (fmt == LT_WF_Q8) {
+        w.wq.assign((size_t)rows * kp, 0);
+        for (uint32_t r = 0; r < rows; r++)
+            for (uint32_t k = 0; k < cols; k++) {
+                int8_t q = (int8_t)std::uniform_int_distribution<int>(-127, 127)(rng);
+                w.wq[(size_t)r * kp + k] = (uint8_t)q;
+                w.deq[(size_t)r * cols + k] = (double)q * __half2float(w.ws[(size_t)r * nb + k / LT_QK]);
+            }
+    } else {
+        w.wq.assign((size_t)rows * kp / 2, 0);
+        for (uint32_t r = 0; r < rows; r++)
+            for (uint32_t k = 0; k < cols; k++) {
+                uint32_t q = std::uniform_int_distribution<int>(0, 15)(rng);
+                uint32_t blk = k / LT_QK, j = k % LT_QK;
+                uint8_t &byte = w.wq[(size_t)r * kp / 2 + blk * 16 + j % 16];
+                byte |= j < 16 ? q : q << 4;
+                size_t si = (size_t)r * nb + blk;
+                w.deq[(size_t)r * cols + k] = (double)q * __half2float(w.ws[si]) + __half2float(w.wm[si]);
+            }
+    }
+    return w;
+}
+
+template <typename V>
+static V *upload(const std::vector<V> &v) {
+    if (v.empty())
+        return nullptr;
+    V *d;
+    CUDA_OK(cudaMalloc(&d, v.size() * sizeof(V)));
+    CUDA_OK(cudaMemcpy(d, v.data(), v.size() * sizeof(V), cudaMemcpyHostToDevice));
+    return d;
+}
+
+struct dev_weights {
+    uint8_t *wq;
+    __half *ws, *wm;
+    explicit dev_weights(const weights &w) : wq(upload(w.wq)), ws(upload(w.ws)), wm(upload(w.wm)) {}
+    ~dev_weights() {
+        cudaFree(wq);
+        cudaFree(ws);
+        cudaFree(wm);
+    }
+};
+
+static double silu(double v) { return v / (1.0 + std::exp(-v)); }
+
+static lt_step_args *d_step;
+static int n_fail = 0, n_cases = 0;
+
+/* One dispatch: launches k_gemm (directly: T below GEMM_MIN_TOKENS included), checks every output
+ * against float64 and that nothing outside the outputs was written. */
+static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags, bool alias) {
+    n_cases++;
+    weights w = make_weights(fmt, rows, cols);
+    dev_weights dw(w);
+    const bool silu_mul = flags & LT_GEMV_SILU_MUL;
+    const uint32_t outs = silu_mul ? rows / 2 : rows;
+    lt_gemv_args a = {};
+    a.wformat = fmt;
+    a.rows = rows;
+    a.cols = cols;
+    a.flags = flags;
+    a.x_stride = (cols + 3) / 4 * 4 + 4;  /* rows of x with a gap, 16-byte aligned */
+    a.y_stride = outs + 3;                /* a gap that must stay untouched */
+    a.resid_stride = alias ? a.y_stride : outs + 1;
+    a.eps = 1e-6f;
+    std::vector<float> x((size_t)T * a.x_stride, 1e30f), nw(cols), bias(rows),
+        resid((size_t)T * a.resid_stride);
+    float xscale = uniform(0.1f, 3.0f);
+    for (uint32_t t = 0; t < T; t++)
+        for (uint32_t k = 0; k < cols; k++)
+            x[(size_t)t * a.x_stride + k] = xscale * randn();
+    for (auto &v : nw)
+        v = (flags & LT_GEMV_NORM_ADD_ONE) ? 0.1f * randn() : 1.0f + 0.2f * randn();
+    for (auto &v : bias)
+        v = 0.5f * randn();
+    for (auto &v : resid)
+        v = randn();
+    std::vector<float> y((size_t)T * a.y_stride);
+    uint32_t poison;
+    memcpy(&poison, "\xff\xff\xc0\x7f", 4);  /* a NaN */
+    if (alias)
+        y = resid;
+    else
+        for (auto &v : y)
+            memcpy(&v, &poison, 4);
+
+    float *dx = upload(x), *dnw = upload(nw), *dbias = upload(bias), *dy = upload(y);
+    float *dres = alias ? dy : upload(resid);
+    lt_binds b = {};
+    b.p[LT_GEMV_B_X] = dx;
+    b.p[LT_GEMV_B_Y] = dy;
+    b.p[LT_GEMV_B_WQ] = dw.wq;
+    b.p[LT_GEMV_B_WS] = dw.ws;
+    b.p[LT_GEMV_B_WM] = dw.wm;
+    b.p[LT_GEMV_B_NORM] = (flags & LT_GEMV_NORM) ? dnw : nullptr;
+    b.p[LT_GEMV_B_BIAS] = (flags & LT_GEMV_BIAS) ? dbias : nullptr;
+    b.p[LT_GEMV_B_RESID] = (flags & LT_GEMV_RESID) ? dres : nullptr;
+    if (fmt == LT_WF_F16)
+        gemm_launch_fmt<LT_WF_F16>(a, b, d_step, T, true, 0);
+    else if (fmt == LT_WF_Q8)
+        gemm_launch_fmt<LT_WF_Q8>(a, b, d_step, T, true, 0);
+    else
+        gemm_launch_fmt<LT_WF_Q4>(a, b, d_step, T, true, 0);
+    CUDA_OK(cudaGetLastError());
+    std::vector<float> got(y.size());
+    CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
+
+    /* reference: dot products and their bound 3e-5 * sum |w x'| + 1e-6 in float64 */
+    std::vector<double> dot((size_t)T * rows), bound((size_t)T * rows);
+#pragma omp parallel for schedule(dynamic)
+    for (uint32_t t = 0; t < T; t++) {
+        const float *xr = &x[(size_t)t * a.x_stride];
+        std::vector<double> xp(cols);
+        double ssq = 0.0;
+        for (uint32_t k = 0; k < cols; k++)
+            ssq += (double)xr[k] * xr[k];
+        double rn = (flags & LT_GEMV_NORM) ? 1.0 / std::sqrt(ssq / cols + a.eps) : 1.0;
+        for (uint32_t k = 0; k < cols; k++)
+            xp[k] = (double)xr[k] * rn
+                    * ((flags & LT_GEMV_NORM) ? ((flags & LT_GEMV_NORM_ADD_ONE) ? 1.0 + nw[k] : nw[k]) : 1.0);
+        for (uint32_t n = 0; n < rows; n++) {
+            const double *wr = &w.deq[(size_t)n * cols];
+            double s = 0.0, sa = 0.0;
+            for (uint32_t k = 0; k < cols; k++) {
+                s += wr[k] * xp[k];
+                sa += std::fabs(wr[k] * xp[k]);
+            }
+            dot[(size_t)t * rows + n] = s + ((flags & LT_GEMV_BIAS) ? bias[n] : 0.0);
+            bound[(size_t)t * rows + n] = 3e-5 * sa + 1e-6;
+        }
+    }
+    double worst = 0.0;  /* largest |err| / bound */
+    long bad = 0, stray = 0;
+    for (uint32_t t = 0; t < T; t++) {
+        for (uint32_t o = 0; o < outs; o++) {
+            double want, lim;
+            if (silu_mul) {  /* |silu'| <= 1.1 */
+                double gv = dot[(size_t)t * rows + 2 * o], uv = dot[(size_t)t * rows + 2 * o + 1];
+                want = silu(gv) * uv;
+                lim = 1.1 * std::fabs(uv) * bound[(size_t)t * rows + 2 * o]
+                      + std::fabs(silu(gv)) * bound[(size_t)t * rows + 2 * o + 1];
+            } else {
+                want = dot[(size_t)t * rows + o];
+                lim = bound[(size_t)t * rows + o];
+            }
+            if (flags & LT_GEMV_RESID)
+                want += resid[(size_t)t * a.resid_stride + o];
+            lim += 1e-6 * std::fabs(want);  /* the f32 rounding of the output itself */
+            double g = got[(size_t)t * a.y_stride + o], err = std::fabs(g - want);
+            if (!(err <= lim)) {
+                if (bad < 3)
+                    fprintf(stderr, "    t=%u o=%u got %.9g want %.9g (bound %.3g)\n", t, o, g, want, lim);
+                bad++;
+            }
+            worst = std::max(worst, err / lim);
+        }
+        for (uint32_t o = outs; o < a.y_stride; o++) {  /* the gap: untouched */
+            float g = got[(size_t)t * a.y_stride + o];
+            if (alias ? g != resid[(size_t)t * a.resid_stride + o] : memcmp(&g, &poison, 4) != 0)
+                stray++;
+        }
+    }
+    bool ok = bad == 0 && stray == 0;
+    if (!ok)
+        n_fail++;
+    printf("%s %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u%s  max err/bound %.3f%s\n", ok ? "ok  " : "FAIL",
+           FMT_NAME[fmt], T, rows, cols, flags, alias ? " (resid = y)" : "", worst,
+           ok ? "" : (stray ? "  (wrote outside the outputs)" : "  (over the bound)"));
+    cudaFree(dx);
+    cudaFree(dnw);
+    cudaFree(dbias);
+    cudaFree(dy);
+    if (!alias)
+        cudaFree(dres);
+}
+
+/* A raised error (step.error != 0) leaves y alone; launch_gemm declines what k_gemv must run. */
+static void check_error_and_declines() {
+    weights w = make_weights(LT_WF_Q8, 64, 64);
+    dev_weights dw(w);
+    lt_gemv_args a = {LT_WF_Q8, 64, 64, 0, 64, 64, 64, 1e-6f};
+    std::vector<float> x(32 * 64, 1.0f), y(32 * 64, 7.0f);
+    float *dx = upload(x), *dy = upload(y);
+    lt_binds b = {};
+    b.p[LT_GEMV_B_X] = dx;
+    b.p[LT_GEMV_B_Y] = dy;
+    b.p[LT_GEMV_B_WQ] = dw.wq;
+    b.p[LT_GEMV_B_WS] = dw.ws;
+    uint32_t err = LT_ERR_ARGS;
+    CUDA_OK(cudaMemcpy(&d_step->error, &err, 4, cudaMemcpyHostToDevice));
+    bool launched = launch_gemm(a, b, d_step, 32, false, true, 0);
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> got(y.size());
+    CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
+    err = 0;
+    CUDA_OK(cudaMemcpy(&d_step->error, &err, 4, cudaMemcpyHostToDevice));
+    bool untouched = got == y;
+    lt_gemv_args f32 = a, lm = a;
+    f32.wformat = LT_WF_F32;
+    bool declines = !launch_gemm(f32, b, d_step, 32, false, true, 0)           /* F32 weights */
+                    && !launch_gemm(lm, b, d_step, 32, true, true, 0)          /* last-token LM head */
+                    && !launch_gemm(a, b, d_step, GEMM_MIN_TOKENS - 1, false, true, 0);
+    lm.flags = LT_GEMV_ALL_TOKENS;
+    declines = declines && launch_gemm(lm, b, d_step, 32, true, true, 0);
+    CUDA_OK(cudaDeviceSynchronize());
+    bool ok = launched && untouched && declines;
+    n_cases++;
+    n_fail += !ok;
+    printf("%s step.error set: y untouched (%s); declines F32 / last-token LM head / T < %d (%s)\n",
+           ok ? "ok  " : "FAIL", untouched ? "yes" : "no", GEMM_MIN_TOKENS, declines ? "yes" : "no");
+    cudaFree(dx);
+    cudaFree(dy);
+}
+
+/* Median time of 20 launches after warm-up; GB/s over weights + x + y, TFLOP/s over 2 T rows cols. */
+struct timing {
+    const char *name;
+    uint32_t fmt, T, rows, cols, flags;
+    double ms, gbs, tflops;
+};
+
+static timing time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags) {
+    uint32_t nb = (cols + 31) / 32, kp = nb * 32;
+    size_t wbytes = fmt == LT_WF_F16 ? (size_t)rows * cols * 2 : fmt == LT_WF_Q8 ? (size_t)rows * kp : (size_t)rows * kp / 2;
+    size_t sbytes = fmt == LT_WF_F16 ? 0 : (size_t)rows * nb * 2;
+    uint32_t outs = (flags & LT_GEMV_SILU_MUL) ? rows / 2 : rows;
+    uint8_t *wq;
+    __half *ws = nullptr, *wm = nullptr;
+    float *x, *y, *nw, *bias;
+    CUDA_OK(cudaMalloc(&wq, wbytes));
+    CUDA_OK(cudaMemset(wq, 0x11, wbytes));
+    if (sbytes) {
+        std::vector<__half> s((size_t)rows * nb, __float2half(0.01f));
+        ws = upload(s);
+        wm = upload(s);
+    }
+    std::vector<float> hx((size_t)T * cols), hn(cols, 1.0f), hb(rows, 0.0f);
+    for (auto &v : hx)
+        v = randn();
+    x = upload(hx);
+    nw = upload(hn);
+    bias = upload(hb);
+    CUDA_OK(cudaMalloc(&y, (size_t)T * outs * 4));
+    CUDA_OK(cudaMemset(y, 0, (size_t)T * outs * 4));
+    lt_gemv_args a = {fmt, rows, cols, flags, cols, outs, outs, 1e-6f};
+    lt_binds b = {};
+    b.p[LT_GEMV_B_X] = x;
+    b.p[LT_GEMV_B_Y] = y;
+    b.p[LT_GEMV_B_WQ] = wq;
+    b.p[LT_GEMV_B_WS] = ws;
+    b.p[LT_GEMV_B_WM] = wm;
+    b.p[LT_GEMV_B_NORM] = nw;
+    b.p[LT_GEMV_B_BIAS] = bias;
+    b.p[LT_GEMV_B_RESID] = y;
+    bool lm = flags & LT_GEMV_ALL_TOKENS;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int i = 0; i < 3; i++)
+        launch_gemm(a, b, d_step, T, lm, true, 0);
+    std::vector<float> ms;
+    for (int i = 0; i < 20; i++) {
+        cudaEventRecord(e0);
+        bool ok = launch_gemm(a, b, d_step, T, lm, true, 0);
+        cudaEventRecord(e1);
+        CUDA_OK(cudaEventSynchronize(e1));
+        if (!ok) {
+            fprintf(stderr, "launch_gemm declined %s\n", name);
+            exit(2);
+        }
+        float m;
+        cudaEventElapsedTime(&m, e0, e1);
+        ms.push_back(m);
+    }
+    CUDA_OK(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    double med = (ms[9] + ms[10]) / 2;
+    double bytes = (double)wbytes + 2.0 * sbytes + 4.0 * T * cols + 4.0 * T * outs * ((flags & LT_GEMV_RESID) ? 2 : 1);
+    timing r{name, fmt, T, rows, cols, flags, med, bytes / (med * 1e6), 2.0 * T * rows * cols / (med * 1e9)};
+    cudaFree(wq);
+    cudaFree(ws);
+    cudaFree(wm);
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(nw);
+    cudaFree(bias);
+    return r;
+}
+
+int main(int argc, char **argv) {
+    bool timings_only = argc > 1 && !strcmp(argv[1], "--time");
+    cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    gemm_set_smem();
+    CUDA_OK(cudaMalloc(&d_step, sizeof(lt_step_args)));
+    CUDA_OK(cudaMemset(d_step, 0, sizeof(lt_step_args)));
+
+    if (!timings_only) {
+        const uint32_t fmts[] = {LT_WF_F16, LT_WF_Q8, LT_WF_Q4};
+        const uint32_t all_flags[] = {0,
+                                      LT_GEMV_NORM,
+                                      LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE,
+                                      LT_GEMV_BIAS,
+                                      LT_GEMV_SILU_MUL,
+                                      LT_GEMV_BIAS | LT_GEMV_SILU_MUL,
+                                      LT_GEMV_RESID,
+                                      LT_GEMV_NORM | LT_GEMV_BIAS | LT_GEMV_RESID,
+                                      LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE | LT_GEMV_BIAS | LT_GEMV_SILU_MUL | LT_GEMV_RESID,
+                                      LT_GEMV_ALL_TOKENS};
+        /* every flag combination at one odd size, resid aliasing y too */
+        for (uint32_t fmt : fmts) {
+            for (uint32_t fl : all_flags)
+                check_case(fmt, 17, 300, 576, fl, false);
+            check_case(fmt, 17, 300, 576, LT_GEMV_RESID, true);
+            check_case(fmt, 70, 36, 1000, LT_GEMV_NORM | LT_GEMV_SILU_MUL | LT_GEMV_RESID, true);
+        }
+        /* the sizes, one flag combination each in turn */
+        const uint32_t Ts[] = {5, 17, 64, 300}, rowss[] = {36, 300, 4096 + 7}, colss[] = {96, 576, 1000, 3584};
+        int i = 0;
+        for (uint32_t fmt : fmts)
+            for (uint32_t T : Ts)
+                for (uint32_t rows : rowss)
+                    for (uint32_t cols : colss) {
+                        uint32_t fl = all_flags[i++ % 10];
+                        uint32_t even = (fl & LT_GEMV_SILU_MUL) ? rows & 1 : 0;  /* gate/up pairs */
+                        check_case(fmt, T, rows + even, cols, fl, false);
+                    }
+        /* columns not a multiple of the quant block or of 4 */
+        check_case(LT_WF_Q8, 33, 130, 37, LT_GEMV_NORM | LT_GEMV_BIAS, false);
+        check_case(LT_WF_Q4, 33, 130, 37, LT_GEMV_NORM, false);
+        check_case(LT_WF_Q8, 9, 64, 1, 0, false);
+        check_case(LT_WF_F16, 65, 130, 40, LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE, false);
+        check_error_and_declines();
+        printf("\ncorrectness: %d of %d cases passed\n\n", n_cases - n_fail, n_cases);
+    }
+
+    std::vector<timing> ts;
+    /* Qwen3.5-0.8B prefill shapes, T = 512 */
+    ts.push_back(time_case("in_proj-like + norm", LT_WF_Q8, 512, 6144, 1024, LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE));
+    ts.push_back(time_case("gate_up + silu_mul", LT_WF_Q8, 512, 7168, 1024, LT_GEMV_NORM | LT_GEMV_SILU_MUL));
+    ts.push_back(time_case("down + resid", LT_WF_Q8, 512, 1024, 3584, LT_GEMV_RESID));
+    ts.push_back(time_case("lm_head all tokens", LT_WF_Q8, 512, 248320, 1024, LT_GEMV_NORM | LT_GEMV_ALL_TOKENS));
+    ts.push_back(time_case("in_proj-like q4", LT_WF_Q4, 512, 6144, 1024, LT_GEMV_NORM));
+    ts.push_back(time_case("in_proj-like f16", LT_WF_F16, 512, 6144, 1024, LT_GEMV_NORM));
+    ts.push_back(time_case("in_proj-like T=64", LT_WF_Q8, 64, 6144, 1024, LT_GEMV_NORM));
+    ts.push_back(time_case("in_proj-like T=16", LT_WF_Q8, 16, 6144, 1024, LT_GEMV_NORM));
+    printf("%-22s %-4s %5s %7s %6s %10s %8s %9s\n", "shape", "fmt", "T", "rows", "cols", "ms", "GB/s", "TFLOP/s");
+    for (const timing &t : ts)
+        printf("%-22s %-4s %5u %7u %6u %10.4f %8.1f %9.2f\n", t.name, FMT_NAME[t.fmt], t.T, t.rows, t.cols, t.ms,
+               t.gbs, t.tflops);
+    return n_fail ? 1 : 0;
+}
