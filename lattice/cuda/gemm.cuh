@@ -23,13 +23,11 @@
 
 #include "kernels.cuh"
 
-#define GEMM_BM 128                  /* weight rows per block */
-#define GEMM_BN 64                   /* tokens per block */
+#define GEMM_BN 64                   /* tokens per block (2 warps of 32 along tokens) */
 #define GEMM_BK LT_QK                /* columns per pipeline stage: one quant block */
-#define GEMM_THREADS 256
 #define GEMM_STAGES 3
-#define GEMM_XS (GEMM_BK + 4)        /* floats per staged x row: conflict-free float4 fragment loads */
-#define GEMM_OS (GEMM_BM + 4)        /* floats per token row of the output tile */
+#define GEMM_XR (GEMM_BK + 4)        /* floats per raw x row: conflict-free float4 reads */
+#define GEMM_XH (GEMM_BK + 8)        /* floats per hi / lo x row: conflict-free float2 fragment reads */
 #define GEMM_MIN_TOKENS 16           /* fewer tokens: k_gemv (the tile would be mostly padding) */
 
 /* Bytes of one weight row per chunk of GEMM_BK columns. */
@@ -38,11 +36,12 @@ template <> struct gemm_fmt<LT_WF_F16> { static constexpr int WB = 2 * GEMM_BK; 
 template <> struct gemm_fmt<LT_WF_Q8> { static constexpr int WB = GEMM_BK; };
 template <> struct gemm_fmt<LT_WF_Q4> { static constexpr int WB = GEMM_BK / 2; };
 
-template <int FMT>
+/* WM warps along rows (32 rows each) x 2 along tokens: BM = 32 WM rows, 64 WM threads. */
+template <int FMT, int WM>
 constexpr size_t gemm_smem_bytes() {
-    return (size_t)GEMM_STAGES * GEMM_BM * gemm_fmt<FMT>::WB           /* weights */
-           + (size_t)(GEMM_STAGES + 2) * GEMM_BN * GEMM_XS * 4         /* raw x stages, x hi, x lo */
-           + 2 * GEMM_BN * 4;                                          /* block sums of x, RMS factors */
+    return (size_t)GEMM_STAGES * 32 * WM * gemm_fmt<FMT>::WB                      /* weights */
+           + (size_t)GEMM_STAGES * GEMM_BN * GEMM_XR * 4 + 2 * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
+           + 2 * GEMM_BN * 4;                                                     /* x block sums, RMS factors */
 }
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
@@ -114,26 +113,28 @@ __device__ __forceinline__ int gemm_xcol(int q, int j) {
     return 8 * q + j;
 }
 
-/* grid (token tiles, row tiles), GEMM_THREADS threads, gemm_smem_bytes<FMT>() dynamic shared
+/* grid (token tiles, row tiles), 64 WM threads, gemm_smem_bytes<FMT, WM>() dynamic shared
  * memory. n_tok: tokens (x row t -> y row t). */
-template <int FMT>
-__global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st,
-                                                        uint32_t n_tok) {
-    constexpr int BM = GEMM_BM, BN = GEMM_BN, BK = GEMM_BK, S = GEMM_STAGES, XS = GEMM_XS;
+template <int FMT, int WM>
+__global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st,
+                                                          uint32_t n_tok) {
+    constexpr int BM = 32 * WM, BN = GEMM_BN, BK = GEMM_BK, S = GEMM_STAGES, XR = GEMM_XR, XH = GEMM_XH;
+    constexpr int THREADS = 64 * WM, SLOTS = BN * 4 / THREADS;  /* x staging: 8 values per slot */
+    constexpr int OS = BM + 4;                                  /* floats per token row of the output tile */
     constexpr int WB = gemm_fmt<FMT>::WB;
     constexpr bool QUANT = FMT != LT_WF_F16;
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t *sw = smem;                               /* [S][BM][WB] */
-    float *sxr = (float *)(smem + S * BM * WB);       /* [S][BN][XS] raw x */
-    float *sxh = sxr + S * BN * XS, *sxl = sxh + BN * XS;  /* [BN][XS] x hi / lo, staged order */
-    float *sxsum = sxl + BN * XS;                     /* [BN] Q4: sum of the chunk's x' per token */
+    float *sxr = (float *)(smem + S * BM * WB);       /* [S][BN][XR] raw x */
+    float *sxh = sxr + S * BN * XR, *sxl = sxh + BN * XH;  /* [BN][XH] x hi / lo, fragment order */
+    float *sxsum = sxl + BN * XH;                     /* [BN] Q4: sum of the chunk's x' per token */
     float *srn = sxsum + BN;                          /* [BN] RMS factors */
-    float *sout = (float *)smem;                      /* [BN][GEMM_OS], after the main loop */
-    static_assert((size_t)BN * GEMM_OS * 4 <= (size_t)S * BM * WB + (S + 2) * BN * XS * 4, "output tile");
+    float *sout = (float *)smem;                      /* [BN][OS], after the main loop */
+    static_assert((size_t)BN * OS * 4 <= (size_t)S * BM * WB + S * BN * XR * 4 + 2 * BN * XH * 4, "output tile");
 
     pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
-    const int wm = warp & 3, wn = warp >> 2;          /* warp tile: rows wm*32.., tokens wn*32.. */
+    const int wm = warp % WM, wn = warp / WM;         /* warp tile: rows wm*32.., tokens wn*32.. */
     const uint32_t t0 = blockIdx.x * BN, n0 = blockIdx.y * BM;
     const uint32_t nch = (a.cols + BK - 1) / BK;
     const uint32_t row_bytes = FMT == LT_WF_F16 ? a.cols * 2 : nch * WB;
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
 
     auto load_w = [&](uint32_t kc) {
         uint8_t *dst = sw + (kc % S) * BM * WB;
-        for (int i = tid; i < BM * WB / 16; i += GEMM_THREADS) {
+        for (int i = tid; i < BM * WB / 16; i += THREADS) {
             int r = i / (WB / 16), p = i % (WB / 16);
             uint32_t off = kc * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
             bool in = off < row_bytes;  /* F16 tail chunk: zeros past cols (cols % 8 == 0) */
@@ -151,12 +152,12 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
         }
     };
     auto load_x = [&](uint32_t kc) {
-        float *dst = sxr + (kc % S) * BN * XS;
-        for (int i = tid; i < BN * BK / 4; i += GEMM_THREADS) {
+        float *dst = sxr + (kc % S) * BN * XR;
+        for (int i = tid; i < BN * BK / 4; i += THREADS) {
             int tt = i / (BK / 4), p = i % (BK / 4);
             uint32_t t = t0 + tt, k = kc * BK + p * 4;
             uint32_t n = t < n_tok && k < a.cols ? min(4u, a.cols - k) * 4 : 0;  /* zeros past cols / tokens */
-            cp_async16(dst + tt * XS + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
+            cp_async16(dst + tt * XR + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
         }
     };
     /* this thread's weight rows (fragment rows g and g + 8 of its two 16-row tiles) and their
@@ -201,8 +202,7 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
 
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     const float nw_one = (a.flags & LT_GEMV_NORM_ADD_ONE) ? 1.0f : 0.0f;
-    const int ct = tid >> 2, cq = tid & 3;  /* x staging: token ct, staged positions 8cq .. 8cq+7 */
-    float ss = 0.0f;                        /* sum of x^2 of token ct over this thread's columns */
+    float ss[SLOTS] = {};  /* sum of x^2 of each staging slot's token over the slot's columns */
     float acc[2][4][4] = {}, part[2][4][4] = {};
 
     for (uint32_t kc = 0; kc < nch; kc++) {
@@ -215,9 +215,13 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
         cp_async_commit();
         load_scales(kc + 1, sc_next, mn_next);
 
-        /* stage x' = x * norm weight as TF32 hi / lo (and its Q4 block sum) */
-        {
-            const float *xr = sxr + (kc % S) * BN * XS + ct * XS;
+        /* stage x' = x * norm weight as TF32 hi / lo (and its Q4 block sum): slot (token ct,
+         * quarter cq) holds the values of fragment column cq, position 8s + 2cq + half for
+         * k-step s and half 0 (column cq) / 1 (column cq + 4) */
+#pragma unroll
+        for (int sl = 0; sl < SLOTS; sl++) {
+            const int slot = tid + sl * THREADS, ct = slot >> 2, cq = slot & 3;
+            const float *xr = sxr + (kc % S) * BN * XR + ct * XR;
             float e[8];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
             float xsum = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                ss += e[j] * e[j];
+                ss[sl] += e[j] * e[j];
                 uint32_t k = kc * BK + gemm_xcol<FMT>(cq, j);
                 if (nw && k < a.cols)
                     e[j] *= nw_one + __ldg(nw + k);
@@ -242,17 +246,12 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
                 if (cq == 0)
                     sxsum[ct] = xsum;
             }
-            float hi[8], lo[8];
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                hi[j] = to_tf32(e[j]);
-                lo[j] = to_tf32(e[j] - hi[j]);
+            for (int s = 0; s < 4; s++) {
+                float h0 = to_tf32(e[s]), h1 = to_tf32(e[4 + s]);
+                *(float2 *)(sxh + ct * XH + 8 * s + 2 * cq) = make_float2(h0, h1);
+                *(float2 *)(sxl + ct * XH + 8 * s + 2 * cq) = make_float2(to_tf32(e[s] - h0), to_tf32(e[4 + s] - h1));
             }
-            float4 *dh = (float4 *)(sxh + ct * XS + 8 * cq), *dl = (float4 *)(sxl + ct * XS + 8 * cq);
-            dh[0] = make_float4(hi[0], hi[1], hi[2], hi[3]);
-            dh[1] = make_float4(hi[4], hi[5], hi[6], hi[7]);
-            dl[0] = make_float4(lo[0], lo[1], lo[2], lo[3]);
-            dl[1] = make_float4(lo[4], lo[5], lo[6], lo[7]);
         }
         __syncthreads();
 
@@ -266,21 +265,24 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
                 for (int h = 0; h < 2; h++)
                     gemm_load_w<FMT>(w + (wm * 32 + mt * 16 + h * 8 + g) * WB, c, wf[mt][h]);
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                int tok = wn * 32 + nt * 8 + g;
-                float bh[8], bl[8];
-                *(float4 *)bh = *(const float4 *)(sxh + tok * XS + 8 * c);
-                *(float4 *)(bh + 4) = *(const float4 *)(sxh + tok * XS + 8 * c + 4);
-                *(float4 *)bl = *(const float4 *)(sxl + tok * XS + 8 * c);
-                *(float4 *)(bl + 4) = *(const float4 *)(sxl + tok * XS + 8 * c + 4);
+            for (int s = 0; s < 4; s++) {
+                float2 bh[4], bl[4];
 #pragma unroll
-                for (int s = 0; s < 4; s++)
+                for (int nt = 0; nt < 4; nt++) {
+                    int tok = wn * 32 + nt * 8 + g;
+                    bh[nt] = *(const float2 *)(sxh + tok * XH + 8 * s + 2 * c);
+                    bl[nt] = *(const float2 *)(sxl + tok * XH + 8 * s + 2 * c);
+                }
+#pragma unroll
+                for (int lo = 0; lo < 2; lo++)  /* all hi products, then all lo: 8 independent chains */
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
                         float af[4] = {wf[mt][0][s], wf[mt][1][s], wf[mt][0][4 + s], wf[mt][1][4 + s]};
-                        float *d = QUANT ? part[mt][nt] : acc[mt][nt];
-                        mma_tf32(d, af, bh[s], bh[4 + s]);
-                        mma_tf32(d, af, bl[s], bl[4 + s]);
+#pragma unroll
+                        for (int nt = 0; nt < 4; nt++) {
+                            float2 bv = lo ? bl[nt] : bh[nt];
+                            mma_tf32(QUANT ? part[mt][nt] : acc[mt][nt], af, bv.x, bv.y);
+                        }
                     }
             }
             if (QUANT) {  /* acc += scale * block sum (+ min * block sum of x) */
@@ -294,10 +296,9 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
 #pragma unroll
                         for (int i = 0; i < 4; i++) {
                             int h = i >> 1;
-                            float xsv = (i & 1) ? xs2.y : xs2.x;
                             acc[mt][nt][i] += sc[mt][h] * part[mt][nt][i];
                             if (FMT == LT_WF_Q4)
-                                acc[mt][nt][i] += mn[mt][h] * xsv;
+                                acc[mt][nt][i] += mn[mt][h] * ((i & 1) ? xs2.y : xs2.x);
                             part[mt][nt][i] = 0.0f;
                         }
                     }
@@ -314,10 +315,15 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
     asm volatile("cp.async.wait_all;" ::: "memory");
 
     /* RMS factors, then the tile (times them) into shared memory */
-    ss += __shfl_xor_sync(0xffffffffu, ss, 1);
-    ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-    if (cq == 0)
-        srn[ct] = nw ? rsqrtf(ss / (float)a.cols + a.eps) : 1.0f;
+#pragma unroll
+    for (int sl = 0; sl < SLOTS; sl++) {
+        const int slot = tid + sl * THREADS;
+        float v = ss[sl];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if ((slot & 3) == 0)
+            srn[slot >> 2] = nw ? rsqrtf(v / (float)a.cols + a.eps) : 1.0f;
+    }
     __syncthreads();  /* also: every warp is done with the stage buffers the tile overwrites */
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
@@ -326,7 +332,7 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int n = wm * 32 + mt * 16 + g + (i >> 1) * 8, t = wn * 32 + nt * 8 + 2 * c + (i & 1);
-                sout[t * GEMM_OS + n] = acc[mt][nt][i] * srn[t];
+                sout[t * OS + n] = acc[mt][nt][i] * srn[t];
             }
     __syncthreads();
 
@@ -335,12 +341,12 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
     const float *resid = (a.flags & LT_GEMV_RESID) ? (const float *)b.p[LT_GEMV_B_RESID] : nullptr;
     float *y = (float *)b.p[LT_GEMV_B_Y];
     if (a.flags & LT_GEMV_SILU_MUL) {
-        for (int i = tid; i < BN * BM / 2; i += GEMM_THREADS) {
+        for (int i = tid; i < BN * BM / 2; i += THREADS) {
             int tt = i / (BM / 2), p = i % (BM / 2);
             uint32_t t = t0 + tt, n = n0 + 2 * p;
             if (t >= n_tok || n >= a.rows)
                 continue;
-            float gate = sout[tt * GEMM_OS + 2 * p], up = sout[tt * GEMM_OS + 2 * p + 1];
+            float gate = sout[tt * OS + 2 * p], up = sout[tt * OS + 2 * p + 1];
             if (bias) {
                 gate += bias[n];
                 up += bias[n + 1];
@@ -351,12 +357,12 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
             y[(size_t)t * a.y_stride + n / 2] = out;
         }
     } else {
-        for (int i = tid; i < BN * BM; i += GEMM_THREADS) {
+        for (int i = tid; i < BN * BM; i += THREADS) {
             int tt = i / BM, p = i % BM;
             uint32_t t = t0 + tt, n = n0 + p;
             if (t >= n_tok || n >= a.rows)
                 continue;
-            float out = sout[tt * GEMM_OS + p];
+            float out = sout[tt * OS + p];
             if (bias)
                 out += bias[n];
             if (resid)
@@ -366,51 +372,68 @@ __global__ void __launch_bounds__(GEMM_THREADS) k_gemm(lt_gemv_args a, lt_binds 
     }
 }
 
+template <int FMT>
+static void gemm_set_smem_fmt() {
+    cudaFuncSetAttribute(k_gemm<FMT, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 4>());
+    cudaFuncSetAttribute(k_gemm<FMT, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 2>());
+    cudaFuncSetAttribute(k_gemm<FMT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 1>());
+}
+
 /* Once per process (beside the k_gemv attributes): the kernels' dynamic shared memory exceeds
  * the 48 KiB default. */
 static void gemm_set_smem() {
-    cudaFuncSetAttribute(k_gemm<LT_WF_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)gemm_smem_bytes<LT_WF_F16>());
-    cudaFuncSetAttribute(k_gemm<LT_WF_Q8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)gemm_smem_bytes<LT_WF_Q8>());
-    cudaFuncSetAttribute(k_gemm<LT_WF_Q4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)gemm_smem_bytes<LT_WF_Q4>());
+    gemm_set_smem_fmt<LT_WF_F16>();
+    gemm_set_smem_fmt<LT_WF_Q8>();
+    gemm_set_smem_fmt<LT_WF_Q4>();
 }
 
-template <int FMT>
+template <int FMT, int WM>
 static void gemm_launch_fmt(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                             bool pdl, cudaStream_t s) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((n_tok + GEMM_BN - 1) / GEMM_BN, (a.rows + GEMM_BM - 1) / GEMM_BM);
-    cfg.blockDim = dim3(GEMM_THREADS);
-    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT>();
+    cfg.gridDim = dim3((n_tok + GEMM_BN - 1) / GEMM_BN, (a.rows + 32 * WM - 1) / (32 * WM));
+    cfg.blockDim = dim3(64 * WM);
+    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM>();
     cfg.stream = s;
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k_gemm<FMT>, a, b, st, n_tok);
+    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM>, a, b, st, n_tok);
+}
+
+/* Rows per block: 128 where that still gives every SM two blocks, else fewer (more blocks). */
+template <int FMT>
+static void gemm_launch_rows(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
+                             int sms, bool pdl, cudaStream_t s) {
+    uint32_t tok_tiles = (n_tok + GEMM_BN - 1) / GEMM_BN;
+    if (tok_tiles * ((a.rows + 127) / 128) >= 2u * sms)
+        gemm_launch_fmt<FMT, 4>(a, b, st, n_tok, pdl, s);
+    else if (tok_tiles * ((a.rows + 63) / 64) >= 2u * sms)
+        gemm_launch_fmt<FMT, 2>(a, b, st, n_tok, pdl, s);
+    else
+        gemm_launch_fmt<FMT, 1>(a, b, st, n_tok, pdl, s);
 }
 
 /* Launches k_gemm for a GEMV / LM_HEAD dispatch of T tokens and returns true, or returns false
  * (nothing launched) where k_gemv must run: F32 weights, the last-token LM head, fewer than
- * GEMM_MIN_TOKENS tokens, x not 16-byte aligned rows, F16 rows not whole 16-byte vectors, more
- * row tiles than a grid holds. pdl: launch with programmatic stream serialization. */
+ * GEMM_MIN_TOKENS tokens, x rows not 16-byte aligned, F16 rows not whole 16-byte vectors, more
+ * row tiles than a grid holds. sms: the GPU's multiprocessors; pdl: launch with programmatic
+ * stream serialization. */
 static bool launch_gemm(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t T, bool lm_head,
-                        bool pdl, cudaStream_t s) {
+                        int sms, bool pdl, cudaStream_t s) {
     if (lm_head && !(a.flags & LT_GEMV_ALL_TOKENS))
         return false;
     if (T < GEMM_MIN_TOKENS || a.wformat == LT_WF_F32 || a.x_stride % 4
-        || (uintptr_t)b.p[LT_GEMV_B_X] % 16 || (uintptr_t)b.p[LT_GEMV_B_WQ] % 16
-        || (a.rows + GEMM_BM - 1) / GEMM_BM > 65535)
+        || (uintptr_t)b.p[LT_GEMV_B_X] % 16 || (uintptr_t)b.p[LT_GEMV_B_WQ] % 16 || (a.rows + 31) / 32 > 65535)
         return false;
     if (a.wformat == LT_WF_F16 && a.cols % 8)
         return false;
     switch (a.wformat) {
-    case LT_WF_F16: gemm_launch_fmt<LT_WF_F16>(a, b, st, T, pdl, s); break;
-    case LT_WF_Q8: gemm_launch_fmt<LT_WF_Q8>(a, b, st, T, pdl, s); break;
-    case LT_WF_Q4: gemm_launch_fmt<LT_WF_Q4>(a, b, st, T, pdl, s); break;
+    case LT_WF_F16: gemm_launch_rows<LT_WF_F16>(a, b, st, T, sms, pdl, s); break;
+    case LT_WF_Q8: gemm_launch_rows<LT_WF_Q8>(a, b, st, T, sms, pdl, s); break;
+    case LT_WF_Q4: gemm_launch_rows<LT_WF_Q4>(a, b, st, T, sms, pdl, s); break;
     default: return false;
     }
     return true;

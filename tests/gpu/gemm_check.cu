@@ -106,12 +106,32 @@ struct dev_weights {
 static double silu(double v) { return v / (1.0 + std::exp(-v)); }
 
 static lt_step_args *d_step;
+static int sms;  /* multiprocessors: launch_gemm picks the row tile */
 static int n_fail = 0, n_cases = 0;
+static double worst_all = 0.0;  /* largest |err| / bound over all cases */
 
 /* One dispatch: launches k_gemm (directly: T below GEMM_MIN_TOKENS included), checks every output
  * against float64 and that nothing outside the outputs was written. */
+template <int FMT>
+static void launch_fmt(int wm, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
+    if (wm == 4)
+        gemm_launch_fmt<FMT, 4>(a, b, d_step, T, true, 0);
+    else if (wm == 2)
+        gemm_launch_fmt<FMT, 2>(a, b, d_step, T, true, 0);
+    else
+        gemm_launch_fmt<FMT, 1>(a, b, d_step, T, true, 0);
+}
+
+static void launch_wm(uint32_t fmt, int wm, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
+    if (fmt == LT_WF_F16)
+        launch_fmt<LT_WF_F16>(wm, a, b, T);
+    else if (fmt == LT_WF_Q8)
+        launch_fmt<LT_WF_Q8>(wm, a, b, T);
+    else
+        launch_fmt<LT_WF_Q4>(wm, a, b, T);
+}
+
 static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags, bool alias) {
-    n_cases++;
     weights w = make_weights(fmt, rows, cols);
     dev_weights dw(w);
     const bool silu_mul = flags & LT_GEMV_SILU_MUL;
@@ -157,16 +177,6 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
     b.p[LT_GEMV_B_NORM] = (flags & LT_GEMV_NORM) ? dnw : nullptr;
     b.p[LT_GEMV_B_BIAS] = (flags & LT_GEMV_BIAS) ? dbias : nullptr;
     b.p[LT_GEMV_B_RESID] = (flags & LT_GEMV_RESID) ? dres : nullptr;
-    if (fmt == LT_WF_F16)
-        gemm_launch_fmt<LT_WF_F16>(a, b, d_step, T, true, 0);
-    else if (fmt == LT_WF_Q8)
-        gemm_launch_fmt<LT_WF_Q8>(a, b, d_step, T, true, 0);
-    else
-        gemm_launch_fmt<LT_WF_Q4>(a, b, d_step, T, true, 0);
-    CUDA_OK(cudaGetLastError());
-    std::vector<float> got(y.size());
-    CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
-
     /* reference: dot products and their bound 3e-5 * sum |w x'| + 1e-6 in float64 */
     std::vector<double> dot((size_t)T * rows), bound((size_t)T * rows);
 #pragma omp parallel for schedule(dynamic)
@@ -191,43 +201,53 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             bound[(size_t)t * rows + n] = 3e-5 * sa + 1e-6;
         }
     }
-    double worst = 0.0;  /* largest |err| / bound */
-    long bad = 0, stray = 0;
-    for (uint32_t t = 0; t < T; t++) {
-        for (uint32_t o = 0; o < outs; o++) {
-            double want, lim;
-            if (silu_mul) {  /* |silu'| <= 1.1 */
-                double gv = dot[(size_t)t * rows + 2 * o], uv = dot[(size_t)t * rows + 2 * o + 1];
-                want = silu(gv) * uv;
-                lim = 1.1 * std::fabs(uv) * bound[(size_t)t * rows + 2 * o]
-                      + std::fabs(silu(gv)) * bound[(size_t)t * rows + 2 * o + 1];
-            } else {
-                want = dot[(size_t)t * rows + o];
-                lim = bound[(size_t)t * rows + o];
+    for (int wm = 4; wm >= 1; wm /= 2) {  /* every row-tile height launch_gemm may pick */
+        CUDA_OK(cudaMemcpy(dy, y.data(), y.size() * 4, cudaMemcpyHostToDevice));
+        launch_wm(fmt, wm, a, b, T);
+        CUDA_OK(cudaGetLastError());
+        std::vector<float> got(y.size());
+        CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
+        double worst = 0.0;  /* largest |err| / bound */
+        long bad = 0, stray = 0;
+        for (uint32_t t = 0; t < T; t++) {
+            for (uint32_t o = 0; o < outs; o++) {
+                double want, lim;
+                if (silu_mul) {  /* |silu'| <= 1.1 */
+                    double gv = dot[(size_t)t * rows + 2 * o], uv = dot[(size_t)t * rows + 2 * o + 1];
+                    want = silu(gv) * uv;
+                    lim = 1.1 * std::fabs(uv) * bound[(size_t)t * rows + 2 * o]
+                          + std::fabs(silu(gv)) * bound[(size_t)t * rows + 2 * o + 1];
+                } else {
+                    want = dot[(size_t)t * rows + o];
+                    lim = bound[(size_t)t * rows + o];
+                }
+                if (flags & LT_GEMV_RESID)
+                    want += resid[(size_t)t * a.resid_stride + o];
+                lim += 1e-6 * std::fabs(want);  /* the f32 rounding of the output itself */
+                double g = got[(size_t)t * a.y_stride + o], err = std::fabs(g - want);
+                if (!(err <= lim)) {
+                    if (bad < 3)
+                        fprintf(stderr, "    t=%u o=%u got %.9g want %.9g (bound %.3g)\n", t, o, g, want, lim);
+                    bad++;
+                }
+                worst = std::max(worst, err / lim);
             }
-            if (flags & LT_GEMV_RESID)
-                want += resid[(size_t)t * a.resid_stride + o];
-            lim += 1e-6 * std::fabs(want);  /* the f32 rounding of the output itself */
-            double g = got[(size_t)t * a.y_stride + o], err = std::fabs(g - want);
-            if (!(err <= lim)) {
-                if (bad < 3)
-                    fprintf(stderr, "    t=%u o=%u got %.9g want %.9g (bound %.3g)\n", t, o, g, want, lim);
-                bad++;
+            for (uint32_t o = outs; o < a.y_stride; o++) {  /* the gap: untouched */
+                float g = got[(size_t)t * a.y_stride + o];
+                if (alias ? g != resid[(size_t)t * a.resid_stride + o] : memcmp(&g, &poison, 4) != 0)
+                    stray++;
             }
-            worst = std::max(worst, err / lim);
         }
-        for (uint32_t o = outs; o < a.y_stride; o++) {  /* the gap: untouched */
-            float g = got[(size_t)t * a.y_stride + o];
-            if (alias ? g != resid[(size_t)t * a.resid_stride + o] : memcmp(&g, &poison, 4) != 0)
-                stray++;
-        }
+        bool ok = bad == 0 && stray == 0;
+        n_cases++;
+        if (!ok)
+            n_fail++;
+        worst_all = std::max(worst_all, worst);
+        if (!ok)  /* passes are counted, failures named */
+            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u rows/block=%-3d%s  max err/bound %.3f%s\n",
+                   FMT_NAME[fmt], T, rows, cols, flags, 32 * wm, alias ? " (resid = y)" : "", worst,
+                   stray ? "  (wrote outside the outputs)" : "  (over the bound)");
     }
-    bool ok = bad == 0 && stray == 0;
-    if (!ok)
-        n_fail++;
-    printf("%s %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u%s  max err/bound %.3f%s\n", ok ? "ok  " : "FAIL",
-           FMT_NAME[fmt], T, rows, cols, flags, alias ? " (resid = y)" : "", worst,
-           ok ? "" : (stray ? "  (wrote outside the outputs)" : "  (over the bound)"));
     cudaFree(dx);
     cudaFree(dnw);
     cudaFree(dbias);
@@ -250,7 +270,7 @@ static void check_error_and_declines() {
     b.p[LT_GEMV_B_WS] = dw.ws;
     uint32_t err = LT_ERR_ARGS;
     CUDA_OK(cudaMemcpy(&d_step->error, &err, 4, cudaMemcpyHostToDevice));
-    bool launched = launch_gemm(a, b, d_step, 32, false, true, 0);
+    bool launched = launch_gemm(a, b, d_step, 32, false, sms, true, 0);
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<float> got(y.size());
     CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -259,11 +279,11 @@ static void check_error_and_declines() {
     bool untouched = got == y;
     lt_gemv_args f32 = a, lm = a;
     f32.wformat = LT_WF_F32;
-    bool declines = !launch_gemm(f32, b, d_step, 32, false, true, 0)           /* F32 weights */
-                    && !launch_gemm(lm, b, d_step, 32, true, true, 0)          /* last-token LM head */
-                    && !launch_gemm(a, b, d_step, GEMM_MIN_TOKENS - 1, false, true, 0);
+    bool declines = !launch_gemm(f32, b, d_step, 32, false, sms, true, 0)           /* F32 weights */
+                    && !launch_gemm(lm, b, d_step, 32, true, sms, true, 0)          /* last-token LM head */
+                    && !launch_gemm(a, b, d_step, GEMM_MIN_TOKENS - 1, false, sms, true, 0);
     lm.flags = LT_GEMV_ALL_TOKENS;
-    declines = declines && launch_gemm(lm, b, d_step, 32, true, true, 0);
+    declines = declines && launch_gemm(lm, b, d_step, 32, true, sms, true, 0);
     CUDA_OK(cudaDeviceSynchronize());
     bool ok = launched && untouched && declines;
     n_cases++;
@@ -319,11 +339,11 @@ static timing time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t row
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);
     for (int i = 0; i < 3; i++)
-        launch_gemm(a, b, d_step, T, lm, true, 0);
+        launch_gemm(a, b, d_step, T, lm, sms, true, 0);
     std::vector<float> ms;
     for (int i = 0; i < 20; i++) {
         cudaEventRecord(e0);
-        bool ok = launch_gemm(a, b, d_step, T, lm, true, 0);
+        bool ok = launch_gemm(a, b, d_step, T, lm, sms, true, 0);
         cudaEventRecord(e1);
         CUDA_OK(cudaEventSynchronize(e1));
         if (!ok) {
@@ -354,6 +374,7 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     CUDA_OK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+    sms = prop.multiProcessorCount;
     gemm_set_smem();
     CUDA_OK(cudaMalloc(&d_step, sizeof(lt_step_args)));
     CUDA_OK(cudaMemset(d_step, 0, sizeof(lt_step_args)));
@@ -394,7 +415,8 @@ int main(int argc, char **argv) {
         check_case(LT_WF_Q8, 9, 64, 1, 0, false);
         check_case(LT_WF_F16, 65, 130, 40, LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE, false);
         check_error_and_declines();
-        printf("\ncorrectness: %d of %d cases passed\n\n", n_cases - n_fail, n_cases);
+        printf("\ncorrectness: %d of %d cases passed (formats f16 q8 q4 x flags x sizes x 32/64/128 rows per "
+               "block); largest |err| / bound %.4f\n\n", n_cases - n_fail, n_cases, worst_all);
     }
 
     std::vector<timing> ts;
@@ -405,7 +427,10 @@ int main(int argc, char **argv) {
     ts.push_back(time_case("lm_head all tokens", LT_WF_Q8, 512, 248320, 1024, LT_GEMV_NORM | LT_GEMV_ALL_TOKENS));
     ts.push_back(time_case("in_proj-like q4", LT_WF_Q4, 512, 6144, 1024, LT_GEMV_NORM));
     ts.push_back(time_case("in_proj-like f16", LT_WF_F16, 512, 6144, 1024, LT_GEMV_NORM));
+    /* pp64 and shorter prompts */
     ts.push_back(time_case("in_proj-like T=64", LT_WF_Q8, 64, 6144, 1024, LT_GEMV_NORM));
+    ts.push_back(time_case("gate_up T=64", LT_WF_Q8, 64, 7168, 1024, LT_GEMV_NORM | LT_GEMV_SILU_MUL));
+    ts.push_back(time_case("down T=64", LT_WF_Q8, 64, 1024, 3584, LT_GEMV_RESID));
     ts.push_back(time_case("in_proj-like T=16", LT_WF_Q8, 16, 6144, 1024, LT_GEMV_NORM));
     printf("%-22s %-4s %5s %7s %6s %10s %8s %9s\n", "shape", "fmt", "T", "rows", "cols", "ms", "GB/s", "TFLOP/s");
     for (const timing &t : ts)
