@@ -22,6 +22,7 @@ struct launch {
     /* GEMV */
     gemv_geom gg;
     int ks, rpw;
+    uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
@@ -79,6 +80,18 @@ struct lt_cuda {
             return LT_ERR_CUDA;                                                                     \
         }                                                                                           \
     } while (0)
+
+/* Blocks of k_gemv_stream resident on the whole GPU at once: its grid. */
+static uint32_t stream_grid(const lt_cuda *c, uint32_t fmt, size_t smem) {
+    int n = 0;
+    switch (fmt) {
+    case LT_WF_F32: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_gemv_stream<LT_WF_F32>, 256, smem); break;
+    case LT_WF_F16: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_gemv_stream<LT_WF_F16>, 256, smem); break;
+    case LT_WF_Q8: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_gemv_stream<LT_WF_Q8>, 256, smem); break;
+    case LT_WF_Q4: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_gemv_stream<LT_WF_Q4>, 256, smem); break;
+    }
+    return (uint32_t)(n > 0 ? n : 1) * (uint32_t)c->sms;
+}
 
 /* ------------------------------------------------------------------------------ validation */
 
@@ -156,8 +169,9 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     uint32_t want_warps = (uint32_t)c->sms * 32;
     L.rpw = 1;
     L.ks = 1;
-    if (a->rows >= 4 * want_warps) {  /* LM heads: 4 rows per warp */
+    if (a->rows >= 4 * want_warps && g.vec_ok) {  /* LM heads: every warp streams rows (one token) */
         L.rpw = 4;
+        L.stream_grid = stream_grid(c, a->wformat, (size_t)g.xcols * sizeof(float));
         return;
     }
     if (a->rows > want_warps) {  /* more rows than resident warps: 2 per warp, one wave of blocks */
@@ -193,15 +207,17 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
 template <int FMT, int NT>
 static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm,
                             dim3 grid, size_t smem, cudaStream_t s) {
+    if (NT == 1 && L.stream_grid) {
+        launch_k(k_gemv_stream<FMT>, L.stream_grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
+        return;
+    }
 #define LT_GEMV_CASE(KS, RPW)                                                                     \
     if (L.ks == KS && L.rpw == RPW) {                                                             \
         launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
         return;                                                                                   \
     }
-    if constexpr (NT == 1) {
-        LT_GEMV_CASE(1, 4)
+    if constexpr (NT == 1)
         LT_GEMV_CASE(1, 2)
-    }
     LT_GEMV_CASE(1, 1)
     LT_GEMV_CASE(2, 1)
     LT_GEMV_CASE(4, 1)
@@ -213,13 +229,13 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
 template <int FMT>
 static void set_gemv_smem() {
     const int bytes = 4 * 12288 * 4;
-    cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 #define LT_SMEM(KS)                                                                               \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
 #undef LT_SMEM
+    cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStream_t s) {

@@ -1,0 +1,71 @@
+"""A/B decode throughput of Lattice-CUDA under environment variants, interleaved in rounds, one
+process per measurement (the backend reads its environment when created):
+
+    python3 tests/gpu/decode_variants.py /tmp/models/qwen3.5-0.8b.gguf "" LATTICE_CUDA_EAGER=1 -r 3
+
+Each variant is a space-separated list of NAME=VALUE ("" = as is). Decode tok/s is the slope
+between 64 and 320 generated tokens (16-token prompt, greedy); the table gives the median and the
+spread (max - min) / median over the rounds. Prefill tok/s of a 64-token prompt alongside.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def child(model):
+    import lattice
+    m = lattice.load(model, backend="cuda", context=1024)
+    prompt = list(range(100, 116))
+
+    def run(n):
+        s = m.session()
+        t0 = time.perf_counter()
+        s.generate(prompt, max_tokens=n, ignore_eos=True)
+        return time.perf_counter() - t0
+
+    run(64)
+    n1, n2 = 64, 320
+    dec = min((n2 - n1) / (run(n2) - run(n1)) for _ in range(3))  # fastest of three pairs: least disturbed
+    s = m.session()
+    long_prompt = list(range(200, 264))
+    s.generate(long_prompt, max_tokens=1)
+    t0 = time.perf_counter()
+    m.session().generate(long_prompt, max_tokens=1)
+    pp = 64 / (time.perf_counter() - t0)
+    print(f"RESULT {dec:.2f} {pp:.1f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("-r", "--rounds", type=int, default=3)
+    a = ap.parse_args()
+    res = {v: [] for v in a.variants}
+    for _ in range(a.rounds):
+        for v in a.variants:
+            env = dict(os.environ)
+            env.update(kv.split("=", 1) for kv in v.split())
+            out = subprocess.run([sys.executable, __file__, "--child", a.model], env=env, capture_output=True,
+                                 text=True, timeout=300)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+            if not line:
+                print(f"variant {v!r} failed:\n{out.stderr[-2000:]}")
+                res[v].append((float("nan"), float("nan")))
+                continue
+            res[v].append(tuple(float(x) for x in line[0].split()[1:]))
+    print(f"{os.path.basename(a.model)}: decode tok/s (median, spread) | prefill 64 tok/s")
+    for v, r in res.items():
+        d = sorted(x[0] for x in r)
+        p = sorted(x[1] for x in r)
+        med = d[len(d) // 2]
+        print(f"  {v or '(as is)':40s} {med:9.1f} {100 * (d[-1] - d[0]) / med:5.1f}% | {p[len(p) // 2]:9.1f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child(sys.argv[2])
+    else:
+        main()
