@@ -1,33 +1,34 @@
 /* Prefill GEMM on tensor cores: what k_gemv computes (lt_gemv_args, metal/lattice_shared.h) for
  * many tokens at once, y[t, n] = sum_k W[n, k] x'[t, k] then the epilogues, with
- * mma.sync m16n8k8 TF32 (sm_80+).
+ * mma.sync m16n8k16 bf16 -> f32 (sm_80+).
  *
- * Precision stays that of f32 dot products: Q8 (int8), Q4 (0..15) and F16 weights are exact in
- * TF32; x is split into hi = tf32(x) and lo = tf32(x - hi) and both halves are multiplied
- * (about 2^-22 relative); the Q8/Q4 scales (and Q4 mins, through per-block sums of x) are applied
- * in f32 to each 32-column block's sum. F32 weights are not handled (they would need W split too):
- * launch_gemm declines them and k_gemv runs.
+ * Precision stays within the f32 bound of the kernel tests (3e-5 sum |w x|): Q8 (int8) and Q4
+ * (0..15) weights are exact in bf16, F16 weights are split exactly into two bf16 (hi + lo); x is
+ * split into hi = bf16(x) and lo = bf16(x - hi) (|x - hi - lo| <= 2^-18 |x|) and W hi x hi +
+ * W hi x lo (+ W lo x hi for F16) are accumulated in f32; the Q8/Q4 scales (and Q4 mins, through
+ * per-block sums of x) are applied in f32 to each 32-column block's sum. F32 weights are not
+ * handled (they would need a three-way split): launch_gemm declines them and k_gemv runs.
  *
- * A block computes BM weight rows x BN tokens, 32 columns (one quant block) per pipeline stage:
+ * A block computes BM weight rows x 64 tokens, 32 columns (one quant block) per pipeline stage:
  * weights and raw x arrive by cp.async STAGES - 1 chunks ahead (the weights of the first chunks
  * before the programmatic-launch wait: they do not depend on earlier kernels); each chunk's x is
  * normalized (x * norm weight; the RMS factor multiplies the sums at the end, as in k_gemv) and
- * split once into shared memory, then 8 warps (4 along rows x 2 along tokens, 32 x 32 each) run
- * the mma's. Inside a chunk the 32 columns are taken in a per-format order in which every thread's
- * 8 columns per row are adjacent in memory (one 8- or 16-byte load for its weights, two float4 for
- * x); any fixed order gives the same sum. The output tile goes through shared memory so that the
- * epilogues write whole rows of y. */
+ * split once into shared memory, then the warps (BM / 32 along rows x 2 along tokens, 32 x 32
+ * each) run the mma's. Inside a chunk the 32 columns are taken in a per-format order in which
+ * every thread's 8 columns per row are adjacent in memory (one 8- or 16-byte load for its
+ * weights); any fixed order gives the same sum. The output tile goes through shared memory so
+ * that the epilogues write whole rows of y. */
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "kernels.cuh"
 
 #define GEMM_BN 64                   /* tokens per block (2 warps of 32 along tokens) */
 #define GEMM_BK LT_QK                /* columns per pipeline stage: one quant block */
-#define GEMM_STAGES 3
 #define GEMM_XR (GEMM_BK + 4)        /* floats per raw x row: conflict-free float4 reads */
-#define GEMM_XH (GEMM_BK + 8)        /* floats per hi / lo x row: conflict-free float2 fragment reads */
+#define GEMM_XH 24                   /* words (bf16 pairs) per hi / lo x row: 16, padded for conflict-free reads */
 #define GEMM_MIN_TOKENS 16           /* fewer tokens: k_gemv (the tile would be mostly padding) */
 
 /* Bytes of one weight row per chunk of GEMM_BK columns. */
@@ -36,12 +37,20 @@ template <> struct gemm_fmt<LT_WF_F16> { static constexpr int WB = 2 * GEMM_BK; 
 template <> struct gemm_fmt<LT_WF_Q8> { static constexpr int WB = GEMM_BK; };
 template <> struct gemm_fmt<LT_WF_Q4> { static constexpr int WB = GEMM_BK / 2; };
 
-/* WM warps along rows (32 rows each) x 2 along tokens: BM = 32 WM rows, 64 WM threads. */
-template <int FMT, int WM>
+/* Block shape: KS groups of warps, each on its own chunk of every stage (split-K inside the block,
+ * for grids too small to fill the GPU); a group has WM warps along rows (32 rows each) x 2 along
+ * tokens. BM = 32 WM rows, 64 WM KS threads; STAGES stages of KS chunks each. */
+template <int WM, int KS> struct gemm_shape {
+    static constexpr int BM = 32 * WM, THREADS = 64 * WM * KS, STAGES = KS > 1 ? 2 : 3;
+    static constexpr int OS = BM + 4;  /* floats per token row of a group's output tile */
+};
+
+template <int FMT, int WM, int KS>
 constexpr size_t gemm_smem_bytes() {
-    return (size_t)GEMM_STAGES * 32 * WM * gemm_fmt<FMT>::WB                      /* weights */
-           + (size_t)GEMM_STAGES * GEMM_BN * GEMM_XR * 4 + 2 * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
-           + 2 * GEMM_BN * 4;                                                     /* x block sums, RMS factors */
+    using G = gemm_shape<WM, KS>;
+    return (size_t)G::STAGES * KS * G::BM * gemm_fmt<FMT>::WB                             /* weights */
+           + (size_t)G::STAGES * KS * GEMM_BN * GEMM_XR * 4 + 2 * KS * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
+           + (KS + 1) * GEMM_BN * 4;                          /* x block sums (then sums of squares), RMS factors */
 }
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
@@ -52,54 +61,67 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
-__device__ __forceinline__ float to_tf32(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return __uint_as_float(r);
-}
-
-/* d += A (16x8, row) * B (8x8, col), TF32 inputs, f32 accumulators. */
-__device__ __forceinline__ void mma_tf32(float d[4], const float a[4], float b0, float b1) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+/* d += A (16x16, row) * B (16x8, col), bf16 inputs (pairs in 32-bit registers, the lower column
+ * in the low half), f32 accumulators. */
+__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
-                   "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Four int8 (or 0..15 bytes) as exact floats: the byte placed in the mantissa of 2^23, minus the
- * bias (cheaper than I2F). */
-__device__ __forceinline__ void s8x4_to_f32(uint32_t w, float *f) {
-    uint32_t u = w ^ 0x80808080u;  /* b + 128 */
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(const uint32_t *)&v;
+}
+
+/* (e0, e1) = hi + lo: hi the bf16 pair nearest, lo the bf16 pair nearest the remainder. */
+__device__ __forceinline__ void bf16_split(float e0, float e1, uint32_t &hi, uint32_t &lo) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(e0, e1);
+    float2 hf = __bfloat1622float2(h);
+    hi = *(const uint32_t *)&h;
+    lo = bf16_pair(e0 - hf.x, e1 - hf.y);
+}
+
+/* Four int8 as exact floats: the byte + 128 placed in the mantissa of 2^23, minus the bias
+ * (cheaper than I2F); as two bf16 pairs (exact: 8 significant bits). */
+__device__ __forceinline__ void s8x4_to_bf16(uint32_t w, uint32_t *out) {
+    uint32_t u = w ^ 0x80808080u;
+    float f[4];
 #pragma unroll
     for (int i = 0; i < 4; i++)
         f[i] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540 + i)) - 8388736.0f;
+    out[0] = bf16_pair(f[0], f[1]);
+    out[1] = bf16_pair(f[2], f[3]);
 }
-__device__ __forceinline__ void u8x4_to_f32(uint32_t w, float *f) {
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-        f[i] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + i)) - 8388608.0f;
+/* Four bytes 0..15 as two bf16 pairs: 128 + n is bf16 0x4300 | n, minus 128. */
+__device__ __forceinline__ void u4x4_to_bf16(uint32_t w, uint32_t *out) {
+    const __nv_bfloat162 k128 = __floats2bfloat162_rn(128.0f, 128.0f);
+    uint32_t p0 = __byte_perm(w, 0x43u, 0x4140), p1 = __byte_perm(w, 0x43u, 0x4342);
+    __nv_bfloat162 v0 = __hsub2(*(const __nv_bfloat162 *)&p0, k128), v1 = __hsub2(*(const __nv_bfloat162 *)&p1, k128);
+    out[0] = *(const uint32_t *)&v0;
+    out[1] = *(const uint32_t *)&v1;
 }
 
-/* The 8 weights of a thread's row in a chunk (columns in the format's order, see gemm_xcol). */
+/* The 8 weights of a thread's row in a chunk (columns in the format's order, see gemm_xcol) as 4
+ * bf16 pairs; F16 weights (11 significant bits) as hi + lo pairs, both exact. */
 template <int FMT>
-__device__ __forceinline__ void gemm_load_w(const uint8_t *row, int c, float *f) {
+__device__ __forceinline__ void gemm_load_w(const uint8_t *row, int c, uint32_t *hi, uint32_t *lo) {
     if (FMT == LT_WF_Q8) {
         uint2 p = *(const uint2 *)(row + 8 * c);
-        s8x4_to_f32(p.x, f);
-        s8x4_to_f32(p.y, f + 4);
+        s8x4_to_bf16(p.x, hi);
+        s8x4_to_bf16(p.y, hi + 2);
     } else if (FMT == LT_WF_Q4) {  /* byte j: value j low, value j + 16 high */
         uint32_t p = *(const uint32_t *)(row + 4 * c);
-        u8x4_to_f32(p & 0x0f0f0f0fu, f);
-        u8x4_to_f32((p >> 4) & 0x0f0f0f0fu, f + 4);
+        u4x4_to_bf16(p & 0x0f0f0f0fu, hi);
+        u4x4_to_bf16((p >> 4) & 0x0f0f0f0fu, hi + 2);
     } else {
         uint4 p = *(const uint4 *)(row + 16 * c);
         const __half2 *h = (const __half2 *)&p;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             float2 v = __half22float2(h[i]);
-            f[2 * i] = v.x;
-            f[2 * i + 1] = v.y;
+            bf16_split(v.x, v.y, hi[i], lo[i]);
         }
     }
 }
@@ -113,55 +135,58 @@ __device__ __forceinline__ int gemm_xcol(int q, int j) {
     return 8 * q + j;
 }
 
-/* grid (token tiles, row tiles), 64 WM threads, gemm_smem_bytes<FMT, WM>() dynamic shared
- * memory. n_tok: tokens (x row t -> y row t). */
-template <int FMT, int WM>
-__global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st,
-                                                          uint32_t n_tok) {
-    constexpr int BM = 32 * WM, BN = GEMM_BN, BK = GEMM_BK, S = GEMM_STAGES, XR = GEMM_XR, XH = GEMM_XH;
-    constexpr int THREADS = 64 * WM, SLOTS = BN * 4 / THREADS;  /* x staging: 8 values per slot */
-    constexpr int OS = BM + 4;                                  /* floats per token row of the output tile */
+/* grid (token tiles, row tiles), gemm_shape<WM, KS>::THREADS threads, gemm_smem_bytes<FMT, WM, KS>()
+ * dynamic shared memory. n_tok: tokens (x row t -> y row t). */
+template <int FMT, int WM, int KS>
+__global__ void __launch_bounds__(gemm_shape<WM, KS>::THREADS, 8 / (WM * KS) > 0 ? 8 / (WM * KS) : 1)
+k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
+    using G = gemm_shape<WM, KS>;
+    constexpr int BM = G::BM, BN = GEMM_BN, BK = GEMM_BK, S = G::STAGES, XR = GEMM_XR, XH = GEMM_XH;
+    constexpr int THREADS = G::THREADS, OS = G::OS;
+    constexpr int SLOTS = KS * BN * 4 / THREADS;  /* x staging: 8 values per slot */
     constexpr int WB = gemm_fmt<FMT>::WB;
     constexpr bool QUANT = FMT != LT_WF_F16;
     extern __shared__ __align__(16) uint8_t smem[];
-    uint8_t *sw = smem;                               /* [S][BM][WB] */
-    float *sxr = (float *)(smem + S * BM * WB);       /* [S][BN][XR] raw x */
-    float *sxh = sxr + S * BN * XR, *sxl = sxh + BN * XH;  /* [BN][XH] x hi / lo, fragment order */
-    float *sxsum = sxl + BN * XH;                     /* [BN] Q4: sum of the chunk's x' per token */
-    float *srn = sxsum + BN;                          /* [BN] RMS factors */
-    float *sout = (float *)smem;                      /* [BN][OS], after the main loop */
-    static_assert((size_t)BN * OS * 4 <= (size_t)S * BM * WB + S * BN * XR * 4 + 2 * BN * XH * 4, "output tile");
+    uint8_t *sw = smem;                                    /* [S][KS][BM][WB] */
+    float *sxr = (float *)(smem + S * KS * BM * WB);       /* [S][KS][BN][XR] raw x */
+    uint32_t *sxh = (uint32_t *)(sxr + S * KS * BN * XR), *sxl = sxh + KS * BN * XH;  /* [KS][BN][XH] */
+    float *sxsum = (float *)(sxl + KS * BN * XH);          /* [KS][BN] Q4: sum of each chunk's x' per token */
+    float *srn = sxsum + KS * BN;                          /* [BN] RMS factors */
+    float *sout = (float *)smem;                           /* [KS][BN][OS], after the main loop */
+    static_assert((size_t)KS * BN * OS * 4 <= (size_t)S * KS * BM * WB + S * KS * BN * XR * 4 + 2 * KS * BN * XH * 4,
+                  "output tiles");
 
     pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
-    const int wm = warp % WM, wn = warp / WM;         /* warp tile: rows wm*32.., tokens wn*32.. */
+    const int grp = warp / (2 * WM), wm = warp % WM, wn = (warp / WM) % 2;  /* rows wm*32.., tokens wn*32.. */
     const uint32_t t0 = blockIdx.x * BN, n0 = blockIdx.y * BM;
-    const uint32_t nch = (a.cols + BK - 1) / BK;
+    const uint32_t nch = (a.cols + BK - 1) / BK, nsup = (nch + KS - 1) / KS;  /* chunks, stages' worth */
     const uint32_t row_bytes = FMT == LT_WF_F16 ? a.cols * 2 : nch * WB;
     const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
     const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wmin = (const __half *)b.p[LT_GEMV_B_WM];
     const float *x = (const float *)b.p[LT_GEMV_B_X];
 
-    auto load_w = [&](uint32_t kc) {
-        uint8_t *dst = sw + (kc % S) * BM * WB;
-        for (int i = tid; i < BM * WB / 16; i += THREADS) {
-            int r = i / (WB / 16), p = i % (WB / 16);
-            uint32_t off = kc * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
-            bool in = off < row_bytes;  /* F16 tail chunk: zeros past cols (cols % 8 == 0) */
-            cp_async16(dst + r * WB + p * 16, in ? wq + (size_t)row * row_bytes + off : wq, in ? 16 : 0);
+    /* stage i holds chunks i KS .. i KS + KS - 1; chunks past the end are zeros */
+    auto load_w = [&](uint32_t sup) {
+        uint8_t *dst = sw + (sup % S) * KS * BM * WB;
+        for (int i = tid; i < KS * BM * WB / 16; i += THREADS) {
+            int q = i / (BM * WB / 16), r = i / (WB / 16) % BM, p = i % (WB / 16);
+            uint32_t off = (sup * KS + q) * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
+            bool in = off < row_bytes;  /* also the F16 tail chunk: zeros past cols (cols % 8 == 0) */
+            cp_async16(dst + i * 16, in ? wq + (size_t)row * row_bytes + off : wq, in ? 16 : 0);
         }
     };
-    auto load_x = [&](uint32_t kc) {
-        float *dst = sxr + (kc % S) * BN * XR;
-        for (int i = tid; i < BN * BK / 4; i += THREADS) {
-            int tt = i / (BK / 4), p = i % (BK / 4);
-            uint32_t t = t0 + tt, k = kc * BK + p * 4;
+    auto load_x = [&](uint32_t sup) {
+        float *dst = sxr + (sup % S) * KS * BN * XR;
+        for (int i = tid; i < KS * BN * BK / 4; i += THREADS) {
+            int q = i / (BN * BK / 4), tt = i / (BK / 4) % BN, p = i % (BK / 4);
+            uint32_t t = t0 + tt, k = (sup * KS + q) * BK + p * 4;
             uint32_t n = t < n_tok && k < a.cols ? min(4u, a.cols - k) * 4 : 0;  /* zeros past cols / tokens */
-            cp_async16(dst + tt * XR + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
+            cp_async16(dst + (q * BN + tt) * XR + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
         }
     };
     /* this thread's weight rows (fragment rows g and g + 8 of its two 16-row tiles) and their
-     * scales / mins, loaded one chunk ahead */
+     * scales / mins, loaded one stage ahead */
     uint32_t srow[2][2];
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
@@ -169,10 +194,11 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
         for (int h = 0; h < 2; h++)
             srow[mt][h] = min(n0 + wm * 32 + mt * 16 + h * 8 + g, a.rows - 1);
     float sc[2][2] = {}, mn[2][2] = {}, sc_next[2][2] = {}, mn_next[2][2] = {};
-    auto load_scales = [&](uint32_t kc, float s_[2][2], float m_[2][2]) {
+    auto load_scales = [&](uint32_t sup, float s_[2][2], float m_[2][2]) {
         if constexpr (QUANT) {
+            uint32_t kc = sup * KS + grp;
             if (kc >= nch)
-                return;
+                return;  /* a zero chunk: its sums are zero */
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -186,7 +212,7 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
 
     /* weights first: they do not depend on the previous kernel */
     for (int s = 0; s < S - 1; s++)
-        if ((uint32_t)s < nch)
+        if ((uint32_t)s < nsup)
             load_w(s);
     load_scales(0, sc, mn);
     pdl_wait();
@@ -194,8 +220,8 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
         asm volatile("cp.async.wait_all;" ::: "memory");
         return;
     }
-    for (int s = 0; s < S - 1; s++) {  /* group s: x chunk s (group 0 also the weights above) */
-        if ((uint32_t)s < nch)
+    for (int s = 0; s < S - 1; s++) {  /* group s: x of stage s (group 0 also the weights above) */
+        if ((uint32_t)s < nsup)
             load_x(s);
         cp_async_commit();
     }
@@ -205,23 +231,24 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
     float ss[SLOTS] = {};  /* sum of x^2 of each staging slot's token over the slot's columns */
     float acc[2][4][4] = {}, part[2][4][4] = {};
 
-    for (uint32_t kc = 0; kc < nch; kc++) {
+    for (uint32_t sup = 0; sup < nsup; sup++) {
         cp_async_wait<S - 2>();
-        __syncthreads();  /* chunk kc landed for every thread; chunk kc - 1's mma's are done */
-        if (kc + S - 1 < nch) {
-            load_w(kc + S - 1);
-            load_x(kc + S - 1);
+        __syncthreads();  /* stage sup landed for every thread; the previous stage's mma's are done */
+        if (sup + S - 1 < nsup) {
+            load_w(sup + S - 1);
+            load_x(sup + S - 1);
         }
         cp_async_commit();
-        load_scales(kc + 1, sc_next, mn_next);
+        load_scales(sup + 1, sc_next, mn_next);
 
-        /* stage x' = x * norm weight as TF32 hi / lo (and its Q4 block sum): slot (token ct,
-         * quarter cq) holds the values of fragment column cq, position 8s + 2cq + half for
-         * k-step s and half 0 (column cq) / 1 (column cq + 4) */
+        /* stage x' = x * norm weight as bf16 hi / lo pairs (and its Q4 block sum): slot (chunk q,
+         * token ct, quarter cq) holds the values of fragment column pair cq; word 8s + 2cq + p:
+         * k-step s, p = 0 columns 2cq, 2cq + 1, p = 1 columns 2cq + 8, 2cq + 9 (staged positions
+         * 4s + 2p ..) */
 #pragma unroll
         for (int sl = 0; sl < SLOTS; sl++) {
-            const int slot = tid + sl * THREADS, ct = slot >> 2, cq = slot & 3;
-            const float *xr = sxr + (kc % S) * BN * XR + ct * XR;
+            const int slot = tid + sl * THREADS, q = slot / (BN * 4), ct = slot / 4 % BN, cq = slot & 3;
+            const float *xr = sxr + ((sup % S) * KS * BN + q * BN + ct) * XR;
             float e[8];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -235,7 +262,7 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 ss[sl] += e[j] * e[j];
-                uint32_t k = kc * BK + gemm_xcol<FMT>(cq, j);
+                uint32_t k = (sup * KS + q) * BK + gemm_xcol<FMT>(cq, j);
                 if (nw && k < a.cols)
                     e[j] *= nw_one + __ldg(nw + k);
                 xsum += e[j];
@@ -244,44 +271,51 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, 1);
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, 2);
                 if (cq == 0)
-                    sxsum[ct] = xsum;
+                    sxsum[q * BN + ct] = xsum;
             }
 #pragma unroll
-            for (int s = 0; s < 4; s++) {
-                float h0 = to_tf32(e[s]), h1 = to_tf32(e[4 + s]);
-                *(float2 *)(sxh + ct * XH + 8 * s + 2 * cq) = make_float2(h0, h1);
-                *(float2 *)(sxl + ct * XH + 8 * s + 2 * cq) = make_float2(to_tf32(e[s] - h0), to_tf32(e[4 + s] - h1));
+            for (int s = 0; s < 2; s++) {
+                uint2 h, l;
+                bf16_split(e[4 * s], e[4 * s + 1], h.x, l.x);
+                bf16_split(e[4 * s + 2], e[4 * s + 3], h.y, l.y);
+                *(uint2 *)(sxh + (q * BN + ct) * XH + 8 * s + 2 * cq) = h;
+                *(uint2 *)(sxl + (q * BN + ct) * XH + 8 * s + 2 * cq) = l;
             }
         }
         __syncthreads();
 
-        /* mma's: k-step s takes staged positions s (fragment column c) and 4 + s (column c + 4) */
+        /* this group's chunk. mma's: k-step s takes staged positions 4s .. 4s + 3 (fragment
+         * columns 2c, 2c + 1, 2c + 8, 2c + 9); W hi x hi, W hi x lo (and for F16 W lo x hi; W lo
+         * x lo is below 2^-17) */
         {
-            const uint8_t *w = sw + (kc % S) * BM * WB;
-            float wf[2][2][8];
+            const uint8_t *w = sw + ((sup % S) * KS + grp) * BM * WB;
+            const uint32_t *xh = sxh + grp * BN * XH, *xl = sxl + grp * BN * XH;
+            uint32_t wh[2][2][4], wl[2][2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++)
-                    gemm_load_w<FMT>(w + (wm * 32 + mt * 16 + h * 8 + g) * WB, c, wf[mt][h]);
+                    gemm_load_w<FMT>(w + (wm * 32 + mt * 16 + h * 8 + g) * WB, c, wh[mt][h], wl[mt][h]);
 #pragma unroll
-            for (int s = 0; s < 4; s++) {
-                float2 bh[4], bl[4];
+            for (int s = 0; s < 2; s++) {
+                uint2 bh[4], bl[4];
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++) {
                     int tok = wn * 32 + nt * 8 + g;
-                    bh[nt] = *(const float2 *)(sxh + tok * XH + 8 * s + 2 * c);
-                    bl[nt] = *(const float2 *)(sxl + tok * XH + 8 * s + 2 * c);
+                    bh[nt] = *(const uint2 *)(xh + tok * XH + 8 * s + 2 * c);
+                    bl[nt] = *(const uint2 *)(xl + tok * XH + 8 * s + 2 * c);
                 }
+                constexpr int NPROD = QUANT ? 2 : 3;
 #pragma unroll
-                for (int lo = 0; lo < 2; lo++)  /* all hi products, then all lo: 8 independent chains */
+                for (int pr = 0; pr < NPROD; pr++)  /* one product for all 8 tiles, then the next */
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
-                        float af[4] = {wf[mt][0][s], wf[mt][1][s], wf[mt][0][4 + s], wf[mt][1][4 + s]};
+                        const uint32_t(*wa)[4] = pr == 2 ? wl[mt] : wh[mt];
+                        uint32_t af[4] = {wa[0][2 * s], wa[1][2 * s], wa[0][2 * s + 1], wa[1][2 * s + 1]};
 #pragma unroll
                         for (int nt = 0; nt < 4; nt++) {
-                            float2 bv = lo ? bl[nt] : bh[nt];
-                            mma_tf32(QUANT ? part[mt][nt] : acc[mt][nt], af, bv.x, bv.y);
+                            uint2 bv = pr == 1 ? bl[nt] : bh[nt];
+                            mma_bf16(QUANT ? part[mt][nt] : acc[mt][nt], af, bv.x, bv.y);
                         }
                     }
             }
@@ -292,7 +326,7 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
                     for (int nt = 0; nt < 4; nt++) {
                         float2 xs2 = make_float2(0.0f, 0.0f);
                         if (FMT == LT_WF_Q4)
-                            xs2 = *(const float2 *)(sxsum + wn * 32 + nt * 8 + 2 * c);
+                            xs2 = *(const float2 *)(sxsum + grp * BN + wn * 32 + nt * 8 + 2 * c);
 #pragma unroll
                         for (int i = 0; i < 4; i++) {
                             int h = i >> 1;
@@ -314,7 +348,9 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
 
-    /* RMS factors, then the tile (times them) into shared memory */
+    /* sums of squares per (chunk group, token), then the RMS factors; each group's tile into
+     * shared memory */
+    __syncthreads();  /* every warp is done with the stage buffers the tiles overwrite, and sxsum */
 #pragma unroll
     for (int sl = 0; sl < SLOTS; sl++) {
         const int slot = tid + sl * THREADS;
@@ -322,9 +358,8 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
         if ((slot & 3) == 0)
-            srn[slot >> 2] = nw ? rsqrtf(v / (float)a.cols + a.eps) : 1.0f;
+            sxsum[slot / 4] = v;  /* [q][token] */
     }
-    __syncthreads();  /* also: every warp is done with the stage buffers the tile overwrites */
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -332,9 +367,23 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int n = wm * 32 + mt * 16 + g + (i >> 1) * 8, t = wn * 32 + nt * 8 + 2 * c + (i & 1);
-                sout[t * OS + n] = acc[mt][nt][i] * srn[t];
+                sout[(grp * BN + t) * OS + n] = acc[mt][nt][i];
             }
     __syncthreads();
+    if (tid < BN) {
+        float v = 0.0f;
+        for (int q = 0; q < KS; q++)
+            v += sxsum[q * BN + tid];
+        srn[tid] = nw ? rsqrtf(v / (float)a.cols + a.eps) : 1.0f;
+    }
+    __syncthreads();
+    auto dot = [&](int tt, int p) {  /* the groups' sums times the RMS factor */
+        float v = 0.0f;
+#pragma unroll
+        for (int q = 0; q < KS; q++)
+            v += sout[(q * BN + tt) * OS + p];
+        return v * srn[tt];
+    };
 
     /* epilogues, whole rows of y at a time: + bias, SiLU(gate) * up, + residual */
     const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
@@ -346,7 +395,7 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
             uint32_t t = t0 + tt, n = n0 + 2 * p;
             if (t >= n_tok || n >= a.rows)
                 continue;
-            float gate = sout[tt * OS + 2 * p], up = sout[tt * OS + 2 * p + 1];
+            float gate = dot(tt, 2 * p), up = dot(tt, 2 * p + 1);
             if (bias) {
                 gate += bias[n];
                 up += bias[n + 1];
@@ -362,7 +411,7 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
             uint32_t t = t0 + tt, n = n0 + p;
             if (t >= n_tok || n >= a.rows)
                 continue;
-            float out = sout[tt * OS + p];
+            float out = dot(tt, p);
             if (bias)
                 out += bias[n];
             if (resid)
@@ -372,11 +421,16 @@ __global__ void __launch_bounds__(64 * WM, 8 / WM) k_gemm(lt_gemv_args a, lt_bin
     }
 }
 
+/* The block shapes launch_gemm picks from (rows per block x chunk groups). */
+#define GEMM_SHAPES(X) X(4, 1) X(2, 1) X(1, 1) X(1, 4)
+
 template <int FMT>
 static void gemm_set_smem_fmt() {
-    cudaFuncSetAttribute(k_gemm<FMT, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 4>());
-    cudaFuncSetAttribute(k_gemm<FMT, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 2>());
-    cudaFuncSetAttribute(k_gemm<FMT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)gemm_smem_bytes<FMT, 1>());
+#define LT_GEMM_SMEM(WM, KS)                                                                      \
+    cudaFuncSetAttribute(k_gemm<FMT, WM, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,       \
+                         (int)gemm_smem_bytes<FMT, WM, KS>());
+    GEMM_SHAPES(LT_GEMM_SMEM)
+#undef LT_GEMM_SMEM
 }
 
 /* Once per process (beside the k_gemv attributes): the kernels' dynamic shared memory exceeds
@@ -387,33 +441,36 @@ static void gemm_set_smem() {
     gemm_set_smem_fmt<LT_WF_Q4>();
 }
 
-template <int FMT, int WM>
+template <int FMT, int WM, int KS>
 static void gemm_launch_fmt(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                             bool pdl, cudaStream_t s) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((n_tok + GEMM_BN - 1) / GEMM_BN, (a.rows + 32 * WM - 1) / (32 * WM));
-    cfg.blockDim = dim3(64 * WM);
-    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM>();
+    cfg.blockDim = dim3(gemm_shape<WM, KS>::THREADS);
+    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, KS>();
     cfg.stream = s;
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM>, a, b, st, n_tok);
+    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, KS>, a, b, st, n_tok);
 }
 
-/* Rows per block: 128 where that still gives every SM two blocks, else fewer (more blocks). */
+/* Rows per block: 128 where that still gives every SM two blocks, else fewer; where even 32 rows
+ * per block leave SMs without two blocks, four warp groups split each block's columns. */
 template <int FMT>
 static void gemm_launch_rows(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                              int sms, bool pdl, cudaStream_t s) {
     uint32_t tok_tiles = (n_tok + GEMM_BN - 1) / GEMM_BN;
     if (tok_tiles * ((a.rows + 127) / 128) >= 2u * sms)
-        gemm_launch_fmt<FMT, 4>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 4, 1>(a, b, st, n_tok, pdl, s);
     else if (tok_tiles * ((a.rows + 63) / 64) >= 2u * sms)
-        gemm_launch_fmt<FMT, 2>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 2, 1>(a, b, st, n_tok, pdl, s);
+    else if (tok_tiles * ((a.rows + 31) / 32) >= 2u * sms)
+        gemm_launch_fmt<FMT, 1, 1>(a, b, st, n_tok, pdl, s);
     else
-        gemm_launch_fmt<FMT, 1>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 1, 4>(a, b, st, n_tok, pdl, s);
 }
 
 /* Launches k_gemm for a GEMV / LM_HEAD dispatch of T tokens and returns true, or returns false

@@ -112,23 +112,26 @@ static double worst_all = 0.0;  /* largest |err| / bound over all cases */
 
 /* One dispatch: launches k_gemm (directly: T below GEMM_MIN_TOKENS included), checks every output
  * against float64 and that nothing outside the outputs was written. */
+/* Every block shape launch_gemm may pick: index -> (rows per block / 32, chunk groups). */
+static const int SHAPE_WM[] = {4, 2, 1, 1}, SHAPE_KS[] = {1, 1, 1, 4};
+
 template <int FMT>
-static void launch_fmt(int wm, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
-    if (wm == 4)
-        gemm_launch_fmt<FMT, 4>(a, b, d_step, T, true, 0);
-    else if (wm == 2)
-        gemm_launch_fmt<FMT, 2>(a, b, d_step, T, true, 0);
-    else
-        gemm_launch_fmt<FMT, 1>(a, b, d_step, T, true, 0);
+static void launch_fmt(int shape, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
+    int i = 0;
+#define LT_TRY(WM, KS)                                                                            \
+    if (i++ == shape)                                                                             \
+        gemm_launch_fmt<FMT, WM, KS>(a, b, d_step, T, true, 0);
+    GEMM_SHAPES(LT_TRY)
+#undef LT_TRY
 }
 
-static void launch_wm(uint32_t fmt, int wm, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
+static void launch_shape(uint32_t fmt, int shape, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
     if (fmt == LT_WF_F16)
-        launch_fmt<LT_WF_F16>(wm, a, b, T);
+        launch_fmt<LT_WF_F16>(shape, a, b, T);
     else if (fmt == LT_WF_Q8)
-        launch_fmt<LT_WF_Q8>(wm, a, b, T);
+        launch_fmt<LT_WF_Q8>(shape, a, b, T);
     else
-        launch_fmt<LT_WF_Q4>(wm, a, b, T);
+        launch_fmt<LT_WF_Q4>(shape, a, b, T);
 }
 
 static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags, bool alias) {
@@ -201,9 +204,9 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             bound[(size_t)t * rows + n] = 3e-5 * sa + 1e-6;
         }
     }
-    for (int wm = 4; wm >= 1; wm /= 2) {  /* every row-tile height launch_gemm may pick */
+    for (int shape = 0; shape < 4; shape++) {  /* every block shape launch_gemm may pick */
         CUDA_OK(cudaMemcpy(dy, y.data(), y.size() * 4, cudaMemcpyHostToDevice));
-        launch_wm(fmt, wm, a, b, T);
+        launch_shape(fmt, shape, a, b, T);
         CUDA_OK(cudaGetLastError());
         std::vector<float> got(y.size());
         CUDA_OK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -244,8 +247,9 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             n_fail++;
         worst_all = std::max(worst_all, worst);
         if (!ok)  /* passes are counted, failures named */
-            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u rows/block=%-3d%s  max err/bound %.3f%s\n",
-                   FMT_NAME[fmt], T, rows, cols, flags, 32 * wm, alias ? " (resid = y)" : "", worst,
+            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u block %d rows x %d groups%s  max err/bound %.3f%s\n",
+                   FMT_NAME[fmt], T, rows, cols, flags, 32 * SHAPE_WM[shape], SHAPE_KS[shape],
+                   alias ? " (resid = y)" : "", worst,
                    stray ? "  (wrote outside the outputs)" : "  (over the bound)");
     }
     cudaFree(dx);
@@ -415,8 +419,8 @@ int main(int argc, char **argv) {
         check_case(LT_WF_Q8, 9, 64, 1, 0, false);
         check_case(LT_WF_F16, 65, 130, 40, LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE, false);
         check_error_and_declines();
-        printf("\ncorrectness: %d of %d cases passed (formats f16 q8 q4 x flags x sizes x 32/64/128 rows per "
-               "block); largest |err| / bound %.4f\n\n", n_cases - n_fail, n_cases, worst_all);
+        printf("\ncorrectness: %d of %d cases passed (formats f16 q8 q4 x flags x sizes x block "
+               "shapes); largest |err| / bound %.4f\n\n", n_cases - n_fail, n_cases, worst_all);
     }
 
     std::vector<timing> ts;
@@ -432,6 +436,7 @@ int main(int argc, char **argv) {
     ts.push_back(time_case("gate_up T=64", LT_WF_Q8, 64, 7168, 1024, LT_GEMV_NORM | LT_GEMV_SILU_MUL));
     ts.push_back(time_case("down T=64", LT_WF_Q8, 64, 1024, 3584, LT_GEMV_RESID));
     ts.push_back(time_case("in_proj-like T=16", LT_WF_Q8, 16, 6144, 1024, LT_GEMV_NORM));
+    ts.push_back(time_case("down T=16", LT_WF_Q8, 16, 1024, 3584, LT_GEMV_RESID));
     printf("%-22s %-4s %5s %7s %6s %10s %8s %9s\n", "shape", "fmt", "T", "rows", "cols", "ms", "GB/s", "TFLOP/s");
     for (const timing &t : ts)
         printf("%-22s %-4s %5u %7u %6u %10.4f %8.1f %9.2f\n", t.name, FMT_NAME[t.fmt], t.T, t.rows, t.cols, t.ms,
