@@ -32,7 +32,7 @@ from ..errors import BackendError
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE.parent.parent / "metal" / "lattice_shared.h"
-SOURCES = [HERE / "backend.cu", HERE / "kernels.cuh", HERE / "lattice_cuda.h", HEADER]
+SOURCES = [HERE / "backend.cu", HERE / "kernels.cuh", HERE / "gemm.cuh", HERE / "lattice_cuda.h", HEADER]
 
 WEIGHTS, STATE, SCRATCH, STEP, OUTPUT, CONST = range(6)
 N_ARENAS = 6
