@@ -437,3 +437,15 @@ def test_smollm2_matches_cpu_backend():
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30]
     rc, rg = cpu.generate(st, prompt, 32), gpu.generate(gs, prompt, 32)
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------- GDN prefill
+
+@pytest.mark.parametrize("T", [2, 37, 100])
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(2, 4, 128, 128), (3, 3, 64, 40), (1, 2, 96, 64), (1, 1, 512, 24),
+                                         (2, 2, 32, 256), (1, 3, 256, 128)])
+def test_gdn_prefill_scan(lib, T, Hk, Hv, Dk, Dv):
+    """T > 1 takes the prefill path (per-token kernels around a scan of one lane group per state
+    column) at every padded row count (32 to 512), over several token chunks of the scan; T = 2 is
+    shorter than the conv state, so the state update keeps some of its old rows."""
+    test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv)

@@ -34,7 +34,7 @@ struct program {
     std::vector<launch> l;
     std::vector<uint8_t> consts;
     uint32_t max_tokens = 1;
-    float *conv_ws = nullptr;   /* GDN conv outputs [max_tokens][channels] */
+    float *gdn_ws = nullptr;    /* GDN: decode conv outputs [channels]; prefill (kernels.cuh) */
     float *attn_ws = nullptr;   /* attention split partials */
     unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
     cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
@@ -310,8 +310,30 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     }
     case LT_K_GDN: {
         const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
+        if (T > 1) {  /* prefill: per-token work in parallel around a scan of one lane group per column */
+            launch_k(k_gdn_prep, dim3(2 * a.n_k_heads + a.n_v_heads, T), GDN_PREP_THREADS, 0, s, a, L.b, st, T,
+                     p.gdn_ws);
+            dim3 grid((a.v_dim + GDN_SCAN_COLS - 1) / GDN_SCAN_COLS, a.n_v_heads);
+            uint32_t rows = 32;  /* state rows padded to a power of two; 16 lanes per column up to 256 */
+            while (rows < a.k_dim)
+                rows *= 2;
+            switch (rows) {
+#define LT_GDN_SCAN(P, R, G)                                                                      \
+    case P:                                                                                       \
+        launch_k(k_gdn_scan<R, G>, grid, GDN_SCAN_COLS * G, 0, s, a, L.b, st, T, p.gdn_ws);       \
+        break;
+                LT_GDN_SCAN(32, 2, 16)
+                LT_GDN_SCAN(64, 4, 16)
+                LT_GDN_SCAN(128, 8, 16)
+                LT_GDN_SCAN(256, 16, 16)
+                LT_GDN_SCAN(512, 16, 32)
+#undef LT_GDN_SCAN
+            }
+            launch_k(k_gdn_out, dim3(a.n_v_heads, T), GDN_OUT_THREADS, 0, s, a, L.b, st, T, (const float *)p.gdn_ws);
+            break;
+        }
         /* one value head per key head: the step kernel does the conv too (no shared channels) */
-        float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.conv_ws;
+        float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.gdn_ws;
         if (conv)
             launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
@@ -366,7 +388,7 @@ void lt_cuda_free(lt_cuda *c) {
         for (cudaGraphExec_t g : p->graph)
             if (g)
                 cudaGraphExecDestroy(g);
-        cudaFree(p->conv_ws);
+        cudaFree(p->gdn_ws);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
         delete p;
@@ -530,7 +552,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     p->max_tokens = max_tokens;
     p->consts.assign(consts, consts + n_consts);
     p->l.resize(n);
-    size_t conv_floats = 0, attn_floats = 0, attn_heads = 0;
+    size_t gdn_floats = 0, attn_floats = 0, attn_heads = 0;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
         int e = check_dispatch(c, d, consts, n_consts);
@@ -565,12 +587,14 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
                 attn_heads = (size_t)max_tokens * a->n_heads > attn_heads ? (size_t)max_tokens * a->n_heads : attn_heads;
             }
         } else if (d->kernel == LT_K_GDN) {
-            size_t f = (size_t)max_tokens * ((const lt_gdn_args *)L.args)->channels;
-            conv_floats = f > conv_floats ? f : conv_floats;
+            const lt_gdn_args *a = (const lt_gdn_args *)L.args;
+            size_t f = max_tokens > 1 ? gdn_prefill_floats(*a, max_tokens) : 0;
+            f = f > a->channels ? f : a->channels;
+            gdn_floats = f > gdn_floats ? f : gdn_floats;
         }
     }
     /* the consts vector must not move after L.args point into it */
-    cudaError_t e1 = conv_floats ? cudaMalloc(&p->conv_ws, conv_floats * 4) : cudaSuccess;
+    cudaError_t e1 = gdn_floats ? cudaMalloc(&p->gdn_ws, gdn_floats * 4) : cudaSuccess;
     cudaError_t e2 = attn_floats ? cudaMalloc(&p->attn_ws, attn_floats * 4) : cudaSuccess;
     if (e2 == cudaSuccess && attn_heads) {
         e2 = cudaMalloc(&p->attn_cnt, attn_heads * sizeof(unsigned));
@@ -581,7 +605,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     }
     if (e1 != cudaSuccess || e2 != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "workspace: %s", cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
-        cudaFree(p->conv_ws);
+        cudaFree(p->gdn_ws);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
         delete p;

@@ -1003,8 +1003,8 @@ __device__ __forceinline__ void gdn_conv_state(const lt_gdn_args &a, const float
     }
 }
 
-/* Part 1 (value heads sharing key heads): conv + SiLU of every channel and token into conv_out
- * [T][C], then the conv state update; one thread owns one channel. */
+/* Decode (T = 1), part 1 (value heads sharing key heads): conv + SiLU of every channel and token
+ * into conv_out [T][C], then the conv state update; one thread owns one channel. */
 __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
     pdl_begin();
     pdl_wait();
@@ -1020,7 +1020,7 @@ __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t
     gdn_conv_state(a, x, state, T, ch);
 }
 
-/* Part 2: one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
+/* Decode part 2: one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
  * [slice * R, slice * R + R) of column j of the head's f32 state in registers for the whole scan
  * (read once, written once); column sums over the slices go through shared memory. With
  * conv_out == nullptr (one value head per key head: no channel is shared between blocks) the block
@@ -1138,6 +1138,303 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_step(lt_gdn_args a, lt_bind
                            i < Dk ? a.q_offset + kh * Dk + i
                                   : i < 2 * Dk ? a.k_offset + kh * Dk + (i - Dk) : a.v_offset + h * Dv + (i - 2 * Dk));
     }
+}
+
+/* Prefill (T > 1) in three kernels. The recurrence is independent per column j of a head's state
+ * (S_j *= decay; delta = (v_j - S_j . k) * beta; S_j += k delta; o_j = S_j . q): only the output
+ * RMSNorm couples a head's columns. So the sequential scan runs one small lane group per column
+ * with the column in registers, and everything per token and channel runs in parallel before
+ * (conv, norms, gates) and after it (gated RMSNorm, conv state).
+ *
+ * Workspace (floats): T rows of gdn_row(a) = q [n_k_heads][k_dim] (normalized and scaled) |
+ * k [n_k_heads][k_dim] (normalized) | v [n_v_heads][v_dim] | beta [n_v_heads] | decay [n_v_heads],
+ * then the un-normalized outputs o [T][n_v_heads * v_dim]. */
+__host__ __device__ __forceinline__ uint32_t gdn_row(const lt_gdn_args &a) {
+    return 2 * a.n_k_heads * a.k_dim + a.n_v_heads * a.v_dim + 2 * a.n_v_heads;
+}
+
+__host__ __device__ __forceinline__ size_t gdn_prefill_floats(const lt_gdn_args &a, uint32_t T) {
+    return (size_t)T * (gdn_row(a) + a.n_v_heads * a.v_dim);
+}
+
+/* X channel of workspace channel u (q | k | v, as in a workspace row). */
+__device__ __forceinline__ uint32_t gdn_channel(const lt_gdn_args &a, uint32_t u) {
+    uint32_t nk = a.n_k_heads * a.k_dim;
+    return u < nk ? a.q_offset + u : u < 2 * nk ? a.k_offset + (u - nk) : a.v_offset + (u - 2 * nk);
+}
+
+/* Prefill part 1, grid (2 * n_k_heads + n_v_heads, T): block u < n_k_heads does q head u, then the k
+ * heads (conv + SiLU, l2norm), then one block per value head (conv + SiLU of v, beta, decay). */
+#define GDN_PREP_THREADS 128
+__global__ void __launch_bounds__(GDN_PREP_THREADS) k_gdn_prep(lt_gdn_args a, lt_binds b, lt_step_args *st,
+                                                               uint32_t T, float *ws) {
+    __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
+    if (st->error)
+        return;
+    uint32_t u = blockIdx.x, t = blockIdx.y, Hk = a.n_k_heads, Dk = a.k_dim, Dv = a.v_dim;
+    const float *x = (const float *)b.p[LT_GDN_B_X], *w = (const float *)b.p[LT_GDN_B_CONV_W];
+    const float *cstate = (const float *)b.p[LT_GDN_B_CONV_STATE];
+    float *row = ws + (size_t)t * gdn_row(a);
+    if (u < 2 * Hk) {
+        constexpr int N = 512 / GDN_PREP_THREADS;  /* k_dim <= 512 */
+        float c[N], ss = 0.0f;
+#pragma unroll
+        for (int r = 0; r < N; r++) {
+            uint32_t i = threadIdx.x + r * GDN_PREP_THREADS;
+            c[r] = i < Dk ? gdn_conv(a, x, cstate, w, t, gdn_channel(a, u * Dk + i)) : 0.0f;
+            ss += c[r] * c[r];
+        }
+        ss = block_sum(ss, red);
+        float scale = u < Hk ? (1.0f / sqrtf((float)Dk)) / sqrtf(ss + 1e-6f) : 1.0f / sqrtf(ss + 1e-6f);
+#pragma unroll
+        for (int r = 0; r < N; r++) {
+            uint32_t i = threadIdx.x + r * GDN_PREP_THREADS;
+            if (i < Dk)
+                row[u * Dk + i] = c[r] * scale;
+        }
+        return;
+    }
+    uint32_t h = u - 2 * Hk, v0 = 2 * Hk * Dk + h * Dv;
+    for (uint32_t i = threadIdx.x; i < Dv; i += GDN_PREP_THREADS)
+        row[v0 + i] = gdn_conv(a, x, cstate, w, t, a.v_offset + h * Dv + i);
+    if (threadIdx.x == 0) {
+        const float *pa = (const float *)b.p[LT_GDN_B_A], *pb = (const float *)b.p[LT_GDN_B_B];
+        const float *a_log = (const float *)b.p[LT_GDN_B_A_LOG], *dt_bias = (const float *)b.p[LT_GDN_B_DT_BIAS];
+        float xa = pa[(size_t)t * a.a_stride + h] + dt_bias[h];
+        float sp = xa > 20.0f ? xa : log1pf(expf(xa));
+        uint32_t g0 = 2 * Hk * Dk + a.n_v_heads * Dv;
+        row[g0 + h] = lt_sigmoid_d(pb[(size_t)t * a.b_stride + h]);
+        row[g0 + a.n_v_heads + h] = expf(-expf(a_log[h]) * sp);
+    }
+}
+
+__device__ __forceinline__ void cp_async4(float *dst, const float *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+                 : "memory");
+}
+
+/* Sum over the G lanes of an aligned lane group (every lane gets it). */
+template <int G>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* R consecutive floats of shared memory (16-byte aligned when R % 4 == 0). */
+template <int R>
+__device__ __forceinline__ void load_rows(const float *p, float (&v)[R]) {
+    if constexpr (R % 4 == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r += 4) {
+            float4 f = *(const float4 *)(p + r);
+            v[r] = f.x, v[r + 1] = f.y, v[r + 2] = f.z, v[r + 3] = f.w;
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            v[r] = p[r];
+    }
+}
+
+/* sum_r a[r] * b[r] with up to 4 independent chains. */
+template <int R>
+__device__ __forceinline__ float dot_rows(const float (&a)[R], const float (&b)[R]) {
+    constexpr int NA = R < 4 ? R : 4;
+    float acc[NA];
+#pragma unroll
+    for (int r = 0; r < NA; r++)
+        acc[r] = a[r] * b[r];
+#pragma unroll
+    for (int r = NA; r < R; r++)
+        acc[r % NA] += a[r] * b[r];
+    float s = acc[0];
+#pragma unroll
+    for (int r = 1; r < NA; r++)
+        s += acc[r];
+    return s;
+}
+
+/* Sums of N values over the G lanes of each aligned lane group at once, N <= G: each step halves
+ * the values a lane keeps and exchanges the other half with its partner (N - 1 + log2(G / N)
+ * shuffles instead of N log2 G). A lane ends with the sum of value `idx` in p[0]; `lead` marks
+ * one lane per value. */
+template <int OFF, int NV, int N>  /* the step exchanging across lane distance OFF, NV values held */
+__device__ __forceinline__ void group_sum_steps(float (&p)[N], uint32_t sub, uint32_t &idx, bool &lead) {
+    if constexpr (OFF > 0) {
+        bool upper = sub & OFF;
+        if constexpr (NV > 1) {
+            constexpr int half = NV / 2;
+#pragma unroll
+            for (int i = 0; i < half; i++) {
+                float send = upper ? p[i] : p[i + half], keep = upper ? p[i + half] : p[i];
+                p[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+            }
+            idx += upper ? half : 0;
+        } else {
+            p[0] += __shfl_xor_sync(0xffffffffu, p[0], OFF);
+            lead = lead && !upper;
+        }
+        group_sum_steps<OFF / 2, (NV > 1 ? NV / 2 : 1), N>(p, sub, idx, lead);
+    }
+}
+
+template <int G, int N>
+__device__ __forceinline__ void group_sum_n(float (&p)[N], uint32_t sub, uint32_t &idx, bool &lead) {
+    static_assert(N <= G, "one value per lane at most");
+    idx = 0;
+    lead = true;
+    group_sum_steps<G / 2, N, N>(p, sub, idx, lead);
+}
+
+/* Prefill part 2, grid (ceil(v_dim / GDN_SCAN_COLS), n_v_heads): the sequential scan. A group of
+ * G lanes owns one column j of the head's state, R consecutive rows per lane (rows padded to
+ * P = R * G with zeros); the column's S . k is a shuffle sum within the group, and the S . q of a
+ * chunk's tokens are summed together after the chunk. No barrier inside the token loop: the
+ * block's columns share q_t, k_t, v_t, beta_t, decay_t of a chunk of TC tokens, staged in shared
+ * memory by cp.async while the previous chunk is scanned (one barrier per chunk). Shuffles and
+ * shared loads are most of its instructions. Writes o and the final S. */
+#define GDN_SCAN_COLS 16
+#define GDN_CHUNK_FLOATS 2048  /* TC * P: q and k of a chunk, 8 KiB each */
+template <int R, int G>
+__global__ void __launch_bounds__(GDN_SCAN_COLS * G) k_gdn_scan(lt_gdn_args a, lt_binds b, lt_step_args *st,
+                                                               uint32_t T, float *ws) {
+    constexpr uint32_t P = R * G, TC = GDN_CHUNK_FLOATS / P < G ? GDN_CHUNK_FLOATS / P : G;
+    constexpr uint32_t NT = GDN_SCAN_COLS * G;
+    static_assert(TC % 4 == 0, "per-token values are read 4 tokens at a time");
+    __shared__ __align__(16) float sq[2][TC * P], sk[2][TC * P];
+    __shared__ __align__(16) float sv[2][GDN_SCAN_COLS][TC], sbeta[2][TC], sdecay[2][TC];
+    pdl_begin();
+    pdl_wait();
+    if (st->error)
+        return;
+    uint32_t Hk = a.n_k_heads, Hv = a.n_v_heads, Dk = a.k_dim, Dv = a.v_dim;
+    uint32_t h = blockIdx.y, kh = h / (Hv / Hk), j0 = blockIdx.x * GDN_SCAN_COLS;
+    uint32_t c = threadIdx.x / G, sub = threadIdx.x % G, j = j0 + c;
+    bool col = j < Dv;
+    uint32_t rn = gdn_row(a), q0 = kh * Dk, k0 = Hk * Dk + kh * Dk, v0 = 2 * Hk * Dk + h * Dv;
+    uint32_t beta0 = 2 * Hk * Dk + Hv * Dv + h, decay0 = beta0 + Hv;
+    float *o_ws = ws + (size_t)T * rn;
+    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv;
+    float s[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sub * R + r;
+        s[r] = col && i < Dk ? S[(size_t)i * Dv + j] : 0.0f;
+    }
+    /* Tokens past T stage as k = 0, beta = 0, decay = 1: S * 1 + k * 0 keeps the state exactly. */
+    auto stage = [&](uint32_t t0, int buf) {
+        for (uint32_t e = threadIdx.x; e < TC * P; e += NT) {
+            uint32_t t = t0 + e / P, i = e % P;
+            if (t < T && i < Dk) {
+                cp_async4(&sq[buf][e], ws + (size_t)t * rn + q0 + i);
+                cp_async4(&sk[buf][e], ws + (size_t)t * rn + k0 + i);
+            } else {
+                sq[buf][e] = 0.0f;
+                sk[buf][e] = 0.0f;
+            }
+        }
+        for (uint32_t e = threadIdx.x; e < TC * GDN_SCAN_COLS; e += NT) {
+            uint32_t tt = e / GDN_SCAN_COLS, cc = e % GDN_SCAN_COLS;
+            if (t0 + tt < T && j0 + cc < Dv)
+                cp_async4(&sv[buf][cc][tt], ws + (size_t)(t0 + tt) * rn + v0 + j0 + cc);
+            else
+                sv[buf][cc][tt] = 0.0f;
+        }
+        for (uint32_t e = threadIdx.x; e < TC; e += NT) {
+            if (t0 + e < T) {
+                cp_async4(&sbeta[buf][e], ws + (size_t)(t0 + e) * rn + beta0);
+                cp_async4(&sdecay[buf][e], ws + (size_t)(t0 + e) * rn + decay0);
+            } else {
+                sbeta[buf][e] = 0.0f;
+                sdecay[buf][e] = 1.0f;
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    stage(0, 0);
+    int buf = 0;
+    for (uint32_t t0 = 0; t0 < T; t0 += TC, buf ^= 1) {
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();  /* chunk t0 visible; every thread is done with the other buffer */
+        if (t0 + TC < T)
+            stage(t0 + TC, buf ^ 1);
+        float po[TC];  /* this lane's part of S_t . q_t */
+#pragma unroll
+        for (uint32_t t4 = 0; t4 < TC; t4 += 4) {
+            float4 d4 = *(const float4 *)&sdecay[buf][t4], b4 = *(const float4 *)&sbeta[buf][t4];
+            float4 v4 = *(const float4 *)&sv[buf][c][t4];
+            const float dec[4] = {d4.x, d4.y, d4.z, d4.w}, bet[4] = {b4.x, b4.y, b4.z, b4.w};
+            const float vj[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+            for (uint32_t u = 0; u < 4; u++) {
+                uint32_t tt = t4 + u;
+                float kk[R], qq[R];
+                load_rows<R>(&sk[buf][tt * P + sub * R], kk);
+                load_rows<R>(&sq[buf][tt * P + sub * R], qq);
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    s[r] *= dec[u];
+                float delta = (vj[u] - group_sum<G>(dot_rows<R>(s, kk))) * bet[u];
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    s[r] += kk[r] * delta;
+                po[tt] = dot_rows<R>(s, qq);
+            }
+        }
+        uint32_t tt;
+        bool lead;
+        group_sum_n<G, TC>(po, sub, tt, lead);
+        if (lead && col && t0 + tt < T)
+            o_ws[(size_t)(t0 + tt) * Hv * Dv + h * Dv + j] = po[0];
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        uint32_t i = sub * R + r;
+        if (col && i < Dk)
+            S[(size_t)i * Dv + j] = s[r];
+    }
+}
+
+/* Prefill part 3, grid (n_v_heads, T): out = RMSNorm(o) * norm_w * silu(z) per value head; then the conv
+ * state update, spread over all threads (part 1, which read the old state, has finished). */
+#define GDN_OUT_THREADS 128
+__global__ void __launch_bounds__(GDN_OUT_THREADS) k_gdn_out(lt_gdn_args a, lt_binds b, lt_step_args *st,
+                                                             uint32_t T, const float *ws) {
+    __shared__ float red[32];
+    pdl_begin();
+    pdl_wait();
+    if (st->error)
+        return;
+    uint32_t h = blockIdx.x, t = blockIdx.y, Dv = a.v_dim, HvDv = a.n_v_heads * Dv;
+    const float *o = ws + (size_t)T * gdn_row(a) + (size_t)t * HvDv + h * Dv;
+    const float *z = (const float *)b.p[LT_GDN_B_Z] + (size_t)t * a.z_stride + h * Dv;
+    const float *norm_w = (const float *)b.p[LT_GDN_B_NORM_W];
+    float *out = (float *)b.p[LT_GDN_B_OUT] + (size_t)t * a.out_stride + h * Dv;
+    constexpr int N = 512 / GDN_OUT_THREADS;  /* v_dim <= 512 */
+    float ov[N], ss = 0.0f;
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+        uint32_t i = threadIdx.x + r * GDN_OUT_THREADS;
+        ov[r] = i < Dv ? o[i] : 0.0f;
+        ss += ov[r] * ov[r];
+    }
+    ss = block_sum(ss, red);
+    float rs = 1.0f / sqrtf(ss / (float)Dv + a.norm_eps);
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+        uint32_t i = threadIdx.x + r * GDN_OUT_THREADS;
+        if (i < Dv)
+            out[i] = ov[r] * rs * norm_w[i] * lt_silu_d(z[i]);
+    }
+    const float *x = (const float *)b.p[LT_GDN_B_X];
+    float *cstate = (float *)b.p[LT_GDN_B_CONV_STATE];
+    uint32_t n_ch = 2 * a.n_k_heads * a.k_dim + HvDv, stride = gridDim.x * gridDim.y * GDN_OUT_THREADS;
+    for (uint32_t u = (blockIdx.y * gridDim.x + blockIdx.x) * GDN_OUT_THREADS + threadIdx.x; u < n_ch; u += stride)
+        gdn_conv_state(a, x, cstate, T, gdn_channel(a, u));
 }
 
 /* ============================================================================ SAMPLE */
