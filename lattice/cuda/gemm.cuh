@@ -37,20 +37,22 @@ template <> struct gemm_fmt<LT_WF_F16> { static constexpr int WB = 2 * GEMM_BK; 
 template <> struct gemm_fmt<LT_WF_Q8> { static constexpr int WB = GEMM_BK; };
 template <> struct gemm_fmt<LT_WF_Q4> { static constexpr int WB = GEMM_BK / 2; };
 
-/* Block shape: KS groups of warps, each on its own chunk of every stage (split-K inside the block,
- * for grids too small to fill the GPU); a group has WM warps along rows (32 rows each) x 2 along
- * tokens. BM = 32 WM rows, 64 WM KS threads; STAGES stages of KS chunks each. */
-template <int WM, int KS> struct gemm_shape {
-    static constexpr int BM = 32 * WM, THREADS = 64 * WM * KS, STAGES = KS > 1 ? 2 : 3;
+/* Block shape: KS groups of warps, each on its own CPS chunks of every stage (split-K inside the
+ * block, for grids too small to fill the GPU); a group has WM warps along rows (32 rows each) x 2
+ * along tokens. BM = 32 WM rows, 64 WM KS threads; STAGES stages of NQ = KS CPS chunks each
+ * (several chunks per stage: fewer barriers per mma). */
+template <int WM, int KS, int CPS> struct gemm_shape {
+    static constexpr int BM = 32 * WM, THREADS = 64 * WM * KS, NQ = KS * CPS, STAGES = NQ > 1 ? 2 : 3;
     static constexpr int OS = BM + 4;  /* floats per token row of a group's output tile */
 };
 
-template <int FMT, int WM, int KS>
+template <int FMT, int WM, int KS, int CPS>
 constexpr size_t gemm_smem_bytes() {
-    using G = gemm_shape<WM, KS>;
-    return (size_t)G::STAGES * KS * G::BM * gemm_fmt<FMT>::WB                             /* weights */
-           + (size_t)G::STAGES * KS * GEMM_BN * GEMM_XR * 4 + 2 * KS * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
-           + (KS + 1) * GEMM_BN * 4;                          /* x block sums (then sums of squares), RMS factors */
+    using G = gemm_shape<WM, KS, CPS>;
+    constexpr int NQ = G::NQ;
+    return (size_t)G::STAGES * NQ * G::BM * gemm_fmt<FMT>::WB                             /* weights */
+           + (size_t)G::STAGES * NQ * GEMM_BN * GEMM_XR * 4 + 2 * NQ * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
+           + (NQ + 1) * GEMM_BN * 4;                          /* x block sums (then sums of squares), RMS factors */
 }
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
@@ -135,78 +137,81 @@ __device__ __forceinline__ int gemm_xcol(int q, int j) {
     return 8 * q + j;
 }
 
-/* grid (token tiles, row tiles), gemm_shape<WM, KS>::THREADS threads, gemm_smem_bytes<FMT, WM, KS>()
- * dynamic shared memory. n_tok: tokens (x row t -> y row t). */
-template <int FMT, int WM, int KS>
-__global__ void __launch_bounds__(gemm_shape<WM, KS>::THREADS, 8 / (WM * KS) > 0 ? 8 / (WM * KS) : 1)
+/* grid (token tiles, row tiles), gemm_shape<WM, KS, CPS>::THREADS threads,
+ * gemm_smem_bytes<FMT, WM, KS, CPS>() dynamic shared memory. n_tok: tokens (x row t -> y row t). */
+template <int FMT, int WM, int KS, int CPS>
+__global__ void __launch_bounds__(gemm_shape<WM, KS, CPS>::THREADS, 8 / (WM * KS) > 0 ? 8 / (WM * KS) : 1)
 k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
-    using G = gemm_shape<WM, KS>;
+    using G = gemm_shape<WM, KS, CPS>;
     constexpr int BM = G::BM, BN = GEMM_BN, BK = GEMM_BK, S = G::STAGES, XR = GEMM_XR, XH = GEMM_XH;
-    constexpr int THREADS = G::THREADS, OS = G::OS;
-    constexpr int SLOTS = KS * BN * 4 / THREADS;  /* x staging: 8 values per slot */
+    constexpr int THREADS = G::THREADS, OS = G::OS, NQ = G::NQ;
+    constexpr int SLOTS = NQ * BN * 4 / THREADS;  /* x staging: 8 values per slot */
     constexpr int WB = gemm_fmt<FMT>::WB;
     constexpr bool QUANT = FMT != LT_WF_F16;
     extern __shared__ __align__(16) uint8_t smem[];
-    uint8_t *sw = smem;                                    /* [S][KS][BM][WB] */
-    float *sxr = (float *)(smem + S * KS * BM * WB);       /* [S][KS][BN][XR] raw x */
-    uint32_t *sxh = (uint32_t *)(sxr + S * KS * BN * XR), *sxl = sxh + KS * BN * XH;  /* [KS][BN][XH] */
-    float *sxsum = (float *)(sxl + KS * BN * XH);          /* [KS][BN] Q4: sum of each chunk's x' per token */
-    float *srn = sxsum + KS * BN;                          /* [BN] RMS factors */
+    uint8_t *sw = smem;                                    /* [S][NQ][BM][WB] */
+    float *sxr = (float *)(smem + S * NQ * BM * WB);       /* [S][NQ][BN][XR] raw x */
+    uint32_t *sxh = (uint32_t *)(sxr + S * NQ * BN * XR), *sxl = sxh + NQ * BN * XH;  /* [NQ][BN][XH] */
+    float *sxsum = (float *)(sxl + NQ * BN * XH);          /* [NQ][BN] Q4: sum of each chunk's x' per token */
+    float *srn = sxsum + NQ * BN;                          /* [BN] RMS factors */
     float *sout = (float *)smem;                           /* [KS][BN][OS], after the main loop */
-    static_assert((size_t)KS * BN * OS * 4 <= (size_t)S * KS * BM * WB + S * KS * BN * XR * 4 + 2 * KS * BN * XH * 4,
+    static_assert((size_t)KS * BN * OS * 4 <= (size_t)S * NQ * BM * WB + S * NQ * BN * XR * 4 + 2 * NQ * BN * XH * 4,
                   "output tiles");
 
     pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const int grp = warp / (2 * WM), wm = warp % WM, wn = (warp / WM) % 2;  /* rows wm*32.., tokens wn*32.. */
     const uint32_t t0 = blockIdx.x * BN, n0 = blockIdx.y * BM;
-    const uint32_t nch = (a.cols + BK - 1) / BK, nsup = (nch + KS - 1) / KS;  /* chunks, stages' worth */
+    const uint32_t nch = (a.cols + BK - 1) / BK, nsup = (nch + NQ - 1) / NQ;  /* chunks, stages' worth */
     const uint32_t row_bytes = FMT == LT_WF_F16 ? a.cols * 2 : nch * WB;
     const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
     const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wmin = (const __half *)b.p[LT_GEMV_B_WM];
     const float *x = (const float *)b.p[LT_GEMV_B_X];
 
-    /* stage i holds chunks i KS .. i KS + KS - 1; chunks past the end are zeros */
+    /* stage i holds chunks i NQ .. i NQ + NQ - 1 (group grp: grp CPS ..); chunks past the end are zeros */
     auto load_w = [&](uint32_t sup) {
-        uint8_t *dst = sw + (sup % S) * KS * BM * WB;
-        for (int i = tid; i < KS * BM * WB / 16; i += THREADS) {
+        uint8_t *dst = sw + (sup % S) * NQ * BM * WB;
+        for (int i = tid; i < NQ * BM * WB / 16; i += THREADS) {
             int q = i / (BM * WB / 16), r = i / (WB / 16) % BM, p = i % (WB / 16);
-            uint32_t off = (sup * KS + q) * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
+            uint32_t off = (sup * NQ + q) * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
             bool in = off < row_bytes;  /* also the F16 tail chunk: zeros past cols (cols % 8 == 0) */
             cp_async16(dst + i * 16, in ? wq + (size_t)row * row_bytes + off : wq, in ? 16 : 0);
         }
     };
     auto load_x = [&](uint32_t sup) {
-        float *dst = sxr + (sup % S) * KS * BN * XR;
-        for (int i = tid; i < KS * BN * BK / 4; i += THREADS) {
+        float *dst = sxr + (sup % S) * NQ * BN * XR;
+        for (int i = tid; i < NQ * BN * BK / 4; i += THREADS) {
             int q = i / (BN * BK / 4), tt = i / (BK / 4) % BN, p = i % (BK / 4);
-            uint32_t t = t0 + tt, k = (sup * KS + q) * BK + p * 4;
+            uint32_t t = t0 + tt, k = (sup * NQ + q) * BK + p * 4;
             uint32_t n = t < n_tok && k < a.cols ? min(4u, a.cols - k) * 4 : 0;  /* zeros past cols / tokens */
             cp_async16(dst + (q * BN + tt) * XR + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
         }
     };
     /* this thread's weight rows (fragment rows g and g + 8 of its two 16-row tiles) and their
-     * scales / mins, loaded one stage ahead */
+     * scales / mins, requested at the top of a stage, used after its mma's */
     uint32_t srow[2][2];
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
         for (int h = 0; h < 2; h++)
             srow[mt][h] = min(n0 + wm * 32 + mt * 16 + h * 8 + g, a.rows - 1);
-    float sc[2][2] = {}, mn[2][2] = {}, sc_next[2][2] = {}, mn_next[2][2] = {};
-    auto load_scales = [&](uint32_t sup, float s_[2][2], float m_[2][2]) {
+    float sc[CPS][2][2] = {}, mn[CPS][2][2] = {};
+    auto load_scales = [&](uint32_t sup) {
         if constexpr (QUANT) {
-            uint32_t kc = sup * KS + grp;
-            if (kc >= nch)
-                return;  /* a zero chunk: its sums are zero */
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++)
+            for (int u = 0; u < CPS; u++) {
+                uint32_t kc = sup * NQ + grp * CPS + u;
+                if (kc >= nch)
+                    continue;  /* a zero chunk: its sums are zero */
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    s_[mt][h] = __half2float(__ldg(ws + (size_t)srow[mt][h] * nch + kc));
-                    if (FMT == LT_WF_Q4)
-                        m_[mt][h] = __half2float(__ldg(wmin + (size_t)srow[mt][h] * nch + kc));
-                }
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        sc[u][mt][h] = __half2float(__ldg(ws + (size_t)srow[mt][h] * nch + kc));
+                        if (FMT == LT_WF_Q4)
+                            mn[u][mt][h] = __half2float(__ldg(wmin + (size_t)srow[mt][h] * nch + kc));
+                    }
+            }
         }
     };
 
@@ -214,7 +219,6 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     for (int s = 0; s < S - 1; s++)
         if ((uint32_t)s < nsup)
             load_w(s);
-    load_scales(0, sc, mn);
     pdl_wait();
     if (st->error) {
         asm volatile("cp.async.wait_all;" ::: "memory");
@@ -239,7 +243,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
             load_x(sup + S - 1);
         }
         cp_async_commit();
-        load_scales(sup + 1, sc_next, mn_next);
+        load_scales(sup);
 
         /* stage x' = x * norm weight as bf16 hi / lo pairs (and its Q4 block sum): slot (chunk q,
          * token ct, quarter cq) holds the values of fragment column pair cq; word 8s + 2cq + p:
@@ -248,7 +252,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
 #pragma unroll
         for (int sl = 0; sl < SLOTS; sl++) {
             const int slot = tid + sl * THREADS, q = slot / (BN * 4), ct = slot / 4 % BN, cq = slot & 3;
-            const float *xr = sxr + ((sup % S) * KS * BN + q * BN + ct) * XR;
+            const float *xr = sxr + ((sup % S) * NQ * BN + q * BN + ct) * XR;
             float e[8];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -262,7 +266,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 ss[sl] += e[j] * e[j];
-                uint32_t k = (sup * KS + q) * BK + gemm_xcol<FMT>(cq, j);
+                uint32_t k = (sup * NQ + q) * BK + gemm_xcol<FMT>(cq, j);
                 if (nw && k < a.cols)
                     e[j] *= nw_one + __ldg(nw + k);
                 xsum += e[j];
@@ -284,12 +288,14 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
         }
         __syncthreads();
 
-        /* this group's chunk. mma's: k-step s takes staged positions 4s .. 4s + 3 (fragment
+        /* this group's chunks. mma's: k-step s takes staged positions 4s .. 4s + 3 (fragment
          * columns 2c, 2c + 1, 2c + 8, 2c + 9); W hi x hi, W hi x lo (and for F16 W lo x hi; W lo
          * x lo is below 2^-17) */
-        {
-            const uint8_t *w = sw + ((sup % S) * KS + grp) * BM * WB;
-            const uint32_t *xh = sxh + grp * BN * XH, *xl = sxl + grp * BN * XH;
+#pragma unroll
+        for (int u = 0; u < CPS; u++) {
+            const int q = grp * CPS + u;
+            const uint8_t *w = sw + ((sup % S) * NQ + q) * BM * WB;
+            const uint32_t *xh = sxh + q * BN * XH, *xl = sxl + q * BN * XH;
             uint32_t wh[2][2][4], wl[2][2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
@@ -326,22 +332,15 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
                     for (int nt = 0; nt < 4; nt++) {
                         float2 xs2 = make_float2(0.0f, 0.0f);
                         if (FMT == LT_WF_Q4)
-                            xs2 = *(const float2 *)(sxsum + grp * BN + wn * 32 + nt * 8 + 2 * c);
+                            xs2 = *(const float2 *)(sxsum + q * BN + wn * 32 + nt * 8 + 2 * c);
 #pragma unroll
                         for (int i = 0; i < 4; i++) {
                             int h = i >> 1;
-                            acc[mt][nt][i] += sc[mt][h] * part[mt][nt][i];
+                            acc[mt][nt][i] += sc[u][mt][h] * part[mt][nt][i];
                             if (FMT == LT_WF_Q4)
-                                acc[mt][nt][i] += mn[mt][h] * ((i & 1) ? xs2.y : xs2.x);
+                                acc[mt][nt][i] += mn[u][mt][h] * ((i & 1) ? xs2.y : xs2.x);
                             part[mt][nt][i] = 0.0f;
                         }
-                    }
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        sc[mt][h] = sc_next[mt][h];
-                        mn[mt][h] = mn_next[mt][h];
                     }
             }
         }
@@ -358,7 +357,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
         if ((slot & 3) == 0)
-            sxsum[slot / 4] = v;  /* [q][token] */
+            sxsum[slot / 4] = v;  /* [chunk q][token] */
     }
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
@@ -372,7 +371,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     __syncthreads();
     if (tid < BN) {
         float v = 0.0f;
-        for (int q = 0; q < KS; q++)
+        for (int q = 0; q < NQ; q++)
             v += sxsum[q * BN + tid];
         srn[tid] = nw ? rsqrtf(v / (float)a.cols + a.eps) : 1.0f;
     }
@@ -421,14 +420,14 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     }
 }
 
-/* The block shapes launch_gemm picks from (rows per block x chunk groups). */
-#define GEMM_SHAPES(X) X(4, 1) X(2, 1) X(1, 1) X(1, 4)
+/* The block shapes launch_gemm picks from (rows per block / 32, chunk groups, chunks per group and stage). */
+#define GEMM_SHAPES(X) X(4, 1, 2) X(2, 1, 2) X(1, 1, 1) X(1, 4, 1)
 
 template <int FMT>
 static void gemm_set_smem_fmt() {
-#define LT_GEMM_SMEM(WM, KS)                                                                      \
-    cudaFuncSetAttribute(k_gemm<FMT, WM, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,       \
-                         (int)gemm_smem_bytes<FMT, WM, KS>());
+#define LT_GEMM_SMEM(WM, KS, CPS)                                                                 \
+    cudaFuncSetAttribute(k_gemm<FMT, WM, KS, CPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
+                         (int)gemm_smem_bytes<FMT, WM, KS, CPS>());
     GEMM_SHAPES(LT_GEMM_SMEM)
 #undef LT_GEMM_SMEM
 }
@@ -441,20 +440,20 @@ static void gemm_set_smem() {
     gemm_set_smem_fmt<LT_WF_Q4>();
 }
 
-template <int FMT, int WM, int KS>
+template <int FMT, int WM, int KS, int CPS>
 static void gemm_launch_fmt(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                             bool pdl, cudaStream_t s) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((n_tok + GEMM_BN - 1) / GEMM_BN, (a.rows + 32 * WM - 1) / (32 * WM));
-    cfg.blockDim = dim3(gemm_shape<WM, KS>::THREADS);
-    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, KS>();
+    cfg.blockDim = dim3(gemm_shape<WM, KS, CPS>::THREADS);
+    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, KS, CPS>();
     cfg.stream = s;
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, KS>, a, b, st, n_tok);
+    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, KS, CPS>, a, b, st, n_tok);
 }
 
 /* Rows per block: 128 where that still gives every SM two blocks, else fewer; where even 32 rows
@@ -464,13 +463,13 @@ static void gemm_launch_rows(const lt_gemv_args &a, const lt_binds &b, lt_step_a
                              int sms, bool pdl, cudaStream_t s) {
     uint32_t tok_tiles = (n_tok + GEMM_BN - 1) / GEMM_BN;
     if (tok_tiles * ((a.rows + 127) / 128) >= 2u * sms)
-        gemm_launch_fmt<FMT, 4, 1>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 4, 1, 2>(a, b, st, n_tok, pdl, s);
     else if (tok_tiles * ((a.rows + 63) / 64) >= 2u * sms)
-        gemm_launch_fmt<FMT, 2, 1>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 2, 1, 2>(a, b, st, n_tok, pdl, s);
     else if (tok_tiles * ((a.rows + 31) / 32) >= 2u * sms)
-        gemm_launch_fmt<FMT, 1, 1>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 1, 1, 1>(a, b, st, n_tok, pdl, s);
     else
-        gemm_launch_fmt<FMT, 1, 4>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 1, 4, 1>(a, b, st, n_tok, pdl, s);
 }
 
 /* Launches k_gemm for a GEMV / LM_HEAD dispatch of T tokens and returns true, or returns false

@@ -112,15 +112,20 @@ static double worst_all = 0.0;  /* largest |err| / bound over all cases */
 
 /* One dispatch: launches k_gemm (directly: T below GEMM_MIN_TOKENS included), checks every output
  * against float64 and that nothing outside the outputs was written. */
-/* Every block shape launch_gemm may pick: index -> (rows per block / 32, chunk groups). */
-static const int SHAPE_WM[] = {4, 2, 1, 1}, SHAPE_KS[] = {1, 1, 1, 4};
+/* Every block shape launch_gemm may pick (GEMM_SHAPES): rows per block / 32, chunk groups, chunks
+ * per group and stage. */
+#define LT_WM(WM, KS, CPS) WM,
+#define LT_KS(WM, KS, CPS) KS,
+#define LT_CPS(WM, KS, CPS) CPS,
+static const int SHAPE_WM[] = {GEMM_SHAPES(LT_WM)}, SHAPE_KS[] = {GEMM_SHAPES(LT_KS)}, SHAPE_CPS[] = {GEMM_SHAPES(LT_CPS)};
+static const int N_SHAPES = sizeof SHAPE_WM / sizeof SHAPE_WM[0];
 
 template <int FMT>
 static void launch_fmt(int shape, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
     int i = 0;
-#define LT_TRY(WM, KS)                                                                            \
+#define LT_TRY(WM, KS, CPS)                                                                       \
     if (i++ == shape)                                                                             \
-        gemm_launch_fmt<FMT, WM, KS>(a, b, d_step, T, true, 0);
+        gemm_launch_fmt<FMT, WM, KS, CPS>(a, b, d_step, T, true, 0);
     GEMM_SHAPES(LT_TRY)
 #undef LT_TRY
 }
@@ -204,7 +209,7 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             bound[(size_t)t * rows + n] = 3e-5 * sa + 1e-6;
         }
     }
-    for (int shape = 0; shape < 4; shape++) {  /* every block shape launch_gemm may pick */
+    for (int shape = 0; shape < N_SHAPES; shape++) {  /* every block shape launch_gemm may pick */
         CUDA_OK(cudaMemcpy(dy, y.data(), y.size() * 4, cudaMemcpyHostToDevice));
         launch_shape(fmt, shape, a, b, T);
         CUDA_OK(cudaGetLastError());
@@ -247,8 +252,9 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             n_fail++;
         worst_all = std::max(worst_all, worst);
         if (!ok)  /* passes are counted, failures named */
-            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u block %d rows x %d groups%s  max err/bound %.3f%s\n",
-                   FMT_NAME[fmt], T, rows, cols, flags, 32 * SHAPE_WM[shape], SHAPE_KS[shape],
+            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u block %d rows x %d groups x %d chunks%s  "
+                   "max err/bound %.3f%s\n", FMT_NAME[fmt], T, rows, cols, flags, 32 * SHAPE_WM[shape],
+                   SHAPE_KS[shape], SHAPE_CPS[shape],
                    alias ? " (resid = y)" : "", worst,
                    stray ? "  (wrote outside the outputs)" : "  (over the bound)");
     }
