@@ -63,7 +63,10 @@ class RuntimeEngine:
     def __init__(self, ckpt, backend="cpu", quant=None, context=4096, threads=None):
         be = backend if isinstance(backend, _runtime.Backend) else select_backend(backend)
         self.name = be.name
-        self.program = build(ckpt, quant=quant, context=context)
+        # GPUs prefill with matrix-multiply kernels that want many tokens per step; the CPU's
+        # kernels gain little past 64 and its scratch arena grows with the chunk
+        chunk = 256 if be.name == "cuda" else 64
+        self.program = build(ckpt, quant=quant, context=context, prefill_chunk=chunk)
         self.runtime = _runtime.Runtime(self.program, n_threads=threads, backend=be)
 
     def new_state(self):

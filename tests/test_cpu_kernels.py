@@ -341,8 +341,8 @@ def test_elementwise(lib, op):
 
 # ---------------------------------------------------------------------------------------------- GEMV
 
-def _gemv_case(lib, rng, fmt, rows, cols, T, threads, flags=0, lm_head=False):
-    x = rand(rng, T, cols + 3)
+def _gemv_case(lib, rng, fmt, rows, cols, T, threads, flags=0, lm_head=False, x_pad=3):
+    x = rand(rng, T, cols + x_pad)
     w = rand(rng, rows, cols, scale=0.1)
     mem = Mem(StepArgs(n_tokens=T))
     wq, ws, wm, deq = put_matrix(mem, w, fmt)
@@ -353,7 +353,7 @@ def _gemv_case(lib, rng, fmt, rows, cols, T, threads, flags=0, lm_head=False):
     y = mem.put(SCRATCH, resid.copy()) if flags & 16 else mem.zeros(SCRATCH, (T, n_out))
     n_blocks = -(-rows // ARGMAX_BLOCK)
     parts = mem.zeros(SCRATCH, (n_blocks, 4))
-    args = GemvArgs(wformat=fmt, rows=rows, cols=cols, flags=flags, x_stride=cols + 3, y_stride=n_out,
+    args = GemvArgs(wformat=fmt, rows=rows, cols=cols, flags=flags, x_stride=cols + x_pad, y_stride=n_out,
                     resid_stride=n_out, eps=1e-6)
     # RESID aliases Y: out = resid + W x in place
     binds = [rx, y, wq, ws, wm, rn, rb, y, parts]

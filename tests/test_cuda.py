@@ -254,6 +254,27 @@ def test_lm_head_many_rows_last_token(lib, T):
                            for b in range(p.shape[0])])
 
 
+@pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32 (k_gemv), F16, Q8, Q4 (k_gemm's tensor cores)
+@pytest.mark.parametrize("rows,cols", [(36, 96), (300, 576), (70, 1000)])
+@pytest.mark.parametrize("T", [16, 37, 100])
+@pytest.mark.parametrize("flags", [0, 1 | 2 | 4, 1 | 8 | 16])
+def test_gemm_prefill(lib, fmt, rows, cols, T, flags):
+    """Prefill-sized GEMVs as programs lay them out (x rows 16-byte aligned): k_gemm (bf16 tensor
+    cores, x split hi/lo) must stay within the f32 rounding bound of every fused prologue/epilogue."""
+    from test_cpu_kernels import _gemv_case, assert_dot_close
+    rng = np.random.default_rng(rows + cols + T + flags + fmt)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, T, 1, flags, x_pad=4)
+    assert_dot_close(mem.view(y), want, bound)
+
+
+def test_lm_head_all_tokens_gemm(lib):
+    """The logits program's LM head (every token's logits) on k_gemm."""
+    from test_cpu_kernels import _gemv_case, assert_dot_close
+    mem, y, _, want, bound = _gemv_case(lib, np.random.default_rng(9), 2, 1000, 64, 20, 1, 1 | 32, lm_head=True,
+                                        x_pad=0)
+    assert_dot_close(mem.view(y), want, bound)
+
+
 def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):
     monkeypatch.setattr(lcuda, "_lib", None)
     monkeypatch.setenv("LATTICE_NVCC", str(tmp_path / "no-nvcc"))

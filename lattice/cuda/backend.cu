@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels.cuh"
+#include "gemm.cuh"
 #include "lattice_cuda.h"
 
 namespace {
@@ -188,6 +189,7 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
 /* Programmatic dependent launch for every kernel (LATTICE_CUDA_PDL=0 turns it off): a kernel may
  * start while its predecessor finishes, prefetch weights, then wait for it (kernels.cuh). */
 static int pdl_enabled = 1;
+static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
 
 template <typename... P, typename... A>
 static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
@@ -238,7 +240,7 @@ static void set_gemv_smem() {
     cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStream_t s) {
+static void launch_gemv_simt(const launch &L0, lt_step_args *st, uint32_t T, cudaStream_t s) {
     const lt_gemv_args &a = *(const lt_gemv_args *)L0.args;
     int lm = L0.kernel == LT_K_LM_HEAD;
     uint32_t n_tok = lm && !(a.flags & LT_GEMV_ALL_TOKENS) ? 1 : T;
@@ -263,6 +265,15 @@ static void launch_gemv(const launch &L0, lt_step_args *st, uint32_t T, cudaStre
         LT_FMT(LT_WF_Q4)
     }
 #undef LT_FMT
+}
+
+/* One token (or a few) on k_gemv / k_gemv_stream; >= GEMM_MIN_TOKENS on k_gemm's tensor cores
+ * (gemm.cuh), which declines what it does not handle (F32 weights, the last-token LM head). */
+static void launch_gemv(const launch &L, lt_step_args *st, uint32_t T, cudaStream_t s) {
+    const lt_gemv_args &a = *(const lt_gemv_args *)L.args;
+    int lm = L.kernel == LT_K_LM_HEAD;
+    if (!launch_gemm(a, L.b, st, T, lm, gpu_sms, pdl_enabled, s))
+        launch_gemv_simt(L, st, T, s);
     if (lm && L.b.p[LT_GEMV_B_PARTIALS]) {
         const float *logits = (const float *)L.b.p[LT_GEMV_B_Y]
                               + (size_t)((a.flags & LT_GEMV_ALL_TOKENS) ? T - 1 : 0) * a.y_stride;
@@ -438,6 +449,8 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     set_gemv_smem<LT_WF_F16>();
     set_gemv_smem<LT_WF_Q8>();
     set_gemv_smem<LT_WF_Q4>();
+    gemm_set_smem();
+    gpu_sms = prop.multiProcessorCount;
     CK(cudaGetLastError());
     CK(cudaStreamSynchronize(c->stream));
     return LT_OK;

@@ -5,7 +5,8 @@ process per measurement (the backend reads its environment when created):
 
 Each variant is a space-separated list of NAME=VALUE ("" = as is). Decode tok/s is the slope
 between 64 and 320 generated tokens (16-token prompt, greedy); the table gives the median and the
-spread (max - min) / median over the rounds. Prefill tok/s of a 64-token prompt alongside.
+spread (max - min) / median over the rounds. Prefill tok/s of 64- and 512-token prompts alongside
+(prompt + first token).
 """
 import argparse
 import os
@@ -28,13 +29,14 @@ def child(model):
     run(64)
     n1, n2 = 64, 320
     dec = min((n2 - n1) / (run(n2) - run(n1)) for _ in range(3))  # fastest of three pairs: least disturbed
-    s = m.session()
-    long_prompt = list(range(200, 264))
-    s.generate(long_prompt, max_tokens=1)
-    t0 = time.perf_counter()
-    m.session().generate(long_prompt, max_tokens=1)
-    pp = 64 / (time.perf_counter() - t0)
-    print(f"RESULT {dec:.2f} {pp:.1f}")
+    pp = []
+    for n in (64, 512):
+        prompt = list(range(200, 200 + n))
+        m.session().generate(prompt, max_tokens=1)  # warm-up (graph capture, first launches)
+        t0 = time.perf_counter()
+        m.session().generate(prompt, max_tokens=1)
+        pp.append(n / (time.perf_counter() - t0))
+    print(f"RESULT {dec:.2f} {pp[0]:.1f} {pp[1]:.1f}")
 
 
 def main():
@@ -53,15 +55,15 @@ def main():
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
             if not line:
                 print(f"variant {v!r} failed:\n{out.stderr[-2000:]}")
-                res[v].append((float("nan"), float("nan")))
+                res[v].append((float("nan"),) * 3)
                 continue
             res[v].append(tuple(float(x) for x in line[0].split()[1:]))
-    print(f"{os.path.basename(a.model)}: decode tok/s (median, spread) | prefill 64 tok/s")
+    print(f"{os.path.basename(a.model)}: decode tok/s (median, spread) | prefill tok/s pp64, pp512")
     for v, r in res.items():
-        d = sorted(x[0] for x in r)
-        p = sorted(x[1] for x in r)
+        d, p64, p512 = (sorted(x[i] for x in r) for i in range(3))
         med = d[len(d) // 2]
-        print(f"  {v or '(as is)':40s} {med:9.1f} {100 * (d[-1] - d[0]) / med:5.1f}% | {p[len(p) // 2]:9.1f}")
+        print(f"  {v or '(as is)':40s} {med:9.1f} {100 * (d[-1] - d[0]) / med:5.1f}% | "
+              f"{p64[len(p64) // 2]:9.1f} {p512[len(p512) // 2]:9.1f}")
 
 
 if __name__ == "__main__":
