@@ -10,7 +10,7 @@
 #   LLAMA_LIB=dir, or .peers/libs/llama-libs.tgz.* (what PACK=1 returned): prebuilt llama.cpp
 #     libraries instead of building them; PACK=1: return the built ones as $OUT/llama-libs.tgz.*
 #   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh);
-#   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench)
+#   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench); PP=64: prefill prompt length (512)
 #   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: the loaded runs again
 #     under CUDA MPS
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
@@ -85,7 +85,7 @@ export LD_LIBRARY_PATH=$LLAMA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 bench() {  # tag, extra lattice-bench args... (BENCH_CLI: the harness's entry point)
     local tag=$1
     shift
-    timeout "${BENCH_TIMEOUT:-300}" python3 ${BENCH_CLI:--m lattice.bench.cli} run --warmup 1 --runs "$RUNS" --pp 64 "$@" \
+    timeout "${BENCH_TIMEOUT:-300}" python3 ${BENCH_CLI:--m lattice.bench.cli} run --warmup 1 --runs "$RUNS" --pp "${PP:-512}" "$@" \
         --json "$R/$tag.json" >"$R/$tag.txt" 2>&1
     echo "-- $tag (rc $?)"
     grep -v "^\s*$" "$R/$tag.txt" | tail -14
