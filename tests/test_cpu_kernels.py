@@ -406,9 +406,10 @@ def test_gemm_token_tiles(lib, simd, fmt, T):
 
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_lm_head_last_token_and_partials(lib, simd, T, threads):
+@pytest.mark.parametrize("rows", [1000, 17002])  # 17,002: CUDA streams rows through resident blocks
+def test_lm_head_last_token_and_partials(lib, simd, T, threads, rows):
     rng = np.random.default_rng(T + threads)
-    rows, cols = 1000, 64
+    cols = 64
     x = rand(rng, T, cols)
     w = rand(rng, rows, cols, scale=0.3)
     mem = Mem(StepArgs(n_tokens=T))

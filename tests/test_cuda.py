@@ -228,32 +228,6 @@ def test_gemv_many_rows(lib, fmt, rows, flags):
     assert_dot_close(mem.view(y), want, bound)
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_lm_head_many_rows_last_token(lib, T):
-    """An LM head of 17,002 rows streamed: logits of the last token only, argmax partials of them."""
-    from lattice import reference as ref
-    from test_cpu_kernels import (ARGMAX_BLOCK, K_LM_HEAD, OK, Q8, SCRATCH, WEIGHTS, GemvArgs, Mem, StepArgs,
-                                  assert_dot_close, dot_error_limit, put_matrix, rand, run_one)
-    rng = np.random.default_rng(T)
-    rows, cols = 17002, 64
-    x, w = rand(rng, T, cols), rand(rng, rows, cols, scale=0.3)
-    mem = Mem(StepArgs(n_tokens=T))
-    wq, ws, _, deq = put_matrix(mem, w, Q8)
-    norm_w = rand(rng, cols)
-    rx, rn = mem.put(SCRATCH, x), mem.put(WEIGHTS, norm_w)
-    y = mem.zeros(SCRATCH, (1, rows))
-    parts = mem.put(SCRATCH, np.zeros(4 * -(-rows // ARGMAX_BLOCK), np.float32))
-    args = GemvArgs(wformat=Q8, rows=rows, cols=cols, flags=1, x_stride=cols, y_stride=rows, eps=1e-5)
-    assert run_one(lib, mem, K_LM_HEAD, args, [rx, y, wq, ws, None, rn, None, None, parts]) == OK
-    xin = ref.rms_norm(x[-1:], norm_w, 1e-5, False)
-    got = mem.view(y)[0]
-    assert_dot_close(got, ref.lm_head(xin, deq)[0], dot_error_limit(xin, deq, Q8, "cuda")[0])
-    p = mem.view(parts).reshape(-1, 4)
-    assert np.array_equal(p[:, 1].view(np.uint32),
-                          [b * ARGMAX_BLOCK + int(np.argmax(got[b * ARGMAX_BLOCK:(b + 1) * ARGMAX_BLOCK]))
-                           for b in range(p.shape[0])])
-
-
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32 (k_gemv), F16, Q8, Q4 (k_gemm's tensor cores)
 @pytest.mark.parametrize("rows,cols", [(36, 96), (300, 576), (70, 1000)])
 @pytest.mark.parametrize("T", [16, 37, 100])
