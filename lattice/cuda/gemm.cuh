@@ -9,12 +9,13 @@
  * per-block sums of x) are applied in f32 to each 32-column block's sum. F32 weights are not
  * handled (they would need a three-way split): launch_gemm declines them and k_gemv runs.
  *
- * A block computes BM weight rows x 64 tokens, 32 columns (one quant block) per pipeline stage:
- * weights and raw x arrive by cp.async STAGES - 1 chunks ahead (the weights of the first chunks
- * before the programmatic-launch wait: they do not depend on earlier kernels); each chunk's x is
- * normalized (x * norm weight; the RMS factor multiplies the sums at the end, as in k_gemv) and
- * split once into shared memory, then the warps (BM / 32 along rows x 2 along tokens, 32 x 32
- * each) run the mma's. Inside a chunk the 32 columns are taken in a per-format order in which
+ * A block computes BM weight rows x BN tokens, 32 columns (one quant block) per chunk, NQ chunks
+ * per pipeline stage: weights and raw x arrive by cp.async STAGES - 1 stages ahead (the weights
+ * of the first stages before the programmatic-launch wait: they do not depend on earlier
+ * kernels); each chunk's x is normalized (x * norm weight, staged per chunk in shared memory; the
+ * RMS factor multiplies the sums at the end, as in k_gemv) and split once into shared memory,
+ * then the warps (32 x 32 each) run the mma's. The x work of a block is shared by its BM rows,
+ * which is why the wide GEMVs take 128-row blocks. Inside a chunk the 32 columns are taken in a per-format order in which
  * every thread's 8 columns per row are adjacent in memory (one 8- or 16-byte load for its
  * weights); any fixed order gives the same sum. The output tile goes through shared memory so
  * that the epilogues write whole rows of y. */
@@ -25,7 +26,6 @@
 
 #include "kernels.cuh"
 
-#define GEMM_BN 64                   /* tokens per block (2 warps of 32 along tokens) */
 #define GEMM_BK LT_QK                /* columns per pipeline stage: one quant block */
 #define GEMM_XR (GEMM_BK + 4)        /* floats per raw x row: conflict-free float4 reads */
 #define GEMM_XH 24                   /* words (bf16 pairs) per hi / lo x row: 16, padded for conflict-free reads */
@@ -38,21 +38,24 @@ template <> struct gemm_fmt<LT_WF_Q8> { static constexpr int WB = GEMM_BK; };
 template <> struct gemm_fmt<LT_WF_Q4> { static constexpr int WB = GEMM_BK / 2; };
 
 /* Block shape: KS groups of warps, each on its own CPS chunks of every stage (split-K inside the
- * block, for grids too small to fill the GPU); a group has WM warps along rows (32 rows each) x 2
- * along tokens. BM = 32 WM rows, 64 WM KS threads; STAGES stages of NQ = KS CPS chunks each
- * (several chunks per stage: fewer barriers per mma). */
-template <int WM, int KS, int CPS> struct gemm_shape {
-    static constexpr int BM = 32 * WM, THREADS = 64 * WM * KS, NQ = KS * CPS, STAGES = NQ > 1 ? 2 : 3;
+ * block, for grids too small to fill the GPU); a group has WM warps along rows x WN along tokens
+ * (32 x 32 each). BM = 32 WM rows x BN = 32 WN tokens; STAGES stages of NQ = KS CPS chunks each
+ * (several chunks per stage: fewer barriers per mma). The x preparation of a block is shared by
+ * its BM rows: the larger BM, the less of it per mma. */
+template <int WM, int WN, int KS, int CPS> struct gemm_shape {
+    static constexpr int BM = 32 * WM, BN = 32 * WN, THREADS = 32 * WM * WN * KS, NQ = KS * CPS;
+    static constexpr int STAGES = NQ > 1 ? 2 : 3;
     static constexpr int OS = BM + 4;  /* floats per token row of a group's output tile */
 };
 
-template <int FMT, int WM, int KS, int CPS>
+template <int FMT, int WM, int WN, int KS, int CPS>
 constexpr size_t gemm_smem_bytes() {
-    using G = gemm_shape<WM, KS, CPS>;
-    constexpr int NQ = G::NQ;
-    return (size_t)G::STAGES * NQ * G::BM * gemm_fmt<FMT>::WB                             /* weights */
-           + (size_t)G::STAGES * NQ * GEMM_BN * GEMM_XR * 4 + 2 * NQ * GEMM_BN * GEMM_XH * 4  /* raw x, x hi / lo */
-           + (NQ + 1) * GEMM_BN * 4;                          /* x block sums (then sums of squares), RMS factors */
+    using G = gemm_shape<WM, WN, KS, CPS>;
+    constexpr int NQ = G::NQ, BN = G::BN;
+    return (size_t)G::STAGES * NQ * G::BM * gemm_fmt<FMT>::WB                   /* weights */
+           + (size_t)G::STAGES * NQ * BN * GEMM_XR * 4 + 2 * NQ * BN * GEMM_XH * 4  /* raw x, x hi / lo */
+           + (size_t)G::STAGES * NQ * GEMM_BK * 4                                  /* norm weights */
+           + (NQ + 1) * BN * 4;                   /* x block sums (then sums of squares), RMS factors */
 }
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
@@ -70,6 +73,13 @@ __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], uint32
                  "{%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* d = A * B (zero accumulators in: no zeroing of d beforehand) */
+__device__ __forceinline__ void mma_bf16_zero(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
 }
 
 __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
@@ -137,22 +147,27 @@ __device__ __forceinline__ int gemm_xcol(int q, int j) {
     return 8 * q + j;
 }
 
-/* grid (token tiles, row tiles), gemm_shape<WM, KS, CPS>::THREADS threads,
- * gemm_smem_bytes<FMT, WM, KS, CPS>() dynamic shared memory. n_tok: tokens (x row t -> y row t). */
-template <int FMT, int WM, int KS, int CPS>
-__global__ void __launch_bounds__(gemm_shape<WM, KS, CPS>::THREADS, 8 / (WM * KS) > 0 ? 8 / (WM * KS) : 1)
+/* grid (token tiles, row tiles), gemm_shape<WM, WN, KS, CPS>::THREADS threads,
+ * gemm_smem_bytes<FMT, WM, WN, KS, CPS>() dynamic shared memory. n_tok: tokens (x row t -> y row t). */
+template <int FMT, int WM, int WN, int KS, int CPS>
+__global__ void __launch_bounds__(gemm_shape<WM, WN, KS, CPS>::THREADS, WM * WN * KS >= 8 ? 2 : 3)
 k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
-    using G = gemm_shape<WM, KS, CPS>;
-    constexpr int BM = G::BM, BN = GEMM_BN, BK = GEMM_BK, S = G::STAGES, XR = GEMM_XR, XH = GEMM_XH;
+    using G = gemm_shape<WM, WN, KS, CPS>;
+    constexpr int BM = G::BM, BN = G::BN, BK = GEMM_BK, S = G::STAGES, XR = GEMM_XR, XH = GEMM_XH;
     constexpr int THREADS = G::THREADS, OS = G::OS, NQ = G::NQ;
     constexpr int SLOTS = NQ * BN * 4 / THREADS;  /* x staging: 8 values per slot */
     constexpr int WB = gemm_fmt<FMT>::WB;
+    constexpr int WVEC = NQ * BM * WB / 16, WLOADS = (WVEC + THREADS - 1) / THREADS;  /* 16-byte cp.async's per stage, per thread */
+    constexpr int XLOADS = NQ * BN * BK / 4 / THREADS;
+    static_assert(SLOTS * THREADS == NQ * BN * 4 && XLOADS * THREADS * 4 == NQ * BN * BK && NQ * BK <= THREADS,
+                  "block shape");
     constexpr bool QUANT = FMT != LT_WF_F16;
     extern __shared__ __align__(16) uint8_t smem[];
     uint8_t *sw = smem;                                    /* [S][NQ][BM][WB] */
     float *sxr = (float *)(smem + S * NQ * BM * WB);       /* [S][NQ][BN][XR] raw x */
     uint32_t *sxh = (uint32_t *)(sxr + S * NQ * BN * XR), *sxl = sxh + NQ * BN * XH;  /* [NQ][BN][XH] */
-    float *sxsum = (float *)(sxl + NQ * BN * XH);          /* [NQ][BN] Q4: sum of each chunk's x' per token */
+    float *snw = (float *)(sxl + NQ * BN * XH);            /* [S][NQ][BK] norm weights (+ 1), zeros past cols */
+    float *sxsum = snw + S * NQ * BK;                      /* [NQ][BN] Q4: sum of each chunk's x' per token */
     float *srn = sxsum + NQ * BN;                          /* [BN] RMS factors */
     float *sout = (float *)smem;                           /* [KS][BN][OS], after the main loop */
     static_assert((size_t)KS * BN * OS * 4 <= (size_t)S * NQ * BM * WB + S * NQ * BN * XR * 4 + 2 * NQ * BN * XH * 4,
@@ -160,19 +175,24 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
 
     pdl_begin();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
-    const int grp = warp / (2 * WM), wm = warp % WM, wn = (warp / WM) % 2;  /* rows wm*32.., tokens wn*32.. */
+    const int grp = warp / (WM * WN), wm = warp % WM, wn = (warp / WM) % WN;  /* rows wm*32.., tokens wn*32.. */
     const uint32_t t0 = blockIdx.x * BN, n0 = blockIdx.y * BM;
     const uint32_t nch = (a.cols + BK - 1) / BK, nsup = (nch + NQ - 1) / NQ;  /* chunks, stages' worth */
     const uint32_t row_bytes = FMT == LT_WF_F16 ? a.cols * 2 : nch * WB;
     const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
     const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wmin = (const __half *)b.p[LT_GEMV_B_WM];
     const float *x = (const float *)b.p[LT_GEMV_B_X];
+    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
+    const float nw_one = (a.flags & LT_GEMV_NORM_ADD_ONE) ? 1.0f : 0.0f;
 
     /* stage i holds chunks i NQ .. i NQ + NQ - 1 (group grp: grp CPS ..); chunks past the end are zeros */
     auto load_w = [&](uint32_t sup) {
         uint8_t *dst = sw + (sup % S) * NQ * BM * WB;
-        for (int i = tid; i < NQ * BM * WB / 16; i += THREADS) {
-            int q = i / (BM * WB / 16), r = i / (WB / 16) % BM, p = i % (WB / 16);
+#pragma unroll
+        for (int j = 0; j < WLOADS; j++) {
+            const int i = tid + j * THREADS, q = i / (BM * WB / 16), r = i / (WB / 16) % BM, p = i % (WB / 16);
+            if (WVEC % THREADS && i >= WVEC)
+                break;
             uint32_t off = (sup * NQ + q) * WB + p * 16, row = min(n0 + r, a.rows - 1);  /* rows past the end: a copy, unused */
             bool in = off < row_bytes;  /* also the F16 tail chunk: zeros past cols (cols % 8 == 0) */
             cp_async16(dst + i * 16, in ? wq + (size_t)row * row_bytes + off : wq, in ? 16 : 0);
@@ -180,12 +200,19 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     };
     auto load_x = [&](uint32_t sup) {
         float *dst = sxr + (sup % S) * NQ * BN * XR;
-        for (int i = tid; i < NQ * BN * BK / 4; i += THREADS) {
-            int q = i / (BN * BK / 4), tt = i / (BK / 4) % BN, p = i % (BK / 4);
+#pragma unroll
+        for (int j = 0; j < XLOADS; j++) {
+            const int i = tid + j * THREADS, q = i / (BN * BK / 4), tt = i / (BK / 4) % BN, p = i % (BK / 4);
             uint32_t t = t0 + tt, k = (sup * NQ + q) * BK + p * 4;
             uint32_t n = t < n_tok && k < a.cols ? min(4u, a.cols - k) * 4 : 0;  /* zeros past cols / tokens */
             cp_async16(dst + (q * BN + tt) * XR + p * 4, n ? x + (size_t)t * a.x_stride + k : x, n);
         }
+    };
+    /* the norm weight (+ 1) of the stage's column tid (tid < NQ BK), 0 past cols: read at the top
+     * of a stage, stored in shared memory at its end (the latency hidden behind the mma's) */
+    auto nw_col = [&](uint32_t sup) {
+        uint32_t k = sup * NQ * BK + tid;
+        return k < a.cols ? nw_one + __ldg(nw + k) : 0.0f;
     };
     /* this thread's weight rows (fragment rows g and g + 8 of its two 16-row tiles) and their
      * scales / mins, requested at the top of a stage, used after its mma's */
@@ -219,6 +246,10 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     for (int s = 0; s < S - 1; s++)
         if ((uint32_t)s < nsup)
             load_w(s);
+    if (nw && tid < NQ * BK)
+        for (int s = 0; s < S - 1; s++)
+            if ((uint32_t)s < nsup)
+                snw[s * NQ * BK + tid] = nw_col(s);
     pdl_wait();
     if (st->error) {
         asm volatile("cp.async.wait_all;" ::: "memory");
@@ -230,19 +261,19 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
         cp_async_commit();
     }
 
-    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
-    const float nw_one = (a.flags & LT_GEMV_NORM_ADD_ONE) ? 1.0f : 0.0f;
     float ss[SLOTS] = {};  /* sum of x^2 of each staging slot's token over the slot's columns */
-    float acc[2][4][4] = {}, part[2][4][4] = {};
+    float acc[2][4][4] = {}, part[2][4][4];
 
     for (uint32_t sup = 0; sup < nsup; sup++) {
         cp_async_wait<S - 2>();
         __syncthreads();  /* stage sup landed for every thread; the previous stage's mma's are done */
-        if (sup + S - 1 < nsup) {
+        const bool next = sup + S - 1 < nsup, nw_next = nw && next && tid < NQ * BK;
+        if (next) {
             load_w(sup + S - 1);
             load_x(sup + S - 1);
         }
         cp_async_commit();
+        const float nw_v = nw_next ? nw_col(sup + S - 1) : 0.0f;
         load_scales(sup);
 
         /* stage x' = x * norm weight as bf16 hi / lo pairs (and its Q4 block sum): slot (chunk q,
@@ -253,6 +284,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
         for (int sl = 0; sl < SLOTS; sl++) {
             const int slot = tid + sl * THREADS, q = slot / (BN * 4), ct = slot / 4 % BN, cq = slot & 3;
             const float *xr = sxr + ((sup % S) * NQ * BN + q * BN + ct) * XR;
+            const float *nr = snw + ((sup % S) * NQ + q) * BK;
             float e[8];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -262,16 +294,24 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
                 e[4 * h + 2] = v.z;
                 e[4 * h + 3] = v.w;
             }
-            float xsum = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < 8; j++)
                 ss[sl] += e[j] * e[j];
-                uint32_t k = (sup * NQ + q) * BK + gemm_xcol<FMT>(cq, j);
-                if (nw && k < a.cols)
-                    e[j] *= nw_one + __ldg(nw + k);
-                xsum += e[j];
+            if (nw) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    float4 v = *(const float4 *)(nr + gemm_xcol<FMT>(cq, 4 * h));
+                    e[4 * h] *= v.x;
+                    e[4 * h + 1] *= v.y;
+                    e[4 * h + 2] *= v.z;
+                    e[4 * h + 3] *= v.w;
+                }
             }
             if (FMT == LT_WF_Q4) {
+                float xsum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    xsum += e[j];
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, 1);
                 xsum += __shfl_xor_sync(0xffffffffu, xsum, 2);
                 if (cq == 0)
@@ -290,7 +330,8 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
 
         /* this group's chunks. mma's: k-step s takes staged positions 4s .. 4s + 3 (fragment
          * columns 2c, 2c + 1, 2c + 8, 2c + 9); W hi x hi, W hi x lo (and for F16 W lo x hi; W lo
-         * x lo is below 2^-17) */
+         * x lo is below 2^-17). Q8 / Q4: each chunk's sums start from zero in part, then go to acc
+         * times the scale. */
 #pragma unroll
         for (int u = 0; u < CPS; u++) {
             const int q = grp * CPS + u;
@@ -321,7 +362,12 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
 #pragma unroll
                         for (int nt = 0; nt < 4; nt++) {
                             uint2 bv = pr == 1 ? bl[nt] : bh[nt];
-                            mma_bf16(QUANT ? part[mt][nt] : acc[mt][nt], af, bv.x, bv.y);
+                            if (!QUANT)
+                                mma_bf16(acc[mt][nt], af, bv.x, bv.y);
+                            else if (s == 0 && pr == 0)
+                                mma_bf16_zero(part[mt][nt], af, bv.x, bv.y);
+                            else
+                                mma_bf16(part[mt][nt], af, bv.x, bv.y);
                         }
                     }
             }
@@ -339,11 +385,12 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
                             acc[mt][nt][i] += sc[u][mt][h] * part[mt][nt][i];
                             if (FMT == LT_WF_Q4)
                                 acc[mt][nt][i] += mn[u][mt][h] * ((i & 1) ? xs2.y : xs2.x);
-                            part[mt][nt][i] = 0.0f;
                         }
                     }
             }
         }
+        if (nw_next)  /* its buffer was last read before this stage's first barrier */
+            snw[((sup + S - 1) % S) * NQ * BK + tid] = nw_v;
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
 
@@ -420,14 +467,15 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
     }
 }
 
-/* The block shapes launch_gemm picks from (rows per block / 32, chunk groups, chunks per group and stage). */
-#define GEMM_SHAPES(X) X(4, 1, 2) X(2, 1, 2) X(1, 1, 1) X(1, 4, 1)
+/* The block shapes launch_gemm picks from (warps along rows, along tokens, chunk groups, chunks per
+ * group and stage). */
+#define GEMM_SHAPES(X) X(4, 2, 1, 2) X(2, 2, 2, 1) X(2, 1, 4, 1) X(1, 1, 4, 1)
 
 template <int FMT>
 static void gemm_set_smem_fmt() {
-#define LT_GEMM_SMEM(WM, KS, CPS)                                                                 \
-    cudaFuncSetAttribute(k_gemm<FMT, WM, KS, CPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
-                         (int)gemm_smem_bytes<FMT, WM, KS, CPS>());
+#define LT_GEMM_SMEM(WM, WN, KS, CPS)                                                                 \
+    cudaFuncSetAttribute(k_gemm<FMT, WM, WN, KS, CPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,  \
+                         (int)gemm_smem_bytes<FMT, WM, WN, KS, CPS>());
     GEMM_SHAPES(LT_GEMM_SMEM)
 #undef LT_GEMM_SMEM
 }
@@ -440,36 +488,40 @@ static void gemm_set_smem() {
     gemm_set_smem_fmt<LT_WF_Q4>();
 }
 
-template <int FMT, int WM, int KS, int CPS>
+template <int FMT, int WM, int WN, int KS, int CPS>
 static void gemm_launch_fmt(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                             bool pdl, cudaStream_t s) {
+    using G = gemm_shape<WM, WN, KS, CPS>;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((n_tok + GEMM_BN - 1) / GEMM_BN, (a.rows + 32 * WM - 1) / (32 * WM));
-    cfg.blockDim = dim3(gemm_shape<WM, KS, CPS>::THREADS);
-    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, KS, CPS>();
+    cfg.gridDim = dim3((n_tok + G::BN - 1) / G::BN, (a.rows + G::BM - 1) / G::BM);
+    cfg.blockDim = dim3(G::THREADS);
+    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, WN, KS, CPS>();
     cfg.stream = s;
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, KS, CPS>, a, b, st, n_tok);
+    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, WN, KS, CPS>, a, b, st, n_tok);
 }
 
-/* Rows per block: 128 where that still gives every SM two blocks, else fewer; where even 32 rows
- * per block leave SMs without two blocks, four warp groups split each block's columns. */
+/* 128 x 64 tiles where they give every SM a block; else 64 x 64 in two chunk groups, likewise; else
+ * 64 x 32 in four chunk groups unless that leaves most SMs idle (then 32 x 32). H200, Q8, tokens
+ * x rows x cols: 256 x 8224 x 1024 0.058 ms on 128 x 64 (0.073 on 64 x 64 / 2 groups, 0.080 on 64 x
+ * 32 / 4 groups); 256 x 3072 x 576 0.026 on 64 x 64 / 2 groups (0.028, 0.030); 256 x 1024 x 3584
+ * 0.048 on 64 x 32 / 4 groups (0.118, 0.079); 64 x 1024 x 3584 0.046 on 32 x 32 (0.047). */
 template <int FMT>
-static void gemm_launch_rows(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
-                             int sms, bool pdl, cudaStream_t s) {
-    uint32_t tok_tiles = (n_tok + GEMM_BN - 1) / GEMM_BN;
-    if (tok_tiles * ((a.rows + 127) / 128) >= 2u * sms)
-        gemm_launch_fmt<FMT, 4, 1, 2>(a, b, st, n_tok, pdl, s);
-    else if (tok_tiles * ((a.rows + 63) / 64) >= 2u * sms)
-        gemm_launch_fmt<FMT, 2, 1, 2>(a, b, st, n_tok, pdl, s);
-    else if (tok_tiles * ((a.rows + 31) / 32) >= 2u * sms)
-        gemm_launch_fmt<FMT, 1, 1, 1>(a, b, st, n_tok, pdl, s);
+static void gemm_launch_shape(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
+                              int sms, bool pdl, cudaStream_t s) {
+    auto blocks = [&](uint32_t bm, uint32_t bn) { return (uint64_t)((n_tok + bn - 1) / bn) * ((a.rows + bm - 1) / bm); };
+    if (blocks(128, 64) >= (uint64_t)sms)
+        gemm_launch_fmt<FMT, 4, 2, 1, 2>(a, b, st, n_tok, pdl, s);
+    else if (blocks(64, 64) >= (uint64_t)sms)
+        gemm_launch_fmt<FMT, 2, 2, 2, 1>(a, b, st, n_tok, pdl, s);
+    else if (blocks(64, 32) >= (uint64_t)sms / 4)
+        gemm_launch_fmt<FMT, 2, 1, 4, 1>(a, b, st, n_tok, pdl, s);
     else
-        gemm_launch_fmt<FMT, 1, 4, 1>(a, b, st, n_tok, pdl, s);
+        gemm_launch_fmt<FMT, 1, 1, 4, 1>(a, b, st, n_tok, pdl, s);
 }
 
 /* Launches k_gemm for a GEMV / LM_HEAD dispatch of T tokens and returns true, or returns false
@@ -487,9 +539,9 @@ static bool launch_gemm(const lt_gemv_args &a, const lt_binds &b, lt_step_args *
     if (a.wformat == LT_WF_F16 && a.cols % 8)
         return false;
     switch (a.wformat) {
-    case LT_WF_F16: gemm_launch_rows<LT_WF_F16>(a, b, st, T, sms, pdl, s); break;
-    case LT_WF_Q8: gemm_launch_rows<LT_WF_Q8>(a, b, st, T, sms, pdl, s); break;
-    case LT_WF_Q4: gemm_launch_rows<LT_WF_Q4>(a, b, st, T, sms, pdl, s); break;
+    case LT_WF_F16: gemm_launch_shape<LT_WF_F16>(a, b, st, T, sms, pdl, s); break;
+    case LT_WF_Q8: gemm_launch_shape<LT_WF_Q8>(a, b, st, T, sms, pdl, s); break;
+    case LT_WF_Q4: gemm_launch_shape<LT_WF_Q4>(a, b, st, T, sms, pdl, s); break;
     default: return false;
     }
     return true;

@@ -1,7 +1,9 @@
 /* Standalone check of lattice/cuda/gemm.cuh (k_gemm, launch_gemm) on a GPU: every supported weight
  * format and epilogue flag against a float64 CPU reference, odd sizes, poisoned outputs; then
- * timings at the prefill shapes of Qwen3.5-0.8B (T = 512). Independent of k_gemv.
- * Build and run: tests/gpu/gemm_check.sh */
+ * timings at the prefill shapes of Qwen3.5-0.8B and SmolLM2-135M (T = 256 and 512), launch_gemm's pick
+ * and every block shape. Independent of k_gemv.
+ * Build and run: tests/gpu/gemm_check.sh; GEMM_BASELINE=<header> builds the timings alone against
+ * another gemm.cuh (an earlier version, for an old-vs-new comparison on one card). */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -13,7 +15,11 @@
 #include <random>
 #include <vector>
 
+#ifdef GEMM_BASELINE
+#include GEMM_BASELINE
+#else
 #include "../../lattice/cuda/gemm.cuh"
+#endif
 
 #define CUDA_OK(call)                                                                             \
     do {                                                                                          \
@@ -112,20 +118,23 @@ static double worst_all = 0.0;  /* largest |err| / bound over all cases */
 
 /* One dispatch: launches k_gemm (directly: T below GEMM_MIN_TOKENS included), checks every output
  * against float64 and that nothing outside the outputs was written. */
-/* Every block shape launch_gemm may pick (GEMM_SHAPES): rows per block / 32, chunk groups, chunks
- * per group and stage. */
-#define LT_WM(WM, KS, CPS) WM,
-#define LT_KS(WM, KS, CPS) KS,
-#define LT_CPS(WM, KS, CPS) CPS,
-static const int SHAPE_WM[] = {GEMM_SHAPES(LT_WM)}, SHAPE_KS[] = {GEMM_SHAPES(LT_KS)}, SHAPE_CPS[] = {GEMM_SHAPES(LT_CPS)};
+#ifndef GEMM_BASELINE
+/* Every block shape launch_gemm may pick (GEMM_SHAPES): warps along rows and along tokens (32 rows
+ * / tokens each), chunk groups, chunks per group and stage. */
+#define LT_WM(WM, WN, KS, CPS) WM,
+#define LT_WN(WM, WN, KS, CPS) WN,
+#define LT_KS(WM, WN, KS, CPS) KS,
+#define LT_CPS(WM, WN, KS, CPS) CPS,
+static const int SHAPE_WM[] = {GEMM_SHAPES(LT_WM)}, SHAPE_WN[] = {GEMM_SHAPES(LT_WN)},
+                 SHAPE_KS[] = {GEMM_SHAPES(LT_KS)}, SHAPE_CPS[] = {GEMM_SHAPES(LT_CPS)};
 static const int N_SHAPES = sizeof SHAPE_WM / sizeof SHAPE_WM[0];
 
 template <int FMT>
 static void launch_fmt(int shape, const lt_gemv_args &a, const lt_binds &b, uint32_t T) {
     int i = 0;
-#define LT_TRY(WM, KS, CPS)                                                                       \
+#define LT_TRY(WM, WN, KS, CPS)                                                                   \
     if (i++ == shape)                                                                             \
-        gemm_launch_fmt<FMT, WM, KS, CPS>(a, b, d_step, T, true, 0);
+        gemm_launch_fmt<FMT, WM, WN, KS, CPS>(a, b, d_step, T, true, 0);
     GEMM_SHAPES(LT_TRY)
 #undef LT_TRY
 }
@@ -252,9 +261,9 @@ static void check_case(uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, u
             n_fail++;
         worst_all = std::max(worst_all, worst);
         if (!ok)  /* passes are counted, failures named */
-            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u block %d rows x %d groups x %d chunks%s  "
-                   "max err/bound %.3f%s\n", FMT_NAME[fmt], T, rows, cols, flags, 32 * SHAPE_WM[shape],
-                   SHAPE_KS[shape], SHAPE_CPS[shape],
+            printf("FAIL %-3s T=%-3u rows=%-5u cols=%-5u flags=%2u block %d rows x %d tokens x %d groups x %d "
+                   "chunks%s  max err/bound %.3f%s\n", FMT_NAME[fmt], T, rows, cols, flags, 32 * SHAPE_WM[shape],
+                   32 * SHAPE_WN[shape], SHAPE_KS[shape], SHAPE_CPS[shape],
                    alias ? " (resid = y)" : "", worst,
                    stray ? "  (wrote outside the outputs)" : "  (over the bound)");
     }
@@ -304,14 +313,49 @@ static void check_error_and_declines() {
     cudaFree(dy);
 }
 
-/* Median time of 20 launches after warm-up; GB/s over weights + x + y, TFLOP/s over 2 T rows cols. */
-struct timing {
-    const char *name;
-    uint32_t fmt, T, rows, cols, flags;
-    double ms, gbs, tflops;
-};
+#endif /* GEMM_BASELINE */
 
-static timing time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags) {
+/* Median time of 20 launches after warm-up, by launch_gemm (shape -1) or one block shape. */
+static double time_launches(const lt_gemv_args &a, const lt_binds &b, uint32_t T, int shape) {
+    bool lm = a.flags & LT_GEMV_ALL_TOKENS;
+    auto launch = [&]() {
+#ifndef GEMM_BASELINE
+        if (shape >= 0) {
+            launch_shape(a.wformat, shape, a, b, T);
+            return true;
+        }
+#endif
+        return launch_gemm(a, b, d_step, T, lm, sms, true, 0);
+    };
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int i = 0; i < 3; i++)
+        launch();
+    std::vector<float> ms;
+    for (int i = 0; i < 20; i++) {
+        cudaEventRecord(e0);
+        bool ok = launch();
+        cudaEventRecord(e1);
+        CUDA_OK(cudaEventSynchronize(e1));
+        if (!ok) {
+            fprintf(stderr, "launch_gemm declined rows=%u cols=%u T=%u\n", a.rows, a.cols, T);
+            exit(2);
+        }
+        float m;
+        cudaEventElapsedTime(&m, e0, e1);
+        ms.push_back(m);
+    }
+    CUDA_OK(cudaGetLastError());
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    std::sort(ms.begin(), ms.end());
+    return (ms[9] + ms[10]) / 2;
+}
+
+/* One shape's timings: launch_gemm's pick (ms, TFLOP/s over 2 T rows cols) and, unless
+ * GEMM_BASELINE, every block shape's ms. */
+static void time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t rows, uint32_t cols, uint32_t flags) {
     uint32_t nb = (cols + 31) / 32, kp = nb * 32;
     size_t wbytes = fmt == LT_WF_F16 ? (size_t)rows * cols * 2 : fmt == LT_WF_Q8 ? (size_t)rows * kp : (size_t)rows * kp / 2;
     size_t sbytes = fmt == LT_WF_F16 ? 0 : (size_t)rows * nb * 2;
@@ -344,31 +388,14 @@ static timing time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t row
     b.p[LT_GEMV_B_NORM] = nw;
     b.p[LT_GEMV_B_BIAS] = bias;
     b.p[LT_GEMV_B_RESID] = y;
-    bool lm = flags & LT_GEMV_ALL_TOKENS;
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    for (int i = 0; i < 3; i++)
-        launch_gemm(a, b, d_step, T, lm, sms, true, 0);
-    std::vector<float> ms;
-    for (int i = 0; i < 20; i++) {
-        cudaEventRecord(e0);
-        bool ok = launch_gemm(a, b, d_step, T, lm, sms, true, 0);
-        cudaEventRecord(e1);
-        CUDA_OK(cudaEventSynchronize(e1));
-        if (!ok) {
-            fprintf(stderr, "launch_gemm declined %s\n", name);
-            exit(2);
-        }
-        float m;
-        cudaEventElapsedTime(&m, e0, e1);
-        ms.push_back(m);
-    }
-    CUDA_OK(cudaGetLastError());
-    std::sort(ms.begin(), ms.end());
-    double med = (ms[9] + ms[10]) / 2;
-    double bytes = (double)wbytes + 2.0 * sbytes + 4.0 * T * cols + 4.0 * T * outs * ((flags & LT_GEMV_RESID) ? 2 : 1);
-    timing r{name, fmt, T, rows, cols, flags, med, bytes / (med * 1e6), 2.0 * T * rows * cols / (med * 1e9)};
+    double ms = time_launches(a, b, T, -1);
+    printf("%-20s %-4s %4u %7u %5u %9.4f %8.2f", name, FMT_NAME[fmt], T, rows, cols, ms, 2.0 * T * rows * cols / (ms * 1e9));
+#ifndef GEMM_BASELINE
+    for (int shape = 0; shape < N_SHAPES; shape++)
+        printf(" %9.4f", time_launches(a, b, T, shape));
+#endif
+    printf("\n");
+    fflush(stdout);
     cudaFree(wq);
     cudaFree(ws);
     cudaFree(wm);
@@ -376,11 +403,15 @@ static timing time_case(const char *name, uint32_t fmt, uint32_t T, uint32_t row
     cudaFree(y);
     cudaFree(nw);
     cudaFree(bias);
-    return r;
 }
 
 int main(int argc, char **argv) {
-    bool timings_only = argc > 1 && !strcmp(argv[1], "--time");
+#ifdef GEMM_BASELINE
+    const bool timings_only = true;
+    printf("baseline: %s\n", GEMM_BASELINE);
+#else
+    const bool timings_only = argc > 1 && !strcmp(argv[1], "--time");
+#endif
     cudaDeviceProp prop;
     CUDA_OK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
@@ -389,6 +420,7 @@ int main(int argc, char **argv) {
     CUDA_OK(cudaMalloc(&d_step, sizeof(lt_step_args)));
     CUDA_OK(cudaMemset(d_step, 0, sizeof(lt_step_args)));
 
+#ifndef GEMM_BASELINE
     if (!timings_only) {
         const uint32_t fmts[] = {LT_WF_F16, LT_WF_Q8, LT_WF_Q4};
         const uint32_t all_flags[] = {0,
@@ -428,24 +460,28 @@ int main(int argc, char **argv) {
         printf("\ncorrectness: %d of %d cases passed (formats f16 q8 q4 x flags x sizes x block "
                "shapes); largest |err| / bound %.4f\n\n", n_cases - n_fail, n_cases, worst_all);
     }
+#endif
 
-    std::vector<timing> ts;
-    /* Qwen3.5-0.8B prefill shapes, T = 512 */
-    ts.push_back(time_case("in_proj-like + norm", LT_WF_Q8, 512, 6144, 1024, LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE));
-    ts.push_back(time_case("gate_up + silu_mul", LT_WF_Q8, 512, 7168, 1024, LT_GEMV_NORM | LT_GEMV_SILU_MUL));
-    ts.push_back(time_case("down + resid", LT_WF_Q8, 512, 1024, 3584, LT_GEMV_RESID));
-    ts.push_back(time_case("lm_head all tokens", LT_WF_Q8, 512, 248320, 1024, LT_GEMV_NORM | LT_GEMV_ALL_TOKENS));
-    ts.push_back(time_case("in_proj-like q4", LT_WF_Q4, 512, 6144, 1024, LT_GEMV_NORM));
-    ts.push_back(time_case("in_proj-like f16", LT_WF_F16, 512, 6144, 1024, LT_GEMV_NORM));
-    /* pp64 and shorter prompts */
-    ts.push_back(time_case("in_proj-like T=64", LT_WF_Q8, 64, 6144, 1024, LT_GEMV_NORM));
-    ts.push_back(time_case("gate_up T=64", LT_WF_Q8, 64, 7168, 1024, LT_GEMV_NORM | LT_GEMV_SILU_MUL));
-    ts.push_back(time_case("down T=64", LT_WF_Q8, 64, 1024, 3584, LT_GEMV_RESID));
-    ts.push_back(time_case("in_proj-like T=16", LT_WF_Q8, 16, 6144, 1024, LT_GEMV_NORM));
-    ts.push_back(time_case("down T=16", LT_WF_Q8, 16, 1024, 3584, LT_GEMV_RESID));
-    printf("%-22s %-4s %5s %7s %6s %10s %8s %9s\n", "shape", "fmt", "T", "rows", "cols", "ms", "GB/s", "TFLOP/s");
-    for (const timing &t : ts)
-        printf("%-22s %-4s %5u %7u %6u %10.4f %8.1f %9.2f\n", t.name, FMT_NAME[t.fmt], t.T, t.rows, t.cols, t.ms,
-               t.gbs, t.tflops);
+    /* Q8 unless named: Qwen3.5-0.8B (hidden 1024) and SmolLM2-135M (hidden 576) prefill shapes */
+    const uint32_t NORM1 = LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE, GU = LT_GEMV_NORM | LT_GEMV_SILU_MUL;
+    printf("%-20s %-4s %4s %7s %5s %9s %8s  (ms of each block shape, GEMM_SHAPES order)\n", "shape", "fmt", "T",
+           "rows", "cols", "ms", "TFLOP/s");
+    for (uint32_t T : {256u, 512u}) {
+        time_case("qwen in_proj + norm", LT_WF_Q8, T, 8224, 1024, NORM1);
+        time_case("qwen gate_up", LT_WF_Q8, T, 7168, 1024, GU);
+        time_case("qwen qkv-like", LT_WF_Q8, T, 6144, 1024, NORM1);
+        time_case("qwen out_proj + res", LT_WF_Q8, T, 1024, 2048, LT_GEMV_RESID);
+        time_case("qwen down + res", LT_WF_Q8, T, 1024, 3584, LT_GEMV_RESID);
+        time_case("smol qkv", LT_WF_Q8, T, 960, 576, LT_GEMV_NORM);
+        time_case("smol o + res", LT_WF_Q8, T, 576, 576, LT_GEMV_RESID);
+        time_case("smol gate_up", LT_WF_Q8, T, 3072, 576, GU);
+        time_case("smol down + res", LT_WF_Q8, T, 576, 1536, LT_GEMV_RESID);
+    }
+    time_case("qwen in_proj q4", LT_WF_Q4, 256, 8224, 1024, LT_GEMV_NORM);
+    time_case("qwen in_proj f16", LT_WF_F16, 256, 8224, 1024, LT_GEMV_NORM);
+    time_case("smol gate_up q4", LT_WF_Q4, 256, 3072, 576, GU);
+    time_case("qwen in_proj T=64", LT_WF_Q8, 64, 8224, 1024, NORM1);
+    time_case("qwen down T=64", LT_WF_Q8, 64, 1024, 3584, LT_GEMV_RESID);
+    time_case("qwen lm_head all", LT_WF_Q8, 256, 248320, 1024, LT_GEMV_NORM | LT_GEMV_ALL_TOKENS);
     return n_fail ? 1 : 0;
 }
