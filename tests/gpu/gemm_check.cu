@@ -2,8 +2,9 @@
  * format and epilogue flag against a float64 CPU reference, odd sizes, poisoned outputs; then
  * timings at the prefill shapes of Qwen3.5-0.8B and SmolLM2-135M (T = 256 and 512), launch_gemm's pick
  * and every block shape. Independent of k_gemv.
- * Build and run: tests/gpu/gemm_check.sh; GEMM_BASELINE=<header> builds the timings alone against
- * another gemm.cuh (an earlier version, for an old-vs-new comparison on one card). */
+ * Build and run: tests/gpu/gemm_check.sh. Compiled with -DGEMM_BASELINE='"<path>"': the timings
+ * alone, of another gemm.cuh (an earlier version, for an old-vs-new comparison on one card); with
+ * -DGEMM_HEADER='"<path>"': the whole check of another gemm.cuh (a variant under study). */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -15,8 +16,10 @@
 #include <random>
 #include <vector>
 
-#ifdef GEMM_BASELINE
+#if defined(GEMM_BASELINE)
 #include GEMM_BASELINE
+#elif defined(GEMM_HEADER)
+#include GEMM_HEADER
 #else
 #include "../../lattice/cuda/gemm.cuh"
 #endif
