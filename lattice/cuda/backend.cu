@@ -193,17 +193,7 @@ static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
 
 template <typename... P, typename... A>
 static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = pdl_enabled ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k, args...);
+    lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
 
 template <int FMT, int NT>

@@ -492,17 +492,8 @@ template <int FMT, int WM, int WN, int KS, int CPS>
 static void gemm_launch_fmt(const lt_gemv_args &a, const lt_binds &b, lt_step_args *st, uint32_t n_tok,
                             bool pdl, cudaStream_t s) {
     using G = gemm_shape<WM, WN, KS, CPS>;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((n_tok + G::BN - 1) / G::BN, (a.rows + G::BM - 1) / G::BM);
-    cfg.blockDim = dim3(G::THREADS);
-    cfg.dynamicSmemBytes = gemm_smem_bytes<FMT, WM, WN, KS, CPS>();
-    cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, k_gemm<FMT, WM, WN, KS, CPS>, a, b, st, n_tok);
+    lt_launch(k_gemm<FMT, WM, WN, KS, CPS>, dim3((n_tok + G::BN - 1) / G::BN, (a.rows + G::BM - 1) / G::BM),
+              dim3(G::THREADS), gemm_smem_bytes<FMT, WM, WN, KS, CPS>(), s, pdl, a, b, st, n_tok);
 }
 
 /* 128 x 64 tiles where they give every SM a block; else 64 x 64 in two chunk groups, likewise; else

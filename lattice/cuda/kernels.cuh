@@ -38,6 +38,23 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+/* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
+ * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above). */
+template <typename... P, typename... A>
+static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, k, args...);
+}
+
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 

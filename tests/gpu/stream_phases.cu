@@ -154,28 +154,14 @@ static void launch_gemv_pdl(const gemv_desc &d, lt_step_args *st, int sms, cudaS
     else
         while (ks < 8 && d.rows * ks < want && g.nvec / (32u * (ks * 2)) >= 1)
             ks *= 2;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = (d.rows + 8 / ks * rpw - 1) / (8 / ks * rpw);
-    cfg.blockDim = 256;
-    cfg.dynamicSmemBytes = g.xcols * 4;
-    cfg.stream = s;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
+    dim3 grid((d.rows + 8 / ks * rpw - 1) / (8 / ks * rpw));
+    size_t smem = g.xcols * 4;
     uint32_t T = 1;
     int lm = 0;
-    if (rpw == 2)
-        CK(cudaLaunchKernelEx(&cfg, k_gemv<LT_WF_Q8, 1, 2, 1>, a, b, st, T, g, lm));
-    else if (ks == 1)
-        CK(cudaLaunchKernelEx(&cfg, k_gemv<LT_WF_Q8, 1, 1, 1>, a, b, st, T, g, lm));
-    else if (ks == 2)
-        CK(cudaLaunchKernelEx(&cfg, k_gemv<LT_WF_Q8, 2, 1, 1>, a, b, st, T, g, lm));
-    else if (ks == 4)
-        CK(cudaLaunchKernelEx(&cfg, k_gemv<LT_WF_Q8, 4, 1, 1>, a, b, st, T, g, lm));
-    else
-        CK(cudaLaunchKernelEx(&cfg, k_gemv<LT_WF_Q8, 8, 1, 1>, a, b, st, T, g, lm));
+    auto k = rpw == 2 ? k_gemv<LT_WF_Q8, 1, 2, 1> : ks == 1 ? k_gemv<LT_WF_Q8, 1, 1, 1>
+           : ks == 2 ? k_gemv<LT_WF_Q8, 2, 1, 1> : ks == 4 ? k_gemv<LT_WF_Q8, 4, 1, 1> : k_gemv<LT_WF_Q8, 8, 1, 1>;
+    lt_launch(k, grid, 256, smem, s, true, a, b, st, T, g, lm);
+    CK(cudaGetLastError());
 }
 
 static float median(std::vector<float> v) {
