@@ -15,9 +15,9 @@ import sys
 import time
 
 
-def child(model):
+def child(model, context):
     import lattice
-    m = lattice.load(model, backend="cuda", context=1024)
+    m = lattice.load(model, backend="cuda", context=context)
     prompt = list(range(100, 116))
 
     def run(n):
@@ -44,14 +44,15 @@ def main():
     ap.add_argument("model")
     ap.add_argument("variants", nargs="+")
     ap.add_argument("-r", "--rounds", type=int, default=3)
+    ap.add_argument("-c", "--context", type=int, default=1024)
     a = ap.parse_args()
     res = {v: [] for v in a.variants}
     for _ in range(a.rounds):
         for v in a.variants:
             env = dict(os.environ)
             env.update(kv.split("=", 1) for kv in v.split())
-            out = subprocess.run([sys.executable, __file__, "--child", a.model], env=env, capture_output=True,
-                                 text=True, timeout=300)
+            out = subprocess.run([sys.executable, __file__, "--child", a.model, str(a.context)], env=env,
+                                 capture_output=True, text=True, timeout=300)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
             if not line:
                 print(f"variant {v!r} failed:\n{out.stderr[-2000:]}")
@@ -68,6 +69,6 @@ def main():
 
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
-        child(sys.argv[2])
+        child(sys.argv[2], int(sys.argv[3]))
     else:
         main()
