@@ -22,7 +22,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None      # HF rope_scaling, e.g. {"rope_type": "llama3", "factor": 8, ...}
+    rope_scaling: dict | None = None      # HF rope_scaling ({"rope_type": "llama3", ...}) or freq_factors
     partial_rotary_factor: float = 1.0    # rotary_dim = head_dim * partial_rotary_factor (NeoX pairs)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False

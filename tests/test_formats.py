@@ -717,8 +717,10 @@ def test_gguf_bad_tensor_names(tmp_path):
         open_checkpoint(llama_gguf(tmp_path, [emb, emb]))
     with pytest.raises(UnsupportedModelError, match="unknown tensor 'blk.0.mystery.weight'"):
         open_checkpoint(llama_gguf(tmp_path, [("blk.0.mystery.weight", (1, 256), QT.F32, b"\0" * 1024)]))
-    with pytest.raises(UnsupportedModelError, match="rope_freqs.*not Llama 3"):
-        open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", (64,), QT.F32, b"\0" * 256)]))
+    for bad in (np.zeros(64), np.full(64, np.nan), np.ones(32)):
+        with pytest.raises(UnsupportedModelError, match="rope_freqs.*no rope frequency divisors"):
+            open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", bad.shape, QT.F32,
+                                                   bad.astype(np.float32).tobytes())]))
 
 
 def _llama3_divisors(head_dim, theta, factor, low, high, context):
@@ -741,6 +743,36 @@ def test_gguf_llama3_rope_freqs_to_rope_scaling(tmp_path, scaling):
     assert ckpt.config.rope_scaling == {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                                         "high_freq_factor": high, "original_max_position_embeddings": context}
     assert "rope_freqs.weight" not in ckpt.tensors
+
+
+@pytest.mark.parametrize("divisors", [
+    np.geomspace(1.0, 3.0, 64),                                  # another curve than Llama 3's
+    np.where(np.arange(64) < 62, 1.0, np.where(np.arange(64) < 63, 2.5, 8.0)),  # one frequency in the band
+    np.linspace(0.5, 1.0, 64)])                                  # divisors below 1: frequencies sped up
+def test_gguf_other_rope_freqs_kept_as_factors(tmp_path, divisors):
+    """rope_freqs.weight that is not HF's Llama 3 scaling is used as it is, as llama.cpp does:
+    inverse frequency i = theta^(-2i/d) / divisor i."""
+    from lattice.models import rope_inv_freq
+    d = divisors.astype(np.float32)
+    meta = llama_meta(**{"llama.rope.freq_base": 10000.0})
+    ckpt = open_checkpoint(llama_gguf(tmp_path, [("rope_freqs.weight", (64,), QT.F32, d.tobytes())], meta=meta))
+    assert ckpt.config.rope_scaling["rope_type"] == "freq_factors"
+    base = 10000.0 ** (-np.arange(0, 128, 2) / 128)
+    np.testing.assert_allclose(rope_inv_freq(ckpt.config), base / d.astype(np.float64), rtol=1e-6)
+
+
+def test_rope_scaling_errors_name_the_problem():
+    from lattice.config import ModelConfig
+    from lattice.models import rope_inv_freq
+    cfg = ModelConfig(model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, vocab_size=8, head_dim=32)
+    for scaling, msg in [({"rope_type": "freq_factors", "factors": [1.0] * 3}, "needs 16 positive factors; got 3"),
+                         ({"rope_type": "freq_factors", "factors": [0.0] * 16}, "needs 16 positive"),
+                         ({"rope_type": "llama3", "factor": 8.0}, "'llama3' needs 'low_freq_factor'"),
+                         ({"rope_type": "yarn", "factor": 4.0}, "unsupported rope_scaling type 'yarn'")]:
+        cfg.rope_scaling = scaling
+        with pytest.raises((ConfigError, UnsupportedModelError), match=msg):
+            rope_inv_freq(cfg)
 
 
 def _bad_safetensors(tmp_path, data):

@@ -191,30 +191,33 @@ def _config_fields(meta, infos, path) -> dict:
 
 
 def llama3_scaling_from_factors(factors, cfg: ModelConfig, path) -> dict | None:
-    """Recover HF's Llama 3 `rope_scaling` from the per-frequency divisors llama.cpp stores in
-    `rope_freqs.weight`. HF: with wavelength w = 2 pi / freq and context L, the divisor is 1 for
-    w < L/high, `factor` for w > L/low, and 1 / ((1 - s) / factor + s) in between with
+    """The rope scaling of the per-frequency divisors llama.cpp stores in `rope_freqs.weight`
+    (inverse frequency i = theta^(-2i/d) / divisor i). Where they are HF's Llama 3 scaling, its
+    `rope_scaling` dict is recovered: with wavelength w = 2 pi / freq and context L, the divisor is
+    1 for w < L/high, `factor` for w > L/low, and 1 / ((1 - s) / factor + s) in between with
     s = (L/w - low) / (high - low), which is linear in freq: s = a freq + b. Fitting a and b on the
     in-between frequencies determines L/(high-low) and low/(high-low); any `low` reproduces the
-    same divisors, so we take HF's default low = 1."""
-    def fail(why):
-        raise UnsupportedModelError(f"{path}: tensor 'rope_freqs.weight' is not Llama 3 rope "
-                                    f"scaling ({why})")
+    same divisors, so we take HF's default low = 1. Other divisors (too few frequencies in the
+    band to fit, another curve) are kept as they are: {"rope_type": "freq_factors", ...}."""
     f = np.asarray(factors, np.float64).reshape(-1)
     rot = cfg.rotary_dim
-    if len(f) != rot // 2 or not np.isfinite(f).all() or (f < 1 - 1e-6).any():
-        fail(f"{len(f)} finite factors >= 1 expected for rotary dim {rot}")
+    if len(f) != rot // 2 or not np.isfinite(f).all() or (f <= 0).any():
+        raise UnsupportedModelError(f"{path}: tensor 'rope_freqs.weight' holds no rope frequency divisors "
+                                    f"({len(f)} finite positive values expected for rotary dim {rot})")
     factor = float(f.max())
-    if factor <= 1 + 1e-6:
+    if np.abs(f - 1).max() <= 1e-6:
         return None
+    exact = {"rope_type": "freq_factors", "factors": [float(x) for x in f]}
+    if (f < 1 - 1e-6).any():
+        return exact
     freq = cfg.rope_theta ** (-np.arange(0, rot, 2) / rot)
     mid = (f > 1 + 1e-4) & (f < factor * (1 - 1e-4))
     if mid.sum() < 2:
-        fail("fewer than two frequencies in the smooth band")
+        return exact
     s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
     a, b = np.polyfit(freq[mid], s, 1)
     if b >= 0 or np.abs(a * freq[mid] + b - s).max() > 1e-3:
-        fail("the smooth band is not linear in frequency")
+        return exact
     high = 1 - 1 / b
     context = -2 * np.pi * a / b
     return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,

@@ -107,7 +107,8 @@ def check_weights(ckpt):
 
 def rope_inv_freq(cfg) -> np.ndarray:
     """RoPE inverse frequencies [rotary_dim/2] (float32) from the config, with its rope scaling:
-    none/"default", "linear" (all frequencies / factor) or "llama3" (Llama 3.1 wavelength bands)."""
+    none/"default", "linear" (all frequencies / factor), "llama3" (Llama 3.1 wavelength bands) or
+    "freq_factors" (frequency i / factors[i]: a GGUF's rope_freqs.weight taken as it is)."""
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     scaling = cfg.rope_scaling or {}
@@ -122,6 +123,12 @@ def rope_inv_freq(cfg) -> np.ndarray:
         pass
     elif kind == "linear":
         inv_freq = inv_freq / param("factor")
+    elif kind == "freq_factors":
+        factors = np.asarray(scaling.get("factors", ()), np.float64)
+        if factors.shape != inv_freq.shape or not (factors > 0).all():
+            raise ConfigError(f"rope_scaling 'freq_factors' needs {len(inv_freq)} positive factors; "
+                              f"got {factors.shape[0] if factors.ndim else 0}")
+        inv_freq = inv_freq / factors
     elif kind == "llama3":
         factor, low, high = param("factor"), param("low_freq_factor"), param("high_freq_factor")
         original = param("original_max_position_embeddings")
@@ -133,5 +140,6 @@ def rope_inv_freq(cfg) -> np.ndarray:
                             np.where(wavelen < original / high, inv_freq, interpolated))
     else:
         raise UnsupportedModelError(
-            f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+            f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, "
+            "freq_factors")
     return inv_freq.astype(np.float32)
