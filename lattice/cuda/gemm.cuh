@@ -15,10 +15,10 @@
  * kernels); each chunk's x is normalized (x * norm weight, staged per chunk in shared memory; the
  * RMS factor multiplies the sums at the end, as in k_gemv) and split once into shared memory,
  * then the warps (32 x 32 each) run the mma's. The x work of a block is shared by its BM rows,
- * which is why the wide GEMVs take 128-row blocks. Inside a chunk the 32 columns are taken in a per-format order in which
- * every thread's 8 columns per row are adjacent in memory (one 8- or 16-byte load for its
- * weights); any fixed order gives the same sum. The output tile goes through shared memory so
- * that the epilogues write whole rows of y. */
+ * which is why the wide GEMVs take 128-row blocks. Inside a chunk the 32 columns are taken in a
+ * per-format order in which every thread's 8 columns per row are adjacent in memory (one 8- or
+ * 16-byte load for its weights); any fixed order gives the same sum. The output tile goes through
+ * shared memory so that the epilogues write whole rows of y. */
 #pragma once
 
 #include <cuda_bf16.h>
