@@ -7,7 +7,10 @@
  *   B. one persistent cooperative kernel, one block of 512 threads per SM: each block copies its
  *      rows of the NEXT GEMVs' weights into shared memory with cp.async (DEPTH - 1 GEMVs ahead)
  *      before it waits at the grid barrier for this GEMV's x, so weight streaming runs under the
- *      barriers and the dot products instead of after them.
+ *      barriers and the dot products instead of after them;
+ *   C. the same with Hopper's bulk-copy engine (cp.async.bulk completing on an mbarrier per
+ *      buffer, issued by one thread), so the prefetches stay off the load path of the dependent x
+ *      reads. (Written and compiled at the end of session 3; NOT RUN yet: no device time left.)
  *
  * Shapes: the four GEMVs of a Qwen3.5-0.8B layer (in_proj 8224 x 1024, out 1024 x 2048, gate_up
  * 7168 x 1024, down 1024 x 3584) x 24 layers, and SmolLM2-135M's (960 x 576, 576 x 576,
@@ -53,59 +56,110 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-/* This block's rows [r0, r1) of GEMV d. */
-__device__ __forceinline__ void block_rows(const gemv_desc &d, uint32_t &r0, uint32_t &r1) {
-    uint32_t per = (d.rows + gridDim.x - 1) / gridDim.x;
-    r0 = min(blockIdx.x * per, d.rows);
-    r1 = min(r0 + per, d.rows);
+/* mbarrier and bulk-copy (TMA, sm_90) primitives. */
+__device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t *bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity) {
+    asm volatile("{\n .reg .pred done;\n WAIT%=:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 " @!done bra WAIT%=;\n}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void *dst, const void *src, unsigned bytes, uint64_t *bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
 }
 
-/* Copy this block's weight rows (int8, then their f16 scales) of GEMV d into buf. Warp 0 copies
- * nothing: its thread 0 runs the grid barrier, whose memory fence would wait for its copies. */
-#define PF_THREADS (B_THREADS - 32)
-__device__ void prefetch(const gemv_desc &d, uint8_t *buf) {
+/* This block's rows [r0, r1) of GEMV d, and where they sit in a shared-memory buffer: the int8 rows
+ * (qbytes, padded to q16), then the 16-byte aligned span [s0, s0 + sbytes16) of the scale plane
+ * that holds their scales (from byte soff); scale planes are allocated with 32 bytes of slack. */
+struct slice_geom {
+    uint32_t r0, r1;
+    size_t qbytes, q16, soff, s0, sbytes16;
+};
+__device__ __forceinline__ slice_geom slice_of(const gemv_desc &d) {
+    slice_geom g;
+    uint32_t per = (d.rows + gridDim.x - 1) / gridDim.x;
+    g.r0 = min(blockIdx.x * per, d.rows);
+    g.r1 = min(g.r0 + per, d.rows);
+    g.qbytes = (size_t)(g.r1 - g.r0) * d.cols;
+    g.q16 = (g.qbytes + 15) / 16 * 16;
+    g.soff = (size_t)g.r0 * (d.cols / 32) * 2;
+    g.s0 = g.soff / 16 * 16;
+    size_t send = g.soff + (size_t)(g.r1 - g.r0) * (d.cols / 32) * 2;
+    g.sbytes16 = g.r1 > g.r0 ? (send + 15) / 16 * 16 - g.s0 : 0;
+    return g;
+}
+
+/* Copy this block's weight rows and their scales of GEMV d into buf. TMA: one thread issues two
+ * bulk copies that complete on bar. Otherwise every thread but warp 0's (whose thread 0 runs the
+ * grid barrier) issues 16-byte cp.async. */
+template <bool TMA>
+__device__ void fetch(const gemv_desc &d, uint8_t *buf, uint64_t *bar) {
+    const slice_geom g = slice_of(d);
+    const uint8_t *q = (const uint8_t *)d.wq + (size_t)g.r0 * d.cols, *sc = (const uint8_t *)d.ws + g.s0;
+    if (TMA) {
+        if (threadIdx.x == 32) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* after the buffer's last reads */
+            mbar_expect_tx(bar, (unsigned)(g.qbytes + g.sbytes16));
+            if (g.qbytes)
+                bulk_copy(buf, q, (unsigned)g.qbytes, bar);
+            if (g.sbytes16)
+                bulk_copy(buf + g.q16, sc, (unsigned)g.sbytes16, bar);
+        }
+        return;
+    }
     if (threadIdx.x < 32)
         return;
-    const uint32_t tid = threadIdx.x - 32;
-    uint32_t r0, r1;
-    block_rows(d, r0, r1);
-    size_t qbytes = (size_t)(r1 - r0) * d.cols, sbytes = (size_t)(r1 - r0) * (d.cols / 32) * 2;
-    const uint8_t *q = (const uint8_t *)d.wq + (size_t)r0 * d.cols;
-    for (size_t i = tid * 16; i < qbytes; i += PF_THREADS * 16)
+    const uint32_t tid = threadIdx.x - 32, nt = B_THREADS - 32;
+    for (size_t i = tid * 16; i < g.qbytes; i += nt * 16)
         cp_async16(buf + i, q + i);
-    const uint8_t *s = (const uint8_t *)(d.ws + (size_t)r0 * (d.cols / 32));
-    uint8_t *sb = buf + (qbytes + 15) / 16 * 16;
-    for (size_t i = tid * 4; i < sbytes; i += PF_THREADS * 4)  /* scale rows: 4-byte aligned */
-        cp_async4(sb + i, s + i);
+    for (size_t i = tid * 16; i < g.sbytes16; i += nt * 16)
+        cp_async16(buf + g.q16 + i, sc + i);
 }
 
-template <int DEPTH>
+template <int DEPTH, bool TMA>
 __global__ void __launch_bounds__(B_THREADS, 1) k_stream(int n, size_t slice) {
-    extern __shared__ __align__(16) uint8_t smem[];
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ __align__(8) uint64_t bars[DEPTH];
     float *xs = (float *)(smem + DEPTH * slice);
     const uint32_t warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (TMA && threadIdx.x == 0) {
+        for (int i = 0; i < DEPTH; i++)
+            mbar_init(&bars[i], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
     for (int p = 0; p < DEPTH - 1; p++) {
         if (p < n)
-            prefetch(c_phase[p], smem + p * slice);
-        cp_commit();
+            fetch<TMA>(c_phase[p], smem + p * slice, &bars[p]);
+        if (!TMA)
+            cp_commit();
     }
     for (int p = 0; p < n; p++) {
-        if (p + DEPTH - 1 < n)
-            prefetch(c_phase[p + DEPTH - 1], smem + ((p + DEPTH - 1) % DEPTH) * slice);
-        cp_commit();  /* (an empty group past the end keeps the count) */
+        const int ahead = p + DEPTH - 1;
+        if (ahead < n)
+            fetch<TMA>(c_phase[ahead], smem + (ahead % DEPTH) * slice, &bars[ahead % DEPTH]);
+        if (!TMA)
+            cp_commit();  /* (an empty group past the end keeps the count) */
         if (p)
-            cg::this_grid().sync();  /* thread 0 fences and arrives; warp 0 has no copies in flight */
+            cg::this_grid().sync();
         const gemv_desc d = c_phase[p];
         for (uint32_t k = threadIdx.x; k < d.cols; k += B_THREADS)
             xs[k] = __ldcg(d.x + k);  /* written by other blocks in this kernel: past L1 */
-        cp_wait<DEPTH - 1>();  /* this GEMV's rows have landed */
+        if (TMA)
+            mbar_wait(&bars[p % DEPTH], (p / DEPTH) & 1);  /* this GEMV's rows have landed */
+        else
+            cp_wait<DEPTH - 1>();
         __syncthreads();
-        uint32_t r0, r1;
-        block_rows(d, r0, r1);
+        const slice_geom g = slice_of(d);
         const uint8_t *buf = smem + (p % DEPTH) * slice;
-        const __half *sc = (const __half *)(buf + ((size_t)(r1 - r0) * d.cols + 15) / 16 * 16);
-        for (uint32_t r = r0 + warp; r < r1; r += B_THREADS / 32) {
-            const uint8_t *row = buf + (size_t)(r - r0) * d.cols;
+        const __half *sc = (const __half *)(buf + g.q16 + (g.soff - g.s0));
+        for (uint32_t r = g.r0 + warp; r < g.r1; r += B_THREADS / 32) {
+            const uint8_t *row = buf + (size_t)(r - g.r0) * d.cols;
             float acc = 0.0f;
             for (uint32_t v = lane; v < d.cols / 16; v += 32) {
                 uint4 w = *(const uint4 *)(row + v * 16);
@@ -117,7 +171,7 @@ __global__ void __launch_bounds__(B_THREADS, 1) k_stream(int n, size_t slice) {
                     a += (float)(int8_t)wd[i] * xv.x + (float)(int8_t)(wd[i] >> 8) * xv.y
                          + (float)(int8_t)(wd[i] >> 16) * xv.z + (float)(int8_t)(wd[i] >> 24) * xv.w;
                 }
-                acc += a * __half2float(sc[(size_t)(r - r0) * (d.cols / 32) + v / 2]);
+                acc += a * __half2float(sc[(size_t)(r - g.r0) * (d.cols / 32) + v / 2]);
             }
             acc = warp_sum(acc);
             if (lane == 0)
@@ -183,7 +237,7 @@ static void run_model(const char *name, const uint32_t (*shape)[2], int per_laye
         size_t q = (size_t)ph[i].rows * ph[i].cols, sc = (size_t)ph[i].rows * (ph[i].cols / 32) * 2;
         wbytes += q + sc;
         uint32_t per = (ph[i].rows + sms - 1) / sms;
-        slice = std::max(slice, ((size_t)per * ph[i].cols + 15) / 16 * 16 + (size_t)per * (ph[i].cols / 32) * 2);
+        slice = std::max(slice, ((size_t)per * ph[i].cols + 15) / 16 * 16 + (size_t)per * (ph[i].cols / 32) * 2 + 32);
     }
     slice = (slice + 15) / 16 * 16;
     /* weights: random int8, scales so that outputs stay O(1) */
@@ -198,7 +252,7 @@ static void run_model(const char *name, const uint32_t (*shape)[2], int per_laye
         for (size_t k = 0; k < nsc; k++)
             hs[k] = __float2half(1.0f / (64.0f * sqrtf((float)ph[i].cols)));
         CK(cudaMalloc(&wq[i], q));
-        CK(cudaMalloc(&ws[i], nsc * 2));
+        CK(cudaMalloc(&ws[i], nsc * 2 + 32));  /* slack: slices copy whole 16-byte spans */
         CK(cudaMemcpy(wq[i], hq.data(), q, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(ws[i], hs.data(), nsc * 2, cudaMemcpyHostToDevice));
         ph[i].wq = wq[i];
@@ -254,27 +308,31 @@ static void run_model(const char *name, const uint32_t (*shape)[2], int per_laye
            100 * floor_us / ta);
     /* B */
     CK(cudaMemcpyToSymbol(c_phase, ph.data(), n * sizeof(gemv_desc)));
-    for (int depth = 2; depth <= 3; depth++) {
-        size_t smem = depth * slice + (size_t)maxcols * 4;
-        auto k = depth == 2 ? k_stream<2> : k_stream<3>;
-        if (smem > 227 * 1024) {
-            printf("  B  depth %d: %zu bytes of shared memory do not fit\n", depth, smem);
-            continue;
+    for (int tma = 0; tma < 2; tma++)
+        for (int depth = 2; depth <= 3; depth++) {
+            size_t smem = depth * slice + (size_t)maxcols * 4;
+            auto k = tma ? (depth == 2 ? k_stream<2, true> : k_stream<3, true>)
+                         : (depth == 2 ? k_stream<2, false> : k_stream<3, false>);
+            const char *tag = tma ? "C  persistent, TMA" : "B  persistent, cp.async";
+            if (smem > 227 * 1024) {
+                printf("  %s, %d GEMVs in flight: %zu bytes of shared memory do not fit\n", tag, depth - 1, smem);
+                continue;
+            }
+            CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            int nn = n;
+            size_t sl = slice;
+            void *args[] = {&nn, &sl};
+            CK(cudaMemset(act[n], 0xff, ph[n - 1].rows * 4));  /* NaN: every output must be written */
+            float tb = time_it([&] { CK(cudaLaunchCooperativeKernel((void *)k, sms, B_THREADS, args, smem, s)); });
+            CK(cudaMemcpy(yb.data(), act[n], ph[n - 1].rows * 4, cudaMemcpyDeviceToHost));
+            double err = 0, ref = 0;
+            for (uint32_t i = 0; i < ph[n - 1].rows; i++) {
+                err = std::max(err, std::isnan(yb[i]) ? INFINITY : (double)fabsf(ya[i] - yb[i]));
+                ref = std::max(ref, (double)fabsf(ya[i]));
+            }
+            printf("  %s, %d ahead %8.1f us  %5.2f us/GEMV  %5.1f%% of floor  (max |A-%c| %.2g of %.2g)\n", tag,
+                   depth - 1, tb, tb / n, 100 * floor_us / tb, tma ? 'C' : 'B', err, ref);
         }
-        CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        int nn = n;
-        size_t sl = slice;
-        void *args[] = {&nn, &sl};
-        float tb = time_it([&] { CK(cudaLaunchCooperativeKernel((void *)k, sms, B_THREADS, args, smem, s)); });
-        CK(cudaMemcpy(yb.data(), act[n], ph[n - 1].rows * 4, cudaMemcpyDeviceToHost));
-        double err = 0, ref = 0;
-        for (uint32_t i = 0; i < ph[n - 1].rows; i++) {
-            err = std::max(err, (double)fabsf(ya[i] - yb[i]));
-            ref = std::max(ref, (double)fabsf(ya[i]));
-        }
-        printf("  B  persistent, %d GEMVs in flight %8.1f us  %5.2f us/GEMV  %5.1f%% of floor  (max |A-B| %.2g of %.2g)\n",
-               depth, tb, tb / n, 100 * floor_us / tb, err, ref);
-    }
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
     for (int i = 0; i < n; i++) {
