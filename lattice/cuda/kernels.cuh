@@ -343,6 +343,25 @@ __device__ __forceinline__ float scalar_weight(const wrow &r, uint32_t k) {
     return __half2float(((const __half *)r.q)[k]);
 }
 
+/* Stages one token's x row in shared memory as x * w' (w' = the norm weight nw, or 1 + it, or 1
+ * without nw), zero-padded to xcols, and returns the row's RMS factor (1 without nw) to every
+ * thread. Every thread of the block calls it; it synchronizes only through block_sum. */
+__device__ float stage_x_row(const float *src, float *xr, uint32_t cols, uint32_t xcols, const float *nw,
+                             bool add_one, float eps, float *red) {
+    float ss = 0.0f;
+    for (uint32_t k = threadIdx.x; k < xcols; k += blockDim.x) {
+        float v = 0.0f;
+        if (k < cols) {
+            v = src[k];
+            ss += v * v;
+            if (nw)
+                v *= add_one ? 1.0f + nw[k] : nw[k];
+        }
+        xr[k] = v;
+    }
+    return nw ? rsqrtf(block_sum(ss, red) / (float)cols + eps) : 1.0f;
+}
+
 struct gemv_geom {
     uint32_t xcols;     /* floats per staged x row in shared memory (multiple of 32) */
     uint32_t row_bytes; /* bytes per WQ row */
@@ -470,23 +489,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                 xr[k] = 0.0f;
             continue;
         }
-        const float *src = x + (size_t)(t_first + t) * a.x_stride;
-        float ss = 0.0f;
-        for (uint32_t k = threadIdx.x; k < g.xcols; k += blockDim.x) {
-            float v = 0.0f;
-            if (k < a.cols) {
-                v = src[k];
-                ss += v * v;
-                if (nw)
-                    v *= add_one ? 1.0f + nw[k] : nw[k];
-            }
-            xr[k] = v;
-        }
-        if (nw) {
-            ss = block_sum(ss, redb);
-            if (threadIdx.x == 0)
-                rnorm[nt] = rsqrtf(ss / (float)a.cols + a.eps);
-        }
+        float r = stage_x_row(x + (size_t)(t_first + t) * a.x_stride, xr, a.cols, g.xcols, nw, add_one, a.eps, redb);
+        if (threadIdx.x == 0)
+            rnorm[nt] = r;
     }
     if (err)
         return;
@@ -570,7 +575,6 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
                                                      gemv_geom g, int lm_head) {
     extern __shared__ float xs[];
     __shared__ float redb[32];
-    __shared__ float rnorm;
     constexpr int VALS = wfmt<FMT>::VALS;
     constexpr int RPW = 4, U = 2;  /* rows per warp, 16-byte vectors in flight per row and lane */
     pdl_begin();
@@ -614,26 +618,10 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     const uint32_t err = st->error;
-    float ss = 0.0f;
-    for (uint32_t k = threadIdx.x; k < g.xcols; k += 256) {
-        float v = 0.0f;
-        if (k < a.cols) {
-            v = x[k];
-            ss += v * v;
-            if (nw)
-                v *= add_one ? 1.0f + nw[k] : nw[k];
-        }
-        xs[k] = v;
-    }
-    if (nw) {
-        ss = block_sum(ss, redb);
-        if (threadIdx.x == 0)
-            rnorm = rsqrtf(ss / (float)a.cols + a.eps);
-    }
+    const float scale = stage_x_row(x, xs, a.cols, g.xcols, nw, add_one, a.eps, redb);
     __syncthreads();
     if (err)
         return;
-    const float scale = nw ? rnorm : 1.0f;
     float *y = (float *)b.p[LT_GEMV_B_Y];
     const float *resid = (a.flags & LT_GEMV_RESID) ? (const float *)b.p[LT_GEMV_B_RESID] : nullptr;
     for (; r0 < a.rows; r0 += stride) {

@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "../../lattice/cuda/kernels.cuh"  /* lt_launch */
+
 namespace cg = cooperative_groups;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
 
@@ -69,6 +71,23 @@ static float median(std::vector<float> v) {
     return v[v.size() / 2];
 }
 
+/* Median over `reps` runs of launch() (after 3 warm-ups), in microseconds per phase. */
+template <typename F>
+static float us_per_phase(cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1, int reps, int phases, F launch) {
+    std::vector<float> t;
+    for (int r = 0; r < reps + 3; r++) {
+        cudaEventRecord(e0, s);
+        launch();
+        cudaEventRecord(e1, s);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (r >= 3)
+            t.push_back(ms * 1000.0f / phases);
+    }
+    return median(t);
+}
+
 int main() {
     setvbuf(stdout, nullptr, _IONBF, 0);
     cudaDeviceProp p;
@@ -93,50 +112,25 @@ int main() {
             cudaGraph_t g;
             cudaGraphExec_t ge;
             CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-            for (int i = 0; i < N; i++) {
-                cudaLaunchConfig_t cfg = {};
-                cfg.gridDim = nb;
-                cfg.blockDim = nt;
-                cfg.stream = s;
-                cudaLaunchAttribute at[1];
-                at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                at[0].val.programmaticStreamSerializationAllowed = 1;
-                cfg.attrs = at;
-                cfg.numAttrs = pdl;
-                CK(cudaLaunchKernelEx(&cfg, k_phase, (const float *)(buf + (i & 1) * nb), buf + ((i + 1) & 1) * nb, nb, pdl));
-            }
+            for (int i = 0; i < N; i++)
+                lt_launch(k_phase, nb, nt, 0, s, pdl, (const float *)(buf + (i & 1) * nb), buf + ((i + 1) & 1) * nb,
+                          nb, pdl);
+            CK(cudaGetLastError());
             CK(cudaStreamEndCapture(s, &g));
             CK(cudaGraphInstantiate(&ge, g, 0));
-            std::vector<float> t;
-            for (int r = 0; r < REPS + 3; r++) {
-                CK(cudaEventRecord(e0, s));
-                CK(cudaGraphLaunch(ge, s));
-                CK(cudaEventRecord(e1, s));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= 3)
-                    t.push_back(ms * 1000.0f / N);
-            }
-            printf("  %3u x %3u  graph%-9s %6.2f\n", nb, nt, pdl ? "+PDL" : "", median(t));
+            float us = us_per_phase(s, e0, e1, REPS, N, [&] { cudaGraphLaunch(ge, s); });
+            CK(cudaGetLastError());
+            printf("  %3u x %3u  graph%-9s %6.2f\n", nb, nt, pdl ? "+PDL" : "", us);
         }
         for (int use_cg = 0; use_cg < 2; use_cg++) {
             int n = N;
             int cgv = use_cg;
             CK(cudaMemset(count, 0, 8));  /* the barrier's phases count from 0 for this grid size */
             void *args[] = {&buf, &nb, &n, &count, &cgv};
-            std::vector<float> t;
-            for (int r = 0; r < REPS + 3; r++) {
-                CK(cudaEventRecord(e0, s));
-                CK(cudaLaunchCooperativeKernel((void *)k_persistent, nb, nt, args, 0, s));
-                CK(cudaEventRecord(e1, s));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= 3)
-                    t.push_back(ms * 1000.0f / N);
-            }
-            printf("  %3u x %3u  persistent %-8s %6.2f\n", nb, nt, use_cg ? "cg sync" : "counter", median(t));
+            float us = us_per_phase(s, e0, e1, REPS, N,
+                                    [&] { cudaLaunchCooperativeKernel((void *)k_persistent, nb, nt, args, 0, s); });
+            CK(cudaGetLastError());
+            printf("  %3u x %3u  persistent %-8s %6.2f\n", nb, nt, use_cg ? "cg sync" : "counter", us);
         }
     }
     /* a persistent kernel inside a graph (cooperative launch attribute, captured) */
@@ -160,18 +154,9 @@ int main() {
             CK(cudaLaunchKernelEx(&cfg, k_persistent, buf, nb, n, count, cgv));
         CK(cudaStreamEndCapture(s, &g));
         CK(cudaGraphInstantiate(&ge, g, 0));
-        std::vector<float> t;
-        for (int r = 0; r < REPS + 3; r++) {
-            CK(cudaEventRecord(e0, s));
-            CK(cudaGraphLaunch(ge, s));
-            CK(cudaEventRecord(e1, s));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 3)
-                t.push_back(ms * 1000.0f / (8 * N));
-        }
-        printf("  %3u x %3u  8 cooperative kernels in a graph: %6.2f\n", nb, nt, median(t));
+        float us = us_per_phase(s, e0, e1, REPS, 8 * N, [&] { cudaGraphLaunch(ge, s); });
+        CK(cudaGetLastError());
+        printf("  %3u x %3u  8 cooperative kernels in a graph: %6.2f\n", nb, nt, us);
     }
     CK(cudaDeviceSynchronize());
     return 0;
