@@ -341,9 +341,9 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
             launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
         if (rows <= 32)
-            launch_k(k_gdn_step<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
+            launch_k(k_gdn_decode<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
         else
-            launch_k(k_gdn_step<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, T, (const float *)conv);
+            launch_k(k_gdn_decode<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
         break;
     }
     case LT_K_SAMPLE: {

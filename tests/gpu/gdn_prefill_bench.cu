@@ -1,5 +1,5 @@
-/* GDN prefill on one GPU: the decode-path kernels run over T tokens (the pre-prefill-path
- * baseline) against the prefill path (k_gdn_prep, k_gdn_scan<R, G>, k_gdn_out) for several lane
+/* GDN prefill on one GPU: the decode kernels run over T tokens, one launch per token (the
+ * pre-prefill-path baseline) against the prefill path (k_gdn_prep, k_gdn_scan<R, G>, k_gdn_out) for several lane
  * group sizes G; same inputs, outputs compared, times from CUDA events.
  *   nvcc -O3 -arch=sm_90 -std=c++17 tests/gpu/gdn_prefill_bench.cu -o /tmp/gdn_bench && /tmp/gdn_bench */
 #include <cmath>
@@ -57,15 +57,24 @@ static void run_new(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, flo
         a, b, st, T, ws);
     k_gdn_out<<<dim3(a.n_v_heads, T), GDN_OUT_THREADS>>>(a, b, st, T, ws);
 }
+/* the decode kernels, one token at a time (their binds moved to token t's rows) */
 static void run_old(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv) {
     float *c = a.n_v_heads == a.n_k_heads ? nullptr : conv;
-    if (c)
-        k_gdn_conv<<<(a.channels + 255) / 256, 256>>>(a, b, st, T, c);
     uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
-    if (rows <= 32)
-        k_gdn_step<32><<<a.n_v_heads, GDN_THREADS>>>(a, b, st, T, c);
-    else
-        k_gdn_step<64><<<a.n_v_heads, GDN_THREADS>>>(a, b, st, T, c);
+    for (uint32_t t = 0; t < T; t++) {
+        lt_binds bt = b;
+        bt.p[LT_GDN_B_X] = (float *)b.p[LT_GDN_B_X] + (size_t)t * a.x_stride;
+        bt.p[LT_GDN_B_Z] = (float *)b.p[LT_GDN_B_Z] + (size_t)t * a.z_stride;
+        bt.p[LT_GDN_B_A] = (float *)b.p[LT_GDN_B_A] + (size_t)t * a.a_stride;
+        bt.p[LT_GDN_B_B] = (float *)b.p[LT_GDN_B_B] + (size_t)t * a.b_stride;
+        bt.p[LT_GDN_B_OUT] = (float *)b.p[LT_GDN_B_OUT] + (size_t)t * a.out_stride;
+        if (c)
+            k_gdn_conv<<<(a.channels + 255) / 256, 256>>>(a, bt, st, 1, c);
+        if (rows <= 32)
+            k_gdn_decode<32><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+        else
+            k_gdn_decode<64><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+    }
 }
 
 int main() {
