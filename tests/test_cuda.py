@@ -216,15 +216,17 @@ def test_gemv_one_token_float4_x(lib, fmt, cols, flags):
     assert_dot_close(mem.view(y), want, bound)
 
 
-@pytest.mark.parametrize("fmt", [1, 2, 3])  # F16, Q8, Q4
+@pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32, F16, Q8, Q4
 @pytest.mark.parametrize("rows", [6002, 17002])
+@pytest.mark.parametrize("cols", [96, 1000])
 @pytest.mark.parametrize("flags", [0, 1 | 2 | 4, 1 | 8 | 16])
-def test_gemv_many_rows(lib, fmt, rows, flags):
+def test_gemv_many_rows(lib, fmt, rows, cols, flags):
     """One token, more rows than the GPU has resident warps (two rows per warp) and over four times
-    as many (LM-head sized: every warp streams row after row through k_gemv_stream)."""
+    as many (LM-head sized: every warp streams row after row through k_gemv_stream), with rows of
+    one and of several 16-byte vectors per lane."""
     from test_cpu_kernels import _gemv_case, assert_dot_close
-    rng = np.random.default_rng(rows + flags + fmt)
-    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, 96, 1, 1, flags)
+    rng = np.random.default_rng(rows + cols + flags + fmt)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags)
     assert_dot_close(mem.view(y), want, bound)
 
 
