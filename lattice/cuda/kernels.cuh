@@ -386,7 +386,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                                               gemv_geom g, int lm_head) {
     extern __shared__ float xs[];               /* [NT][g.xcols] */
     __shared__ float red[8][RPW][NT];
-    __shared__ float rowsum[8 / KS * RPW][NT];
     __shared__ float rnorm[NT];
     __shared__ float redb[32];
     constexpr int RPB = 8 / KS * RPW;            /* rows per block */
@@ -483,11 +482,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                                                      xv[i].z * (f + nwv[i].z), xv[i].w * (f + nwv[i].w));
             }
         }
-        if (nw) {
-            ss = block_sum(ss, redb);
-            if (threadIdx.x == 0)
-                rnorm[0] = rsqrtf(ss / (float)a.cols + a.eps);
-        }
+        ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
+        if (lane == 0)
+            redb[warp] = ss;
     }
     for (int nt = 0; nt < NT && !xvec; nt++) {
         float *xr = xs + nt * g.xcols;
@@ -550,24 +547,30 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             for (int nt = 0; nt < NT; nt++)
                 red[warp][r][nt] = acc[r][nt];
     __syncthreads();
-    if (threadIdx.x < RPB * NT) {
-        int lr = threadIdx.x / NT, nt = threadIdx.x % NT, gr = lr / RPW, r = lr % RPW;
-        float s = 0.0f;
-        for (int k = 0; k < KS; k++)
-            s += red[gr * KS + k][r][nt];
-        rowsum[lr][nt] = nw ? s * rnorm[nt] : s;
-    }
-    __syncthreads();
-    /* epilogues: + bias, SiLU(gate) * up over interleaved rows, + residual */
-    if (e_on) {
-        float *y = (float *)b.p[LT_GEMV_B_Y] + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : e_t)
-                   * a.y_stride;
-        float out;
-        if (silu)
-            out = lt_silu_d(rowsum[e_lr][e_nt] + e_b0) * (rowsum[e_lr + 1][e_nt] + e_b1);
-        else
-            out = rowsum[e_lr][e_nt] + e_b0;
-        y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
+    /* warp 0 (every epilogue thread is in it) sums the row partials of the KS warps of a row, scales
+     * them by the RMS factor (decode: summed here from the warps' partial sums of squares, in
+     * block_sum's order) and runs the epilogues: + bias, SiLU(gate) * up over interleaved rows,
+     * + residual */
+    static_assert(RPB * NT <= 32, "epilogue threads fit in warp 0");
+    if (warp == 0) {
+        float rn = 1.0f;
+        if (nw && xvec)
+            rn = rsqrtf(warp_sum(lane < 8 ? redb[lane] : 0.0f) / (float)a.cols + a.eps);
+        else if (nw)
+            rn = rnorm[e_nt];
+        auto rowsum = [&](int lr) {
+            int gr = lr / RPW, r = lr % RPW;
+            float s = 0.0f;
+            for (int k = 0; k < KS; k++)
+                s += red[gr * KS + k][r][e_nt];
+            return nw ? s * rn : s;
+        };
+        if (e_on) {
+            float *y = (float *)b.p[LT_GEMV_B_Y]
+                       + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : e_t) * a.y_stride;
+            float out = silu ? lt_silu_d(rowsum(e_lr) + e_b0) * (rowsum(e_lr + 1) + e_b1) : rowsum(e_lr) + e_b0;
+            y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
+        }
     }
 }
 
