@@ -112,11 +112,14 @@ def simd():
 
 
 @pytest.mark.parametrize("T", [1, 6])
-@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(3, 3, 64, 40), (2, 2, 128, 128), (2, 4, 96, 64)])
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(3, 3, 64, 40), (2, 2, 128, 128), (2, 4, 96, 64), (1, 1, 256, 128),
+                                         (2, 2, 64, 30), (1, 1, 64, 510)])
 def test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv):
     """GDN at Qwen3.5 head sizes: the conv fused into the recurrent kernel when there are as many
     value heads as key heads (Qwen3.5-0.8B; the CPU tests' grouped shapes do not reach it), and the
-    separate conv kernel when value heads share key heads."""
+    separate conv kernel when value heads share key heads. Decode (T = 1) keeps 4 columns x 8 or 16
+    rows of state per thread where v_dim is a multiple of 4, else 1 column x 32 or 64 rows (v_dim
+    30 and 510)."""
     from lattice import reference as ref
     from test_cpu_kernels import GdnArgs, K_GDN, Mem, OK, SCRATCH, STATE, StepArgs, WEIGHTS, rand, run_one
     rng = np.random.default_rng(T + Dv)

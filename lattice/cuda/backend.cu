@@ -339,11 +339,19 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.gdn_ws;
         if (conv)
             launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
+        /* four columns per thread where the state, z, out and norm rows are float4-aligned */
+        auto a16 = [&](int role) { return (uintptr_t)L.b.p[role] % 16 == 0; };
+        bool v4 = a.v_dim % 4 == 0 && a16(LT_GDN_B_S) && a16(LT_GDN_B_Z) && a16(LT_GDN_B_OUT) && a16(LT_GDN_B_NORM_W);
+        uint32_t ngp4 = (a.v_dim / 4 + 31) / 32 * 32, rows4 = (a.k_dim + GDN_THREADS / ngp4 - 1) / (GDN_THREADS / ngp4);
         uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
-        if (rows <= 32)
-            launch_k(k_gdn_decode<32>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
+        if (v4 && rows4 <= 8)
+            launch_k(k_gdn_decode<8, 4>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
+        else if (v4 && rows4 <= 16)
+            launch_k(k_gdn_decode<16, 4>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
+        else if (rows <= 32)
+            launch_k(k_gdn_decode<32, 1>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
         else
-            launch_k(k_gdn_decode<64>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
+            launch_k(k_gdn_decode<64, 1>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
         break;
     }
     case LT_K_SAMPLE: {

@@ -1037,45 +1037,78 @@ __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t
 }
 
 #define GDN_THREADS 512
+/* V floats of a row as one load / store (V = 4: float4, 16-byte aligned). */
+template <int V>
+__device__ __forceinline__ void ld_v(const float *p, float (&v)[V]) {
+    if constexpr (V == 4) {
+        float4 f = *(const float4 *)p;
+        v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            v[i] = p[i];
+    }
+}
+template <int V>
+__device__ __forceinline__ void st_v(float *p, const float (&v)[V]) {
+    if constexpr (V == 4)
+        *(float4 *)p = make_float4(v[0], v[1], v[2], v[3]);
+    else
+#pragma unroll
+        for (int i = 0; i < V; i++)
+            p[i] = v[i];
+}
+
 /* Decode (T = 1): one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
- * [slice * R, slice * R + R) of column j of the head's f32 state in registers (read once, written
- * once); column sums over the slices go through shared memory. Every global load of the step
- * (state, conv inputs, gates, z) is issued at once after the dependency wait, and each conv
- * channel's owner shifts its conv state from the values it just read: one memory round trip and
- * four block barriers (the loop it replaced paid about five round trips: decode +2.4% on Qwen3.5-0.8B,
- * H200). q and k are normalized where they are used. With conv_out == nullptr (one value head per
- * key head: no channel is shared between blocks) the block does the conv of its own channels;
- * otherwise k_gdn_conv ran first. */
-template <int R>
+ * [slice * R, slice * R + R) of columns [j * V, j * V + V) of the head's f32 state in registers
+ * (read once, written once; V = 4 when rows are float4-aligned: a quarter of the load and store
+ * instructions, which is what bounds a block that moves a whole head's state); column sums over
+ * the slices go through shared memory. Every global load of the step (state, conv inputs, gates,
+ * z) is issued at once after the dependency wait, and each conv channel's owner shifts its conv
+ * state from the values it just read: one memory round trip and four block barriers. q and k are
+ * normalized where they are used. With conv_out == nullptr (one value head per key head: no
+ * channel is shared between blocks) the block does the conv of its own channels; otherwise
+ * k_gdn_conv ran first. */
+template <int R, int V>
 __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
                                                             const float *conv_out) {
-    __shared__ float qs[512], ks[512], vs[512], kvsum[GDN_THREADS], osum[GDN_THREADS];
+    __shared__ __align__(16) float qs[512], ks[512], vs[512], kvsum[GDN_THREADS * V], osum[GDN_THREADS * V];
     __shared__ float2 red2[GDN_THREADS / 32];
     __shared__ float red[GDN_THREADS / 32];
     pdl_begin();
     const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels, K = a.conv_kernel;
     const uint32_t kh = h / (a.n_v_heads / a.n_k_heads);
-    const uint32_t dv32 = (Dv + 31) / 32 * 32, nsl = blockDim.x / dv32;
-    const uint32_t j = threadIdx.x % dv32, sl = threadIdx.x / dv32, rows_per = (Dk + nsl - 1) / nsl;
-    const bool active = sl < nsl && j < Dv;
+    /* ngp column groups of V (a multiple of 32: slice 0 is whole warps), nsl slices of rows */
+    const uint32_t ngp = ((Dv + V - 1) / V + 31) / 32 * 32, nsl = blockDim.x / ngp, cw = ngp * V;
+    const uint32_t j = threadIdx.x % ngp, sl = threadIdx.x / ngp, rows_per = (Dk + nsl - 1) / nsl;
+    const uint32_t c0 = j * V;  /* first column */
+    const bool active = sl < nsl && c0 < Dv, out_thread = sl == 0 && c0 < Dv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     /* per-head weights, before the wait */
     const float neg_a = -expf(__ldg((const float *)b.p[LT_GDN_B_A_LOG] + h));
     const float dt_bias = __ldg((const float *)b.p[LT_GDN_B_DT_BIAS] + h);
-    const float nw = sl == 0 && j < Dv ? __ldg((const float *)b.p[LT_GDN_B_NORM_W] + j) : 0.0f;
+    float nw[V] = {}, z[V] = {};
+    if (out_thread)
+        ld_v<V>((const float *)b.p[LT_GDN_B_NORM_W] + c0, nw);
     pdl_wait();
     if (st->error)
         return;
-    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv;
-    float s_reg[R];
+    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv + c0;
+    float s_reg[R][V];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         uint32_t i = sl * rows_per + r;
-        s_reg[r] = (active && r < (int)rows_per && i < Dk) ? S[(size_t)i * Dv + j] : 0.0f;
+        if (active && r < (int)rows_per && i < Dk)
+            ld_v<V>(S + (size_t)i * Dv, s_reg[r]);
+        else
+#pragma unroll
+            for (int v = 0; v < V; v++)
+                s_reg[r][v] = 0.0f;
     }
     const float xb = ((const float *)b.p[LT_GDN_B_B])[h];
     const float xa = ((const float *)b.p[LT_GDN_B_A])[h] + dt_bias;
-    const float z = sl == 0 && j < Dv ? ((const float *)b.p[LT_GDN_B_Z])[h * Dv + j] : 0.0f;
+    if (out_thread)
+        ld_v<V>((const float *)b.p[LT_GDN_B_Z] + h * Dv + c0, z);
     /* conv + SiLU of the head's channels (q | k | v); raw q and k, and their squared norms */
     const float *x = (const float *)b.p[LT_GDN_B_X], *conv_w = (const float *)b.p[LT_GDN_B_CONV_W];
     float *cstate = (float *)b.p[LT_GDN_B_CONV_STATE];
@@ -1118,53 +1151,85 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_bi
         sk += red2[w].y;
     }
     const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
-    /* S *= decay; kv_mem_j = sum_i S[i][j] k_i */
-    float part = 0.0f;
+    /* S *= decay; kv_mem_c = sum_i S[i][c] k_i */
+    float part[V] = {};
 #pragma unroll
     for (int r = 0; r < R; r++) {
         uint32_t i = sl * rows_per + r;
         if (r < (int)rows_per && i < Dk) {
-            s_reg[r] *= decay;
-            part += s_reg[r] * (ks[i] * rk);
+            float kn = ks[i] * rk;
+#pragma unroll
+            for (int v = 0; v < V; v++) {
+                s_reg[r][v] *= decay;
+                part[v] += s_reg[r][v] * kn;
+            }
         }
     }
-    kvsum[threadIdx.x] = part;
+    if (sl < nsl)
+        st_v<V>(kvsum + sl * cw + c0, part);
     __syncthreads();
-    /* every slice of column j forms delta_j itself: no barrier before the update */
-    float kv_mem = 0.0f;
-    for (uint32_t k = 0; k < nsl; k++)
-        kv_mem += kvsum[k * dv32 + j];
-    const float dj = j < Dv ? (vs[j] - kv_mem) * beta : 0.0f;
-    /* S += k (x) delta; o_j = sum_i S[i][j] q_i */
-    part = 0.0f;
+    /* every slice of column c forms delta_c itself: no barrier before the update */
+    float dj[V] = {};
+    if (c0 < Dv) {
+        float kv_mem[V] = {}, t[V];
+        for (uint32_t k = 0; k < nsl; k++) {
+            ld_v<V>(kvsum + k * cw + c0, t);
+#pragma unroll
+            for (int v = 0; v < V; v++)
+                kv_mem[v] += t[v];
+        }
+#pragma unroll
+        for (int v = 0; v < V; v++)
+            dj[v] = (vs[c0 + v] - kv_mem[v]) * beta;
+    }
+    /* S += k (x) delta; o_c = sum_i S[i][c] q_i */
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        part[v] = 0.0f;
 #pragma unroll
     for (int r = 0; r < R; r++) {
         uint32_t i = sl * rows_per + r;
         if (r < (int)rows_per && i < Dk) {
-            s_reg[r] += (ks[i] * rk) * dj;
-            part += s_reg[r] * (qs[i] * rq);
+            float kn = ks[i] * rk, qn = qs[i] * rq;
+#pragma unroll
+            for (int v = 0; v < V; v++) {
+                s_reg[r][v] += kn * dj[v];
+                part[v] += s_reg[r][v] * qn;
+            }
             if (active)
-                S[(size_t)i * Dv + j] = s_reg[r];
+                st_v<V>(S + (size_t)i * Dv, s_reg[r]);
         }
     }
-    osum[threadIdx.x] = part;
+    if (sl < nsl)
+        st_v<V>(osum + sl * cw + c0, part);
     __syncthreads();
-    /* gated RMSNorm over the head's Dv outputs: the first dv32 / 32 warps hold them */
-    float o = 0.0f;
+    /* gated RMSNorm over the head's Dv outputs: slice 0 (the first ngp / 32 warps) holds them */
+    float o[V] = {};
     if (sl == 0) {
-        for (uint32_t k = 0; k < nsl; k++)
-            o += osum[k * dv32 + j];
-        float oo = warp_sum(j < Dv ? o * o : 0.0f);
+        float t[V], oo = 0.0f;
+        for (uint32_t k = 0; k < nsl; k++) {
+            ld_v<V>(osum + k * cw + c0, t);
+#pragma unroll
+            for (int v = 0; v < V; v++)
+                o[v] += t[v];
+        }
+#pragma unroll
+        for (int v = 0; v < V; v++)
+            oo += c0 + v < Dv ? o[v] * o[v] : 0.0f;
+        oo = warp_sum(oo);
         if (lane == 0)
             red[warp] = oo;
     }
     __syncthreads();
-    if (sl == 0 && j < Dv) {
+    if (out_thread) {
         float ss = 0.0f;
-        for (uint32_t w = 0; w < dv32 / 32; w++)
+        for (uint32_t w = 0; w < ngp / 32; w++)
             ss += red[w];
-        float r = 1.0f / sqrtf(ss / (float)Dv + a.norm_eps);
-        ((float *)b.p[LT_GDN_B_OUT])[h * Dv + j] = o * r * nw * lt_silu_d(z);
+        float rn = 1.0f / sqrtf(ss / (float)Dv + a.norm_eps);
+#pragma unroll
+        for (int v = 0; v < V; v++)
+            o[v] = o[v] * rn * nw[v] * lt_silu_d(z[v]);
+        st_v<V>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, o);
     }
 }
 

@@ -71,9 +71,9 @@ static void run_old(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, flo
         if (c)
             k_gdn_conv<<<(a.channels + 255) / 256, 256>>>(a, bt, st, 1, c);
         if (rows <= 32)
-            k_gdn_decode<32><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+            k_gdn_decode<32, 1><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
         else
-            k_gdn_decode<64><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+            k_gdn_decode<64, 1><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
     }
 }
 
