@@ -3,9 +3,14 @@ process per measurement (the backend reads its environment when created):
 
     python3 tests/gpu/decode_variants.py /tmp/models/qwen3.5-0.8b.gguf "" LATTICE_CUDA_EAGER=1 -r 3
 
-Each variant is a space-separated list of NAME=VALUE ("" = as is). Decode tok/s is the slope
-between 64 and 320 generated tokens (16-token prompt, greedy); the table gives the median and the
-spread (max - min) / median over the rounds. Prefill tok/s of 64- and 512-token prompts alongside
+Each variant is a space-separated list of NAME=VALUE ("" = as is). To A/B two commits, put the
+other one's package in a directory (`git archive REV lattice setup.py pyproject.toml metal
+README.md | tar -x -C old`, then `python3 setup.py build_ext --inplace` in old/ on the GPU
+machine; an untracked directory travels with the working tree) and pass the variant
+"PYTHONPATH=$PWD/old" (plus the wheels' directory, if any): the CUDA library is cached per source
+hash, so both builds coexist. Decode tok/s is the slope between 64 and 320 generated tokens
+(16-token prompt, greedy); the table gives the median and the spread (max - min) / median over the
+rounds. Prefill tok/s of 64- and 512-token prompts alongside
 (prompt + first token).
 """
 import argparse
