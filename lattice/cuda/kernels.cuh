@@ -1059,6 +1059,21 @@ __device__ __forceinline__ void st_v(float *p, const float (&v)[V]) {
             p[i] = v[i];
 }
 
+/* Columns [c0, c0 + V) of buf [nsl][cw] summed over its nsl slices, in slice order. */
+template <int V>
+__device__ __forceinline__ void slice_sums(const float *buf, uint32_t nsl, uint32_t cw, uint32_t c0, float (&sum)[V]) {
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        sum[v] = 0.0f;
+    for (uint32_t k = 0; k < nsl; k++) {
+        float t[V];
+        ld_v<V>(buf + k * cw + c0, t);
+#pragma unroll
+        for (int v = 0; v < V; v++)
+            sum[v] += t[v];
+    }
+}
+
 /* Decode (T = 1): one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
  * [slice * R, slice * R + R) of columns [j * V, j * V + V) of the head's f32 state in registers
  * (read once, written once; V = 4 when rows are float4-aligned: a quarter of the load and store
@@ -1171,13 +1186,8 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_bi
     /* every slice of column c forms delta_c itself: no barrier before the update */
     float dj[V] = {};
     if (c0 < Dv) {
-        float kv_mem[V] = {}, t[V];
-        for (uint32_t k = 0; k < nsl; k++) {
-            ld_v<V>(kvsum + k * cw + c0, t);
-#pragma unroll
-            for (int v = 0; v < V; v++)
-                kv_mem[v] += t[v];
-        }
+        float kv_mem[V];
+        slice_sums<V>(kvsum, nsl, cw, c0, kv_mem);
 #pragma unroll
         for (int v = 0; v < V; v++)
             dj[v] = (vs[c0 + v] - kv_mem[v]) * beta;
@@ -1206,13 +1216,8 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_bi
     /* gated RMSNorm over the head's Dv outputs: slice 0 (the first ngp / 32 warps) holds them */
     float o[V] = {};
     if (sl == 0) {
-        float t[V], oo = 0.0f;
-        for (uint32_t k = 0; k < nsl; k++) {
-            ld_v<V>(osum + k * cw + c0, t);
-#pragma unroll
-            for (int v = 0; v < V; v++)
-                o[v] += t[v];
-        }
+        float oo = 0.0f;
+        slice_sums<V>(osum, nsl, cw, c0, o);
 #pragma unroll
         for (int v = 0; v < V; v++)
             oo += c0 + v < Dv ? o[v] * o[v] : 0.0f;
