@@ -587,7 +587,8 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     extern __shared__ float xs[];
     __shared__ float redb[32];
     constexpr int VALS = wfmt<FMT>::VALS;
-    constexpr int RPW = 4, U = 2;  /* rows per warp, 16-byte vectors in flight per row and lane */
+    /* rows per warp (even: SILU_MUL pairs), 16-byte vectors in flight per row and lane; Q4 spills at 6 */
+    constexpr int RPW = FMT == LT_WF_Q4 ? 4 : 6, U = 2;
     pdl_begin();
     const uint32_t lane = threadIdx.x & 31;
     const uint32_t stride = gridDim.x * 8 * RPW;  /* rows per pass of the whole grid */
