@@ -233,6 +233,18 @@ def test_gemv_many_rows(lib, fmt, rows, cols, flags):
     assert_dot_close(mem.view(y), want, bound)
 
 
+@pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32, F16, Q8, Q4
+@pytest.mark.parametrize("rows,cols", [(1100, 3584), (1000, 3584), (300, 4096)])
+@pytest.mark.parametrize("flags", [0, 1 | 2 | 4, 1 | 8 | 16])
+def test_gemv_long_rows_two_per_warp(lib, fmt, rows, cols, flags):
+    """One token, long rows split over 2, 4 or 8 warps (on a GPU of ~132 SMs), in more than two
+    blocks per SM: each warp then takes two rows (a block stages x once for twice the rows)."""
+    from test_cpu_kernels import _gemv_case, assert_dot_close
+    rng = np.random.default_rng(rows + cols + flags + fmt)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags)
+    assert_dot_close(mem.view(y), want, bound)
+
+
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32 (k_gemv), F16, Q8, Q4 (k_gemm's tensor cores)
 @pytest.mark.parametrize("rows,cols", [(36, 96), (300, 576), (70, 1000)])
 @pytest.mark.parametrize("T", [16, 37, 100])

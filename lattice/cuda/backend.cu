@@ -182,6 +182,12 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     uint32_t max_ks = (a->flags & LT_GEMV_SILU_MUL) ? 4 : 8;
     while (L.ks < max_ks && a->rows * L.ks < want_warps && g.nvec / (32u * (L.ks * 2)) >= 1)
         L.ks *= 2;
+    /* long rows split over warps, more than two blocks per SM: two rows per warp halve the blocks,
+       each of which stages the whole x (Qwen3.5's down projection, 3584 columns: 2 rows of weights
+       per block against 14 KB of x; H200 decode +3.9%). With one warp per row it is slower
+       (SmolLM2's 3072 x 576: -7%). */
+    if (L.ks > 1 && a->rows / (8 / L.ks) > 2u * (uint32_t)c->sms)
+        L.rpw = 2;
 }
 
 /* ------------------------------------------------------------------------------ launching */
@@ -208,8 +214,12 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
         launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
         return;                                                                                   \
     }
-    if constexpr (NT == 1)
+    if constexpr (NT == 1) {
         LT_GEMV_CASE(1, 2)
+        LT_GEMV_CASE(2, 2)
+        LT_GEMV_CASE(4, 2)
+        LT_GEMV_CASE(8, 2)
+    }
     LT_GEMV_CASE(1, 1)
     LT_GEMV_CASE(2, 1)
     LT_GEMV_CASE(4, 1)
@@ -221,9 +231,9 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
 template <int FMT>
 static void set_gemv_smem() {
     const int bytes = 4 * 12288 * 4;
-    cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 #define LT_SMEM(KS)                                                                               \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
+    cudaFuncSetAttribute(k_gemv<FMT, KS, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
 #undef LT_SMEM
