@@ -133,8 +133,7 @@ static int check_args(uint32_t kernel, const uint8_t *args) {
         if (a->n_k_heads == 0 || a->n_v_heads == 0 || a->n_v_heads % a->n_k_heads || a->k_dim == 0
             || a->v_dim == 0 || a->k_dim > 512 || a->v_dim > 512 || a->conv_kernel < 1)
             return LT_ERR_ARGS;
-        uint32_t dv32 = (a->v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32;
-        return (a->k_dim + nsl - 1) / nsl > 64 ? LT_ERR_ARGS : LT_OK;  /* state rows per thread */
+        return gdn_rows_per(a->k_dim, a->v_dim, 1) > 64 ? LT_ERR_ARGS : LT_OK;  /* state rows per thread */
     }
     case LT_K_ELEMENTWISE:
         return ((const lt_elementwise_args *)args)->op > LT_EW_COPY ? LT_ERR_ARGS : LT_OK;
@@ -171,7 +170,6 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     L.rpw = 1;
     L.ks = 1;
     if (a->rows >= 4 * want_warps && g.vec_ok) {  /* LM heads: every warp streams rows (one token) */
-        L.rpw = 4;
         L.stream_grid = stream_grid(c, a->wformat, (size_t)g.xcols * sizeof(float));
         return;
     }
@@ -352,8 +350,7 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         /* four columns per thread where the state, z, out and norm rows are float4-aligned */
         auto a16 = [&](int role) { return (uintptr_t)L.b.p[role] % 16 == 0; };
         bool v4 = a.v_dim % 4 == 0 && a16(LT_GDN_B_S) && a16(LT_GDN_B_Z) && a16(LT_GDN_B_OUT) && a16(LT_GDN_B_NORM_W);
-        uint32_t ngp4 = (a.v_dim / 4 + 31) / 32 * 32, rows4 = (a.k_dim + GDN_THREADS / ngp4 - 1) / (GDN_THREADS / ngp4);
-        uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
+        uint32_t rows4 = gdn_rows_per(a.k_dim, a.v_dim, 4), rows = gdn_rows_per(a.k_dim, a.v_dim, 1);
         if (v4 && rows4 <= 8)
             launch_k(k_gdn_decode<8, 4>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
         else if (v4 && rows4 <= 16)

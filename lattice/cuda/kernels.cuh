@@ -1075,6 +1075,16 @@ __device__ __forceinline__ void slice_sums(const float *buf, uint32_t nsl, uint3
     }
 }
 
+/* k_gdn_decode's layout for V columns per thread: column groups (a multiple of 32, so that slice
+ * 0 is whole warps), and state rows per thread of each slice of rows. */
+__host__ __device__ __forceinline__ uint32_t gdn_groups(uint32_t v_dim, uint32_t V) {
+    return ((v_dim + V - 1) / V + 31) / 32 * 32;
+}
+__host__ __device__ __forceinline__ uint32_t gdn_rows_per(uint32_t k_dim, uint32_t v_dim, uint32_t V) {
+    uint32_t nsl = GDN_THREADS / gdn_groups(v_dim, V);
+    return (k_dim + nsl - 1) / nsl;
+}
+
 /* Decode (T = 1): one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
  * [slice * R, slice * R + R) of columns [j * V, j * V + V) of the head's f32 state in registers
  * (read once, written once; V = 4 when rows are float4-aligned: a quarter of the load and store
@@ -1094,9 +1104,9 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_bi
     pdl_begin();
     const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels, K = a.conv_kernel;
     const uint32_t kh = h / (a.n_v_heads / a.n_k_heads);
-    /* ngp column groups of V (a multiple of 32: slice 0 is whole warps), nsl slices of rows */
-    const uint32_t ngp = ((Dv + V - 1) / V + 31) / 32 * 32, nsl = blockDim.x / ngp, cw = ngp * V;
-    const uint32_t j = threadIdx.x % ngp, sl = threadIdx.x / ngp, rows_per = (Dk + nsl - 1) / nsl;
+    /* ngp column groups of V, nsl slices of rows */
+    const uint32_t ngp = gdn_groups(Dv, V), nsl = GDN_THREADS / ngp, cw = ngp * V;
+    const uint32_t j = threadIdx.x % ngp, sl = threadIdx.x / ngp, rows_per = gdn_rows_per(Dk, Dv, V);
     const uint32_t c0 = j * V;  /* first column */
     const bool active = sl < nsl && c0 < Dv, out_thread = sl == 0 && c0 < Dv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -60,7 +60,7 @@ static void run_new(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, flo
 /* the decode kernels, one token at a time (their binds moved to token t's rows) */
 static void run_old(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv) {
     float *c = a.n_v_heads == a.n_k_heads ? nullptr : conv;
-    uint32_t dv32 = (a.v_dim + 31) / 32 * 32, nsl = GDN_THREADS / dv32, rows = (a.k_dim + nsl - 1) / nsl;
+    uint32_t rows = gdn_rows_per(a.k_dim, a.v_dim, 1);
     for (uint32_t t = 0; t < T; t++) {
         lt_binds bt = b;
         bt.p[LT_GDN_B_X] = (float *)b.p[LT_GDN_B_X] + (size_t)t * a.x_stride;
