@@ -147,11 +147,12 @@ def test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv):
     np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())
 
 
-@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("head_dim", [64, 72, 256, 512])
 @pytest.mark.parametrize("T,pos", [(1, 300), (1, 8190), (3, 5000)])
 def test_attention_split_k(lib, head_dim, T, pos):
     """Long caches take the split-K path (the last split to finish combines): the CPU tests' short
-    caches do not. Two runs of one created program also check that the split counters reset."""
+    caches do not. Two runs of one created program also check that the split counters reset.
+    head_dim 72 leaves lanes of each row group idle; 512 takes two vectors per lane."""
     from lattice import reference as ref
     from test_cpu_kernels import AttnArgs, Dispatch, K_ATTENTION, Mem, OK, SCRATCH, STATE, StepArgs, dispatch, rand
     rng = np.random.default_rng(head_dim + T + pos)

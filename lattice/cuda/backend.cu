@@ -309,12 +309,15 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     case LT_K_ATTENTION: {
         const lt_attention_args &a = *(const lt_attention_args *)L.args;
         dim3 grid(a.n_heads, L.ag.n_split, T);
-        if (L.rope_args)
-            launch_k(k_attention<true>, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt,
-                     *(const lt_rope_kv_args *)L.rope_args, L.rb, L.gate_from_q);
-        else
-            launch_k(k_attention<false>, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt,
-                     lt_rope_kv_args{}, L.b, 0u);
+        const lt_rope_kv_args ra = L.rope_args ? *(const lt_rope_kv_args *)L.rope_args : lt_rope_kv_args{};
+        const lt_binds &rb = L.rope_args ? L.rb : L.b;
+        /* decode reads a cold cache: the next batch of rows is requested before this one is used
+           (PIPE); prefill's rows were just written (L2) and its many blocks want fewer registers */
+        const bool wide = a.head_dim > 256;
+        auto k = L.rope_args ? (wide ? k_attention<true, 2, true> : k_attention<true, 1, true>)
+                 : T == 1    ? (wide ? k_attention<false, 2, true> : k_attention<false, 1, true>)
+                             : (wide ? k_attention<false, 2, false> : k_attention<false, 1, false>);
+        launch_k(k, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt, ra, rb, L.gate_from_q);
         break;
     }
     case LT_K_GDN: {

@@ -59,8 +59,8 @@ __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* The v-th group of 8 halves of an f16 row (16-byte aligned) as floats. */
-__device__ __forceinline__ void load8_f16(const __half *row, uint32_t v, float f[8]) {
-    uint4 w = *((const uint4 *)row + v);
+/* 8 f16 values of a 16-byte vector as floats. */
+__device__ __forceinline__ void f16x8(uint4 w, float f[8]) {
     const __half2 *h2 = (const __half2 *)&w;
 #pragma unroll
     for (int e = 0; e < 4; e++) {
@@ -788,14 +788,23 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
 }
 
 /* ============================================================================ ATTENTION */
-/* Split-K decode attention. grid (n_heads, n_split, T), 128 threads. Block (h, s, t) covers cache
- * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1) with an online
- * softmax over sub-chunks of ATT_SUB positions. G lanes share one cache row (16-byte f16 loads,
- * G = nvec rounded up to a power of two, at most 32). With one split the block writes the output;
- * otherwise it writes (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic
- * counter, reset by that block) combines them: no second kernel. */
+/* Split-K attention. grid (n_heads, n_split, T), 128 threads. Block (h, s, t) covers cache
+ * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1). G lanes share
+ * one cache row (16-byte f16 loads, G = nvec rounded up to a power of two, at most 32; U vectors
+ * per lane, U = 2 for head_dim > 256), so a block has NG = 128 / G lane groups. Each group runs its
+ * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
+ * and V rows are requested together, and the next batch's before this one is used, so a block's
+ * dependent chain is about one memory round trip, with no barrier inside the loop (the cache is cold at decode: the weights streamed through
+ * L2 since the previous step; before, every 4 rows of a 256-wide head cost a round trip, and
+ * Qwen3.5's attention took 23 us per layer inside the decode graph). The first batch is requested
+ * before the rope prologue. The groups' (max, sum, acc) combine in shared memory; with one split
+ * the block writes the output, otherwise it writes (max, sum, acc[D]) and the last split of its
+ * (t, h) to finish (an atomic counter, reset by that block) combines them: no second kernel. */
 #define ATT_THREADS 128
-#define ATT_SUB 256
+/* rows per group and batch: 8 uint4 of K and 8 of V per lane at decode. Prefill (no PIPE) runs
+ * many blocks at once and reads rows just written (L2): 2 rows, 48 instead of 133 registers (H100,
+ * pp512: SmolLM2 42,308 tok/s with 8 rows, 46,428 with 4, 46,980 with 2) */
+#define ATT_ROWS(U, PIPE) ((PIPE ? 8 : 2) / (U))
 
 struct att_geom {
     uint32_t n_split, chunk, G;
@@ -807,15 +816,15 @@ struct att_geom {
  * read that row from there; the first q head of each kv head writes it to the caches. Blocks of
  * other splits read only older positions. gate_from_q: the output gate is the second half of the
  * q head (LT_ROPE_SPLIT_GATE), read where ROPE_KV would have copied it from. */
-template <bool ROPE>
+template <bool ROPE, int U, bool PIPE>
 __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
                                                            uint32_t T, att_geom g, float *part,
                                                            unsigned *counters, lt_rope_kv_args ra, lt_binds rb,
                                                            uint32_t gate_from_q) {
+    constexpr int B = ATT_ROWS(U, PIPE);
     __shared__ __align__(16) float qs[512];
-    __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * ceil(nvec / G) <= 2048 */
-    __shared__ float sc[ATT_SUB];
-    __shared__ float red[32];
+    __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * U / G' <= 2048 */
+    __shared__ float gm[ATT_THREADS], gl[ATT_THREADS], red[32];
     __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
     pdl_begin();
     pdl_wait();
@@ -831,7 +840,35 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     if (j_begin >= len)
         return;
     uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
+    uint32_t gi = threadIdx.x / G, li = threadIdx.x % G;
     const uint32_t jnew = ROPE && j_end == len ? pos : 0xffffffffu;  /* the row read from knew / vnew */
+    const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    /* K and V vectors of this lane for the group's B rows from j0 (row j0 + k * NG + gi); rows past
+     * j_end and the new row (shared memory, after the prologue) are not loaded */
+    uint4 kw[B][U], vw[B][U];
+    auto load = [&](uint4 (&kd)[B][U], uint4 (&vd)[B][U], uint32_t j0) {
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            uint32_t j = j0 + k * NG + gi;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                uint32_t v = li + u * G;
+                if (j < j_end && j != jnew && v < nvec) {
+                    kd[k][u] = *((const uint4 *)(kc + (size_t)j * D) + v);
+                    vd[k][u] = *((const uint4 *)(vc + (size_t)j * D) + v);
+                }
+            }
+        }
+    };
+    auto copy_batch = [&](const uint4 (&ks)[B][U], const uint4 (&vs)[B][U], uint4 (&kd)[B][U], uint4 (&vd)[B][U]) {
+#pragma unroll
+        for (int k = 0; k < B; k++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                kd[k][u] = ks[k][u], vd[k][u] = vs[k][u];
+    };
+    load(kw, vw, j_begin);
     if (ROPE) {
         float *tmp = sbuf, *rot = sbuf + 512;
         rope_head(ra, rb, h, 0, pos, tmp, rot, red);
@@ -858,113 +895,125 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             qs[i] = q[i];
     }
     __syncthreads();
-    const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
-    const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
-    uint32_t gi = threadIdx.x / G, li = threadIdx.x % G;
-    float acc[2][8];
+    float qr[U][8];  /* this lane's q values, pre-scaled */
 #pragma unroll
-    for (int u = 0; u < 2; u++)
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            qr[u][e] = li + u * G < nvec ? qs[(li + u * G) * 8 + e] * a.scale : 0.0f;
+    float acc[U][8];
+#pragma unroll
+    for (int u = 0; u < U; u++)
 #pragma unroll
         for (int e = 0; e < 8; e++)
             acc[u][e] = 0.0f;
     float m = -INFINITY, l = 0.0f;
-    for (uint32_t j0 = j_begin; j0 < j_end; j0 += ATT_SUB) {
-        uint32_t j1 = min(j0 + ATT_SUB, j_end);
-        /* scores */
-        for (uint32_t jb = j0; jb < j1; jb += NG) {
-            uint32_t j = jb + gi;
+    /* every thread runs every batch (the group shuffles need whole warps); rows past j_end score -inf */
+    for (uint32_t j0 = j_begin; j0 < j_end; j0 += NG * B) {
+        uint4 kn[B][U], vn[B][U];  /* PIPE: the next batch, requested before this one is used */
+        if (PIPE && j0 + NG * B < j_end)
+            load(kn, vn, j0 + NG * B);
+        else if (!PIPE && j0 != j_begin)
+            load(kw, vw, j0);
+        float sco[B], mx = m;
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            uint32_t j = j0 + k * NG + gi;
             float d = 0.0f;
-            if (j < j1) {
 #pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    uint32_t v = li + u * G;
-                    if (v < nvec) {
-                        float f[8];
-                        load8_f16(ROPE && j == jnew ? knew : kc + (size_t)j * D, v, f);
+            for (int u = 0; u < U; u++) {
+                uint32_t v = li + u * G;
+                if (j < j_end && v < nvec) {
+                    float f[8];
+                    f16x8(j == jnew ? *((const uint4 *)knew + v) : kw[k][u], f);
 #pragma unroll
-                        for (int e = 0; e < 8; e += 2)
-                            d += f[e] * qs[v * 8 + e] + f[e + 1] * qs[v * 8 + e + 1];
-                    }
+                    for (int e = 0; e < 8; e++)
+                        d += f[e] * qr[u][e];
                 }
             }
             for (uint32_t o = G / 2; o > 0; o >>= 1)
                 d += __shfl_xor_sync(0xffffffffu, d, o);
-            if (j < j1 && li == 0)
-                sc[j - j0] = d * a.scale;
+            sco[k] = j < j_end ? d : -INFINITY;
+            mx = fmaxf(mx, sco[k]);
         }
-        __syncthreads();
-        float mx = -INFINITY;
-        for (uint32_t j = threadIdx.x; j < j1 - j0; j += ATT_THREADS)
-            mx = fmaxf(mx, sc[j]);
-        mx = block_max(mx, red);
-        float m_new = fmaxf(m, mx), corr = expf(m - m_new);
-        float ps = 0.0f;
-        for (uint32_t j = threadIdx.x; j < j1 - j0; j += ATT_THREADS) {
-            float e = expf(sc[j] - m_new);
-            sc[j] = e;
-            ps += e;
+        if (mx == -INFINITY) {  /* no row of this group in the batch (uniform over the group) */
+            if (PIPE)
+                copy_batch(kn, vn, kw, vw);
+            continue;
         }
-        ps = block_sum(ps, red);  /* synchronizes: sc is complete */
-        l = l * corr + ps;
-        m = m_new;
+        float corr = expf(m - mx);
+        l *= corr;
 #pragma unroll
-        for (int u = 0; u < 2; u++)
+        for (int u = 0; u < U; u++)
 #pragma unroll
             for (int e = 0; e < 8; e++)
                 acc[u][e] *= corr;
-        for (uint32_t j = j0 + gi; j < j1; j += NG) {
-            float pj = sc[j - j0];
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
+        for (int k = 0; k < B; k++) {
+            uint32_t j = j0 + k * NG + gi;
+            float p = expf(sco[k] - mx);  /* 0 past j_end */
+            l += p;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
                 uint32_t v = li + u * G;
-                if (v < nvec) {
+                if (j < j_end && v < nvec) {
                     float f[8];
-                    load8_f16(ROPE && j == jnew ? vnew : vc + (size_t)j * D, v, f);
+                    f16x8(j == jnew ? *((const uint4 *)vnew + v) : vw[k][u], f);
 #pragma unroll
                     for (int e = 0; e < 8; e++)
-                        acc[u][e] += pj * f[e];
+                        acc[u][e] += p * f[e];
                 }
             }
         }
-        __syncthreads();  /* sc is reused by the next sub-chunk */
+        m = mx;
+        if (PIPE)
+            copy_batch(kn, vn, kw, vw);
     }
-    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
-        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
-        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
-    /* sum acc over the NG position groups (in group order: deterministic) */
-    float *buf = (float *)sbuf;  /* [NG][D] */
+    /* combine the NG groups (in group order: deterministic) into the block's (M, L, o) */
+    float *buf = sbuf;  /* [NG][D] */
 #pragma unroll
-    for (int u = 0; u < 2; u++) {
+    for (int u = 0; u < U; u++) {
         uint32_t v = li + u * G;
         if (v < nvec)
 #pragma unroll
             for (int e = 0; e < 8; e++)
                 buf[gi * D + v * 8 + e] = acc[u][e];
     }
+    if (li == 0) {
+        gm[gi] = m;
+        gl[gi] = l;
+    }
     __syncthreads();
+    float M = -INFINITY, L = 0.0f;
+    for (uint32_t k = 0; k < NG; k++)
+        M = fmaxf(M, gm[k]);  /* finite: group 0 has row j_begin */
+    for (uint32_t k = 0; k < NG; k++)
+        L += gl[k] * expf(gm[k] - M);
+    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
+        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
+        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
+    auto block_out = [&](uint32_t i) {
+        float o = 0.0f;
+        for (uint32_t k = 0; k < NG; k++)
+            o += buf[k * D + i] * expf(gm[k] - M);  /* 0 for a group without rows */
+        return o;
+    };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
     if (used == 1) {  /* this block is the only split in use: no combine */
         float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
         for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-            float o = 0.0f;
-            for (uint32_t k = 0; k < NG; k++)
-                o += buf[k * D + i];
-            o /= l;
+            float o = block_out(i) / L;
             out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
         }
         return;
     }
     /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
     float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-        float o = 0.0f;
-        for (uint32_t k = 0; k < NG; k++)
-            o += buf[k * D + i];
-        mine[2 + i] = o;
-    }
+    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+        mine[2 + i] = block_out(i);
     if (threadIdx.x == 0) {
-        mine[0] = m;
-        mine[1] = l;
+        mine[0] = M;
+        mine[1] = L;
     }
     __threadfence();
     __syncthreads();
@@ -980,7 +1029,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         return;
     __threadfence();
     const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
-    float M = -INFINITY, L = 0.0f;
+    M = -INFINITY, L = 0.0f;
     for (uint32_t k = 0; k < used; k++)
         M = fmaxf(M, __ldcg(ps + k * (D + 2)));
     for (uint32_t k = 0; k < used; k++)
