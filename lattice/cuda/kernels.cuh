@@ -38,6 +38,22 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+/* Asks L2 for the lines of [p, p + bytes), spread over the block's threads, and returns at once.
+ * Decode kernels call it before pdl_wait for what they read after it from cold memory: small
+ * weights (norms, conv taps, rope frequencies) and state (GDN state, KV rows). Every step streams
+ * all the weights through L2, so those reads miss it; asked for early, their DRAM latency overlaps
+ * the previous kernel instead of adding to this one's dependent chain. A prefetch returns no data,
+ * and L2 is where every SM's stores land, so prefetching what a kernel still in flight writes
+ * can never make a later read stale. Blocks of one grid can share the lines out: part of parts. */
+__device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, uint32_t part = 0, uint32_t parts = 1) {
+    if (!p || !bytes)
+        return;
+    uintptr_t first = (uintptr_t)p & ~(uintptr_t)127, end = (uintptr_t)p + bytes;
+    uintptr_t step = (uintptr_t)blockDim.x * parts * 128;
+    for (uintptr_t a = first + ((uintptr_t)threadIdx.x * parts + part) * 128; a < end; a += step)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+}
+
 /* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
  * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above). */
 template <typename... P, typename... A>
@@ -438,6 +454,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     }
     if (g.vec_ok)
         load(base);
+    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
+    if (nw && blockIdx.y == 0)
+        prefetch_l2(nw, (size_t)a.cols * 4, blockIdx.x, gridDim.x);
     pdl_wait();
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
@@ -457,7 +476,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
      * multiplies the dot products at the end */
     /* decode (NT = 1) with float4-aligned rows: every thread's x and norm-weight vectors are
      * requested at once (two at a time: registers), not one dependent load per loop trip */
-    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     const bool xvec = NT == 1 && g.x_vec;
     if (xvec) {
@@ -619,6 +637,9 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     };
     const bool silu = a.flags & LT_GEMV_SILU_MUL;
     const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
+    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
+    if (nw)
+        prefetch_l2(nw, (size_t)a.cols * 4, blockIdx.x, gridDim.x);
     if (r0 < a.rows) {
         rows_at(r0);
         load(lane);
@@ -627,7 +648,6 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     const bool last_only = lm_head && !(a.flags & LT_GEMV_ALL_TOKENS);
     const uint32_t t = last_only ? T - 1 : 0, yrow = last_only ? 0 : t;  /* one token: T = 1 or last_only */
     const float *x = (const float *)b.p[LT_GEMV_B_X] + (size_t)t * a.x_stride;
-    const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     const uint32_t err = st->error;
     const float scale = stage_x_row(x, xs, a.cols, g.xcols, nw, add_one, a.eps, redb);
@@ -794,9 +814,10 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * per lane, U = 2 for head_dim > 256), so a block has NG = 128 / G lane groups. Each group runs its
  * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
  * and V rows are requested together, and the next batch's before this one is used, so a block's
- * dependent chain is about one memory round trip, with no barrier inside the loop (the cache is cold at decode: the weights streamed through
- * L2 since the previous step; before, every 4 rows of a 256-wide head cost a round trip, and
- * Qwen3.5's attention took 23 us per layer inside the decode graph). The first batch is requested
+ * dependent chain is about one memory round trip, with no barrier inside the loop. (The cache is
+ * cold at decode: the weights streamed through L2 since the previous step. Before, every 4 rows
+ * of a 256-wide head cost a round trip, and Qwen3.5's attention took 23 us per layer inside the
+ * decode graph.) The first batch is requested
  * before the rope prologue. The groups' (max, sum, acc) combine in shared memory; with one split
  * the block writes the output, otherwise it writes (max, sum, acc[D]) and the last split of its
  * (t, h) to finish (an atomic counter, reset by that block) combines them: no second kernel. */
@@ -827,6 +848,26 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     __shared__ float gm[ATT_THREADS], gl[ATT_THREADS], red[32];
     __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
     pdl_begin();
+    uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
+    uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
+    const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    if (PIPE) {  /* decode: this split's cache rows up to the step's position (read early as a hint:
+                    a prefetch of rows that turn out unused costs bandwidth only), the rope weights */
+        uint32_t hint = *(volatile const uint32_t *)&st->pos + T, j0 = s * g.chunk;
+        if (j0 < hint && h % group == 0) {
+            size_t n = (size_t)(min(j0 + g.chunk, min(hint, a.ctx_cap)) - j0) * D * 2;
+            prefetch_l2(kc + (size_t)j0 * D, n);
+            prefetch_l2(vc + (size_t)j0 * D, n);
+        }
+        if (ROPE) {
+            prefetch_l2(rb.p[LT_ROPE_B_INV_FREQ], ra.rotary_dim / 2 * 4);
+            if (ra.flags & LT_ROPE_QK_NORM) {
+                prefetch_l2(rb.p[LT_ROPE_B_Q_NORM], D * 4);
+                prefetch_l2(rb.p[LT_ROPE_B_K_NORM], D * 4);
+            }
+        }
+    }
     pdl_wait();
     if (st->error)
         return;
@@ -835,15 +876,11 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         lt_raise(st, LT_ERR_CONTEXT);
         return;
     }
-    uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
     uint32_t len = pos + t + 1, j_begin = s * g.chunk, j_end = min(j_begin + g.chunk, len);
     if (j_begin >= len)
         return;
-    uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
     uint32_t gi = threadIdx.x / G, li = threadIdx.x % G;
     const uint32_t jnew = ROPE && j_end == len ? pos : 0xffffffffu;  /* the row read from knew / vnew */
-    const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
-    const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
     /* K and V vectors of this lane for the group's B rows from j0 (row j0 + k * NG + gi); rows past
      * j_end and the new row (shared memory, after the prologue) are not loaded */
     uint4 kw[B][U], vw[B][U];
@@ -1144,8 +1181,9 @@ __host__ __device__ __forceinline__ uint32_t gdn_rows_per(uint32_t k_dim, uint32
  * normalized where they are used. With conv_out == nullptr (one value head per key head: no
  * channel is shared between blocks) the block does the conv of its own channels; otherwise
  * k_gdn_conv ran first. */
+/* (launch bounds with min 1 block: without it ptxas gives some variants 64 registers and spills) */
 template <int R, int V>
-__global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
+__global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
                                                             const float *conv_out) {
     __shared__ __align__(16) float qs[512], ks[512], vs[512], kvsum[GDN_THREADS * V], osum[GDN_THREADS * V];
     __shared__ float2 red2[GDN_THREADS / 32];
@@ -1153,6 +1191,18 @@ __global__ void __launch_bounds__(GDN_THREADS) k_gdn_decode(lt_gdn_args a, lt_bi
     pdl_begin();
     const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels, K = a.conv_kernel;
     const uint32_t kh = h / (a.n_v_heads / a.n_k_heads);
+    /* the head's state, conv taps and conv state into L2 while the previous kernel runs */
+    prefetch_l2((const float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv, (size_t)Dk * Dv * 4);
+    if (!conv_out) {
+        const float *conv_w = (const float *)b.p[LT_GDN_B_CONV_W], *cst = (const float *)b.p[LT_GDN_B_CONV_STATE];
+        for (uint32_t r = 0; r < 3; r++) {  /* q, k and v channels of the head */
+            uint32_t first = r == 0 ? a.q_offset + kh * Dk : r == 1 ? a.k_offset + kh * Dk : a.v_offset + h * Dv;
+            uint32_t n = r < 2 ? Dk : Dv;
+            prefetch_l2(conv_w + (size_t)first * K, (size_t)n * K * 4);
+            for (uint32_t t = 0; t + 1 < K; t++)
+                prefetch_l2(cst + (size_t)t * C + first, (size_t)n * 4);
+        }
+    }
     /* ngp column groups of V, nsl slices of rows */
     const uint32_t ngp = gdn_groups(Dv, V), nsl = GDN_THREADS / ngp, cw = ngp * V;
     const uint32_t j = threadIdx.x % ngp, sl = threadIdx.x / ngp, rows_per = gdn_rows_per(Dk, Dv, V);
