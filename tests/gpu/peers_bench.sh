@@ -113,6 +113,8 @@ if [ "${MPS:-0}" = 1 ]; then
         bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
         [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-mps-llama.cpp" --gguf "$M.gguf" \
             -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
+        [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-mps-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 \
+            --n2 48 --load "$LOAD"
     done
     echo quit | nvidia-cuda-mps-control
 fi
