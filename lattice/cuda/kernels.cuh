@@ -74,7 +74,6 @@ static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaS
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* The v-th group of 8 halves of an f16 row (16-byte aligned) as floats. */
 /* 8 f16 values of a 16-byte vector as floats. */
 __device__ __forceinline__ void f16x8(uint4 w, float f[8]) {
     const __half2 *h2 = (const __half2 *)&w;
@@ -817,10 +816,10 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * dependent chain is about one memory round trip, with no barrier inside the loop. (The cache is
  * cold at decode: the weights streamed through L2 since the previous step. Before, every 4 rows
  * of a 256-wide head cost a round trip, and Qwen3.5's attention took 23 us per layer inside the
- * decode graph.) The first batch is requested
- * before the rope prologue. The groups' (max, sum, acc) combine in shared memory; with one split
- * the block writes the output, otherwise it writes (max, sum, acc[D]) and the last split of its
- * (t, h) to finish (an atomic counter, reset by that block) combines them: no second kernel. */
+ * decode graph.) The first batch is requested before the rope prologue. The groups' (max, sum,
+ * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
+ * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
+ * block) combines them: no second kernel. */
 #define ATT_THREADS 128
 /* rows per group and batch: 8 uint4 of K and 8 of V per lane at decode. Prefill (no PIPE) runs
  * many blocks at once and reads rows just written (L2): 2 rows, 48 instead of 133 registers (H100,
@@ -1180,8 +1179,8 @@ __host__ __device__ __forceinline__ uint32_t gdn_rows_per(uint32_t k_dim, uint32
  * state from the values it just read: one memory round trip and four block barriers. q and k are
  * normalized where they are used. With conv_out == nullptr (one value head per key head: no
  * channel is shared between blocks) the block does the conv of its own channels; otherwise
- * k_gdn_conv ran first. */
-/* (launch bounds with min 1 block: without it ptxas gives some variants 64 registers and spills) */
+ * k_gdn_conv ran first. (Launch bounds with min 1 block: without it ptxas gives some variants 64
+ * registers and spills.) */
 template <int R, int V>
 __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
                                                             const float *conv_out) {
