@@ -724,11 +724,18 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
 }
 
 /* ============================================================================ ROPE_KV */
+/* cos and sin of position p times inv_freq[i] (double angles, like the reference). */
+__device__ __forceinline__ float2 rope_cos_sin(uint32_t p, float inv_freq) {
+    double ang = (double)p * (double)inv_freq;
+    return make_float2((float)cos(ang), (float)sin(ang));
+}
+
 /* Head h (q heads first, then kv heads) of token t at position p: optional RMSNorm, then NeoX
- * RoPE, into rot[D] (shared memory; tmp[D] is scratch). Every thread of the block calls it;
- * synchronizes before returning. */
+ * RoPE, into rot[D] (shared memory; tmp[D] is scratch). cs (shared memory, or nullptr: computed
+ * here) holds rope_cos_sin(p, inv_freq[i]) for i < rotary_dim / 2, written before the call.
+ * Every thread of the block calls it; synchronizes before returning. */
 __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t h, uint32_t t, uint32_t p,
-                          float *tmp, float *rot, float *red) {
+                          float *tmp, float *rot, float *red, const float2 *cs = nullptr) {
     uint32_t D = a.head_dim, half = a.rotary_dim / 2;
     bool split = a.flags & LT_ROPE_SPLIT_GATE, add_one = a.flags & LT_ROPE_NORM_ADD_ONE;
     const float *src, *nw = nullptr;
@@ -756,10 +763,10 @@ __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t 
     const float *inv_freq = (const float *)b.p[LT_ROPE_B_INV_FREQ];
     for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
         if (i < half) {
-            double ang = (double)p * (double)inv_freq[i];  /* double angles, like the reference */
-            float cs = (float)cos(ang), sn = (float)sin(ang), x1 = tmp[i], x2 = tmp[i + half];
-            rot[i] = x1 * cs - x2 * sn;
-            rot[i + half] = x2 * cs + x1 * sn;
+            float2 c = cs ? cs[i] : rope_cos_sin(p, inv_freq[i]);
+            float x1 = tmp[i], x2 = tmp[i + half];
+            rot[i] = x1 * c.x - x2 * c.y;
+            rot[i + half] = x2 * c.x + x1 * c.y;
         } else if (i >= 2 * half) {
             rot[i] = tmp[i];
         }
@@ -846,21 +853,26 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * U / G' <= 2048 */
     __shared__ float gm[ATT_THREADS], gl[ATT_THREADS], red[32];
     __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
+    __shared__ float2 rope_cs[ROPE ? 256 : 1];  /* rope_cos_sin of the step's position */
     pdl_begin();
     uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
+    const uint32_t pos_hint = *(volatile const uint32_t *)&st->pos;  /* the step's, unless stale */
+    const float *inv_freq = ROPE ? (const float *)rb.p[LT_ROPE_B_INV_FREQ] : nullptr;
+    if (ROPE)  /* the double-precision cos and sin off the dependent chain; checked after the wait */
+        for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += ATT_THREADS)
+            rope_cs[i] = rope_cos_sin(pos_hint, __ldg(inv_freq + i));
     uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
     const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
     if (PIPE) {  /* decode: this split's cache rows up to the step's position (read early as a hint:
                     a prefetch of rows that turn out unused costs bandwidth only), the rope weights */
-        uint32_t hint = *(volatile const uint32_t *)&st->pos + T, j0 = s * g.chunk;
+        uint32_t hint = pos_hint + T, j0 = s * g.chunk;
         if (j0 < hint && h % group == 0) {
             size_t n = (size_t)(min(j0 + g.chunk, min(hint, a.ctx_cap)) - j0) * D * 2;
             prefetch_l2(kc + (size_t)j0 * D, n);
             prefetch_l2(vc + (size_t)j0 * D, n);
         }
         if (ROPE) {
-            prefetch_l2(rb.p[LT_ROPE_B_INV_FREQ], ra.rotary_dim / 2 * 4);
             if (ra.flags & LT_ROPE_QK_NORM) {
                 prefetch_l2(rb.p[LT_ROPE_B_Q_NORM], D * 4);
                 prefetch_l2(rb.p[LT_ROPE_B_K_NORM], D * 4);
@@ -907,12 +919,15 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     load(kw, vw, j_begin);
     if (ROPE) {
         float *tmp = sbuf, *rot = sbuf + 512;
-        rope_head(ra, rb, h, 0, pos, tmp, rot, red);
+        if (pos != pos_hint)  /* the hint was stale: rope_head's barriers publish these before use */
+            for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += ATT_THREADS)
+                rope_cs[i] = rope_cos_sin(pos, __ldg(inv_freq + i));
+        rope_head(ra, rb, h, 0, pos, tmp, rot, red, rope_cs);
         for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
             qs[i] = rot[i];
         if (jnew != 0xffffffffu) {
             __syncthreads();
-            rope_head(ra, rb, ra.n_heads + kvh, 0, pos, tmp, rot, red);
+            rope_head(ra, rb, ra.n_heads + kvh, 0, pos, tmp, rot, red, rope_cs);
             const float *vsrc = (const float *)rb.p[LT_ROPE_B_V] + (size_t)kvh * D;
             size_t slot = ((size_t)kvh * a.ctx_cap + pos) * D;
             bool writer = h % group == 0;
