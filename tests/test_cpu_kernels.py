@@ -238,7 +238,8 @@ def rand(rng, *shape, scale=1.0):
 
 # SIMD paths that quantize x for Q8/Q4 to int16 per block of 32: half a quantization step, as a
 # fraction of the block's largest |x|.
-X_HALF_STEP = {"avx2": 1 / 65534.0, "avx512": 1 / 65534.0}
+# (The CUDA backend's one-token GEMVs do the same: "cuda".)
+X_HALF_STEP = {"avx2": 1 / 65534.0, "avx512": 1 / 65534.0, "cuda": 1 / 65534.0}
 
 
 def dot_error_limit(x, w, fmt, simd):

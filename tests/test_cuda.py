@@ -51,7 +51,7 @@ class CudaKernelLib:
 
     @staticmethod
     def lt_cpu_simd():
-        return b"cuda"  # f32 dot products of unquantized x: the plain rounding bound applies
+        return b"cuda"  # one-token Q8 / Q4 GEMVs quantize x to int16 per block of 32 (X_HALF_STEP)
 
     @staticmethod
     def lt_cpu_error_string(err):
@@ -224,25 +224,27 @@ def test_gemv_one_token_float4_x(lib, fmt, cols, flags):
 @pytest.mark.parametrize("rows", [6002, 17002])
 @pytest.mark.parametrize("cols", [96, 1000])
 @pytest.mark.parametrize("flags", [0, 1 | 2 | 4, 1 | 8 | 16])
-def test_gemv_many_rows(lib, fmt, rows, cols, flags):
+@pytest.mark.parametrize("x_pad", [3, 0])  # x rows read by scalars, or as float4 (decode's layout)
+def test_gemv_many_rows(lib, fmt, rows, cols, flags, x_pad):
     """One token, more rows than the GPU has resident warps (two rows per warp) and over four times
     as many (LM-head sized: every warp streams row after row through k_gemv_stream), with rows of
     one and of several 16-byte vectors per lane."""
     from test_cpu_kernels import _gemv_case, assert_dot_close
     rng = np.random.default_rng(rows + cols + flags + fmt)
-    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=x_pad)
     assert_dot_close(mem.view(y), want, bound)
 
 
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32, F16, Q8, Q4
 @pytest.mark.parametrize("rows,cols", [(1100, 3584), (1000, 3584), (300, 4096)])
 @pytest.mark.parametrize("flags", [0, 1 | 2 | 4, 1 | 8 | 16])
-def test_gemv_long_rows_two_per_warp(lib, fmt, rows, cols, flags):
+@pytest.mark.parametrize("x_pad", [3, 0])
+def test_gemv_long_rows_two_per_warp(lib, fmt, rows, cols, flags, x_pad):
     """One token, long rows split over 2, 4 or 8 warps (on a GPU of ~132 SMs), in more than two
     blocks per SM: each warp then takes two rows (a block stages x once for twice the rows)."""
     from test_cpu_kernels import _gemv_case, assert_dot_close
     rng = np.random.default_rng(rows + cols + flags + fmt)
-    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags)
+    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=x_pad)
     assert_dot_close(mem.view(y), want, bound)
 
 

@@ -285,12 +285,14 @@ __global__ void k_elementwise(lt_elementwise_args a, lt_binds b, lt_step_args *s
  * stages x (normalized, zero-padded) in shared memory; each warp streams 16-byte weight vectors
  * with their scales, two or four per row and lane in flight before the first use (the first ones
  * before the dependency wait); KS warps share one row (split-K) when rows are few, RPW rows per
- * warp reuse the staged x when rows are many. */
+ * warp reuse the staged x when rows are many. One token's x is staged with float4 stores in the
+ * swz layout (below): a lane reads the 4-8 float4 of x that its weight vector needs without bank
+ * conflicts. */
 template <int FMT> struct wfmt;
-template <> struct wfmt<LT_WF_F32> { static constexpr int VALS = 4; };
-template <> struct wfmt<LT_WF_F16> { static constexpr int VALS = 8; };
-template <> struct wfmt<LT_WF_Q8> { static constexpr int VALS = 16; };
-template <> struct wfmt<LT_WF_Q4> { static constexpr int VALS = 32; };
+template <> struct wfmt<LT_WF_F32> { static constexpr int VALS = 4; static constexpr bool X16 = false; };
+template <> struct wfmt<LT_WF_F16> { static constexpr int VALS = 8; static constexpr bool X16 = false; };
+template <> struct wfmt<LT_WF_Q8> { static constexpr int VALS = 16; static constexpr bool X16 = true; };  /* int16 x */
+template <> struct wfmt<LT_WF_Q4> { static constexpr int VALS = 32; static constexpr bool X16 = true; };
 
 struct wrow {
     const uint8_t *q;       /* the row's first byte in WQ */
@@ -385,6 +387,178 @@ __device__ float stage_x_row(const float *src, float *xr, uint32_t cols, uint32_
     return nw ? rsqrtf(block_sum(ss, red) / (float)cols + eps) : 1.0f;
 }
 
+/* Where float4 k4 of a staged x row lives when each 16-byte weight vector reads CPV float4s of it
+ * (CPV = VALS / 4): swizzled so that the 8 lanes of a quarter warp, reading float4 c of 8
+ * consecutive vectors, hit 8 different 16-byte bank groups instead of 2-8 lanes sharing one.
+ * swz<1> is the plain layout (f32 vectors need no other). */
+template <int CPV>
+__device__ __forceinline__ uint32_t swz(uint32_t k4) {
+    if (CPV <= 1)
+        return k4;
+    constexpr int SHIFT = CPV == 2 ? 2 : CPV == 4 ? 1 : 0;
+    const uint32_t v = k4 / CPV;
+    return k4 ^ ((v >> SHIFT) & (CPV - 1));
+}
+
+/* Decode x staging for float4 rows (gemv_geom.x_vec): writes x * w' (w' = the norm weight nw, or
+ * 1 + it, or 1 without nw), zero-padded to xcols, at swz<CPV> positions and returns this thread's
+ * part of the sum of squares of x. Every thread's x and norm-weight vectors are requested at once
+ * (two at a time: registers), not one dependent load per loop trip. No barrier. */
+template <int CPV>
+__device__ __forceinline__ float stage_x_vec(const float *x, float *xs, uint32_t cols, uint32_t xcols,
+                                             const float *nw, bool add_one) {
+    const float4 *src = (const float4 *)x;
+    const float f = nw && add_one ? 1.0f : 0.0f;
+    float ss = 0.0f;
+    for (uint32_t k0 = threadIdx.x; k0 * 4 < xcols; k0 += 2 * blockDim.x) {
+        float4 xv[2], nwv[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint32_t k4 = k0 + i * blockDim.x;
+            bool in = k4 * 4 < cols;
+            xv[i] = in ? src[k4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            nwv[i] = nw && in ? __ldg((const float4 *)nw + k4) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint32_t k4 = k0 + i * blockDim.x;
+            ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
+            if (k4 * 4 < xcols)
+                ((float4 *)xs)[swz<CPV>(k4)] = make_float4(xv[i].x * (f + nwv[i].x), xv[i].y * (f + nwv[i].y),
+                                                          xv[i].z * (f + nwv[i].z), xv[i].w * (f + nwv[i].w));
+        }
+    }
+    return ss;
+}
+
+/* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
+ * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
+ * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums (dp2a: two int16 x int8 products and an
+ * add per instruction) converted once per 16-byte weight vector: about a third of the float path's
+ * instructions (a byte permute, a subtraction and an FMA per weight), which run after the
+ * dependency wait. Shared memory: int16 [xcols] in 16-byte chunks in the swz<VQ> layout (VQ chunks
+ * per weight vector: 2 for Q8, 4 for Q4), then float scale [nb], float sum [nb]. Every thread
+ * calls it; no barrier. Returns this thread's part of the sum of squares of x. */
+template <int VQ>
+__device__ __forceinline__ float stage_x_q16(const float *x, float *xs, uint32_t cols, uint32_t xcols,
+                                             const float *nw, bool add_one, bool vec) {
+    const float4 *src = (const float4 *)x;
+    const float f = nw && add_one ? 1.0f : 0.0f;
+    const uint32_t nb = xcols / 32;
+    float *xd = xs + xcols / 2, *xsum = xd + nb;
+    float ss = 0.0f;
+    /* float4 k4 belongs to block k4 / 8: the 8 lanes of a block are aligned in their warp, and
+       whole warps run each trip (xcols is a multiple of 32 floats), so the shuffles see them all */
+    for (uint32_t w0 = threadIdx.x & ~31u; w0 * 4 < xcols; w0 += blockDim.x) {
+        const uint32_t k4 = w0 + (threadIdx.x & 31);
+        const bool on = k4 * 4 < xcols, in = k4 * 4 < cols;
+        float4 xv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), nv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if (vec && in) {  /* float4 rows (gemv_geom.x_vec) */
+            xv = src[k4];
+            if (nw)
+                nv = __ldg((const float4 *)nw + k4);
+        } else if (in) {
+            float *xe = &xv.x, *ne = &nv.x;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (k4 * 4 + j < cols) {
+                    xe[j] = x[k4 * 4 + j];
+                    if (nw)
+                        ne[j] = nw[k4 * 4 + j];
+                }
+        }
+        ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+        float y[4] = {xv.x * (f + nv.x), xv.y * (f + nv.y), xv.z * (f + nv.z), xv.w * (f + nv.w)};
+        float amax = fmaxf(fmaxf(fabsf(y[0]), fabsf(y[1])), fmaxf(fabsf(y[2]), fabsf(y[3])));
+        float sum = y[0] + y[1] + y[2] + y[3];
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) {
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        }
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        uint32_t q[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            q[i] = (uint32_t)(__float2int_rn(y[2 * i] * inv) & 0xffff) | ((uint32_t)__float2int_rn(y[2 * i + 1] * inv) << 16);
+        if (on) {
+            /* 8 bytes: half of 16-byte chunk k4 / 2 */
+            ((uint2 *)xs)[2 * swz<VQ>(k4 / 2) + (k4 & 1)] = make_uint2(q[0], q[1]);
+            if ((k4 & 7) == 0) {
+                xd[k4 / 8] = amax / 32767.0f;
+                xsum[k4 / 8] = sum;
+            }
+        }
+    }
+    return ss;
+}
+
+/* dot of a Q8 / Q4 16-byte weight vector v (scale / min sm) with x staged by stage_x_q16. */
+template <int FMT>
+__device__ __forceinline__ float vec_dot_q16(uint4 w, const uint4 *xq, float2 sm, float xd, float xsum) {
+    const int wd[4] = {(int)w.x, (int)w.y, (int)w.z, (int)w.w};
+    const int *xw = (const int *)xq;  /* int16 pairs */
+    int acc = 0;
+    if constexpr (FMT == LT_WF_Q8) {  /* byte k of word i: x 4i + k */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc = __dp2a_lo(xw[2 * i], wd[i], acc);
+            acc = __dp2a_hi(xw[2 * i + 1], wd[i], acc);
+        }
+        return (float)acc * (sm.x * xd);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {  /* low nibbles: x 4i + k, high nibbles: x 16 + 4i + k */
+            const int l = wd[i] & 0x0F0F0F0F, h = (wd[i] >> 4) & 0x0F0F0F0F;
+            acc = __dp2a_lo(xw[2 * i], l, acc);
+            acc = __dp2a_hi(xw[2 * i + 1], l, acc);
+            acc = __dp2a_lo(xw[8 + 2 * i], h, acc);
+            acc = __dp2a_hi(xw[8 + 2 * i + 1], h, acc);
+        }
+        return (float)acc * (sm.x * xd) + sm.y * xsum;
+    }
+}
+
+/* One token's x row staged for weight format FMT: int16 for Q8 / Q4 (float4 loads where vec),
+ * else floats in the swz layout (needs vec). Returns this thread's part of the sum of squares. */
+template <int FMT>
+__device__ __forceinline__ float stage_x_one(const float *x, float *xs, uint32_t cols, uint32_t xcols,
+                                             const float *nw, bool add_one, bool vec) {
+    if constexpr (wfmt<FMT>::X16)
+        return stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2>(x, xs, cols, xcols, nw, add_one, vec);
+    else
+        return stage_x_vec<wfmt<FMT>::VALS / 4>(x, xs, cols, xcols, nw, add_one);
+}
+
+/* acc[r * stride] += the dot of weight vector v of row r (w[r][u], scales wsc[r][u]) with one
+ * staged x row, for the RPW rows: Q8 / Q4 against stage_x_q16's int16 x, other formats against
+ * floats (swz layout when sw); x is read once for all rows. */
+template <int FMT, int RPW, int U>
+__device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32_t v, bool sw, const uint4 (&w)[RPW][U],
+                                         const float2 (&wsc)[RPW][U], int u, float *acc, int stride) {
+    if constexpr (wfmt<FMT>::X16) {
+        constexpr int VQ = FMT == LT_WF_Q4 ? 4 : 2;
+        uint4 xq[VQ];
+#pragma unroll
+        for (int c = 0; c < VQ; c++)
+            xq[c] = ((const uint4 *)xs)[swz<VQ>(v * VQ + c)];
+        const uint32_t blk = FMT == LT_WF_Q8 ? v / 2 : v;
+        const float xd = xs[xcols / 2 + blk], xsum = xs[xcols / 2 + xcols / 32 + blk];
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+            acc[r * stride] += vec_dot_q16<FMT>(w[r][u], xq, wsc[r][u], xd, xsum);
+    } else {
+        constexpr int CPV = wfmt<FMT>::VALS / 4;
+        float xr[wfmt<FMT>::VALS];
+#pragma unroll
+        for (int c = 0; c < CPV; c++)
+            *(float4 *)(xr + 4 * c) = ((const float4 *)xs)[sw ? swz<CPV>(v * CPV + c) : v * CPV + c];
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+            acc[r * stride] += vec_dot<FMT>(w[r][u], xr, wsc[r][u]);
+    }
+}
+
 struct gemv_geom {
     uint32_t xcols;     /* floats per staged x row in shared memory (multiple of 32) */
     uint32_t row_bytes; /* bytes per WQ row */
@@ -473,32 +647,12 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         e_res = ((const float *)b.p[LT_GEMV_B_RESID])[(size_t)e_t * a.resid_stride + e_o];
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
-    /* decode (NT = 1) with float4-aligned rows: every thread's x and norm-weight vectors are
-     * requested at once (two at a time: registers), not one dependent load per loop trip */
+    /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
+     * are not float4-aligned */
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    const bool xvec = NT == 1 && g.x_vec;
+    const bool xvec = NT == 1 && (wfmt<FMT>::X16 || g.x_vec);  /* one pass over x, no barrier */
     if (xvec) {
-        const float4 *src = (const float4 *)(x + (size_t)t_first * a.x_stride);
-        float ss = 0.0f;
-        for (uint32_t k0 = threadIdx.x; k0 * 4 < g.xcols; k0 += 2 * 256) {
-            float4 xv[2], nwv[2];
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                uint32_t k4 = k0 + i * 256;
-                bool in = k4 * 4 < a.cols;
-                xv[i] = in ? src[k4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                nwv[i] = nw && in ? __ldg((const float4 *)nw + k4) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-            }
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                uint32_t k4 = k0 + i * 256;
-                float f = nw && add_one ? 1.0f : 0.0f;
-                ss += xv[i].x * xv[i].x + xv[i].y * xv[i].y + xv[i].z * xv[i].z + xv[i].w * xv[i].w;
-                if (k4 * 4 < g.xcols)
-                    ((float4 *)xs)[k4] = make_float4(xv[i].x * (f + nwv[i].x), xv[i].y * (f + nwv[i].y),
-                                                     xv[i].z * (f + nwv[i].z), xv[i].w * (f + nwv[i].w));
-            }
-        }
+        float ss = stage_x_one<FMT>(x + (size_t)t_first * a.x_stride, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
         ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
         if (lane == 0)
             redb[warp] = ss;
@@ -531,11 +685,15 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             for (int u = 0; u < U; u++) {
                 uint32_t v = base + u * 32 * KS;
                 if (v < g.nvec) {
+                    if constexpr (NT == 1) {
+                        dot_rows<FMT, RPW, U>(xs, g.xcols, v, xvec, w, wsc, u, &acc[0][0], NT);
+                    } else {
 #pragma unroll
-                    for (int r = 0; r < RPW; r++)
+                        for (int r = 0; r < RPW; r++)
 #pragma unroll
-                        for (int nt = 0; nt < NT; nt++)
-                            acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, wsc[r][u]);
+                            for (int nt = 0; nt < NT; nt++)
+                                acc[r][nt] += vec_dot<FMT>(w[r][u], xs + nt * g.xcols + v * VALS, wsc[r][u]);
+                    }
                 }
             }
             base += stride;
@@ -603,9 +761,9 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
                                                      gemv_geom g, int lm_head) {
     extern __shared__ float xs[];
     __shared__ float redb[32];
-    constexpr int VALS = wfmt<FMT>::VALS;
-    /* rows per warp (even: SILU_MUL pairs), 16-byte vectors in flight per row and lane; Q4 spills at 6 */
-    constexpr int RPW = FMT == LT_WF_Q4 ? 4 : 6, U = 2;
+    /* rows per warp (even: SILU_MUL pairs), 16-byte vectors in flight per row and lane; Q8 / Q4 (int16
+       x) spill at 6 */
+    constexpr int RPW = FMT == LT_WF_Q4 || FMT == LT_WF_Q8 ? 4 : 6, U = 2;
     pdl_begin();
     const uint32_t lane = threadIdx.x & 31;
     const uint32_t stride = gridDim.x * 8 * RPW;  /* rows per pass of the whole grid */
@@ -649,7 +807,13 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     const float *x = (const float *)b.p[LT_GEMV_B_X] + (size_t)t * a.x_stride;
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     const uint32_t err = st->error;
-    const float scale = stage_x_row(x, xs, a.cols, g.xcols, nw, add_one, a.eps, redb);
+    float scale;
+    if (wfmt<FMT>::X16 || g.x_vec) {
+        const float ss = block_sum(stage_x_one<FMT>(x, xs, a.cols, g.xcols, nw, add_one, g.x_vec), redb);
+        scale = nw ? rsqrtf(ss / (float)a.cols + a.eps) : 1.0f;
+    } else {
+        scale = stage_x_row(x, xs, a.cols, g.xcols, nw, add_one, a.eps, redb);
+    }
     __syncthreads();
     if (err)
         return;
@@ -664,9 +828,7 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
 #pragma unroll
             for (int u = 0; u < U; u++)
                 if (base + u * 32 < g.nvec)
-#pragma unroll
-                    for (int r = 0; r < RPW; r++)
-                        acc[r] += vec_dot<FMT>(w[r][u], xs + (base + u * 32) * VALS, wsc[r][u]);
+                    dot_rows<FMT, RPW, U>(xs, g.xcols, base + u * 32, g.x_vec, w, wsc, u, acc, 1);
             if (base + 32 * U < g.nvec) {
                 load(base + 32 * U);
             } else if (r0 + stride < a.rows) {  /* the next group's first vectors, before the sums */
