@@ -173,8 +173,11 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
         L.stream_grid = stream_grid(c, a->wformat, (size_t)g.xcols * sizeof(float));
         return;
     }
-    if (a->rows > want_warps) {  /* more rows than resident warps: 2 per warp, one wave of blocks */
-        L.rpw = 2;
+    /* more rows than resident warps: 4 per warp, in about two blocks per SM. Fewer, fatter blocks
+       make a cheaper dependent phase (cuda-phase-floor-2026-11-26.md): H100, Qwen3.5-0.8B decode
+       +5% over 2 rows per warp (in_proj 8224, gate_up 7168, qkv 5120 rows) */
+    if (a->rows > want_warps) {
+        L.rpw = 4;
         return;
     }
     uint32_t max_ks = (a->flags & LT_GEMV_SILU_MUL) ? 4 : 8;
@@ -184,8 +187,9 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
        each of which stages the whole x (Qwen3.5's down projection, 3584 columns: 2 rows of weights
        per block against 14 KB of x; H200 decode +3.9%). With one warp per row it is slower
        (SmolLM2's 3072 x 576: -7%). */
+    /* (four rows per warp past four blocks per SM, as above) */
     if (L.ks > 1 && a->rows / (8 / L.ks) > 2u * (uint32_t)c->sms)
-        L.rpw = 2;
+        L.rpw = a->rows / (8 / L.ks) > 4u * (uint32_t)c->sms ? 4 : 2;
 }
 
 /* ------------------------------------------------------------------------------ launching */
@@ -200,29 +204,28 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
     lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
 
+/* k_gemv with L.ks warps per row and L.rpw rows per warp (rpw 2 and 4: one token only) */
+template <int FMT, int KS, int NT>
+static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm, dim3 grid,
+                           size_t smem, cudaStream_t s) {
+    auto k = NT == 1 && L.rpw == 4 ? k_gemv<FMT, KS, NT == 1 ? 4 : 1, NT>
+           : NT == 1 && L.rpw == 2 ? k_gemv<FMT, KS, NT == 1 ? 2 : 1, NT> : k_gemv<FMT, KS, 1, NT>;
+    launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
+}
+
 template <int FMT, int NT>
 static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm,
                             dim3 grid, size_t smem, cudaStream_t s) {
-    if (NT == 1 && L.stream_grid) {
+    if (NT == 1 && L.stream_grid)
         launch_k(k_gemv_stream<FMT>, L.stream_grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
-        return;
-    }
-#define LT_GEMV_CASE(KS, RPW)                                                                     \
-    if (L.ks == KS && L.rpw == RPW) {                                                             \
-        launch_k(k_gemv<FMT, KS, RPW, NT>, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);                \
-        return;                                                                                   \
-    }
-    if constexpr (NT == 1) {
-        LT_GEMV_CASE(1, 2)
-        LT_GEMV_CASE(2, 2)
-        LT_GEMV_CASE(4, 2)
-        LT_GEMV_CASE(8, 2)
-    }
-    LT_GEMV_CASE(1, 1)
-    LT_GEMV_CASE(2, 1)
-    LT_GEMV_CASE(4, 1)
-    LT_GEMV_CASE(8, 1)
-#undef LT_GEMV_CASE
+    else if (L.ks == 1)
+        launch_gemv_ks<FMT, 1, NT>(L, a, st, T, lm, grid, smem, s);
+    else if (L.ks == 2)
+        launch_gemv_ks<FMT, 2, NT>(L, a, st, T, lm, grid, smem, s);
+    else if (L.ks == 4)
+        launch_gemv_ks<FMT, 4, NT>(L, a, st, T, lm, grid, smem, s);
+    else
+        launch_gemv_ks<FMT, 8, NT>(L, a, st, T, lm, grid, smem, s);
 }
 
 /* x is staged in dynamic shared memory: up to 4 tokens x 12288 floats (check_args bounds cols) */
@@ -232,6 +235,7 @@ static void set_gemv_smem() {
 #define LT_SMEM(KS)                                                                               \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
+    cudaFuncSetAttribute(k_gemv<FMT, KS, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
 #undef LT_SMEM
