@@ -185,11 +185,11 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
         L.ks *= 2;
     /* long rows split over warps, more than two blocks per SM: two rows per warp halve the blocks,
        each of which stages the whole x (Qwen3.5's down projection, 3584 columns: 2 rows of weights
-       per block against 14 KB of x; H200 decode +3.9%). With one warp per row it is slower
-       (SmolLM2's 3072 x 576: -7%). */
-    /* (four rows per warp past four blocks per SM, as above) */
-    if (L.ks > 1 && a->rows / (8 / L.ks) > 2u * (uint32_t)c->sms)
-        L.rpw = a->rows / (8 / L.ks) > 4u * (uint32_t)c->sms ? 4 : 2;
+       per block against 14 KB of x; H200 decode +3.9%), four past four blocks per SM. With one
+       warp per row it is slower (SmolLM2's 3072 x 576: -7%). */
+    const uint32_t blocks = a->rows / (8 / L.ks);  /* at one row per warp */
+    if (L.ks > 1 && blocks > 2u * (uint32_t)c->sms)
+        L.rpw = blocks > 4u * (uint32_t)c->sms ? 4 : 2;
 }
 
 /* ------------------------------------------------------------------------------ launching */
@@ -208,8 +208,9 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
 template <int FMT, int KS, int NT>
 static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm, dim3 grid,
                            size_t smem, cudaStream_t s) {
-    auto k = NT == 1 && L.rpw == 4 ? k_gemv<FMT, KS, NT == 1 ? 4 : 1, NT>
-           : NT == 1 && L.rpw == 2 ? k_gemv<FMT, KS, NT == 1 ? 2 : 1, NT> : k_gemv<FMT, KS, 1, NT>;
+    auto k = k_gemv<FMT, KS, 1, NT>;
+    if constexpr (NT == 1)
+        k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1> : k;
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
 }
 

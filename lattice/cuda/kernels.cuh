@@ -433,10 +433,10 @@ __device__ __forceinline__ float stage_x_vec(const float *x, float *xs, uint32_t
 
 /* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
  * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
- * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums (dp2a: two int16 x int8 products and an
- * add per instruction) converted once per 16-byte weight vector: about a third of the float path's
- * instructions (a byte permute, a subtraction and an FMA per weight), which run after the
- * dependency wait. Shared memory: int16 [xcols] in 16-byte chunks in the swz<VQ> layout (VQ chunks
+ * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
+ * (dp2a: two int16 x int8 products and an add per instruction) converted once per 16-byte weight
+ * vector: about a third of the float path's instructions (a byte permute, a subtraction and an FMA
+ * per weight), which run after the dependency wait. Shared memory: int16 [xcols] in 16-byte chunks in the swz<VQ> layout (VQ chunks
  * per weight vector: 2 for Q8, 4 for Q4), then float scale [nb], float sum [nb]. Every thread
  * calls it; no barrier. Returns this thread's part of the sum of squares of x. */
 template <int VQ>
@@ -650,7 +650,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
      * are not float4-aligned */
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    const bool xvec = NT == 1 && (wfmt<FMT>::X16 || g.x_vec);  /* one pass over x, no barrier */
+    const bool xvec = NT == 1 && (wfmt<FMT>::X16 || g.x_vec);
     if (xvec) {
         float ss = stage_x_one<FMT>(x + (size_t)t_first * a.x_stride, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
         ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
