@@ -199,9 +199,22 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
 static int pdl_enabled = 1;
 static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
 
+/* Diagnostic (LATTICE_CUDA_NOP=gemv,gdn,...: kernel kinds, or gemv_split / gemv_rows for split-K /
+ * one-warp-per-row GEMVs): those launches become empty kernels of the same shape, so that a decode
+ * A/B measures what their work costs inside the step. The outputs are then wrong. */
+static uint32_t nop_kinds = 0;  /* bit per LT_K_*; bit 30: split-K GEMVs only, bit 31: the others */
+static bool nop_now = false;
+__global__ void k_nop() {
+    pdl_begin();
+    pdl_wait();
+}
+
 template <typename... P, typename... A>
 static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
-    lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
+    if (nop_now)
+        lt_launch(k_nop, grid, block, 0, s, pdl_enabled);
+    else
+        lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
 
 /* k_gemv with L.ks warps per row and L.rpw rows per warp (rpw 2 and 4: one token only) */
@@ -286,6 +299,8 @@ static void launch_gemv(const launch &L, lt_step_args *st, uint32_t T, cudaStrea
 }
 
 static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s) {
+    nop_now = T == 1 && (nop_kinds & (1u << L.kernel))
+              && (L.kernel != LT_K_GEMV || (nop_kinds & (1u << (L.ks > 1 ? 30 : 31))));
     switch (L.kernel) {
     case LT_K_EMBED: {
         const lt_embed_args &a = *(const lt_embed_args *)L.args;
@@ -440,6 +455,23 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
+    if (const char *nop = getenv("LATTICE_CUDA_NOP")) {
+        const char *names[] = {"embed", "rmsnorm", "gemv", "rope_kv", "attention", "gdn", "elementwise", "lm_head",
+                               "sample", "gemv_split", "gemv_rows"};
+        const int bits[] = {LT_K_EMBED, LT_K_RMSNORM, LT_K_GEMV, LT_K_ROPE_KV, LT_K_ATTENTION, LT_K_GDN,
+                            LT_K_ELEMENTWISE, LT_K_LM_HEAD, LT_K_SAMPLE, 30, 31};
+        for (const char *t = nop; *t; t += *t == ',') {
+            size_t n = strcspn(t, ",");
+            for (int i = 0; i < 11; i++)
+                if (strlen(names[i]) == n && !strncmp(t, names[i], n))
+                    nop_kinds |= 1u << bits[i];
+            t += n;
+        }
+        if (nop_kinds & (1u << LT_K_GEMV))
+            nop_kinds |= 3u << 30;
+        else if (nop_kinds >> 30)
+            nop_kinds |= 1u << LT_K_GEMV;
+    }
     c->sms = prop.multiProcessorCount;
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
