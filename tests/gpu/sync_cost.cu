@@ -42,6 +42,36 @@ __global__ void k_phase(const float *in, float *out, unsigned nb, int pdl) {
     phase(in, out, nb);
 }
 
+/* (e) the dependency through memory instead of griddepcontrol.wait: kernel i launches early (PDL)
+ * and its blocks spin until every block of kernel i - 1 has added 1 to that kernel's counter with
+ * release semantics (after its stores). A block's run number comes from its own flag (written by
+ * itself in the previous run), so no epoch has to be passed in. */
+__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__global__ void k_phase_flag(const float *in, float *out, unsigned nb, unsigned *flag, unsigned *count,
+                             const unsigned *pred_count, unsigned pred_nb, int sleep_ns) {
+    asm volatile("griddepcontrol.launch_dependents;");
+    const unsigned run = flag[blockIdx.x] + 1;
+    if (!pred_count) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+    } else {
+        if (threadIdx.x == 0)
+            while (ld_acquire(pred_count) < run * pred_nb)
+                if (sleep_ns)
+                    __nanosleep(sleep_ns);
+        __syncthreads();
+    }
+    phase(in, out, nb);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        flag[blockIdx.x] = run;
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
+    }
+}
+
 __device__ __forceinline__ void grid_barrier(unsigned long long *count, unsigned nb) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -121,6 +151,25 @@ int main() {
             float us = us_per_phase(s, e0, e1, REPS, N, [&] { cudaGraphLaunch(ge, s); });
             CK(cudaGetLastError());
             printf("  %3u x %3u  graph%-9s %6.2f\n", nb, nt, pdl ? "+PDL" : "", us);
+        }
+        for (int sleep_ns : {0, 32, 128}) {
+            unsigned *flags;  /* per kernel: nb flags, then its counter */
+            CK(cudaMalloc(&flags, (size_t)N * (nb + 1) * 4));
+            CK(cudaMemset(flags, 0, (size_t)N * (nb + 1) * 4));
+            cudaGraph_t g;
+            cudaGraphExec_t ge;
+            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+            for (int i = 0; i < N; i++)
+                lt_launch(k_phase_flag, nb, nt, 0, s, true, (const float *)(buf + (i & 1) * nb),
+                          buf + ((i + 1) & 1) * nb, nb, flags + (size_t)i * (nb + 1), flags + (size_t)i * (nb + 1) + nb,
+                          (const unsigned *)(i ? flags + (size_t)(i - 1) * (nb + 1) + nb : nullptr), nb, sleep_ns);
+            CK(cudaGetLastError());
+            CK(cudaStreamEndCapture(s, &g));
+            CK(cudaGraphInstantiate(&ge, g, 0));
+            float us = us_per_phase(s, e0, e1, REPS, N, [&] { cudaGraphLaunch(ge, s); });
+            CK(cudaGetLastError());
+            printf("  %3u x %3u  graph+PDL, counter wait (sleep %3d ns) %6.2f\n", nb, nt, sleep_ns, us);
+            CK(cudaFree(flags));
         }
         for (int use_cg = 0; use_cg < 2; use_cg++) {
             int n = N;
