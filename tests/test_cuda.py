@@ -400,11 +400,12 @@ def test_stop_discards_overshoot_and_session_continues(fixture):
 def test_rope_fused_into_attention_past_one_split(fixture, fused):
     """Decode fuses each ROPE_KV into the ATTENTION after it when the attention's output cannot
     overwrite rope inputs other blocks still read (Qwen3.5's output rows overlap the q|gate rows
-    of other heads: not fused); positions past 64 use two splits of the cache."""
-    prog = _program(fixture, "q8", context=160)
+    of other heads: not fused); positions past 256 (the decode split of these head sizes) use two
+    splits of the cache."""
+    prog = _program(fixture, "q8", context=600)
     cpu, st = _cpu(prog)
     gpu, gs = _gpu(prog)
-    prompt = _prompt(prog, 70, seed=4)
+    prompt = _prompt(prog, 270, seed=4)
     rc, rg = cpu.generate(st, prompt, 30), gpu.generate(gs, prompt, 30)
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
     ropes = sum(1 for kind, *_ in prog.notes["decode"] if kind == "qk_rope_kv")

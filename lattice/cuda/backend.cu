@@ -4,6 +4,7 @@
  * (lattice/cuda/__init__.py does this on first use). */
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -638,13 +639,20 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
                Prefill has a block per query and head already: splits of >= 256 positions (H200,
                context 4096, pp512: SmolLM2 26,662 -> 41,402 tok/s, Qwen3.5-0.8B 22,232 -> 23,315;
                512 positions: 44,221 and 21,726) */
+            uint32_t nvec = a->head_dim / 8, G = 1;
+            while (G < nvec && G < 32)
+                G *= 2;
             uint32_t chunk = (a->ctx_cap + 63) / 64;
             chunk = (chunk + 63) / 64 * 64;
             if (max_tokens > 1 && chunk < 256)
                 chunk = 256;
-            uint32_t nvec = a->head_dim / 8, G = 1;
-            while (G < nvec && G < 32)
-                G *= 2;
+            /* decode: splits of up to two batches of rows (lane groups x ATT_ROWS; 256 at most):
+               combining splits (a fence, an atomic, a second L2 round trip) costs more than a
+               batch whose rows were prefetched into L2 before the wait. 256 positions per split
+               for head_dim 64 (SmolLM2), 64 for 256 (Qwen3.5) */
+            uint32_t per_batch = ATT_THREADS / G * ATT_ROWS(a->head_dim > 256 ? 2 : 1, true);
+            if (max_tokens == 1)
+                chunk = std::max(chunk, std::min(256u, (2 * per_batch + 63) / 64 * 64));
             L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};
             if (L.ag.n_split > 1) {
                 size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);
