@@ -377,6 +377,24 @@ def test_eager_launches_match_graph_replay(fixture, monkeypatch):
 
 
 @needs_gpu
+def test_nop_diagnostic_empties_named_decode_kernels(monkeypatch):
+    """LATTICE_CUDA_NOP (a measuring aid: the named decode kernels become empty ones) changes the
+    decode steps and only them; an unknown kernel kind is rejected by name."""
+    prog = _program("tiny-qwen35", "q8")
+    prompt = _prompt(prog, 5, seed=2)  # one prefill chunk (T = 5): its first token is not emptied
+    gpu, gs = _gpu(prog)
+    want = gpu.generate(gs, prompt, 10)
+    monkeypatch.setenv("LATTICE_CUDA_NOP", "gdn,gemv_split")  # read when the backend's handle is created
+    nop, ns = _gpu(prog)
+    got = nop.generate(ns, prompt, 10)
+    assert got["tokens"][0] == want["tokens"][0] and abs(got["logprobs"][0] - want["logprobs"][0]) < 1e-6
+    assert np.abs(np.array(got["logprobs"][1:]) - np.array(want["logprobs"][1:])).max() > 1e-3
+    monkeypatch.setenv("LATTICE_CUDA_NOP", "gdn,bogus")
+    with pytest.raises(BackendError, match="unknown kernel kind 'bogus'"):
+        _gpu(prog)
+
+
+@needs_gpu
 @pytest.mark.parametrize("fixture", ["tiny-qwen2", "tiny-qwen35"])
 def test_stop_discards_overshoot_and_session_continues(fixture):
     """A stop inside a queued submission: tokens after it are dropped, and the next call (prefix

@@ -61,6 +61,7 @@ struct lt_cuda {
     size_t size[LT_N_ARENAS] = {};
     cudaStream_t stream = nullptr;
     int eager = 0;
+    uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
     std::vector<program *> progs;
     /* Two launches may be pending (the token loop queues call i + 1 before reading call i's
@@ -201,13 +202,42 @@ static int pdl_enabled = 1;
 static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
 
 /* Diagnostic (LATTICE_CUDA_NOP=gemv,gdn,...: kernel kinds, or gemv_split / gemv_rows for split-K /
- * one-warp-per-row GEMVs): those launches become empty kernels of the same shape, so that a decode
- * A/B measures what their work costs inside the step. The outputs are then wrong. */
-static uint32_t nop_kinds = 0;  /* bit per LT_K_*; bit 30: split-K GEMVs only, bit 31: the others */
-static bool nop_now = false;
+ * one-warp-per-row GEMVs): a backend's decode launches of those kinds become empty kernels of the
+ * same shape, so that a decode A/B measures what their work costs inside the step. The outputs are
+ * then wrong. nop_now: whether launch_k, called by launch_one, empties the launch. */
+static thread_local bool nop_now = false;
 __global__ void k_nop() {
     pdl_begin();
     pdl_wait();
+}
+
+/* LATTICE_CUDA_NOP's comma-separated kinds as bits (per LT_K_*; bit 30: split-K GEMVs, bit 31: the
+ * other GEMVs) into *kinds; an unknown kind is an error naming it. */
+static int parse_nop(const char *list, uint32_t *kinds, char *msg, size_t msg_n) {
+    static const char *names[] = {"embed", "rmsnorm", "gemv", "rope_kv", "attention", "gdn", "elementwise",
+                                  "lm_head", "sample", "gemv_split", "gemv_rows"};
+    static const int bits[] = {LT_K_EMBED, LT_K_RMSNORM, LT_K_GEMV, LT_K_ROPE_KV, LT_K_ATTENTION, LT_K_GDN,
+                               LT_K_ELEMENTWISE, LT_K_LM_HEAD, LT_K_SAMPLE, 30, 31};
+    uint32_t nop_kinds = 0;
+    for (const char *t = list; t && *t; t += *t == ',') {
+        const size_t n = strcspn(t, ",");
+        int i = 0;
+        while (i < 11 && !(strlen(names[i]) == n && !strncmp(t, names[i], n)))
+            i++;
+        if (i == 11) {
+            snprintf(msg, msg_n, "LATTICE_CUDA_NOP: unknown kernel kind '%.*s' (embed, rmsnorm, gemv, gemv_split, "
+                     "gemv_rows, rope_kv, attention, gdn, elementwise, lm_head, sample)", (int)(n < 40 ? n : 40), t);
+            return LT_ERR_ARGS;
+        }
+        nop_kinds |= 1u << bits[i];
+        t += n;
+    }
+    if (nop_kinds & (1u << LT_K_GEMV))  /* gemv: both halves */
+        nop_kinds |= 3u << 30;
+    else if (nop_kinds >> 30)  /* one half: gemv launches are then checked against it */
+        nop_kinds |= 1u << LT_K_GEMV;
+    *kinds = nop_kinds;
+    return LT_OK;
 }
 
 template <typename... P, typename... A>
@@ -299,7 +329,8 @@ static void launch_gemv(const launch &L, lt_step_args *st, uint32_t T, cudaStrea
     }
 }
 
-static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s) {
+static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s,
+                       uint32_t nop_kinds) {
     nop_now = T == 1 && (nop_kinds & (1u << L.kernel))
               && (L.kernel != LT_K_GEMV || (nop_kinds & (1u << (L.ks > 1 ? 30 : 31))));
     switch (L.kernel) {
@@ -396,7 +427,7 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
 static void launch_step(lt_cuda *c, const program &p, uint32_t T) {
     lt_step_args *st = (lt_step_args *)c->arena[LT_ARENA_STEP];
     for (const launch &L : p.l)
-        launch_one(L, p, st, T, c->stream);
+        launch_one(L, p, st, T, c->stream, c->nop_kinds);
 }
 
 /* ------------------------------------------------------------------------------ C interface */
@@ -456,23 +487,8 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
-    if (const char *nop = getenv("LATTICE_CUDA_NOP")) {
-        const char *names[] = {"embed", "rmsnorm", "gemv", "rope_kv", "attention", "gdn", "elementwise", "lm_head",
-                               "sample", "gemv_split", "gemv_rows"};
-        const int bits[] = {LT_K_EMBED, LT_K_RMSNORM, LT_K_GEMV, LT_K_ROPE_KV, LT_K_ATTENTION, LT_K_GDN,
-                            LT_K_ELEMENTWISE, LT_K_LM_HEAD, LT_K_SAMPLE, 30, 31};
-        for (const char *t = nop; *t; t += *t == ',') {
-            size_t n = strcspn(t, ",");
-            for (int i = 0; i < 11; i++)
-                if (strlen(names[i]) == n && !strncmp(t, names[i], n))
-                    nop_kinds |= 1u << bits[i];
-            t += n;
-        }
-        if (nop_kinds & (1u << LT_K_GEMV))
-            nop_kinds |= 3u << 30;
-        else if (nop_kinds >> 30)
-            nop_kinds |= 1u << LT_K_GEMV;
-    }
+    if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
+        return LT_ERR_ARGS;
     c->sms = prop.multiProcessorCount;
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
