@@ -2,7 +2,8 @@
  * every block reads all blocks' outputs of the phase before (an all-to-all dependency, like a GEMV
  * reading the whole x), as (a) N kernels in a CUDA graph, (b) the same with programmatic
  * dependent launch, (c) one persistent cooperative kernel with a grid barrier between phases
- * (an atomic counter), (d) the same with cooperative_groups' grid.sync().
+ * (an atomic counter), (d) the same with cooperative_groups' grid.sync(), (e) kernels launched
+ * early with PDL that wait on the previous kernel's release counter instead of griddepcontrol.wait.
  *   nvcc -O3 -arch=sm_90 -std=c++17 sync_cost.cu -o sync_cost && ./sync_cost */
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
