@@ -229,10 +229,7 @@ def test_gemv_many_rows(lib, fmt, rows, cols, flags, x_pad):
     """One token, more rows than the GPU has resident warps (four rows per warp) and over four times
     as many (LM-head sized: every warp streams row after row through k_gemv_stream), with rows of
     one and of several 16-byte vectors per lane."""
-    from test_cpu_kernels import _gemv_case, assert_dot_close
-    rng = np.random.default_rng(rows + cols + flags + fmt)
-    mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=x_pad)
-    assert_dot_close(mem.view(y), want, bound)
+    _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad)
 
 
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32, F16, Q8, Q4
@@ -243,6 +240,10 @@ def test_gemv_long_rows_two_per_warp(lib, fmt, rows, cols, flags, x_pad):
     """One token, long rows split over 2, 4 or 8 warps (on a GPU of ~132 SMs), in more than two
     blocks per SM: each warp then takes two rows (a block stages x once for twice the rows), or
     four past four blocks per SM (1000 F32 / F16 rows: 8 warps per row)."""
+    _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad)
+
+
+def _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad):
     from test_cpu_kernels import _gemv_case, assert_dot_close
     rng = np.random.default_rng(rows + cols + flags + fmt)
     mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=x_pad)

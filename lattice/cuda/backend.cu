@@ -218,13 +218,14 @@ static int parse_nop(const char *list, uint32_t *kinds, char *msg, size_t msg_n)
                                   "lm_head", "sample", "gemv_split", "gemv_rows"};
     static const int bits[] = {LT_K_EMBED, LT_K_RMSNORM, LT_K_GEMV, LT_K_ROPE_KV, LT_K_ATTENTION, LT_K_GDN,
                                LT_K_ELEMENTWISE, LT_K_LM_HEAD, LT_K_SAMPLE, 30, 31};
+    const int n_names = sizeof names / sizeof *names;
     uint32_t nop_kinds = 0;
     for (const char *t = list; t && *t; t += *t == ',') {
         const size_t n = strcspn(t, ",");
         int i = 0;
-        while (i < 11 && !(strlen(names[i]) == n && !strncmp(t, names[i], n)))
+        while (i < n_names && !(strlen(names[i]) == n && !strncmp(t, names[i], n)))
             i++;
-        if (i == 11) {
+        if (i == n_names) {
             snprintf(msg, msg_n, "LATTICE_CUDA_NOP: unknown kernel kind '%.*s' (embed, rmsnorm, gemv, gemv_split, "
                      "gemv_rows, rope_kv, attention, gdn, elementwise, lm_head, sample)", (int)(n < 40 ? n : 40), t);
             return LT_ERR_ARGS;
@@ -365,7 +366,7 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         const lt_binds &rb = L.rope_args ? L.rb : L.b;
         /* decode reads a cold cache: the next batch of rows is requested before this one is used
            (PIPE); prefill's rows were just written (L2) and its many blocks want fewer registers */
-        const bool wide = a.head_dim > 256;
+        const bool wide = att_vecs_per_lane(a.head_dim) == 2;
         auto k = L.rope_args ? (wide ? k_attention<true, 2, true> : k_attention<true, 1, true>)
                  : T == 1    ? (wide ? k_attention<false, 2, true> : k_attention<false, 1, true>)
                              : (wide ? k_attention<false, 2, false> : k_attention<false, 1, false>);
@@ -666,7 +667,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
                combining splits (a fence, an atomic, a second L2 round trip) costs more than a
                batch whose rows were prefetched into L2 before the wait. 256 positions per split
                for head_dim 64 (SmolLM2), 64 for 256 (Qwen3.5) */
-            uint32_t per_batch = ATT_THREADS / G * ATT_ROWS(a->head_dim > 256 ? 2 : 1, true);
+            uint32_t per_batch = ATT_THREADS / G * ATT_ROWS(att_vecs_per_lane(a->head_dim), true);
             if (max_tokens == 1)
                 chunk = std::max(chunk, std::min(256u, (2 * per_batch + 63) / 64 * 64));
             L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};

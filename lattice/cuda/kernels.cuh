@@ -436,9 +436,10 @@ __device__ __forceinline__ float stage_x_vec(const float *x, float *xs, uint32_t
  * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
  * (dp2a: two int16 x int8 products and an add per instruction) converted once per 16-byte weight
  * vector: about a third of the float path's instructions (a byte permute, a subtraction and an FMA
- * per weight), which run after the dependency wait. Shared memory: int16 [xcols] in 16-byte chunks in the swz<VQ> layout (VQ chunks
- * per weight vector: 2 for Q8, 4 for Q4), then float scale [nb], float sum [nb]. Every thread
- * calls it; no barrier. Returns this thread's part of the sum of squares of x. */
+ * per weight), which run after the dependency wait. Shared memory: int16 [xcols] in 16-byte
+ * chunks in the swz<VQ> layout (VQ chunks per weight vector: 2 for Q8, 4 for Q4), then float
+ * scale [nb], float sum [nb]. Every thread calls it; no barrier. Returns this thread's part of the
+ * sum of squares of x. */
 template <int VQ>
 __device__ __forceinline__ float stage_x_q16(const float *x, float *xs, uint32_t cols, uint32_t xcols,
                                              const float *nw, bool add_one, bool vec) {
@@ -520,7 +521,8 @@ __device__ __forceinline__ float vec_dot_q16(uint4 w, const uint4 *xq, float2 sm
 }
 
 /* One token's x row staged for weight format FMT: int16 for Q8 / Q4 (float4 loads where vec),
- * else floats in the swz layout (needs vec). Returns this thread's part of the sum of squares. */
+ * else floats in the swz layout (needs vec: stage_x_one_ok). Returns this thread's part of the sum
+ * of squares. */
 template <int FMT>
 __device__ __forceinline__ float stage_x_one(const float *x, float *xs, uint32_t cols, uint32_t xcols,
                                              const float *nw, bool add_one, bool vec) {
@@ -528,6 +530,12 @@ __device__ __forceinline__ float stage_x_one(const float *x, float *xs, uint32_t
         return stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2>(x, xs, cols, xcols, nw, add_one, vec);
     else
         return stage_x_vec<wfmt<FMT>::VALS / 4>(x, xs, cols, xcols, nw, add_one);
+}
+
+/* Whether stage_x_one can stage x for FMT: always for Q8 / Q4, for float formats with float4 rows. */
+template <int FMT>
+__device__ __forceinline__ bool stage_x_one_ok(bool x_vec) {
+    return wfmt<FMT>::X16 || x_vec;
 }
 
 /* acc[r * stride] += the dot of weight vector v of row r (w[r][u], scales wsc[r][u]) with one
@@ -650,7 +658,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
      * are not float4-aligned */
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    const bool xvec = NT == 1 && (wfmt<FMT>::X16 || g.x_vec);
+    const bool xvec = NT == 1 && stage_x_one_ok<FMT>(g.x_vec);
     if (xvec) {
         float ss = stage_x_one<FMT>(x + (size_t)t_first * a.x_stride, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
         ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
@@ -808,7 +816,7 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
     const uint32_t err = st->error;
     float scale;
-    if (wfmt<FMT>::X16 || g.x_vec) {
+    if (stage_x_one_ok<FMT>(g.x_vec)) {
         const float ss = block_sum(stage_x_one<FMT>(x, xs, a.cols, g.xcols, nw, add_one, g.x_vec), redb);
         scale = nw ? rsqrtf(ss / (float)a.cols + a.eps) : 1.0f;
     } else {
@@ -994,6 +1002,10 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * many blocks at once and reads rows just written (L2): 2 rows, 48 instead of 133 registers (H100,
  * pp512: SmolLM2 42,308 tok/s with 8 rows, 46,428 with 4, 46,980 with 2) */
 #define ATT_ROWS(U, PIPE) ((PIPE ? 8 : 2) / (U))
+/* U, the 16-byte vectors of a cache row per lane: two past head_dim 256 (32 lanes x 8 halves) */
+static inline int att_vecs_per_lane(uint32_t head_dim) {
+    return head_dim > 256 ? 2 : 1;
+}
 
 struct att_geom {
     uint32_t n_split, chunk, G;
@@ -1020,9 +1032,12 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
     const uint32_t pos_hint = *(volatile const uint32_t *)&st->pos;  /* the step's, unless stale */
     const float *inv_freq = ROPE ? (const float *)rb.p[LT_ROPE_B_INV_FREQ] : nullptr;
-    if (ROPE)  /* the double-precision cos and sin off the dependent chain; checked after the wait */
+    auto fill_rope_cs = [&](uint32_t p) {
         for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += ATT_THREADS)
-            rope_cs[i] = rope_cos_sin(pos_hint, __ldg(inv_freq + i));
+            rope_cs[i] = rope_cos_sin(p, __ldg(inv_freq + i));
+    };
+    if (ROPE)  /* the double-precision cos and sin off the dependent chain; checked after the wait */
+        fill_rope_cs(pos_hint);
     uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
     const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
@@ -1082,8 +1097,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     if (ROPE) {
         float *tmp = sbuf, *rot = sbuf + 512;
         if (pos != pos_hint)  /* the hint was stale: rope_head's barriers publish these before use */
-            for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += ATT_THREADS)
-                rope_cs[i] = rope_cos_sin(pos, __ldg(inv_freq + i));
+            fill_rope_cs(pos);
         rope_head(ra, rb, h, 0, pos, tmp, rot, red, rope_cs);
         for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
             qs[i] = rot[i];
