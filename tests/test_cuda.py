@@ -243,6 +243,26 @@ def test_gemv_long_rows_two_per_warp(lib, fmt, rows, cols, flags, x_pad):
     _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad)
 
 
+@pytest.mark.parametrize("fmt", [2, 3])  # Q8, Q4
+@pytest.mark.parametrize("rows,cols", [(1024, 3584), (1024, 2040), (300, 4096), (200, 3000)])
+@pytest.mark.parametrize("flags", [0, 4 | 16, 8 | 16])
+def test_gemv_split_k_x_per_lane(lib, monkeypatch, fmt, rows, cols, flags):
+    """Split-K decode GEMVs of 4-8 warps per row without a norm read x per lane (gemv_geom.x_lane:
+    Qwen3.5's out / down / o projections), with bias, SiLU-gate and residual epilogues and rows
+    that end inside a weight vector (2040, 3000 columns). The lanes quantize x exactly as the
+    staged path does (LATTICE_CUDA_X_LANE=0): Q8 outputs are bit-identical to it."""
+    from test_cpu_kernels import _gemv_case, assert_dot_close
+    outs = []
+    for x_lane in ("1", "0"):
+        monkeypatch.setenv("LATTICE_CUDA_X_LANE", x_lane)
+        rng = np.random.default_rng(rows + cols + flags + fmt)
+        mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=0)
+        assert_dot_close(mem.view(y), want, bound)
+        outs.append(mem.view(y).copy())
+    if fmt == 2:
+        np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad):
     from test_cpu_kernels import _gemv_case, assert_dot_close
     rng = np.random.default_rng(rows + cols + flags + fmt)

@@ -79,6 +79,8 @@ def build_library(force=False) -> Path:
     """Compiles the bridge (once per source version, compiler and target) and returns its path."""
     nvcc = _nvcc()
     flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *_arch_flags()]
+    if os.environ.get("LATTICE_CUDA_TRACE") == "1":  # decode timeline (tests/gpu/trace_step.py)
+        flags.append("-DLT_TRACE")
     h = hashlib.sha256(" ".join([nvcc] + flags).encode())
     for p in SOURCES:
         h.update(p.read_bytes())

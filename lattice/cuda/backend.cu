@@ -145,6 +145,13 @@ static int check_args(uint32_t kernel, const uint8_t *args) {
     return LT_ERR_KERNEL;
 }
 
+/* Integer environment switch (LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x like the others;
+ * for A/B runs and the bit-identity test) */
+static int getenv_flag(const char *name, int dflt) {
+    const char *v = getenv(name);
+    return v && *v ? atoi(v) : dflt;
+}
+
 /* GEMV launch shape: enough warps to fill the GPU. Few rows: KS warps split each row's columns;
  * many rows: RPW rows per warp share the staged x. Interleaved gate/up pairs stay in one block. */
 static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_binding *bind) {
@@ -152,6 +159,7 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     gemv_geom &g = L.gg;
     static const uint32_t esize[] = {4, 2, 1, 0};
     g.xcols = (kp + 31) / 32 * 32;
+    g.x_lane = 0;
     g.nblk = kp / LT_QK;
     if (a->wformat == LT_WF_Q8) {
         g.row_bytes = kp;
@@ -192,6 +200,11 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
     const uint32_t blocks = a->rows / (8 / L.ks);  /* at one row per warp */
     if (L.ks > 1 && blocks > 2u * (uint32_t)c->sms)
         L.rpw = blocks > 4u * (uint32_t)c->sms ? 4 : 2;
+    /* split-K decode: each lane reads its own x (one round trip, no staging barrier) where it
+       holds at most two weight vectors per row (Q4: one; registers) and a block has at most two
+       row groups, each of which reads all of x (SmolLM2's down, 4 groups: -3%) */
+    g.x_lane = L.ks >= 4 && g.x_vec && (a->wformat == LT_WF_Q8 || a->wformat == LT_WF_Q4) && !(a->flags & LT_GEMV_NORM)
+               && g.nvec <= 32u * L.ks * (a->wformat == LT_WF_Q4 ? 1u : 2u) && getenv_flag("LATTICE_CUDA_X_LANE", 1);
 }
 
 /* ------------------------------------------------------------------------------ launching */
@@ -453,6 +466,20 @@ int lt_cuda_device(int device, char *buf, size_t n) {
 }
 
 void lt_cuda_free(lt_cuda *c) {
+#ifdef LT_TRACE
+    if (const char *path = getenv("LATTICE_CUDA_TRACE_OUT")) {  /* LT_TRACE's ring, then the record count */
+        static uint4 buf[4 * LT_TRACE_N];
+        uint32_t n = 0;
+        cudaDeviceSynchronize();
+        cudaMemcpyFromSymbol(&n, lt_trace_n, 4);
+        cudaMemcpyFromSymbol(buf, lt_trace_buf, sizeof buf);
+        if (FILE *f = fopen(path, "wb")) {
+            fwrite(buf, sizeof buf, 1, f);
+            fwrite(&n, 4, 1, f);
+            fclose(f);
+        }
+    }
+#endif
     if (!c)
         return;
     cudaSetDevice(c->device);

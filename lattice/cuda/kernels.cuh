@@ -27,7 +27,48 @@ __device__ __forceinline__ void lt_raise(lt_step_args *st, uint32_t err) {
  * (launch_dependents) and waits for the previous one to finish (wait) before it touches anything
  * a kernel wrote; what comes before the wait may read only weights. Both are no-ops when the
  * launch did not ask for programmatic serialization. */
+#ifdef LT_TRACE
+/* Decode timeline (diagnostic, built with LATTICE_CUDA_TRACE=1: tests/gpu/trace_step.py). Thread 0
+ * of every block records its grid, block, SM, start (pdl_begin) and dependency release (pdl_wait)
+ * in globaltimer ns into a ring of records; k_gemv and k_gdn_decode also note marks 1-5 on the way
+ * (lt_trace_mark) and their end (lt_trace_end) in the record's end slot. The record's slot comes
+ * from an atomic right after the release, so mark 1 includes one memory round trip of the trace's
+ * own (decode runs ~6% slower). */
+#define LT_TRACE_N (1u << 18)
+__device__ uint32_t lt_trace_n;
+__device__ uint4 lt_trace_buf[4 * LT_TRACE_N];  /* begin records, then each one's end record */
+__device__ __forceinline__ uint32_t lt_gtime() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return (uint32_t)t;
+}
+__device__ __forceinline__ uint32_t *lt_trace_t0() {
+    __shared__ uint32_t t0[8];  /* start, marks 1-5, the record's slot (thread 0's times) */
+    return t0;
+}
+#endif
+/* trace: thread 0 notes the time of mark k (1-5); lt_trace_end writes the marks and the end */
+__device__ __forceinline__ void lt_trace_mark(int k) {
+#ifdef LT_TRACE
+    if (threadIdx.x == 0)
+        lt_trace_t0()[k] = lt_gtime();
+#endif
+}
+__device__ __forceinline__ void lt_trace_end() {
+#ifdef LT_TRACE
+    if (threadIdx.x == 0) {
+        const uint32_t *m = lt_trace_t0(), i = m[6];
+        lt_trace_buf[2 * LT_TRACE_N + 2 * i] = make_uint4(m[1], m[2], m[3], m[4]);
+        lt_trace_buf[2 * LT_TRACE_N + 2 * i + 1] = make_uint4(m[5], lt_gtime(), 1, 0);
+    }
+#endif
+}
 __device__ __forceinline__ void pdl_begin() {
+#ifdef LT_TRACE
+    if (threadIdx.x == 0)
+        for (int k = 0; k < 8; k++)
+            lt_trace_t0()[k] = k ? 0u : lt_gtime();
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
@@ -35,6 +76,21 @@ __device__ __forceinline__ void pdl_begin() {
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef LT_TRACE
+    if (threadIdx.x == 0) {
+        const uint32_t t1 = lt_gtime();
+        uint64_t grid;
+        uint32_t sm;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        const uint32_t i = atomicAdd(&lt_trace_n, 1u) % LT_TRACE_N;
+        lt_trace_t0()[6] = i;
+        lt_trace_buf[2 * LT_TRACE_N + 2 * i + 1].z = 0;  /* no end record yet */
+        lt_trace_buf[2 * i] = make_uint4((uint32_t)grid, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
+                                         sm, gridDim.x * gridDim.y * gridDim.z);
+        lt_trace_buf[2 * i + 1] = make_uint4(*lt_trace_t0(), t1, blockDim.x, 0);
+    }
 #endif
 }
 
@@ -567,6 +623,53 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
     }
 }
 
+/* Split-K decode without staging (gemv_geom.x_lane): each lane reads the x values of its own weight
+ * vectors straight from global memory, all in one round trip, and quantizes them in registers
+ * exactly as stage_x_q16 does (no norm; Q8 outputs are bit-identical): a Q8 block's two vectors
+ * sit in lanes 2i and 2i + 1 (one shuffle), a Q4 block is one vector. At most UX vectors per row
+ * and lane (registers). No shared-memory x and no barrier before the dot products. Every lane
+ * calls it (shuffles); lanes past nvec get zeros. */
+template <int FMT, int RPW, int U>
+__device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, uint32_t nvec, uint32_t base,
+                                                uint32_t ustride, const uint4 (&w)[RPW][U],
+                                                const float2 (&wsc)[RPW][U], float *acc) {
+    constexpr int VALS = wfmt<FMT>::VALS, C4 = VALS / 4, UX = FMT == LT_WF_Q4 ? 1 : 2;  /* registers */
+    float4 xr[UX][C4];
+#pragma unroll
+    for (int u = 0; u < UX; u++) {
+        const uint32_t v = base + u * ustride;
+#pragma unroll
+        for (int c = 0; c < C4; c++)
+            xr[u][c] = v < nvec && v * VALS + 4 * c < cols ? ((const float4 *)x)[v * C4 + c]
+                                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < UX; u++) {
+        float amax = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C4; c++) {
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(xr[u][c].x), fabsf(xr[u][c].y)), fmaxf(fabsf(xr[u][c].z), fabsf(xr[u][c].w))));
+            sum += xr[u][c].x + xr[u][c].y + xr[u][c].z + xr[u][c].w;
+        }
+        if constexpr (FMT == LT_WF_Q8) {  /* the block's other half is in lane ^ 1 */
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        }
+        const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        uint4 xq[VALS / 8];
+        uint32_t *xw = (uint32_t *)xq;
+#pragma unroll
+        for (int c = 0; c < C4; c++) {
+            xw[2 * c] = (uint32_t)(__float2int_rn(xr[u][c].x * inv) & 0xffff) | ((uint32_t)__float2int_rn(xr[u][c].y * inv) << 16);
+            xw[2 * c + 1] = (uint32_t)(__float2int_rn(xr[u][c].z * inv) & 0xffff) | ((uint32_t)__float2int_rn(xr[u][c].w * inv) << 16);
+        }
+        if (base + u * ustride < nvec)
+#pragma unroll
+            for (int r = 0; r < RPW; r++)
+                acc[r] += vec_dot_q16<FMT>(w[r][u], xq, wsc[r][u], amax / 32767.0f, sum);
+    }
+}
+
 struct gemv_geom {
     uint32_t xcols;     /* floats per staged x row in shared memory (multiple of 32) */
     uint32_t row_bytes; /* bytes per WQ row */
@@ -574,6 +677,8 @@ struct gemv_geom {
     uint32_t nblk;      /* quant blocks per row */
     uint32_t vec_ok;    /* rows are 16-byte aligned whole vectors */
     uint32_t x_vec;     /* x rows and the norm weight load as float4, cols <= 4 * 4 * 256 */
+    uint32_t x_lane;    /* split-K decode reads x per lane (dot_rows_x_lane): Q8 / Q4, x_vec, no norm,
+                           at most two weight vectors per row and lane */
 };
 
 /* KS warps per row group, RPW rows per warp, NT tokens per block (grid.y = token tiles).
@@ -648,7 +753,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     uint32_t t0 = blockIdx.y * NT;
     if (t0 >= n_tok)
         return;
-    const uint32_t err = st->error;  /* checked after the x loads are issued */
+    const uint32_t err = st->error;  /* checked after the dot products */
     const uint32_t e_o = silu ? e_row / 2 : e_row;
     e_on = e_on && e_t < n_tok;
     if (e_on && (a.flags & LT_GEMV_RESID))
@@ -658,14 +763,15 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
      * are not float4-aligned */
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    const bool xvec = NT == 1 && stage_x_one_ok<FMT>(g.x_vec);
+    const bool xlane = NT == 1 && KS >= 4 && wfmt<FMT>::X16 && g.x_lane;  /* gemv_shape: KS >= 4 */
+    const bool xvec = NT == 1 && stage_x_one_ok<FMT>(g.x_vec) && !xlane;
     if (xvec) {
         float ss = stage_x_one<FMT>(x + (size_t)t_first * a.x_stride, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
         ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
         if (lane == 0)
             redb[warp] = ss;
     }
-    for (int nt = 0; nt < NT && !xvec; nt++) {
+    for (int nt = 0; nt < NT && !xvec && !xlane; nt++) {
         float *xr = xs + nt * g.xcols;
         uint32_t t = t0 + nt;
         if (t >= n_tok) {
@@ -677,9 +783,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         if (threadIdx.x == 0)
             rnorm[nt] = r;
     }
-    if (err)
-        return;
-    __syncthreads();
+    if (!xlane)
+        __syncthreads();
+    lt_trace_mark(1);
 
     float acc[RPW][NT];
 #pragma unroll
@@ -687,7 +793,11 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
             acc[r][nt] = 0.0f;
-    if (g.vec_ok) {
+    if (xlane) {
+        if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)
+            dot_rows_x_lane<FMT, RPW, U>(x + (size_t)t_first * a.x_stride, a.cols, g.nvec, base, 32 * KS, w, wsc,
+                                         &acc[0][0]);
+    } else if (g.vec_ok) {
         while (base < g.nvec) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -718,6 +828,9 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                     acc[r][nt] += wv * xs[nt * g.xcols + k];
             }
     }
+    lt_trace_mark(2);
+    if (err)  /* read with x, checked once its loads and the dots are done: no round trip of its own */
+        return;
 #pragma unroll
     for (int r = 0; r < RPW; r++)
 #pragma unroll
@@ -730,6 +843,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             for (int nt = 0; nt < NT; nt++)
                 red[warp][r][nt] = acc[r][nt];
     __syncthreads();
+    lt_trace_mark(3);
     /* warp 0 (every epilogue thread is in it) sums the row partials of the KS warps of a row, scales
      * them by the RMS factor (decode: summed here from the warps' partial sums of squares, in
      * block_sum's order) and runs the epilogues: + bias, SiLU(gate) * up over interleaved rows,
@@ -755,6 +869,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
         }
     }
+    lt_trace_end();
 }
 
 /* One token, many rows (LM heads, the largest decode GEMVs): a grid of resident blocks, each warp
@@ -1453,6 +1568,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
             vs[u - 2 * Dk] = val;
         }
     }
+    lt_trace_mark(1);
     sq = warp_sum(sq);
     sk = warp_sum(sk);
     if (lane == 0)
@@ -1460,6 +1576,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
     const float beta = lt_sigmoid_d(xb);
     const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
     __syncthreads();
+    lt_trace_mark(2);
     sq = sk = 0.0f;
     for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
         sq += red2[w].x;
@@ -1483,6 +1600,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
     if (sl < nsl)
         st_v<V>(kvsum + sl * cw + c0, part);
     __syncthreads();
+    lt_trace_mark(3);
     /* every slice of column c forms delta_c itself: no barrier before the update */
     float dj[V] = {};
     if (c0 < Dv) {
@@ -1513,6 +1631,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
     if (sl < nsl)
         st_v<V>(osum + sl * cw + c0, part);
     __syncthreads();
+    lt_trace_mark(4);
     /* gated RMSNorm over the head's Dv outputs: slice 0 (the first ngp / 32 warps) holds them */
     float o[V] = {};
     if (sl == 0) {
@@ -1526,6 +1645,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
             red[warp] = oo;
     }
     __syncthreads();
+    lt_trace_mark(5);
     if (out_thread) {
         float ss = 0.0f;
         for (uint32_t w = 0; w < ngp / 32; w++)
@@ -1536,6 +1656,7 @@ __global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt
             o[v] = o[v] * rn * nw[v] * lt_silu_d(z[v]);
         st_v<V>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, o);
     }
+    lt_trace_end();
 }
 
 /* Prefill (T > 1) in three kernels. The recurrence is independent per column j of a head's state

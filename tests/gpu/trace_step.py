@@ -1,0 +1,95 @@
+"""Timeline of one Lattice-CUDA decode step (wip diagnostic): needs a package copy built with
+LT_TRACE defined (kernels.cuh), which records each block's start and dependency-release times.
+
+    python3 tests/gpu/trace_step.py MODEL.gguf OUT.txt
+
+Per kernel of the last complete decode step: threads, grid, phase = its first release minus the
+previous kernel's first release (the chain's time for the previous kernel), when its blocks
+started relative to the previous release (first / last), how many started after their own release
+(their weight loads could not overlap the previous kernel), and its release spread."""
+import gc
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+model, out = sys.argv[1], sys.argv[2]
+path = os.path.join(tempfile.mkdtemp(), "trace.bin")
+os.environ["LATTICE_CUDA_TRACE_OUT"] = path
+import lattice  # noqa: E402
+
+m = lattice.load(model, backend="cuda", context=512)
+m.session().generate(list(range(100, 116)), max_tokens=48, ignore_eos=True)
+del m
+gc.collect()
+
+raw = np.fromfile(path, dtype=np.uint32)
+n = int(raw[-1])
+cap = (len(raw) - 1) // 16
+begin, end = raw[:8 * cap].reshape(cap, 8), raw[8 * cap:16 * cap].reshape(cap, 8)
+keep = np.arange(min(n, cap))
+begin, end = begin[keep].astype(np.int64), end[keep].astype(np.int64)
+grid_id, blk, gsize, t0, t1, threads = (begin[:, i] for i in (0, 1, 3, 4, 5, 6))
+base = int(t1.min())
+rel = lambda v: (v - base) % 2**32  # noqa: E731
+t0, t1 = rel(t0), rel(t1)
+has_end = end[:, 6] == 1
+# a graph replays the same grid ids every step: one kernel instance = one grid id's records whose
+# releases are within 20 us of each other
+order = np.lexsort((t1, grid_id))
+inst = np.zeros(len(t1), dtype=np.int64)
+k = 0
+for j in range(1, len(order)):
+    a, b = order[j - 1], order[j]
+    if grid_id[a] != grid_id[b] or t1[b] - t1[a] > 20000:
+        k += 1
+    inst[b] = k
+grids = []
+for g in np.unique(inst):
+    s = inst == g
+    d = dict(threads=int(threads[s][0]), size=int(gsize[s][0]), n=int(s.sum()), t0min=int(t0[s].min()),
+             t0max=int(t0[s].max()), t1min=int(t1[s].min()), t1max=int(t1[s].max()),
+             late=int((t0[s] > t1[s].min()).sum()), marks=None)
+    e = s & has_end
+    if e.any():  # thread 0's marks 1-5 and its end, after its block's release (median block)
+        m = [(end[e, c] - begin[e, 5]) % 2**32 for c in range(6)]
+        d["marks"] = [int(np.median(v[end[e, c] != 0])) if (end[e, c] != 0).any() else -1
+                      for c, v in enumerate(m)]
+        d["end_abs_max"] = int(rel(end[e, 5]).max())
+    grids.append(d)
+grids.sort(key=lambda d: d["t1min"])
+sig = [(d["threads"], d["size"]) for d in grids]
+# the step's period: the shortest p whose last two periods repeat the same kernels
+end = len(grids) - 1
+for p in range(20, len(grids) // 3):
+    if sig[end - 2 * p + 1:end - p + 1] == sig[end - p + 1:end + 1]:
+        break
+else:
+    p = 0
+lines = [f"{len(grids)} kernel instances, {n} records (ring {cap}), step period {p} kernels"]
+if p:
+    lo = end - 2 * p + 1  # the second-to-last complete step
+    step = grids[lo - 1:lo + p]
+    lines.append(f"step: {step[-1]['t1min'] - step[0]['t1min']} ns from kernel {lo} to {lo + p}")
+    lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread")
+    classes = {}
+    for i in range(1, len(step)):
+        d, prev = step[i], step[i - 1]
+        phase = d["t1min"] - prev["t1min"]
+        lines.append(f"{i:3d} {d['threads']:3d} {d['size']:5d} {d['n']:4d} {phase:8d} "
+                     f"{d['t0min'] - prev['t1min']:11d} {d['t0max'] - prev['t1min']:10d} {d['late']:4d} "
+                     f"{d['t1max'] - d['t1min']:10d}")
+        c = classes.setdefault((prev["threads"], prev["size"]), [0, 0, []])
+        c[0] += 1
+        c[1] += phase
+        if prev.get("marks"):  # thread 0's marks after its release, and the grid's end to the next release
+            c[2].append(prev["marks"] + [d["t1min"] - prev["end_abs_max"]])
+    lines.append("phase time by the kernel that ran it (threads, grid): count, total ns, mean")
+    for k, (cnt, tot, mk) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  {k}: {cnt} {tot} {tot // cnt}")
+        if mk:
+            lines.append("      marks 1-5, end (median block, ns after its release); last end -> next release: "
+                         + " ".join(str(int(v)) for v in np.mean(np.array(mk), axis=0)))
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines[:3] + lines[-20:]))
