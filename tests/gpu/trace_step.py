@@ -1,12 +1,14 @@
-"""Timeline of one Lattice-CUDA decode step (wip diagnostic): needs a package copy built with
-LT_TRACE defined (kernels.cuh), which records each block's start and dependency-release times.
+"""Timeline of one Lattice-CUDA decode step, from the LT_TRACE build of the backend (kernels.cuh):
+each block's start and dependency-release times, and marks inside k_gemv and k_gdn_decode.
 
     python3 tests/gpu/trace_step.py MODEL.gguf OUT.txt
 
-Per kernel of the last complete decode step: threads, grid, phase = its first release minus the
-previous kernel's first release (the chain's time for the previous kernel), when its blocks
-started relative to the previous release (first / last), how many started after their own release
-(their weight loads could not overlap the previous kernel), and its release spread."""
+Per kernel of the second-to-last complete decode step: threads, grid, phase = its first release
+minus the previous kernel's first release (what the chain spent on the previous kernel), when its
+blocks started relative to the previous release (first / last), how many started after their own
+release (their weight loads could not overlap the previous kernel) and its release spread. Then
+the phase time per kernel class, with thread 0's marks (median block, ns after its release) and
+the time from a grid's last end to the next grid's release. Decode runs ~6% slower traced."""
 import gc
 import os
 import sys
@@ -17,6 +19,7 @@ import numpy as np
 model, out = sys.argv[1], sys.argv[2]
 path = os.path.join(tempfile.mkdtemp(), "trace.bin")
 os.environ["LATTICE_CUDA_TRACE_OUT"] = path
+os.environ["LATTICE_CUDA_TRACE"] = "1"  # builds (and caches) the traced library
 import lattice  # noqa: E402
 
 m = lattice.load(model, backend="cuda", context=512)
