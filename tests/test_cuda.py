@@ -263,6 +263,38 @@ def test_gemv_split_k_x_per_lane(lib, monkeypatch, fmt, rows, cols, flags):
         np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("head_dim,partial", [(256, False), (512, True)])
+@pytest.mark.parametrize("mode", ["qk_norm", "split_gate"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_rope_kv_wide_heads(lib, head_dim, partial, mode, T):
+    """Heads of 2-4 elements per thread (Qwen3.5: 256): k_rope_kv loads the copied gate / v row
+    into registers before the rope and stages the norm weight and frequencies before its wait."""
+    test_rope_kv(lib, head_dim, partial, mode, T)
+
+
+@pytest.mark.parametrize("case", ["context_full", "error_set"])
+def test_rope_kv_writes_nothing_on_error(lib, case):
+    """k_rope_kv checks the step's error flag and the context bound after its loads: a step past
+    the cache, or one whose error flag an earlier kernel set, writes no cache row, q or gate."""
+    from test_cpu_kernels import (ERR_CONTEXT, ERR_TOKEN, K_ROPE_KV, Mem, RopeArgs, SCRATCH, STATE, StepArgs,
+                                  WEIGHTS, _inv_freq, rand, run_one)
+    rng = np.random.default_rng(5)
+    H, Hkv, D, cap, T = 4, 2, 256, 16, 2
+    step = StepArgs(n_tokens=T, pos=15) if case == "context_full" else StepArgs(n_tokens=T, pos=3, error=ERR_TOKEN)
+    mem = Mem(step)
+    rq, rk, rv = (mem.put(SCRATCH, rand(rng, T, n)) for n in (H * 2 * D, Hkv * D, Hkv * D))
+    q_out, gate_out = mem.put(SCRATCH, np.full((T, H * D), 3, np.float32)), mem.put(SCRATCH, np.full((T, H * D), 3, np.float32))
+    sentinel = np.full((Hkv, cap, D), 7, np.float16)
+    kc, vc = mem.put(STATE, sentinel), mem.put(STATE, sentinel)
+    ri, rqn, rkn = mem.put(WEIGHTS, _inv_freq(D)), mem.put(WEIGHTS, rand(rng, D)), mem.put(WEIGHTS, rand(rng, D))
+    args = RopeArgs(n_heads=H, n_kv_heads=Hkv, head_dim=D, rotary_dim=D, q_stride=H * 2 * D, k_stride=Hkv * D,
+                    v_stride=Hkv * D, q_out_stride=H * D, gate_stride=H * D, ctx_cap=cap, flags=1 | 2 | 4, eps=1e-6)
+    err = run_one(lib, mem, K_ROPE_KV, args, [rq, rk, rv, q_out, kc, vc, ri, rqn, rkn, gate_out])
+    assert err == (ERR_CONTEXT if case == "context_full" else ERR_TOKEN)
+    assert (mem.view(kc) == 7).all() and (mem.view(vc) == 7).all()
+    assert (mem.view(q_out) == 3).all() and (mem.view(gate_out) == 3).all()
+
+
 def _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad):
     from test_cpu_kernels import _gemv_case, assert_dot_close
     rng = np.random.default_rng(rows + cols + flags + fmt)

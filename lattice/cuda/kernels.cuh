@@ -1020,7 +1020,8 @@ __device__ __forceinline__ float2 rope_cos_sin(uint32_t p, float inv_freq) {
  * here) holds rope_cos_sin(p, inv_freq[i]) for i < rotary_dim / 2, written before the call.
  * Every thread of the block calls it; synchronizes before returning. */
 __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t h, uint32_t t, uint32_t p,
-                          float *tmp, float *rot, float *red, const float2 *cs = nullptr) {
+                          float *tmp, float *rot, float *red, const float2 *cs = nullptr,
+                          const float *nw_s = nullptr, const float *inv_freq_s = nullptr) {
     uint32_t D = a.head_dim, half = a.rotary_dim / 2;
     bool split = a.flags & LT_ROPE_SPLIT_GATE, add_one = a.flags & LT_ROPE_NORM_ADD_ONE;
     const float *src, *nw = nullptr;
@@ -1038,6 +1039,8 @@ __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t 
         tmp[i] = src[i];
         ss += tmp[i] * tmp[i];
     }
+    if (nw && nw_s)  /* staged by this thread before the wait (k_rope_kv) */
+        nw = nw_s;
     if (nw) {
         ss = block_sum(ss, red);
         float r = rsqrtf(ss / (float)D + a.eps);
@@ -1045,7 +1048,7 @@ __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t 
             tmp[i] = tmp[i] * r * (add_one ? 1.0f + nw[i] : nw[i]);
     }
     __syncthreads();
-    const float *inv_freq = (const float *)b.p[LT_ROPE_B_INV_FREQ];
+    const float *inv_freq = inv_freq_s ? inv_freq_s : (const float *)b.p[LT_ROPE_B_INV_FREQ];
     for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
         if (i < half) {
             float2 c = cs ? cs[i] : rope_cos_sin(p, inv_freq[i]);
@@ -1060,41 +1063,67 @@ __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t 
 }
 
 /* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. */
+/* One memory round trip after the wait: the norm weight and the rope frequencies are staged before
+ * it (weights), and the head's input row, its gate / v row and the step's error flag and position
+ * are requested together after it; the flag and the context bound are checked before the first
+ * store. (Checked first, each dependent load was a round trip of its own: a 4.2 us phase for
+ * Qwen3.5's rope, tests/gpu/trace_step.py.) */
 __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
-    __shared__ float tmp[512], rot[512];
+    __shared__ float tmp[512], rot[512], nw_s[512], inv_freq_s[256];
     __shared__ float red[32];
     pdl_begin();
+    uint32_t h = blockIdx.x, t = blockIdx.y, D = a.head_dim;
+    const bool split = a.flags & LT_ROPE_SPLIT_GATE, is_q = h < a.n_heads;
+    if (a.flags & LT_ROPE_QK_NORM) {  /* each thread stages the elements it uses (rope_head's loops) */
+        const float *nw = (const float *)b.p[is_q ? LT_ROPE_B_Q_NORM : LT_ROPE_B_K_NORM];
+        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
+            nw_s[i] = __ldg(nw + i);
+    }
+    const float *inv_freq = (const float *)b.p[LT_ROPE_B_INV_FREQ];
+    for (uint32_t i = threadIdx.x; i < a.rotary_dim / 2; i += blockDim.x)
+        inv_freq_s[i] = __ldg(inv_freq + i);
     pdl_wait();
-    if (st->error)
+    const uint32_t err = st->error, pos = st->pos;
+    /* the row copied as it is (q's gate half, or v), up to 4 elements per thread (D <= 512) */
+    const float *copy_src = is_q ? (split ? (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride
+                                                + (size_t)h * 2 * D + D : nullptr)
+                                 : (const float *)b.p[LT_ROPE_B_V] + (size_t)t * a.v_stride + (size_t)(h - a.n_heads) * D;
+    float copy[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t i = threadIdx.x + j * blockDim.x;
+        copy[j] = copy_src && i < D ? copy_src[i] : 0.0f;
+    }
+    /* q_out may alias q: rope_head reads everything before anything is written */
+    rope_head(a, b, h, t, pos + t, tmp, rot, red, nullptr, nw_s, inv_freq_s);
+    if (err)
         return;
-    uint32_t pos = st->pos;
     if (pos + T > a.ctx_cap) {
         lt_raise(st, LT_ERR_CONTEXT);
         return;
     }
-    uint32_t h = blockIdx.x, t = blockIdx.y, p = pos + t, D = a.head_dim;
-    bool split = a.flags & LT_ROPE_SPLIT_GATE;
-    /* q_out may alias q: rope_head reads everything before anything is written */
-    rope_head(a, b, h, t, p, tmp, rot, red);
-    if (h < a.n_heads) {
+    const uint32_t p = pos + t;
+    if (is_q) {
         float *qo = (float *)b.p[LT_ROPE_B_Q_OUT] + (size_t)t * a.q_out_stride + (size_t)h * D;
         for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
             qo[i] = rot[i];
         if (split) {
-            const float *src = (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * 2 * D;
             float *go = (float *)b.p[LT_ROPE_B_GATE_OUT] + (size_t)t * a.gate_stride + (size_t)h * D;
-            for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
-                go[i] = src[D + i];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (threadIdx.x + j * blockDim.x < D)
+                    go[threadIdx.x + j * blockDim.x] = copy[j];
         }
     } else {
         uint32_t kh = h - a.n_heads;
         size_t slot = ((size_t)kh * a.ctx_cap + p) * D;
         __half *kc = (__half *)b.p[LT_ROPE_B_K_CACHE] + slot, *vc = (__half *)b.p[LT_ROPE_B_V_CACHE] + slot;
-        const float *vs = (const float *)b.p[LT_ROPE_B_V] + (size_t)t * a.v_stride + (size_t)kh * D;
-        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
+        for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
             kc[i] = __float2half_rn(rot[i]);
-            vc[i] = __float2half_rn(vs[i]);
-        }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (threadIdx.x + j * blockDim.x < D)
+                vc[threadIdx.x + j * blockDim.x] = __float2half_rn(copy[j]);
     }
 }
 
