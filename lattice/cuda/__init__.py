@@ -15,7 +15,9 @@ CUDA runtime or a GPU is missing. The token loop is lattice._runtime's, as for e
 Environment: LATTICE_NVCC (the compiler), LATTICE_CUDA_ARCH (e.g. sm_90; default: the GPU's own,
 else sm_90), LATTICE_CUDA_CACHE (where libraries are kept; default ~/.cache/lattice/cuda),
 LATTICE_CUDA_EAGER=1 (kernel launches instead of graph replay: the ablation), LATTICE_CUDA_PDL=0
-(no programmatic dependent launch).
+(no programmatic dependent launch). Diagnostics: LATTICE_CUDA_NOP=gdn,gemv_split,... (those decode
+kernels become empty ones), LATTICE_CUDA_X_LANE=0 (split-K decode GEMVs stage x in shared memory),
+LATTICE_CUDA_TRACE=1 (a library that records the decode timeline; tests/gpu/trace_step.py).
 """
 from __future__ import annotations
 

@@ -23,10 +23,6 @@ __device__ __forceinline__ void lt_raise(lt_step_args *st, uint32_t err) {
     atomicCAS(&st->error, 0u, err);
 }
 
-/* Programmatic dependent launch (sm_90): every kernel lets the next one start at once
- * (launch_dependents) and waits for the previous one to finish (wait) before it touches anything
- * a kernel wrote; what comes before the wait may read only weights. Both are no-ops when the
- * launch did not ask for programmatic serialization. */
 #ifdef LT_TRACE
 /* Decode timeline (diagnostic, built with LATTICE_CUDA_TRACE=1: tests/gpu/trace_step.py). Thread 0
  * of every block records its grid, block, SM, start (pdl_begin) and dependency release (pdl_wait)
@@ -63,6 +59,11 @@ __device__ __forceinline__ void lt_trace_end() {
     }
 #endif
 }
+
+/* Programmatic dependent launch (sm_90): every kernel lets the next one start at once
+ * (launch_dependents) and waits for the previous one to finish (wait) before it touches anything
+ * a kernel wrote; what comes before the wait may read only weights. Both are no-ops when the
+ * launch did not ask for programmatic serialization. */
 __device__ __forceinline__ void pdl_begin() {
 #ifdef LT_TRACE
     if (threadIdx.x == 0)

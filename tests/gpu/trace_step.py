@@ -33,7 +33,7 @@ cap = (len(raw) - 1) // 16
 begin, end = raw[:8 * cap].reshape(cap, 8), raw[8 * cap:16 * cap].reshape(cap, 8)
 keep = np.arange(min(n, cap))
 begin, end = begin[keep].astype(np.int64), end[keep].astype(np.int64)
-grid_id, blk, gsize, t0, t1, threads = (begin[:, i] for i in (0, 1, 3, 4, 5, 6))
+grid_id, gsize, t0, t1, threads = (begin[:, i] for i in (0, 3, 4, 5, 6))
 base = int(t1.min())
 rel = lambda v: (v - base) % 2**32  # noqa: E731
 t0, t1 = rel(t0), rel(t1)
@@ -42,12 +42,9 @@ has_end = end[:, 6] == 1
 # releases are within 20 us of each other
 order = np.lexsort((t1, grid_id))
 inst = np.zeros(len(t1), dtype=np.int64)
-k = 0
 for j in range(1, len(order)):
     a, b = order[j - 1], order[j]
-    if grid_id[a] != grid_id[b] or t1[b] - t1[a] > 20000:
-        k += 1
-    inst[b] = k
+    inst[b] = inst[a] + (grid_id[a] != grid_id[b] or t1[b] - t1[a] > 20000)
 grids = []
 for g in np.unique(inst):
     s = inst == g
@@ -64,15 +61,15 @@ for g in np.unique(inst):
 grids.sort(key=lambda d: d["t1min"])
 sig = [(d["threads"], d["size"]) for d in grids]
 # the step's period: the shortest p whose last two periods repeat the same kernels
-end = len(grids) - 1
+last = len(grids) - 1
 for p in range(20, len(grids) // 3):
-    if sig[end - 2 * p + 1:end - p + 1] == sig[end - p + 1:end + 1]:
+    if sig[last - 2 * p + 1:last - p + 1] == sig[last - p + 1:last + 1]:
         break
 else:
     p = 0
 lines = [f"{len(grids)} kernel instances, {n} records (ring {cap}), step period {p} kernels"]
 if p:
-    lo = end - 2 * p + 1  # the second-to-last complete step
+    lo = last - 2 * p + 1  # the second-to-last complete step
     step = grids[lo - 1:lo + p]
     lines.append(f"step: {step[-1]['t1min'] - step[0]['t1min']} ns from kernel {lo} to {lo + p}")
     lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread")
