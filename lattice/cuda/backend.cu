@@ -61,6 +61,7 @@ struct lt_cuda {
     size_t size[LT_N_ARENAS] = {};
     cudaStream_t stream = nullptr;
     int eager = 0;
+    bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
     std::vector<program *> progs;
@@ -145,13 +146,6 @@ static int check_args(uint32_t kernel, const uint8_t *args) {
     return LT_ERR_KERNEL;
 }
 
-/* Integer environment switch (LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x like the others;
- * for A/B runs and the bit-identity test) */
-static int getenv_flag(const char *name, int dflt) {
-    const char *v = getenv(name);
-    return v && *v ? atoi(v) : dflt;
-}
-
 /* GEMV launch shape: enough warps to fill the GPU. Few rows: KS warps split each row's columns;
  * many rows: RPW rows per warp share the staged x. Interleaved gate/up pairs stay in one block. */
 static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_binding *bind) {
@@ -204,7 +198,7 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
        holds at most two weight vectors per row (Q4: one; registers) and a block has at most two
        row groups, each of which reads all of x (SmolLM2's down, 4 groups: -3%) */
     g.x_lane = L.ks >= 4 && g.x_vec && (a->wformat == LT_WF_Q8 || a->wformat == LT_WF_Q4) && !(a->flags & LT_GEMV_NORM)
-               && g.nvec <= 32u * L.ks * (a->wformat == LT_WF_Q4 ? 1u : 2u) && getenv_flag("LATTICE_CUDA_X_LANE", 1);
+               && g.nvec <= 32u * L.ks * (a->wformat == LT_WF_Q4 ? 1u : 2u) && c->x_lane;
 }
 
 /* ------------------------------------------------------------------------------ launching */
@@ -466,6 +460,8 @@ int lt_cuda_device(int device, char *buf, size_t n) {
 }
 
 void lt_cuda_free(lt_cuda *c) {
+    if (!c)
+        return;
 #ifdef LT_TRACE
     if (const char *path = getenv("LATTICE_CUDA_TRACE_OUT")) {  /* LT_TRACE's ring, then the record count */
         static uint4 buf[4 * LT_TRACE_N];
@@ -480,8 +476,6 @@ void lt_cuda_free(lt_cuda *c) {
         }
     }
 #endif
-    if (!c)
-        return;
     cudaSetDevice(c->device);
     if (c->stream)
         cudaStreamSynchronize(c->stream);
@@ -513,8 +507,10 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, c->device));
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
+    const char *x_lane = getenv("LATTICE_CUDA_X_LANE");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
+    c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
     c->sms = prop.multiProcessorCount;

@@ -488,6 +488,15 @@ __device__ __forceinline__ float stage_x_vec(const float *x, float *xs, uint32_t
     return ss;
 }
 
+/* max |v| of a float4, and two floats as an int16 pair (low, high) at x16 scale inv: the one
+ * quantization of x for the Q8 / Q4 dot products (stage_x_q16, dot_rows_x_lane) */
+__device__ __forceinline__ float amax4(float4 v) {
+    return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+}
+__device__ __forceinline__ uint32_t q16_pair(float lo, float hi, float inv) {
+    return (uint32_t)(__float2int_rn(lo * inv) & 0xffff) | ((uint32_t)__float2int_rn(hi * inv) << 16);
+}
+
 /* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
  * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
  * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
@@ -526,22 +535,19 @@ __device__ __forceinline__ float stage_x_q16(const float *x, float *xs, uint32_t
                 }
         }
         ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
-        float y[4] = {xv.x * (f + nv.x), xv.y * (f + nv.y), xv.z * (f + nv.z), xv.w * (f + nv.w)};
-        float amax = fmaxf(fmaxf(fabsf(y[0]), fabsf(y[1])), fmaxf(fabsf(y[2]), fabsf(y[3])));
-        float sum = y[0] + y[1] + y[2] + y[3];
+        const float4 y = make_float4(xv.x * (f + nv.x), xv.y * (f + nv.y), xv.z * (f + nv.z), xv.w * (f + nv.w));
+        float amax = amax4(y);
+        float sum = y.x + y.y + y.z + y.w;
 #pragma unroll
         for (int o = 1; o < 8; o <<= 1) {
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
             sum += __shfl_xor_sync(0xffffffffu, sum, o);
         }
         const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        uint32_t q[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-            q[i] = (uint32_t)(__float2int_rn(y[2 * i] * inv) & 0xffff) | ((uint32_t)__float2int_rn(y[2 * i + 1] * inv) << 16);
+        const uint2 q = make_uint2(q16_pair(y.x, y.y, inv), q16_pair(y.z, y.w, inv));
         if (on) {
             /* 8 bytes: half of 16-byte chunk k4 / 2 */
-            ((uint2 *)xs)[2 * swz<VQ>(k4 / 2) + (k4 & 1)] = make_uint2(q[0], q[1]);
+            ((uint2 *)xs)[2 * swz<VQ>(k4 / 2) + (k4 & 1)] = q;
             if ((k4 & 7) == 0) {
                 xd[k4 / 8] = amax / 32767.0f;
                 xsum[k4 / 8] = sum;
@@ -649,7 +655,7 @@ __device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, u
         float amax = 0.0f, sum = 0.0f;
 #pragma unroll
         for (int c = 0; c < C4; c++) {
-            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(xr[u][c].x), fabsf(xr[u][c].y)), fmaxf(fabsf(xr[u][c].z), fabsf(xr[u][c].w))));
+            amax = fmaxf(amax, amax4(xr[u][c]));
             sum += xr[u][c].x + xr[u][c].y + xr[u][c].z + xr[u][c].w;
         }
         if constexpr (FMT == LT_WF_Q8) {  /* the block's other half is in lane ^ 1 */
@@ -661,8 +667,8 @@ __device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, u
         uint32_t *xw = (uint32_t *)xq;
 #pragma unroll
         for (int c = 0; c < C4; c++) {
-            xw[2 * c] = (uint32_t)(__float2int_rn(xr[u][c].x * inv) & 0xffff) | ((uint32_t)__float2int_rn(xr[u][c].y * inv) << 16);
-            xw[2 * c + 1] = (uint32_t)(__float2int_rn(xr[u][c].z * inv) & 0xffff) | ((uint32_t)__float2int_rn(xr[u][c].w * inv) << 16);
+            xw[2 * c] = q16_pair(xr[u][c].x, xr[u][c].y, inv);
+            xw[2 * c + 1] = q16_pair(xr[u][c].z, xr[u][c].w, inv);
         }
         if (base + u * ustride < nvec)
 #pragma unroll
@@ -1063,12 +1069,12 @@ __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t 
     __syncthreads();
 }
 
-/* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. */
-/* One memory round trip after the wait: the norm weight and the rope frequencies are staged before
- * it (weights), and the head's input row, its gate / v row and the step's error flag and position
- * are requested together after it; the flag and the context bound are checked before the first
- * store. (Checked first, each dependent load was a round trip of its own: a 4.2 us phase for
- * Qwen3.5's rope, tests/gpu/trace_step.py.) */
+/* grid (n_heads + n_kv_heads, T), 128 threads: one head of one token per block. One memory round
+ * trip after the wait: the norm weight and the rope frequencies are staged before it (weights),
+ * and the head's input row, its gate / v row and the step's error flag and position are requested
+ * together after it; the flag and the context bound are checked before the first store. (Checked
+ * first, each dependent load was a round trip of its own: a 4.2 us phase for Qwen3.5's rope,
+ * tests/gpu/trace_step.py.) */
 __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, lt_step_args *st, uint32_t T) {
     __shared__ float tmp[512], rot[512], nw_s[512], inv_freq_s[256];
     __shared__ float red[32];
