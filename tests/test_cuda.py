@@ -251,14 +251,10 @@ def test_gemv_split_k_x_per_lane(lib, monkeypatch, fmt, rows, cols, flags):
     Qwen3.5's out / down / o projections), with bias, SiLU-gate and residual epilogues and rows
     that end inside a weight vector (2040, 3000 columns). The lanes quantize x exactly as the
     staged path does (LATTICE_CUDA_X_LANE=0): Q8 outputs are bit-identical to it."""
-    from test_cpu_kernels import _gemv_case, assert_dot_close
     outs = []
     for x_lane in ("1", "0"):
         monkeypatch.setenv("LATTICE_CUDA_X_LANE", x_lane)
-        rng = np.random.default_rng(rows + cols + flags + fmt)
-        mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=0)
-        assert_dot_close(mem.view(y), want, bound)
-        outs.append(mem.view(y).copy())
+        outs.append(_check_one_token_gemv(lib, fmt, rows, cols, flags, 0))
     if fmt == 2:
         np.testing.assert_array_equal(outs[0], outs[1])
 
@@ -283,7 +279,7 @@ def test_rope_kv_writes_nothing_on_error(lib, case):
     step = StepArgs(n_tokens=T, pos=15) if case == "context_full" else StepArgs(n_tokens=T, pos=3, error=ERR_TOKEN)
     mem = Mem(step)
     rq, rk, rv = (mem.put(SCRATCH, rand(rng, T, n)) for n in (H * 2 * D, Hkv * D, Hkv * D))
-    q_out, gate_out = mem.put(SCRATCH, np.full((T, H * D), 3, np.float32)), mem.put(SCRATCH, np.full((T, H * D), 3, np.float32))
+    q_out, gate_out = (mem.put(SCRATCH, np.full((T, H * D), 3, np.float32)) for _ in range(2))
     sentinel = np.full((Hkv, cap, D), 7, np.float16)
     kc, vc = mem.put(STATE, sentinel), mem.put(STATE, sentinel)
     ri, rqn, rkn = mem.put(WEIGHTS, _inv_freq(D)), mem.put(WEIGHTS, rand(rng, D)), mem.put(WEIGHTS, rand(rng, D))
@@ -300,6 +296,7 @@ def _check_one_token_gemv(lib, fmt, rows, cols, flags, x_pad):
     rng = np.random.default_rng(rows + cols + flags + fmt)
     mem, y, _, want, bound = _gemv_case(lib, rng, fmt, rows, cols, 1, 1, flags, x_pad=x_pad)
     assert_dot_close(mem.view(y), want, bound)
+    return mem.view(y).copy()
 
 
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])  # F32 (k_gemv), F16, Q8, Q4 (k_gemm's tensor cores)
