@@ -111,15 +111,20 @@ def simd():
     return "cuda"
 
 
-@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("T,early", [(1, "0"), (1, "1"), (6, "0")])
 @pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(3, 3, 64, 40), (2, 2, 128, 128), (2, 4, 96, 64), (1, 1, 256, 128),
-                                         (2, 2, 64, 30), (1, 1, 64, 510)])
-def test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv):
-    """GDN at Qwen3.5 head sizes: the conv fused into the recurrent kernel when there are as many
-    value heads as key heads (Qwen3.5-0.8B; the CPU tests' grouped shapes do not reach it), and the
-    separate conv kernel when value heads share key heads. Decode (T = 1) keeps 4 columns x 8 or 16
-    rows of state per thread where v_dim is a multiple of 4, else 1 column x 32 or 64 rows (v_dim
-    30 and 510)."""
+                                         (2, 2, 64, 30), (1, 1, 64, 510), (1, 2, 512, 24)])
+def test_gdn_cuda_paths(lib, monkeypatch, T, early, Hk, Hv, Dk, Dv):
+    """GDN at Qwen3.5 head sizes, alone (no GEMV to fuse its conv and norm into: k_gdn_conv,
+    k_gdn_decode, k_gdn_norm at T = 1). Decode spreads a head's columns over blocks, 4 per lane,
+    with k_dim up to 512 (32 row lanes) and v_dim not a multiple of 4 or 8 (30, 510: no float4
+    rows); the state is read before the dependency wait or after it (LATTICE_CUDA_EARLY_STATE;
+    one step from uploaded state, so both are exact). T = 6 takes the prefill kernels."""
+    monkeypatch.setenv("LATTICE_CUDA_EARLY_STATE", early)
+    _check_gdn(lib, T, Hk, Hv, Dk, Dv)
+
+
+def _check_gdn(lib, T, Hk, Hv, Dk, Dv):
     from lattice import reference as ref
     from test_cpu_kernels import GdnArgs, K_GDN, Mem, OK, SCRATCH, STATE, StepArgs, WEIGHTS, rand, run_one
     rng = np.random.default_rng(T + Dv)
@@ -145,6 +150,90 @@ def test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv):
     np.testing.assert_allclose(mem.view(refs[4]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(mem.view(refs[6]), want_conv, rtol=0, atol=0)
     np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())
+
+
+class _Counters(ctypes.Structure):  # lt_cuda_counters
+    _fields_ = [("dispatches_per_step", ctypes.c_uint32), ("steps", ctypes.c_uint64),
+                ("graph_launches", ctypes.c_uint64), ("kernel_launches", ctypes.c_uint64),
+                ("api_calls", ctypes.c_uint64)]
+
+
+@pytest.mark.parametrize("fuse,early,steps,kernels", [("1", "0", 1, 4), ("1", "1", 1, 4), ("0", "0", 1, 5),
+                                                       ("1", "0", 3, None)])
+def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps, kernels):
+    """A decode GDN layer at Qwen3.5-0.8B's shapes (16 heads of 128, hidden 1024, Q8): in_proj
+    (input RMSNorm) -> GDN -> out_proj (+ residual). Fused (LATTICE_CUDA_GDN_FUSE, default on) the
+    conv runs in in_proj's epilogue: four kernels per step instead of five (eager launches,
+    counted). One step may read the state before the dependency wait (LATTICE_CUDA_EARLY_STATE=1;
+    a program this small could otherwise have all its kernels resident at once); three steps
+    replay a graph. Outputs, conv state and recurrent state against lattice/reference.py."""
+    from lattice import reference as ref
+    from test_cpu_kernels import (Dispatch, GdnArgs, GemvArgs, K_GDN, K_GEMV, Mem, OK, Q8, Ref, SCRATCH, STATE,
+                                  StepArgs, WEIGHTS, dispatch, put_matrix, rand)
+    monkeypatch.setenv("LATTICE_CUDA_GDN_FUSE", fuse)
+    monkeypatch.setenv("LATTICE_CUDA_EARLY_STATE", early)
+    rng = np.random.default_rng(11)
+    Hk = Hv = 16
+    Dk = Dv = 128
+    H, K = 1024, 4
+    C, V = 2 * Hk * Dk + Hv * Dv, Hv * Dv
+    rows = C + V + 2 * Hv  # in_proj: conv channels | z | a | b
+    mem = Mem(StepArgs(n_tokens=1))
+    x, nw_in, resid = rand(rng, 1, H), rand(rng, H), rand(rng, 1, H)
+    wq_in, ws_in, _, deq_in = put_matrix(mem, rand(rng, rows, H, scale=0.05), Q8)
+    wq_out, ws_out, _, deq_out = put_matrix(mem, rand(rng, H, V, scale=0.05), Q8)
+    conv_w, conv_state = rand(rng, C, K, scale=0.5), rand(rng, K - 1, C)
+    a_log, dt_bias, norm_w = rand(rng, Hv, scale=0.5), rand(rng, Hv), rand(rng, Dv)
+    S = rand(rng, Hv, Dk, Dv, scale=0.1)
+    rx, rnw, rres = mem.put(SCRATCH, x), mem.put(WEIGHTS, nw_in), mem.put(SCRATCH, resid)
+    p = mem.zeros(SCRATCH, (1, rows))
+    part = lambda first, n: Ref(SCRATCH, p.offset + 4 * first, np.float32, (1, n))  # noqa: E731
+    o, y = mem.zeros(SCRATCH, (1, V)), mem.zeros(SCRATCH, (1, H))
+    rcs, rS = mem.put(STATE, conv_state), mem.put(STATE, S)
+    gdn_binds = [part(0, C), part(C, V), part(C + V, Hv), part(C + V + Hv, Hv), o, mem.put(WEIGHTS, conv_w), rcs,
+                 mem.put(WEIGHTS, a_log), mem.put(WEIGHTS, dt_bias), rS, mem.put(WEIGHTS, norm_w)]
+    args = [GemvArgs(wformat=Q8, rows=rows, cols=H, flags=1, x_stride=H, y_stride=rows, eps=1e-6),
+            GdnArgs(n_k_heads=Hk, n_v_heads=Hv, k_dim=Dk, v_dim=Dv, conv_kernel=K, channels=C, q_offset=0,
+                    k_offset=Hk * Dk, v_offset=2 * Hk * Dk, x_stride=rows, z_stride=rows, a_stride=rows,
+                    b_stride=rows, out_stride=V, norm_eps=1e-6),
+            GemvArgs(wformat=Q8, rows=H, cols=V, flags=16, x_stride=V, y_stride=H, resid_stride=H, eps=1e-6)]
+    consts, offsets = b"", []
+    for a in args:
+        offsets.append(len(consts))
+        consts += bytes(a) + b"\0" * (-len(bytes(a)) % 16)
+    prog = (Dispatch * 3)(
+        dispatch(K_GEMV, [rx, p, wq_in, ws_in, None, rnw], 0, offsets[0]),
+        dispatch(K_GDN, gdn_binds, 0, offsets[1]),
+        dispatch(K_GEMV, [o, y, wq_out, ws_out, None, None, None, rres], 0, offsets[2]))
+    mem.build()
+    err, where = ctypes.c_int(), ctypes.c_uint32()
+    h = lib.lt_cpu_create(prog, 3, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err),
+                          ctypes.byref(where))
+    assert h is not None, (err.value, where.value)
+    try:
+        lib.so.lt_cuda_set_eager.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.so.lt_cuda_set_eager(h.be.h, int(steps == 1))
+        assert lib.lt_cpu_run(h, steps) == OK
+        counters = _Counters()
+        lib.so.lt_cuda_counters_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.so.lt_cuda_counters_get(h.be.h, ctypes.byref(counters))
+    finally:
+        lib.lt_cpu_free(h)
+    if kernels:
+        assert counters.kernel_launches == kernels
+    proj = ref.rms_norm(x, nw_in, 1e-6, False).astype(np.float64) @ deq_in.T.astype(np.float64)
+    proj = proj.astype(np.float32)
+    cs, st = conv_state, S
+    for _ in range(steps):
+        conv, cs = ref.conv1d_silu(proj[:, :C], conv_w, cs)
+        q, k, v = ref.split(conv, [Hk * Dk, Hk * Dk, V])
+        out, st = ref.gated_delta_rule(q, k, v, proj[:, C + V:C + V + Hv], proj[:, C + V + Hv:], a_log, dt_bias,
+                                       st, Hk, Hv, Dk, Dv)
+    g = ref.gated_rms_norm(out, proj[:, C:C + V], norm_w, Hv, 1e-6)
+    want = resid + (g.astype(np.float64) @ deq_out.T.astype(np.float64)).astype(np.float32)
+    np.testing.assert_allclose(mem.view(y), want, rtol=0, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(mem.view(rcs), cs, rtol=0, atol=1e-3 * np.abs(cs).max())
+    np.testing.assert_allclose(mem.view(rS), st, rtol=0, atol=1e-3 * np.abs(st).max())
 
 
 @pytest.mark.parametrize("head_dim", [64, 72, 256, 512])
@@ -533,4 +622,4 @@ def test_gdn_prefill_scan(lib, T, Hk, Hv, Dk, Dv):
     """T > 1 takes the prefill path (per-token kernels around a scan of one lane group per state
     column) at every padded row count (32 to 512), over several token chunks of the scan; T = 2 is
     shorter than the conv state, so the state update keeps some of its old rows."""
-    test_gdn_cuda_paths(lib, T, Hk, Hv, Dk, Dv)
+    _check_gdn(lib, T, Hk, Hv, Dk, Dv)

@@ -25,11 +25,13 @@ struct launch {
     gemv_geom gg;
     int ks, rpw;
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
+    gemv_fuse fuse = {};       /* a GDN's conv in the epilogue: fuse_gdn_conv */
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
     lt_binds rb = {};
     uint32_t gate_from_q = 0;
+    bool conv_in_gemv = false;  /* GDN decode: its conv runs in the GEMV before it (fuse_gdn_conv) */
 };
 
 struct program {
@@ -37,6 +39,7 @@ struct program {
     std::vector<uint8_t> consts;
     uint32_t max_tokens = 1;
     float *gdn_ws = nullptr;    /* GDN: decode conv outputs [channels]; prefill (kernels.cuh) */
+    int early_state = 0;        /* decode may read state before the wait (resident_bound) */
     float *attn_ws = nullptr;   /* attention split partials */
     unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
     cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
@@ -62,6 +65,8 @@ struct lt_cuda {
     cudaStream_t stream = nullptr;
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
+    bool gdn_fuse = true;    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv as a kernel of its own (fuse_gdn_conv) */
+    int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
     std::vector<program *> progs;
@@ -136,7 +141,7 @@ static int check_args(uint32_t kernel, const uint8_t *args) {
         if (a->n_k_heads == 0 || a->n_v_heads == 0 || a->n_v_heads % a->n_k_heads || a->k_dim == 0
             || a->v_dim == 0 || a->k_dim > 512 || a->v_dim > 512 || a->conv_kernel < 1)
             return LT_ERR_ARGS;
-        return gdn_rows_per(a->k_dim, a->v_dim, 1) > 64 ? LT_ERR_ARGS : LT_OK;  /* state rows per thread */
+        return LT_OK;
     }
     case LT_K_ELEMENTWISE:
         return ((const lt_elementwise_args *)args)->op > LT_EW_COPY ? LT_ERR_ARGS : LT_OK;
@@ -263,7 +268,11 @@ static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args 
     auto k = k_gemv<FMT, KS, 1, NT>;
     if constexpr (NT == 1)
         k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1> : k;
-    launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
+    constexpr int C = GEMV_FUSE_CONV;  /* fuse_gdn_conv: one-warp-per-row GEMVs */
+    if constexpr (NT == 1 && KS == 1)
+        if (L.fuse.conv_w)
+            k = L.rpw == 4 ? k_gemv<FMT, 1, 4, 1, C> : L.rpw == 2 ? k_gemv<FMT, 1, 2, 1, C> : k_gemv<FMT, 1, 1, 1, C>;
+    launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
 template <int FMT, int NT>
@@ -292,6 +301,9 @@ static void set_gemv_smem() {
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
 #undef LT_SMEM
+    cudaFuncSetAttribute(k_gemv<FMT, 1, 1, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
@@ -406,22 +418,22 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
             launch_k(k_gdn_out, dim3(a.n_v_heads, T), GDN_OUT_THREADS, 0, s, a, L.b, st, T, (const float *)p.gdn_ws);
             break;
         }
-        /* one value head per key head: the step kernel does the conv too (no shared channels) */
-        float *conv = a.n_v_heads == a.n_k_heads ? nullptr : p.gdn_ws;
-        if (conv)
-            launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, conv);
-        /* four columns per thread where the state, z, out and norm rows are float4-aligned */
-        auto a16 = [&](int role) { return (uintptr_t)L.b.p[role] % 16 == 0; };
-        bool v4 = a.v_dim % 4 == 0 && a16(LT_GDN_B_S) && a16(LT_GDN_B_Z) && a16(LT_GDN_B_OUT) && a16(LT_GDN_B_NORM_W);
-        uint32_t rows4 = gdn_rows_per(a.k_dim, a.v_dim, 4), rows = gdn_rows_per(a.k_dim, a.v_dim, 1);
-        if (v4 && rows4 <= 8)
-            launch_k(k_gdn_decode<8, 4>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
-        else if (v4 && rows4 <= 16)
-            launch_k(k_gdn_decode<16, 4>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
-        else if (rows <= 32)
-            launch_k(k_gdn_decode<32, 1>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
-        else
-            launch_k(k_gdn_decode<64, 1>, a.n_v_heads, GDN_THREADS, 0, s, a, L.b, st, (const float *)conv);
+        const float *conv_out = L.conv_in_gemv ? (const float *)L.b.p[LT_GDN_B_X] : p.gdn_ws;
+        if (!L.conv_in_gemv)
+            launch_k(k_gdn_conv, (a.channels + 255) / 256, 256, 0, s, a, L.b, st, T, p.gdn_ws);
+        /* 16-byte state, v, and out rows where v_dim and the rows allow */
+        auto a16 = [&](const void *q) { return (uintptr_t)q % 16 == 0; };
+        const bool v4 = a.v_dim % 4 == 0 && a16(L.b.p[LT_GDN_B_S]) && a16(L.b.p[LT_GDN_B_OUT])
+                        && a16(conv_out + a.v_offset);
+        const uint32_t R = (a.k_dim + gdn_row_lanes(a.k_dim) - 1) / gdn_row_lanes(a.k_dim);
+        const dim3 grid(a.n_v_heads, (a.v_dim + gdn_block_cols(a.k_dim) - 1) / gdn_block_cols(a.k_dim));
+        auto k = R <= 2 ? k_gdn_decode<2, false> : R <= 4 ? k_gdn_decode<4, false>
+                 : R <= 8 ? k_gdn_decode<8, false> : k_gdn_decode<16, false>;
+        if (v4)
+            k = R <= 2 ? k_gdn_decode<2, true> : R <= 4 ? k_gdn_decode<4, true>
+                : R <= 8 ? k_gdn_decode<8, true> : k_gdn_decode<16, true>;
+        launch_k(k, grid, GDN_WARPS * 32, 0, s, a, L.b, st, conv_out, p.early_state);
+        launch_k(k_gdn_norm, a.n_v_heads, 128, 0, s, a, L.b, st);
         break;
     }
     case LT_K_SAMPLE: {
@@ -507,10 +519,13 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, c->device));
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
-    const char *x_lane = getenv("LATTICE_CUDA_X_LANE");
+    const char *x_lane = getenv("LATTICE_CUDA_X_LANE"), *gdn_fuse = getenv("LATTICE_CUDA_GDN_FUSE");
+    const char *early = getenv("LATTICE_CUDA_EARLY_STATE");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
+    c->gdn_fuse = !(gdn_fuse && gdn_fuse[0] == '0');
+    c->early_state = early && *early ? early[0] == '1' : -1;
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
     c->sms = prop.multiProcessorCount;
@@ -644,6 +659,50 @@ static void fuse_rope_into_attention(program &p) {
     p.l.swap(out);
 }
 
+/* Decode programs: a GDN layer's conv moves into the epilogue of the one-warp-per-row k_gemv right
+ * before it when that GEMV's output rows hold X's channels (one thread owns each row), so that the
+ * recurrent kernel (k_gdn_decode) reads q, k and v ready. Like the fused rope, X then holds values
+ * that exist in the program for the GDN only (conv outputs instead of conv inputs). */
+static void fuse_gdn_conv(program &p) {
+    for (size_t i = 1; i < p.l.size(); i++) {
+        launch &G = p.l[i], &in = p.l[i - 1];
+        if (G.kernel != LT_K_GDN || in.kernel != LT_K_GEMV || in.stream_grid || in.ks != 1)
+            continue;
+        const lt_gdn_args &a = *(const lt_gdn_args *)G.args;
+        const lt_gemv_args &g = *(const lt_gemv_args *)in.args;
+        const float *y = (const float *)in.b.p[LT_GEMV_B_Y], *x = (const float *)G.b.p[LT_GDN_B_X];
+        if (x < y || (uintptr_t)x % 4 || (uint64_t)(x - y) + a.channels > g.rows || a.conv_kernel > GEMV_CONV_MAX
+            || (g.flags & (LT_GEMV_SILU_MUL | LT_GEMV_RESID)))
+            continue;
+        in.fuse = {(const float *)G.b.p[LT_GDN_B_CONV_W], (float *)G.b.p[LT_GDN_B_CONV_STATE], (uint32_t)(x - y),
+                   a.channels, a.conv_kernel};
+        G.conv_in_gemv = true;
+    }
+}
+
+/* Whether the kernels of a step, less the writer and the reader of a state, can never all be
+ * resident at once (a lower bound on their threads against twice the GPU's): then a decode kernel
+ * that reads state before its dependency wait finds that state's writer of one step earlier
+ * finished. Every kernel triggers its dependents at its start and waits for the kernel ahead of it
+ * before any block exits, so while the writer runs, every block of every kernel launched after it
+ * is resident. */
+static bool resident_bound(const lt_cuda *c, const program &p) {
+    uint64_t threads = 0, biggest = 0;
+    for (const launch &L : p.l) {
+        uint64_t t = 0;
+        if (L.kernel == LT_K_GEMV || L.kernel == LT_K_LM_HEAD) {
+            const lt_gemv_args &a = *(const lt_gemv_args *)L.args;
+            t = L.stream_grid ? (uint64_t)L.stream_grid * 256 : (uint64_t)a.rows / (8 / L.ks * L.rpw) * 256;
+        } else if (L.kernel == LT_K_GDN) {
+            const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
+            t = (uint64_t)a.n_v_heads * (a.v_dim / gdn_block_cols(a.k_dim)) * GDN_WARPS * 32;
+        }
+        threads += t;
+        biggest = std::max(biggest, t);
+    }
+    return threads > 2 * biggest + 2 * (uint64_t)c->sms * 2048;
+}
+
 int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const uint8_t *consts, size_t n_consts,
                         uint32_t max_tokens, uint32_t *err_index) {
     *err_index = 0;
@@ -724,8 +783,12 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
         delete p;
         return -LT_ERR_NOMEM;
     }
-    if (max_tokens == 1)
+    if (max_tokens == 1) {
         fuse_rope_into_attention(*p);
+        if (c->gdn_fuse)
+            fuse_gdn_conv(*p);
+        p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
+    }
     c->progs.push_back(p);
     if (c->progs.size() == 1)  /* the runtime adds decode first */
         c->counters.dispatches_per_step = (uint32_t)p->l.size();
@@ -793,10 +856,11 @@ int lt_cuda_launch(lt_cuda *c, int prog, uint32_t n_steps, uint32_t T, size_t ou
     uint32_t s = 0;
     if (T > 1 || c->eager) {  /* prefill step (T > 1), or every step in eager mode */
         for (; s < (c->eager ? n_steps : 1); s++) {
+            const uint64_t before = lt_kernels_launched;
             launch_step(c, p, s == 0 ? T : 1);
             CK(cudaGetLastError());
-            c->counters.kernel_launches += p.l.size();
-            c->counters.api_calls += p.l.size() + 1;
+            c->counters.kernel_launches += lt_kernels_launched - before;
+            c->counters.api_calls += lt_kernels_launched - before + 1;
         }
     }
     while (s < n_steps) {

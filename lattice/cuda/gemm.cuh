@@ -58,14 +58,6 @@ constexpr size_t gemm_smem_bytes() {
            + (NQ + 1) * BN * 4;                   /* x block sums (then sums of squares), RMS factors */
 }
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
-    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
 /* d += A (16x16, row) * B (16x8, col), bf16 inputs (pairs in 32-bit registers, the lower column
  * in the low half), f32 accumulators. */
 __device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {

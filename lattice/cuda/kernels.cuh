@@ -111,10 +111,27 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, uint32_
         asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
 }
 
+/* Asynchronous copies global -> shared (sm_80): no registers held while they fly. cp_async16 reads
+ * src_bytes of the 16 (the rest zeros), bypassing L1; cp_async4 one float. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
+    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async4(float *dst, const float *src) {
+    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 /* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
- * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above). */
+ * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above).
+ * lt_kernels_launched counts the calls (this thread's; graph captures included). */
+static thread_local uint64_t lt_kernels_launched = 0;
 template <typename... P, typename... A>
 static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
+    lt_kernels_launched++;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -630,6 +647,18 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
     }
 }
 
+/* A GDN layer's conv in the epilogue of the decode GEMV that makes its input X (backend.cu
+ * fuse_gdn_conv; k_gemv's FUSE = GEMV_FUSE_CONV): the rows [conv_row0, conv_row0 + conv_c) are the
+ * conv channels, and the thread that stores such a row applies the causal conv (conv_k <=
+ * GEMV_CONV_MAX taps) and SiLU to it and shifts that channel's conv state, as k_gdn_conv would. */
+#define GEMV_CONV_MAX 8
+enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1 };
+struct gemv_fuse {
+    const float *conv_w;     /* [conv_c][conv_k] */
+    float *conv_state;       /* [conv_k - 1][conv_c], oldest first */
+    uint32_t conv_row0, conv_c, conv_k;
+};
+
 /* Split-K decode without staging (gemv_geom.x_lane): each lane reads the x values of its own weight
  * vectors straight from global memory, all in one round trip, and quantizes them in registers
  * exactly as stage_x_q16 does (no norm; Q8 outputs are bit-identical): a Q8 block's two vectors
@@ -689,14 +718,17 @@ struct gemv_geom {
 };
 
 /* KS warps per row group, RPW rows per warp, NT tokens per block (grid.y = token tiles).
- * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. */
-template <int FMT, int KS, int RPW, int NT>
+ * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. FUSE = GEMV_FUSE_CONV: f's conv epilogue (a
+ * separate instantiation, so that the GEMVs without it keep their code). */
+template <int FMT, int KS, int RPW, int NT, int FUSE = GEMV_FUSE_NONE>
 __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
-                                              gemv_geom g, int lm_head) {
+                                              gemv_geom g, int lm_head, gemv_fuse f) {
     extern __shared__ float xs[];               /* [NT][g.xcols] */
     __shared__ float red[8][RPW][NT];
     __shared__ float rnorm[NT];
     __shared__ float redb[32];
+    constexpr bool CONV = FUSE == GEMV_FUSE_CONV;
+    __shared__ float conv_s[CONV ? 32 : 1][2 * GEMV_CONV_MAX];  /* taps | conv state per epilogue thread */
     constexpr int RPB = 8 / KS * RPW;            /* rows per block */
     constexpr int VALS = wfmt<FMT>::VALS;
     constexpr int U = RPW >= 2 ? 2 : 4;          /* 16-byte vectors in flight per row and lane */
@@ -745,6 +777,16 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         if (silu)
             e_b1 = bias[e_row + 1];
     }
+    /* a GDN conv channel's taps (weights) before the wait, its conv state after it with the
+       residual: copied into shared memory, so that no registers wait through the dot products */
+    const uint32_t ch = e_row - f.conv_row0;
+    const bool conv = CONV && e_on && ch < f.conv_c;
+    float *ctap = conv_s[threadIdx.x & 31], *cst = ctap + GEMV_CONV_MAX;  /* conv: warp 0 */
+    if (conv) {
+        for (uint32_t t = 0; t < f.conv_k; t++)
+            cp_async4(ctap + t, f.conv_w + (size_t)ch * f.conv_k + t);
+        cp_async_commit();
+    }
     if (g.vec_ok)
         load(base);
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
@@ -765,6 +807,11 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     e_on = e_on && e_t < n_tok;
     if (e_on && (a.flags & LT_GEMV_RESID))
         e_res = ((const float *)b.p[LT_GEMV_B_RESID])[(size_t)e_t * a.resid_stride + e_o];
+    if (conv) {
+        for (uint32_t t = 0; t + 1 < f.conv_k; t++)
+            cp_async4(cst + t, f.conv_state + (size_t)t * f.conv_c + ch);
+        cp_async_commit();
+    }
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
@@ -873,6 +920,17 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             float *y = (float *)b.p[LT_GEMV_B_Y]
                        + (size_t)(lm_head && !(a.flags & LT_GEMV_ALL_TOKENS) ? 0 : e_t) * a.y_stride;
             float out = silu ? lt_silu_d(rowsum(e_lr) + e_b0) * (rowsum(e_lr + 1) + e_b1) : rowsum(e_lr) + e_b0;
+            if (conv) {  /* taps oldest first, as gdn_conv; this thread alone owns channel ch */
+                cp_async_wait<0>();
+                const uint32_t K = f.conv_k;
+                float c = 0.0f;
+                for (uint32_t t = 0; t + 1 < K; t++)
+                    c += ctap[t] * cst[t];
+                c += ctap[K - 1] * out;
+                for (uint32_t t = 0; t + 1 < K; t++)
+                    f.conv_state[(size_t)t * f.conv_c + ch] = t + 2 < K ? cst[t + 1] : out;
+                out = lt_silu_d(c);
+            }
             y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
         }
     }
@@ -1447,8 +1505,8 @@ __device__ __forceinline__ void gdn_conv_state(const lt_gdn_args &a, const float
     }
 }
 
-/* Decode (T = 1), part 1 (value heads sharing key heads): conv + SiLU of every channel and token
- * into conv_out [T][C], then the conv state update; one thread owns one channel. */
+/* Decode (T = 1) when no GEMV epilogue does the conv (backend.cu fuse_gdn_conv): conv + SiLU of each
+ * channel and token into conv_out [T][C], then the conv state update; one thread owns a channel. */
 __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv_out) {
     pdl_begin();
     pdl_wait();
@@ -1464,235 +1522,171 @@ __global__ void k_gdn_conv(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t
     gdn_conv_state(a, x, state, T, ch);
 }
 
-#define GDN_THREADS 512
-/* V floats of a row as one load / store (V = 4: float4, 16-byte aligned). */
-template <int V>
-__device__ __forceinline__ void ld_v(const float *p, float (&v)[V]) {
-    if constexpr (V == 4) {
-        float4 f = *(const float4 *)p;
+/* Decode (T = 1): k_gdn_decode, then k_gdn_norm; the conv before them runs in the epilogue of the
+ * GEMV that makes X (backend.cu fuse_gdn_conv), else as k_gdn_conv. */
+#define GDN_WARPS 4  /* warps per k_gdn_decode block */
+
+/* k_gdn_decode's lanes: LR row lanes x (32 / LR) column quads per warp, R = ceil(k_dim / LR) rows
+ * of state per lane (a power of two, 2..16); a block holds GDN_WARPS * 4 * (32 / LR) columns. */
+__host__ __device__ __forceinline__ uint32_t gdn_row_lanes(uint32_t k_dim) {
+    return k_dim > 256 ? 32 : 16;
+}
+__host__ __device__ __forceinline__ uint32_t gdn_block_cols(uint32_t k_dim) {
+    return GDN_WARPS * 4 * (32 / gdn_row_lanes(k_dim));
+}
+
+/* 4 floats at p (V4: one 16-byte access), the ones past n as zeros / not stored. */
+template <bool V4, bool CG = false>
+__device__ __forceinline__ void ld4(const float *p, uint32_t n, float (&v)[4]) {
+    if constexpr (V4) {
+        const float4 f = CG ? __ldcg((const float4 *)p) : *(const float4 *)p;
         v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
     } else {
 #pragma unroll
-        for (int i = 0; i < V; i++)
-            v[i] = p[i];
+        for (int i = 0; i < 4; i++)
+            v[i] = i < (int)n ? (CG ? __ldcg(p + i) : p[i]) : 0.0f;
     }
 }
-template <int V>
-__device__ __forceinline__ void st_v(float *p, const float (&v)[V]) {
-    if constexpr (V == 4)
+template <bool V4>
+__device__ __forceinline__ void st4(float *p, uint32_t n, const float (&v)[4]) {
+    if constexpr (V4)
         *(float4 *)p = make_float4(v[0], v[1], v[2], v[3]);
     else
 #pragma unroll
-        for (int i = 0; i < V; i++)
-            p[i] = v[i];
+        for (int i = 0; i < 4; i++)
+            if (i < (int)n)
+                p[i] = v[i];
 }
 
-/* Columns [c0, c0 + V) of buf [nsl][cw] summed over its nsl slices, in slice order. */
-template <int V>
-__device__ __forceinline__ void slice_sums(const float *buf, uint32_t nsl, uint32_t cw, uint32_t c0, float (&sum)[V]) {
+/* Rows rl, rl + LR, ... of a lane's nc columns of the state from S (its first column); CG: L2 only */
+template <int R, bool V4, bool CG>
+__device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint32_t Dv, uint32_t rl, uint32_t LR,
+                                               uint32_t nc, float (&s)[R][4]) {
 #pragma unroll
-    for (int v = 0; v < V; v++)
-        sum[v] = 0.0f;
-    for (uint32_t k = 0; k < nsl; k++) {
-        float t[V];
-        ld_v<V>(buf + k * cw + c0, t);
-#pragma unroll
-        for (int v = 0; v < V; v++)
-            sum[v] += t[v];
+    for (int m = 0; m < R; m++) {
+        const uint32_t i = rl + m * LR;
+        if (nc && i < Dk)
+            ld4<V4, CG>(S + (size_t)i * Dv, nc, s[m]);
+        else
+            s[m][0] = s[m][1] = s[m][2] = s[m][3] = 0.0f;
     }
 }
 
-/* k_gdn_decode's layout for V columns per thread: column groups (a multiple of 32, so that slice
- * 0 is whole warps), and state rows per thread of each slice of rows. */
-__host__ __device__ __forceinline__ uint32_t gdn_groups(uint32_t v_dim, uint32_t V) {
-    return ((v_dim + V - 1) / V + 31) / 32 * 32;
-}
-__host__ __device__ __forceinline__ uint32_t gdn_rows_per(uint32_t k_dim, uint32_t v_dim, uint32_t V) {
-    uint32_t nsl = GDN_THREADS / gdn_groups(v_dim, V);
-    return (k_dim + nsl - 1) / nsl;
-}
-
-/* Decode (T = 1): one block (GDN_THREADS) per value head. Thread (slice, j) keeps rows
- * [slice * R, slice * R + R) of columns [j * V, j * V + V) of the head's f32 state in registers
- * (read once, written once; V = 4 when rows are float4-aligned: a quarter of the load and store
- * instructions, which is what bounds a block that moves a whole head's state); column sums over
- * the slices go through shared memory. Every global load of the step (state, conv inputs, gates,
- * z) is issued at once after the dependency wait, and each conv channel's owner shifts its conv
- * state from the values it just read: one memory round trip and four block barriers. q and k are
- * normalized where they are used. With conv_out == nullptr (one value head per key head: no
- * channel is shared between blocks) the block does the conv of its own channels; otherwise
- * k_gdn_conv ran first. (Launch bounds with min 1 block: without it ptxas gives some variants 64
- * registers and spills.) */
-template <int R, int V>
-__global__ void __launch_bounds__(GDN_THREADS, 1) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
-                                                            const float *conv_out) {
-    __shared__ __align__(16) float qs[512], ks[512], vs[512], kvsum[GDN_THREADS * V], osum[GDN_THREADS * V];
-    __shared__ float2 red2[GDN_THREADS / 32];
-    __shared__ float red[GDN_THREADS / 32];
+/* grid (n_v_heads, column blocks), GDN_WARPS warps. The recurrence is independent per column of a
+ * head's state (S_c *= decay; delta = (v_c - S_c . k) beta; S_c += k delta; o_c = S_c . q), so a
+ * warp owns whole columns: lane (r, c) holds rows r, r + LR, ... of 4 columns, and the sums over
+ * rows are shuffles among the LR lanes of a quad: no shared memory, no barrier, and a head spread
+ * over several SMs. Every warp normalizes q and k itself. conv_out holds q | k | v after the conv
+ * and SiLU; OUT gets o before the gated RMSNorm (k_gdn_norm). early (backend.cu: the program's kernels cannot
+ * all be resident at once, so this layer's previous step has finished): the state is read before
+ * the dependency wait, L2 only (__ldcg: no stale L1 line); otherwise with the step's inputs. V4:
+ * v_dim % 4 == 0 and 16-byte aligned rows. */
+template <int R, bool V4>
+__global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
+                                                             const float *conv_out, int early) {
     pdl_begin();
-    const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, C = a.channels, K = a.conv_kernel;
-    const uint32_t kh = h / (a.n_v_heads / a.n_k_heads);
-    /* the head's state, conv taps and conv state into L2 while the previous kernel runs */
-    prefetch_l2((const float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv, (size_t)Dk * Dv * 4);
-    if (!conv_out) {
-        const float *conv_w = (const float *)b.p[LT_GDN_B_CONV_W], *cst = (const float *)b.p[LT_GDN_B_CONV_STATE];
-        for (uint32_t r = 0; r < 3; r++) {  /* q, k and v channels of the head */
-            uint32_t first = r == 0 ? a.q_offset + kh * Dk : r == 1 ? a.k_offset + kh * Dk : a.v_offset + h * Dv;
-            uint32_t n = r < 2 ? Dk : Dv;
-            prefetch_l2(conv_w + (size_t)first * K, (size_t)n * K * 4);
-            for (uint32_t t = 0; t + 1 < K; t++)
-                prefetch_l2(cst + (size_t)t * C + first, (size_t)n * 4);
-        }
-    }
-    /* ngp column groups of V, nsl slices of rows */
-    const uint32_t ngp = gdn_groups(Dv, V), nsl = GDN_THREADS / ngp, cw = ngp * V;
-    const uint32_t j = threadIdx.x % ngp, sl = threadIdx.x / ngp, rows_per = gdn_rows_per(Dk, Dv, V);
-    const uint32_t c0 = j * V;  /* first column */
-    const bool active = sl < nsl && c0 < Dv, out_thread = sl == 0 && c0 < Dv;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    /* per-head weights, before the wait */
+    const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, kh = h / (a.n_v_heads / a.n_k_heads);
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t LR = gdn_row_lanes(Dk), LC = 32 / LR, rl = lane / LC;
+    const uint32_t c0 = blockIdx.y * gdn_block_cols(Dk) + (warp * LC + lane % LC) * 4;  /* this lane's columns */
+    const uint32_t nc = c0 < Dv ? min(4u, Dv - c0) : 0;
+    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv + c0;
+    float s[R][4];
     const float neg_a = -expf(__ldg((const float *)b.p[LT_GDN_B_A_LOG] + h));
     const float dt_bias = __ldg((const float *)b.p[LT_GDN_B_DT_BIAS] + h);
-    float nw[V] = {}, z[V] = {};
-    if (out_thread)
-        ld_v<V>((const float *)b.p[LT_GDN_B_NORM_W] + c0, nw);
+    if (early)
+        gdn_load_state<R, V4, true>(S, Dk, Dv, rl, LR, nc, s);
+    pdl_wait();
+    const uint32_t err = st->error;  /* checked once the loads are in flight */
+    if (!early)
+        gdn_load_state<R, V4, false>(S, Dk, Dv, rl, LR, nc, s);
+    const float *q = conv_out + a.q_offset + kh * Dk, *k = conv_out + a.k_offset + kh * Dk;
+    float qv[R], kv[R], vv[4] = {};
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        const uint32_t i = rl + m * LR;
+        qv[m] = i < Dk ? q[i] : 0.0f;
+        kv[m] = i < Dk ? k[i] : 0.0f;
+    }
+    if (nc)
+        ld4<V4>(conv_out + a.v_offset + h * Dv + c0, nc, vv);
+    const float xb = ((const float *)b.p[LT_GDN_B_B])[h];
+    const float xa = ((const float *)b.p[LT_GDN_B_A])[h] + dt_bias;
+    lt_trace_mark(1);
+    if (err)
+        return;
+    /* l2 norms of q and k: each row sits in the LC lanes of its row lane, so sum over row lanes */
+    float sq = 0.0f, sk = 0.0f;
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        sq += qv[m] * qv[m];
+        sk += kv[m] * kv[m];
+    }
+    for (uint32_t o = LC; o < 32; o <<= 1) {
+        sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        sk += __shfl_xor_sync(0xffffffffu, sk, o);
+    }
+    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
+    const float beta = lt_sigmoid_d(xb);
+    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
+    /* S *= decay; delta_c = (v_c - S_c . k) beta */
+    float d[4] = {};
+#pragma unroll
+    for (int m = 0; m < R; m++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s[m][j] *= decay;
+            d[j] += s[m][j] * (kv[m] * rk);
+        }
+    for (uint32_t o = LC; o < 32; o <<= 1)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            d[j] += __shfl_xor_sync(0xffffffffu, d[j], o);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        d[j] = (vv[j] - d[j]) * beta;
+    lt_trace_mark(2);
+    /* S += k (x) delta; o_c = S_c . q */
+    float o4[4] = {};
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        const uint32_t i = rl + m * LR;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s[m][j] += (kv[m] * rk) * d[j];
+            o4[j] += s[m][j] * (qv[m] * rq);
+        }
+        if (nc && i < Dk)
+            st4<V4>(S + (size_t)i * Dv, nc, s[m]);
+    }
+    for (uint32_t o = LC; o < 32; o <<= 1)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            o4[j] += __shfl_xor_sync(0xffffffffu, o4[j], o);
+    if (rl == 0 && nc)
+        st4<V4>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, nc, o4);
+    lt_trace_end();
+}
+
+/* The gated RMSNorm of k_gdn_decode's OUT in place, one block per value head. (In the x_lane
+ * prologue of the GEMV that reads OUT it cost more than this kernel: every block there normalizes
+ * the whole of x.) */
+__global__ void __launch_bounds__(128) k_gdn_norm(lt_gdn_args a, lt_binds b, lt_step_args *st) {
+    __shared__ float red[32];
+    pdl_begin();
+    const uint32_t h = blockIdx.x, Dv = a.v_dim;
+    const float *nw = (const float *)b.p[LT_GDN_B_NORM_W];
     pdl_wait();
     if (st->error)
         return;
-    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * Dk * Dv + c0;
-    float s_reg[R][V];
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        uint32_t i = sl * rows_per + r;
-        if (active && r < (int)rows_per && i < Dk)
-            ld_v<V>(S + (size_t)i * Dv, s_reg[r]);
-        else
-#pragma unroll
-            for (int v = 0; v < V; v++)
-                s_reg[r][v] = 0.0f;
-    }
-    const float xb = ((const float *)b.p[LT_GDN_B_B])[h];
-    const float xa = ((const float *)b.p[LT_GDN_B_A])[h] + dt_bias;
-    if (out_thread)
-        ld_v<V>((const float *)b.p[LT_GDN_B_Z] + h * Dv + c0, z);
-    /* conv + SiLU of the head's channels (q | k | v); raw q and k, and their squared norms */
-    const float *x = (const float *)b.p[LT_GDN_B_X], *conv_w = (const float *)b.p[LT_GDN_B_CONV_W];
-    float *cstate = (float *)b.p[LT_GDN_B_CONV_STATE];
-    float sq = 0.0f, sk = 0.0f;
-    for (uint32_t u = threadIdx.x; u < 2 * Dk + Dv; u += blockDim.x) {
-        uint32_t ch = u < Dk ? a.q_offset + kh * Dk + u
-                      : u < 2 * Dk ? a.k_offset + kh * Dk + (u - Dk) : a.v_offset + h * Dv + (u - 2 * Dk);
-        float val;
-        if (conv_out) {
-            val = conv_out[ch];
-        } else {
-            float xin = x[ch], acc = 0.0f;  /* taps oldest first, as gdn_conv */
-            for (uint32_t t = 0; t + 1 < K; t++)
-                acc += __ldg(conv_w + (size_t)ch * K + t) * cstate[(size_t)t * C + ch];
-            acc += __ldg(conv_w + (size_t)ch * K + K - 1) * xin;
-            for (uint32_t t = 0; t + 1 < K; t++)  /* this thread alone reads and writes channel ch */
-                cstate[(size_t)t * C + ch] = t + 2 < K ? cstate[(size_t)(t + 1) * C + ch] : xin;
-            val = lt_silu_d(acc);
-        }
-        if (u < Dk) {
-            qs[u] = val;
-            sq += val * val;
-        } else if (u < 2 * Dk) {
-            ks[u - Dk] = val;
-            sk += val * val;
-        } else {
-            vs[u - 2 * Dk] = val;
-        }
-    }
-    lt_trace_mark(1);
-    sq = warp_sum(sq);
-    sk = warp_sum(sk);
-    if (lane == 0)
-        red2[warp] = make_float2(sq, sk);
-    const float beta = lt_sigmoid_d(xb);
-    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
-    __syncthreads();
-    lt_trace_mark(2);
-    sq = sk = 0.0f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
-        sq += red2[w].x;
-        sk += red2[w].y;
-    }
-    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
-    /* S *= decay; kv_mem_c = sum_i S[i][c] k_i */
-    float part[V] = {};
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        uint32_t i = sl * rows_per + r;
-        if (r < (int)rows_per && i < Dk) {
-            float kn = ks[i] * rk;
-#pragma unroll
-            for (int v = 0; v < V; v++) {
-                s_reg[r][v] *= decay;
-                part[v] += s_reg[r][v] * kn;
-            }
-        }
-    }
-    if (sl < nsl)
-        st_v<V>(kvsum + sl * cw + c0, part);
-    __syncthreads();
-    lt_trace_mark(3);
-    /* every slice of column c forms delta_c itself: no barrier before the update */
-    float dj[V] = {};
-    if (c0 < Dv) {
-        float kv_mem[V];
-        slice_sums<V>(kvsum, nsl, cw, c0, kv_mem);
-#pragma unroll
-        for (int v = 0; v < V; v++)
-            dj[v] = (vs[c0 + v] - kv_mem[v]) * beta;
-    }
-    /* S += k (x) delta; o_c = sum_i S[i][c] q_i */
-#pragma unroll
-    for (int v = 0; v < V; v++)
-        part[v] = 0.0f;
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        uint32_t i = sl * rows_per + r;
-        if (r < (int)rows_per && i < Dk) {
-            float kn = ks[i] * rk, qn = qs[i] * rq;
-#pragma unroll
-            for (int v = 0; v < V; v++) {
-                s_reg[r][v] += kn * dj[v];
-                part[v] += s_reg[r][v] * qn;
-            }
-            if (active)
-                st_v<V>(S + (size_t)i * Dv, s_reg[r]);
-        }
-    }
-    if (sl < nsl)
-        st_v<V>(osum + sl * cw + c0, part);
-    __syncthreads();
-    lt_trace_mark(4);
-    /* gated RMSNorm over the head's Dv outputs: slice 0 (the first ngp / 32 warps) holds them */
-    float o[V] = {};
-    if (sl == 0) {
-        float oo = 0.0f;
-        slice_sums<V>(osum, nsl, cw, c0, o);
-#pragma unroll
-        for (int v = 0; v < V; v++)
-            oo += c0 + v < Dv ? o[v] * o[v] : 0.0f;
-        oo = warp_sum(oo);
-        if (lane == 0)
-            red[warp] = oo;
-    }
-    __syncthreads();
-    lt_trace_mark(5);
-    if (out_thread) {
-        float ss = 0.0f;
-        for (uint32_t w = 0; w < ngp / 32; w++)
-            ss += red[w];
-        float rn = 1.0f / sqrtf(ss / (float)Dv + a.norm_eps);
-#pragma unroll
-        for (int v = 0; v < V; v++)
-            o[v] = o[v] * rn * nw[v] * lt_silu_d(z[v]);
-        st_v<V>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, o);
-    }
-    lt_trace_end();
+    float *out = (float *)b.p[LT_GDN_B_OUT] + h * Dv;
+    const float *z = (const float *)b.p[LT_GDN_B_Z] + h * Dv;
+    float ss = 0.0f;
+    for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x)
+        ss += out[i] * out[i];
+    const float rn = 1.0f / sqrtf(block_sum(ss, red) / (float)Dv + a.norm_eps);
+    for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x)
+        out[i] = out[i] * rn * nw[i] * lt_silu_d(z[i]);
 }
 
 /* Prefill (T > 1) in three kernels. The recurrence is independent per column j of a head's state
@@ -1763,11 +1757,6 @@ __global__ void __launch_bounds__(GDN_PREP_THREADS) k_gdn_prep(lt_gdn_args a, lt
         row[g0 + h] = lt_sigmoid_d(pb[(size_t)t * a.b_stride + h]);
         row[g0 + a.n_v_heads + h] = expf(-expf(a_log[h]) * sp);
     }
-}
-
-__device__ __forceinline__ void cp_async4(float *dst, const float *src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
 }
 
 /* Sum over the G lanes of an aligned lane group (every lane gets it). */
