@@ -6,7 +6,8 @@ each block's start and dependency-release times, and marks inside k_gemv and k_g
 Per kernel of the second-to-last complete decode step: threads, grid, phase = its first release
 minus the previous kernel's first release (what the chain spent on the previous kernel), when its
 blocks started relative to the previous release (first / last), how many started after their own
-release (their weight loads could not overlap the previous kernel) and its release spread. Then
+release (their weight loads could not overlap the previous kernel), its release spread, what the
+chain spent on it (own) and thread 0's marks 1, 2 and end (median block, after its release). Then
 the phase time per kernel class, with thread 0's marks (median block, ns after its release) and
 the time from a grid's last end to the next grid's release. Decode runs ~6% slower traced."""
 import gc
@@ -72,14 +73,16 @@ if p:
     lo = last - 2 * p + 1  # the second-to-last complete step
     step = grids[lo - 1:lo + p]
     lines.append(f"step: {step[-1]['t1min'] - step[0]['t1min']} ns from kernel {lo} to {lo + p}")
-    lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread")
+    lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread   own_ns  mark1  mark2    end")
     classes = {}
     for i in range(1, len(step)):
         d, prev = step[i], step[i - 1]
         phase = d["t1min"] - prev["t1min"]
+        own = step[i + 1]["t1min"] - d["t1min"] if i + 1 < len(step) else -1  # its release to the next's
+        mk = d.get("marks") or [-1] * 6
         lines.append(f"{i:3d} {d['threads']:3d} {d['size']:5d} {d['n']:4d} {phase:8d} "
                      f"{d['t0min'] - prev['t1min']:11d} {d['t0max'] - prev['t1min']:10d} {d['late']:4d} "
-                     f"{d['t1max'] - d['t1min']:10d}")
+                     f"{d['t1max'] - d['t1min']:10d} {own:8d} {mk[1]:6d} {mk[2]:6d} {mk[5]:6d}")
         c = classes.setdefault((prev["threads"], prev["size"]), [0, 0, []])
         c[0] += 1
         c[1] += phase
