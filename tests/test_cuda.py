@@ -152,12 +152,6 @@ def _check_gdn(lib, T, Hk, Hv, Dk, Dv):
     np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())
 
 
-class _Counters(ctypes.Structure):  # lt_cuda_counters
-    _fields_ = [("dispatches_per_step", ctypes.c_uint32), ("steps", ctypes.c_uint64),
-                ("graph_launches", ctypes.c_uint64), ("kernel_launches", ctypes.c_uint64),
-                ("api_calls", ctypes.c_uint64)]
-
-
 @pytest.mark.parametrize("fuse,early,steps,kernels", [("1", "0", 1, 4), ("1", "1", 1, 4), ("0", "0", 1, 5),
                                                        ("1", "0", 3, None)])
 def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps, kernels):
@@ -211,11 +205,9 @@ def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps,
                           ctypes.byref(where))
     assert h is not None, (err.value, where.value)
     try:
-        lib.so.lt_cuda_set_eager.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.so.lt_cuda_set_eager(h.be.h, int(steps == 1))
         assert lib.lt_cpu_run(h, steps) == OK
-        counters = _Counters()
-        lib.so.lt_cuda_counters_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        counters = lcuda.Counters()
         lib.so.lt_cuda_counters_get(h.be.h, ctypes.byref(counters))
     finally:
         lib.lt_cpu_free(h)

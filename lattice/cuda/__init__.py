@@ -51,6 +51,13 @@ ERRORS = {1: "NaN or Inf in logits", 2: "token id out of range of the embedding 
 _lib = None
 
 
+class Counters(ctypes.Structure):
+    """lt_cuda_counters (lattice_cuda.h)."""
+    _fields_ = [("dispatches_per_step", ctypes.c_uint32), ("steps", ctypes.c_uint64),
+                ("graph_launches", ctypes.c_uint64), ("kernel_launches", ctypes.c_uint64),
+                ("api_calls", ctypes.c_uint64)]
+
+
 NVCC_DEFAULT = "/usr/local/cuda/bin/nvcc"
 
 
@@ -126,6 +133,10 @@ def load_library():
     so.lt_cuda_device.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     so.lt_cuda_free.argtypes = [ctypes.c_void_p]
     so.lt_cuda_free.restype = None
+    so.lt_cuda_set_eager.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    so.lt_cuda_set_eager.restype = None
+    so.lt_cuda_counters_get.argtypes = [ctypes.c_void_p, ctypes.POINTER(Counters)]
+    so.lt_cuda_counters_get.restype = None
     buf = ctypes.create_string_buffer(256)
     if so.lt_cuda_device(0, buf, 256) != 0:
         raise BackendError(f"the CUDA backend found no usable GPU: {buf.value.decode()}")

@@ -349,6 +349,13 @@ static void launch_gemv(const launch &L, lt_step_args *st, uint32_t T, cudaStrea
     }
 }
 
+/* k_gdn_decode for R state rows per lane (rounded up to 2, 4, 8 or 16) */
+template <bool V4>
+static auto gdn_decode_kernel(uint32_t R) {
+    return R <= 2 ? k_gdn_decode<2, V4> : R <= 4 ? k_gdn_decode<4, V4>
+           : R <= 8 ? k_gdn_decode<8, V4> : k_gdn_decode<16, V4>;
+}
+
 static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s,
                        uint32_t nop_kinds) {
     nop_now = T == 1 && (nop_kinds & (1u << L.kernel))
@@ -427,11 +434,7 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
                         && a16(conv_out + a.v_offset);
         const uint32_t R = (a.k_dim + gdn_row_lanes(a.k_dim) - 1) / gdn_row_lanes(a.k_dim);
         const dim3 grid(a.n_v_heads, (a.v_dim + gdn_block_cols(a.k_dim) - 1) / gdn_block_cols(a.k_dim));
-        auto k = R <= 2 ? k_gdn_decode<2, false> : R <= 4 ? k_gdn_decode<4, false>
-                 : R <= 8 ? k_gdn_decode<8, false> : k_gdn_decode<16, false>;
-        if (v4)
-            k = R <= 2 ? k_gdn_decode<2, true> : R <= 4 ? k_gdn_decode<4, true>
-                : R <= 8 ? k_gdn_decode<8, true> : k_gdn_decode<16, true>;
+        auto k = v4 ? gdn_decode_kernel<true>(R) : gdn_decode_kernel<false>(R);
         launch_k(k, grid, GDN_WARPS * 32, 0, s, a, L.b, st, conv_out, p.early_state);
         launch_k(k_gdn_norm, a.n_v_heads, 128, 0, s, a, L.b, st);
         break;

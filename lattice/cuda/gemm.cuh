@@ -244,7 +244,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
                 snw[s * NQ * BK + tid] = nw_col(s);
     pdl_wait();
     if (st->error) {
-        asm volatile("cp.async.wait_all;" ::: "memory");
+        cp_async_wait_all();
         return;
     }
     for (int s = 0; s < S - 1; s++) {  /* group s: x of stage s (group 0 also the weights above) */
@@ -384,7 +384,7 @@ k_gemm(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t n_tok) {
         if (nw_next)  /* its buffer was last read before this stage's first barrier */
             snw[((sup + S - 1) % S) * NQ * BK + tid] = nw_v;
     }
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    cp_async_wait_all();
 
     /* sums of squares per (chunk group, token), then the RMS factors; each group's tile into
      * shared memory */

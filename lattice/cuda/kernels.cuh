@@ -124,6 +124,7 @@ __device__ __forceinline__ void cp_async4(float *dst, const float *src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 /* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
  * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above).
@@ -1558,6 +1559,13 @@ __device__ __forceinline__ void st4(float *p, uint32_t n, const float (&v)[4]) {
                 p[i] = v[i];
 }
 
+/* v summed over the lanes of a warp that hold the same columns (lane % LC): the row lanes */
+__device__ __forceinline__ float gdn_rows_sum(float v, uint32_t LC) {
+    for (uint32_t o = LC; o < 32; o <<= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* Rows rl, rl + LR, ... of a lane's nc columns of the state from S (its first column); CG: L2 only */
 template <int R, bool V4, bool CG>
 __device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint32_t Dv, uint32_t rl, uint32_t LR,
@@ -1577,10 +1585,10 @@ __device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint
  * warp owns whole columns: lane (r, c) holds rows r, r + LR, ... of 4 columns, and the sums over
  * rows are shuffles among the LR lanes of a quad: no shared memory, no barrier, and a head spread
  * over several SMs. Every warp normalizes q and k itself. conv_out holds q | k | v after the conv
- * and SiLU; OUT gets o before the gated RMSNorm (k_gdn_norm). early (backend.cu: the program's kernels cannot
- * all be resident at once, so this layer's previous step has finished): the state is read before
- * the dependency wait, L2 only (__ldcg: no stale L1 line); otherwise with the step's inputs. V4:
- * v_dim % 4 == 0 and 16-byte aligned rows. */
+ * and SiLU; OUT gets o before the gated RMSNorm (k_gdn_norm). early (backend.cu resident_bound:
+ * this layer's previous step has finished): the state is read before the dependency wait, L2 only
+ * (__ldcg: no stale L1 line); otherwise with the step's inputs. V4: v_dim % 4 == 0 and 16-byte
+ * aligned rows. */
 template <int R, bool V4>
 __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
                                                              const float *conv_out, int early) {
@@ -1615,18 +1623,15 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
     lt_trace_mark(1);
     if (err)
         return;
-    /* l2 norms of q and k: each row sits in the LC lanes of its row lane, so sum over row lanes */
+    /* l2 norms of q and k: each row sits in the LC lanes of its row lane, so sum over row lanes only */
     float sq = 0.0f, sk = 0.0f;
 #pragma unroll
     for (int m = 0; m < R; m++) {
         sq += qv[m] * qv[m];
         sk += kv[m] * kv[m];
     }
-    for (uint32_t o = LC; o < 32; o <<= 1) {
-        sq += __shfl_xor_sync(0xffffffffu, sq, o);
-        sk += __shfl_xor_sync(0xffffffffu, sk, o);
-    }
-    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
+    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
+    const float rk = 1.0f / sqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
     const float beta = lt_sigmoid_d(xb);
     const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
     /* S *= decay; delta_c = (v_c - S_c . k) beta */
@@ -1638,13 +1643,9 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
             s[m][j] *= decay;
             d[j] += s[m][j] * (kv[m] * rk);
         }
-    for (uint32_t o = LC; o < 32; o <<= 1)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            d[j] += __shfl_xor_sync(0xffffffffu, d[j], o);
 #pragma unroll
     for (int j = 0; j < 4; j++)
-        d[j] = (vv[j] - d[j]) * beta;
+        d[j] = (vv[j] - gdn_rows_sum(d[j], LC)) * beta;
     lt_trace_mark(2);
     /* S += k (x) delta; o_c = S_c . q */
     float o4[4] = {};
@@ -1659,10 +1660,9 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
         if (nc && i < Dk)
             st4<V4>(S + (size_t)i * Dv, nc, s[m]);
     }
-    for (uint32_t o = LC; o < 32; o <<= 1)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
-            o4[j] += __shfl_xor_sync(0xffffffffu, o4[j], o);
+    for (int j = 0; j < 4; j++)
+        o4[j] = gdn_rows_sum(o4[j], LC);
     if (rl == 0 && nc)
         st4<V4>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, nc, o4);
     lt_trace_end();
@@ -1897,12 +1897,12 @@ __global__ void __launch_bounds__(GDN_SCAN_COLS * G) k_gdn_scan(lt_gdn_args a, l
                 sdecay[buf][e] = 1.0f;
             }
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
     };
     stage(0, 0);
     int buf = 0;
     for (uint32_t t0 = 0; t0 < T; t0 += TC, buf ^= 1) {
-        asm volatile("cp.async.wait_all;" ::: "memory");
+        cp_async_wait_all();
         __syncthreads();  /* chunk t0 visible; every thread is done with the other buffer */
         if (t0 + TC < T)
             stage(t0 + TC, buf ^ 1);
