@@ -487,12 +487,17 @@ def aligned_zeros(nbytes, align=64):
 def layout_scratch(kernels, rows, skip=()):
     """Byte offsets in SCRATCH for every activation root written by `kernels` ([rows, width] f32
     each), reusing space by liveness: a block is free again once the last kernel reading it has
-    run. Roots in `skip` live elsewhere. Returns ({id(root): offset}, arena size)."""
+    run. Roots in `skip` live elsewhere. Returns ({id(root): offset}, arena size).
+
+    A qk_rope_kv's inputs stay live through the attention right after it: a backend may run the
+    two as one kernel (CUDA does at decode), whose attention output must then not land on q, k or
+    v while other blocks still read them."""
     last = {}
     for i, kern in enumerate(kernels):
+        fused_next = kern.kind == "qk_rope_kv" and i + 1 < len(kernels) and kernels[i + 1].kind == "attention"
         for v in kern.reads.values():
             if v is not None:
-                last[id(root(v)[0])] = i
+                last[id(root(v)[0])] = max(last.get(id(root(v)[0]), i), i + fused_next)
     offsets, live, size = {}, [], 0          # live: [offset, nbytes, last reader]
     for i, kern in enumerate(kernels):
         live = [blk for blk in live if blk[2] >= i]

@@ -72,6 +72,29 @@ def test_qwen35_fusion_shape(qwen35_shape):
     assert qwen35_shape.notes["decode"][-2][2]["flags"] == 1 | 2    # final norm folded into lm_head
 
 
+@pytest.mark.parametrize("cfg", [QWEN35_08B, SMOLLM2_135M])
+def test_attention_output_misses_rope_inputs(cfg):
+    """A backend may run each qk_rope_kv and the attention after it as one kernel (CUDA decode), so
+    the attention's output must not land on the rope's q, k or v rows: the layout keeps them live
+    through the attention (Qwen3.5's output once reused its q|gate rows)."""
+    prog = build(ShapeOnlyCheckpoint(cfg), quant="q8", context=1024, materialize=False)
+    notes, recs = prog.notes["decode"], prog.dispatches["decode"]
+    pairs = 0
+    for i in range(len(notes) - 1):
+        if notes[i][0] != "qk_rope_kv" or notes[i + 1][0] != "attention":
+            continue
+        (_, _, ra, rroles), (_, _, aa, aroles) = notes[i], notes[i + 1]
+        at = lambda rec, roles, role: int(rec["bind"][roles.index(role)]["offset"])  # noqa: E731
+        hd = ra["head_dim"]
+        out = at(recs[i + 1], aroles, "out")
+        out_end = out + 4 * aa["n_heads"] * hd
+        for role, n in (("q", ra["q_stride"]), ("k", ra["n_kv_heads"] * hd), ("v", ra["n_kv_heads"] * hd)):
+            start = at(recs[i], rroles, role)
+            assert out_end <= start or start + 4 * n <= out, (i, role)
+        pairs += 1
+    assert pairs == sum(1 for t in cfg.layer_types if t == "full_attention")
+
+
 def test_dump_one_line_per_dispatch(qwen35_shape):
     text = qwen35_shape.dump()
     lines = text.splitlines()
