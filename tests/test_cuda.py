@@ -152,30 +152,35 @@ def _check_gdn(lib, T, Hk, Hv, Dk, Dv):
     np.testing.assert_allclose(mem.view(refs[9]), want_S, rtol=1e-4, atol=1e-5 * np.abs(want_S).max())
 
 
-@pytest.mark.parametrize("fuse,early,steps,kernels", [("1", "0", 1, 4), ("1", "1", 1, 4), ("0", "0", 1, 5),
-                                                       ("1", "0", 3, None)])
-def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps, kernels):
-    """A decode GDN layer at Qwen3.5-0.8B's shapes (16 heads of 128, hidden 1024, Q8): in_proj
-    (input RMSNorm) -> GDN -> out_proj (+ residual). Fused (LATTICE_CUDA_GDN_FUSE, default on) the
-    conv runs in in_proj's epilogue: four kernels per step instead of five (eager launches,
-    counted). One step may read the state before the dependency wait (LATTICE_CUDA_EARLY_STATE=1;
-    a program this small could otherwise have all its kernels resident at once); three steps
+@pytest.mark.parametrize("fuse,early,steps,fmt,shape", [
+    ("1", "0", 1, "q8", "qwen35"), ("1", "1", 1, "q8", "qwen35"), ("conv", "0", 1, "q8", "qwen35"),
+    ("0", "0", 1, "q8", "qwen35"), ("1", "0", 3, "q8", "qwen35"), ("1", "0", 1, "q4", "qwen35"),
+    ("1", "0", 1, "q8", "wide"), ("1", "1", 1, "q4", "wide"), ("1", "1", 2, "q4", "wide"), ("1", "0", 1, "q8", "v40")])
+def test_gdn_layer_fused_into_its_gemvs(lib, monkeypatch, fuse, early, steps, fmt, shape):
+    """A decode GDN layer: in_proj (input RMSNorm) -> GDN -> out_proj (+ residual), at Qwen3.5-0.8B's
+    shapes (16 heads of 128, hidden 1024), wider heads (k_dim 256, v_dim 256: 8 column blocks per
+    head) and v_dim 40. LATTICE_CUDA_GDN_FUSE (default on) moves the conv into in_proj's epilogue
+    and the gated RMSNorm into out_proj (the GDN writes the gated output and per-block sums of
+    squares; out_proj scales each head): three kernels per step instead of five ("conv": four;
+    eager launches, counted). The norm stays a kernel where out_proj does not read x per lane (Q4
+    rows of 64 vectors: two warps per row) or a weight vector would span two heads (v_dim 40). One step may read the state before the dependency wait (LATTICE_CUDA_EARLY_STATE=1;
+    a program this small could otherwise have all its kernels resident at once); several steps
     replay a graph. Outputs, conv state and recurrent state against lattice/reference.py."""
     from lattice import reference as ref
-    from test_cpu_kernels import (Dispatch, GdnArgs, GemvArgs, K_GDN, K_GEMV, Mem, OK, Q8, Ref, SCRATCH, STATE,
-                                  StepArgs, WEIGHTS, dispatch, put_matrix, rand)
+    from test_cpu_kernels import (Dispatch, GdnArgs, GemvArgs, K_GDN, K_GEMV, Mem, OK, Q4, Q8, Ref, SCRATCH,
+                                  STATE, StepArgs, WEIGHTS, dispatch, put_matrix, rand)
     monkeypatch.setenv("LATTICE_CUDA_GDN_FUSE", fuse)
     monkeypatch.setenv("LATTICE_CUDA_EARLY_STATE", early)
     rng = np.random.default_rng(11)
-    Hk = Hv = 16
-    Dk = Dv = 128
+    Hk, Hv, Dk, Dv = {"qwen35": (16, 16, 128, 128), "wide": (4, 16, 256, 256), "v40": (16, 64, 128, 40)}[shape]
+    wf = {"q8": Q8, "q4": Q4}[fmt]
     H, K = 1024, 4
     C, V = 2 * Hk * Dk + Hv * Dv, Hv * Dv
     rows = C + V + 2 * Hv  # in_proj: conv channels | z | a | b
     mem = Mem(StepArgs(n_tokens=1))
     x, nw_in, resid = rand(rng, 1, H), rand(rng, H), rand(rng, 1, H)
-    wq_in, ws_in, _, deq_in = put_matrix(mem, rand(rng, rows, H, scale=0.05), Q8)
-    wq_out, ws_out, _, deq_out = put_matrix(mem, rand(rng, H, V, scale=0.05), Q8)
+    wq_in, ws_in, wm_in, deq_in = put_matrix(mem, rand(rng, rows, H, scale=0.05), wf)
+    wq_out, ws_out, wm_out, deq_out = put_matrix(mem, rand(rng, H, V, scale=0.05), wf)
     conv_w, conv_state = rand(rng, C, K, scale=0.5), rand(rng, K - 1, C)
     a_log, dt_bias, norm_w = rand(rng, Hv, scale=0.5), rand(rng, Hv), rand(rng, Dv)
     S = rand(rng, Hv, Dk, Dv, scale=0.1)
@@ -186,19 +191,19 @@ def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps,
     rcs, rS = mem.put(STATE, conv_state), mem.put(STATE, S)
     gdn_binds = [part(0, C), part(C, V), part(C + V, Hv), part(C + V + Hv, Hv), o, mem.put(WEIGHTS, conv_w), rcs,
                  mem.put(WEIGHTS, a_log), mem.put(WEIGHTS, dt_bias), rS, mem.put(WEIGHTS, norm_w)]
-    args = [GemvArgs(wformat=Q8, rows=rows, cols=H, flags=1, x_stride=H, y_stride=rows, eps=1e-6),
+    args = [GemvArgs(wformat=wf, rows=rows, cols=H, flags=1, x_stride=H, y_stride=rows, eps=1e-6),
             GdnArgs(n_k_heads=Hk, n_v_heads=Hv, k_dim=Dk, v_dim=Dv, conv_kernel=K, channels=C, q_offset=0,
                     k_offset=Hk * Dk, v_offset=2 * Hk * Dk, x_stride=rows, z_stride=rows, a_stride=rows,
                     b_stride=rows, out_stride=V, norm_eps=1e-6),
-            GemvArgs(wformat=Q8, rows=H, cols=V, flags=16, x_stride=V, y_stride=H, resid_stride=H, eps=1e-6)]
+            GemvArgs(wformat=wf, rows=H, cols=V, flags=16, x_stride=V, y_stride=H, resid_stride=H, eps=1e-6)]
     consts, offsets = b"", []
     for a in args:
         offsets.append(len(consts))
         consts += bytes(a) + b"\0" * (-len(bytes(a)) % 16)
     prog = (Dispatch * 3)(
-        dispatch(K_GEMV, [rx, p, wq_in, ws_in, None, rnw], 0, offsets[0]),
+        dispatch(K_GEMV, [rx, p, wq_in, ws_in, wm_in, rnw], 0, offsets[0]),
         dispatch(K_GDN, gdn_binds, 0, offsets[1]),
-        dispatch(K_GEMV, [o, y, wq_out, ws_out, None, None, None, rres], 0, offsets[2]))
+        dispatch(K_GEMV, [o, y, wq_out, ws_out, wm_out, None, None, rres], 0, offsets[2]))
     mem.build()
     err, where = ctypes.c_int(), ctypes.c_uint32()
     h = lib.lt_cpu_create(prog, 3, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err),
@@ -211,8 +216,10 @@ def test_gdn_layer_conv_fused_into_in_proj(lib, monkeypatch, fuse, early, steps,
         lib.so.lt_cuda_counters_get(h.be.h, ctypes.byref(counters))
     finally:
         lib.lt_cpu_free(h)
-    if kernels:
-        assert counters.kernel_launches == kernels
+    if steps == 1:
+        vals = 16 if wf == Q8 else 32  # per 16-byte weight vector
+        norm_fused = fuse == "1" and Dv % vals == 0 and V // vals >= 128  # 128 vectors: four warps per row
+        assert counters.kernel_launches == 5 - (fuse != "0") - norm_fused
     proj = ref.rms_norm(x, nw_in, 1e-6, False).astype(np.float64) @ deq_in.T.astype(np.float64)
     proj = proj.astype(np.float32)
     cs, st = conv_state, S
@@ -545,12 +552,14 @@ def test_stop_discards_overshoot_and_session_continues(fixture):
 
 
 @needs_gpu
-@pytest.mark.parametrize("fixture,fused", [("tiny-llama", True), ("tiny-qwen3", True), ("tiny-qwen35", False)])
-def test_rope_fused_into_attention_past_one_split(fixture, fused):
-    """Decode fuses each ROPE_KV into the ATTENTION after it when the attention's output cannot
-    overwrite rope inputs other blocks still read (Qwen3.5's output rows overlap the q|gate rows
-    of other heads: not fused); positions past 256 (the decode split of these head sizes) use two
-    splits of the cache."""
+@pytest.mark.parametrize("fixture,fuse", [("tiny-llama", "1"), ("tiny-qwen3", "1"), ("tiny-qwen35", "1"),
+                                          ("tiny-qwen35", "0")])
+def test_rope_fused_into_attention_past_one_split(monkeypatch, fixture, fuse):
+    """Decode fuses each ROPE_KV into the ATTENTION after it (the program keeps the rope's inputs
+    live through the attention, so its output cannot overwrite rows other blocks still read;
+    Qwen3.5: q|gate heads, qk-norm, partial rotary), unless LATTICE_CUDA_ROPE_FUSE=0; positions
+    past 256 (the decode split of these head sizes) use two splits of the cache."""
+    monkeypatch.setenv("LATTICE_CUDA_ROPE_FUSE", fuse)  # read when the backend's handle is created
     prog = _program(fixture, "q8", context=600)
     cpu, st = _cpu(prog)
     gpu, gs = _gpu(prog)
@@ -559,7 +568,7 @@ def test_rope_fused_into_attention_past_one_split(fixture, fused):
     _same_greedy(cpu, st, prompt, rc["tokens"], rg["tokens"])
     ropes = sum(1 for kind, *_ in prog.notes["decode"] if kind == "qk_rope_kv")
     n = len(prog.dispatches["decode"])
-    assert gs.counters()["dispatches_per_step"] == (n - ropes if fused else n)
+    assert ropes and gs.counters()["dispatches_per_step"] == (n - ropes if fuse == "1" else n)
 
 
 @needs_gpu

@@ -25,13 +25,14 @@ struct launch {
     gemv_geom gg;
     int ks, rpw;
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
-    gemv_fuse fuse = {};       /* a GDN's conv in the epilogue: fuse_gdn_conv */
+    gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv) or norm in x (fuse_gdn_norm) */
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
     lt_binds rb = {};
     uint32_t gate_from_q = 0;
     bool conv_in_gemv = false;  /* GDN decode: its conv runs in the GEMV before it (fuse_gdn_conv) */
+    bool norm_in_gemv = false;  /* GDN decode: its RMS factors apply in the GEMV after it (fuse_gdn_norm) */
 };
 
 struct program {
@@ -39,6 +40,7 @@ struct program {
     std::vector<uint8_t> consts;
     uint32_t max_tokens = 1;
     float *gdn_ws = nullptr;    /* GDN: decode conv outputs [channels]; prefill (kernels.cuh) */
+    float *gdn_ss = nullptr;    /* GDN decode: sums of squares per head and column block (fuse_gdn_norm) */
     int early_state = 0;        /* decode may read state before the wait (resident_bound) */
     float *attn_ws = nullptr;   /* attention split partials */
     unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
@@ -65,7 +67,9 @@ struct lt_cuda {
     cudaStream_t stream = nullptr;
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
-    bool gdn_fuse = true;    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv as a kernel of its own (fuse_gdn_conv) */
+    bool rope_fuse = true;   /* LATTICE_CUDA_ROPE_FUSE=0: k_rope_kv before the attention (fuse_rope_into_attention) */
+    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
+    bool gdn_fuse_conv = true, gdn_fuse_norm = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
@@ -268,10 +272,13 @@ static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args 
     auto k = k_gemv<FMT, KS, 1, NT>;
     if constexpr (NT == 1)
         k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1> : k;
-    constexpr int C = GEMV_FUSE_CONV;  /* fuse_gdn_conv: one-warp-per-row GEMVs */
-    if constexpr (NT == 1 && KS == 1)
+    constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM;
+    if constexpr (NT == 1 && KS == 1)  /* fuse_gdn_conv: one-warp-per-row GEMVs */
         if (L.fuse.conv_w)
             k = L.rpw == 4 ? k_gemv<FMT, 1, 4, 1, C> : L.rpw == 2 ? k_gemv<FMT, 1, 2, 1, C> : k_gemv<FMT, 1, 1, 1, C>;
+    if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)  /* fuse_gdn_norm: split-K x_lane GEMVs */
+        if (L.fuse.head_ss)
+            k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, H> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, H> : k_gemv<FMT, KS, 1, 1, H>;
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
@@ -304,6 +311,12 @@ static void set_gemv_smem() {
     cudaFuncSetAttribute(k_gemv<FMT, 1, 1, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if constexpr (wfmt<FMT>::X16) {
+        constexpr int H = GEMV_FUSE_HEAD_NORM;
+        for (auto k : {k_gemv<FMT, 4, 1, 1, H>, k_gemv<FMT, 4, 2, 1, H>, k_gemv<FMT, 4, 4, 1, H>,
+                       k_gemv<FMT, 8, 1, 1, H>, k_gemv<FMT, 8, 2, 1, H>, k_gemv<FMT, 8, 4, 1, H>})
+            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    }
     cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
@@ -431,12 +444,15 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         /* 16-byte state, v, and out rows where v_dim and the rows allow */
         auto a16 = [&](const void *q) { return (uintptr_t)q % 16 == 0; };
         const bool v4 = a.v_dim % 4 == 0 && a16(L.b.p[LT_GDN_B_S]) && a16(L.b.p[LT_GDN_B_OUT])
-                        && a16(conv_out + a.v_offset);
+                        && a16(conv_out + a.v_offset)
+                        && (!L.norm_in_gemv || (a16(L.b.p[LT_GDN_B_Z]) && a16(L.b.p[LT_GDN_B_NORM_W])));
         const uint32_t R = (a.k_dim + gdn_row_lanes(a.k_dim) - 1) / gdn_row_lanes(a.k_dim);
-        const dim3 grid(a.n_v_heads, (a.v_dim + gdn_block_cols(a.k_dim) - 1) / gdn_block_cols(a.k_dim));
+        const dim3 grid(a.n_v_heads, gdn_col_blocks(a));
         auto k = v4 ? gdn_decode_kernel<true>(R) : gdn_decode_kernel<false>(R);
-        launch_k(k, grid, GDN_WARPS * 32, 0, s, a, L.b, st, conv_out, p.early_state);
-        launch_k(k_gdn_norm, a.n_v_heads, 128, 0, s, a, L.b, st);
+        launch_k(k, grid, GDN_WARPS * 32, 0, s, a, L.b, st, conv_out, p.early_state,
+                 L.norm_in_gemv ? p.gdn_ss : nullptr);
+        if (!L.norm_in_gemv)
+            launch_k(k_gdn_norm, a.n_v_heads, 128, 0, s, a, L.b, st);
         break;
     }
     case LT_K_SAMPLE: {
@@ -499,6 +515,7 @@ void lt_cuda_free(lt_cuda *c) {
             if (g)
                 cudaGraphExecDestroy(g);
         cudaFree(p->gdn_ws);
+        cudaFree(p->gdn_ss);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
         delete p;
@@ -523,11 +540,13 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     CK(cudaGetDeviceProperties(&prop, c->device));
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     const char *x_lane = getenv("LATTICE_CUDA_X_LANE"), *gdn_fuse = getenv("LATTICE_CUDA_GDN_FUSE");
-    const char *early = getenv("LATTICE_CUDA_EARLY_STATE");
+    const char *early = getenv("LATTICE_CUDA_EARLY_STATE"), *rope_fuse = getenv("LATTICE_CUDA_ROPE_FUSE");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
-    c->gdn_fuse = !(gdn_fuse && gdn_fuse[0] == '0');
+    c->rope_fuse = !(rope_fuse && rope_fuse[0] == '0');
+    c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
+    c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
     c->early_state = early && *early ? early[0] == '1' : -1;
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
@@ -683,6 +702,31 @@ static void fuse_gdn_conv(program &p) {
     }
 }
 
+/* Decode programs: a GDN layer's gated RMSNorm leaves k_gdn_norm when the GEMV right after it reads
+ * its output as split-K x_lane (Qwen3.5's out_proj). k_gdn_decode then writes the column-local part
+ * (o * norm_w * SiLU(z)) and each column block's sum of o^2, and the GEMV multiplies each weight
+ * vector's dot by its head's RMS factor: one kernel less per GDN layer. A weight vector's values
+ * must lie in one head (v_dim a multiple of them). Like the fused conv, OUT then holds values that
+ * exist in the program for that GEMV only. */
+static void fuse_gdn_norm(program &p) {
+    for (size_t i = 0; i + 1 < p.l.size(); i++) {
+        launch &G = p.l[i], &out = p.l[i + 1];
+        if (G.kernel != LT_K_GDN || out.kernel != LT_K_GEMV || !out.gg.x_lane || out.fuse.conv_w)
+            continue;
+        const lt_gdn_args &a = *(const lt_gdn_args *)G.args;
+        const lt_gemv_args &g = *(const lt_gemv_args *)out.args;
+        const uint32_t vals = g.wformat == LT_WF_Q4 ? wfmt<LT_WF_Q4>::VALS : wfmt<LT_WF_Q8>::VALS;
+        if (out.b.p[LT_GEMV_B_X] != G.b.p[LT_GDN_B_OUT] || g.cols != a.n_v_heads * a.v_dim || a.v_dim % vals
+            || gdn_col_blocks(a) > GEMV_HEAD_PARTS_MAX)
+            continue;
+        out.fuse.head_ss = p.gdn_ss;
+        out.fuse.head_cols = a.v_dim;
+        out.fuse.head_parts = gdn_col_blocks(a);
+        out.fuse.head_eps = a.norm_eps;
+        G.norm_in_gemv = true;
+    }
+}
+
 /* Whether the kernels of a step, less the writer and the reader of a state, can never all be
  * resident at once (a lower bound on their threads against twice the GPU's): then a decode kernel
  * that reads state before its dependency wait finds that state's writer of one step earlier
@@ -715,7 +759,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     p->max_tokens = max_tokens;
     p->consts.assign(consts, consts + n_consts);
     p->l.resize(n);
-    size_t gdn_floats = 0, attn_floats = 0, attn_heads = 0;
+    size_t gdn_floats = 0, gdn_ss_floats = 0, attn_floats = 0, attn_heads = 0;
     for (uint32_t i = 0; i < n; i++) {
         const lt_dispatch *d = &prog[i];
         int e = check_dispatch(c, d, consts, n_consts);
@@ -766,10 +810,13 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             size_t f = max_tokens > 1 ? gdn_prefill_floats(*a, max_tokens) : 0;
             f = f > a->channels ? f : a->channels;
             gdn_floats = f > gdn_floats ? f : gdn_floats;
+            gdn_ss_floats = std::max(gdn_ss_floats, (size_t)a->n_v_heads * gdn_col_blocks(*a));
         }
     }
     /* the consts vector must not move after L.args point into it */
     cudaError_t e1 = gdn_floats ? cudaMalloc(&p->gdn_ws, gdn_floats * 4) : cudaSuccess;
+    if (e1 == cudaSuccess && gdn_ss_floats)
+        e1 = cudaMalloc(&p->gdn_ss, gdn_ss_floats * 4);
     cudaError_t e2 = attn_floats ? cudaMalloc(&p->attn_ws, attn_floats * 4) : cudaSuccess;
     if (e2 == cudaSuccess && attn_heads) {
         e2 = cudaMalloc(&p->attn_cnt, attn_heads * sizeof(unsigned));
@@ -781,15 +828,19 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     if (e1 != cudaSuccess || e2 != cudaSuccess) {
         snprintf(c->msg, sizeof c->msg, "workspace: %s", cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
         cudaFree(p->gdn_ws);
+        cudaFree(p->gdn_ss);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
         delete p;
         return -LT_ERR_NOMEM;
     }
     if (max_tokens == 1) {
-        fuse_rope_into_attention(*p);
-        if (c->gdn_fuse)
+        if (c->rope_fuse)
+            fuse_rope_into_attention(*p);
+        if (c->gdn_fuse_conv)
             fuse_gdn_conv(*p);
+        if (c->gdn_fuse_norm)
+            fuse_gdn_norm(*p);
         p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
     }
     c->progs.push_back(p);

@@ -26,10 +26,10 @@ __device__ __forceinline__ void lt_raise(lt_step_args *st, uint32_t err) {
 #ifdef LT_TRACE
 /* Decode timeline (diagnostic, built with LATTICE_CUDA_TRACE=1: tests/gpu/trace_step.py). Thread 0
  * of every block records its grid, block, SM, start (pdl_begin) and dependency release (pdl_wait)
- * in globaltimer ns into a ring of records; k_gemv and k_gdn_decode also note marks 1-5 on the way
- * (lt_trace_mark) and their end (lt_trace_end) in the record's end slot. The record's slot comes
- * from an atomic right after the release, so mark 1 includes one memory round trip of the trace's
- * own (decode runs ~6% slower). */
+ * in globaltimer ns into a ring of records; k_gemv, k_gdn_decode, k_attention and k_sample also
+ * note marks 1-5 on the way (lt_trace_mark) and their end (lt_trace_end) in the record's end slot.
+ * The record's slot comes from an atomic right after the release, so mark 1 includes one memory
+ * round trip of the trace's own (decode runs ~6% slower). */
 #define LT_TRACE_N (1u << 18)
 __device__ uint32_t lt_trace_n;
 __device__ uint4 lt_trace_buf[4 * LT_TRACE_N];  /* begin records, then each one's end record */
@@ -93,6 +93,16 @@ __device__ __forceinline__ void pdl_wait() {
         lt_trace_buf[2 * i + 1] = make_uint4(*lt_trace_t0(), t1, blockDim.x, 0);
     }
 #endif
+}
+
+/* The value is computed here: the compiler may not sink its loads to a later first use (behind a
+ * barrier or a dependent load, each another memory round trip after the wait) or past an early
+ * return. Used where values are requested together with what comes first. */
+__device__ __forceinline__ void lt_keep(float v) {
+    asm volatile("" ::"f"(v));
+}
+__device__ __forceinline__ void lt_keep(uint32_t v) {
+    asm volatile("" ::"r"(v));
 }
 
 /* Asks L2 for the lines of [p, p + bytes), spread over the block's threads, and returns at once.
@@ -185,6 +195,18 @@ __device__ float block_sum(float v, float *red) {
     __syncthreads();
     v = lane < nw ? red[lane] : 0.0f;
     return warp_sum(v);
+}
+
+__device__ float2 block_sum2(float2 v, float2 *red) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v.x = warp_sum(v.x);
+    v.y = warp_sum(v.y);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : make_float2(0.0f, 0.0f);
+    return make_float2(warp_sum(v.x), warp_sum(v.y));
 }
 
 __device__ float block_max(float v, float *red) {
@@ -653,12 +675,33 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
  * conv channels, and the thread that stores such a row applies the causal conv (conv_k <=
  * GEMV_CONV_MAX taps) and SiLU to it and shifts that channel's conv state, as k_gdn_conv would. */
 #define GEMV_CONV_MAX 8
-enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1 };
+/* GEMV_FUSE_HEAD_NORM: x is a GDN layer's gated output before its RMSNorm (backend.cu
+ * fuse_gdn_norm; k_gdn_decode with head_ss): the RMSNorm's factor is one scalar per head of
+ * head_cols values, from the head's head_parts sums of squares, and it multiplies the dot of each
+ * 16-byte weight vector with x (a vector's values lie in one head). Split-K x_lane GEMVs only, at
+ * most GEMV_HEAD_PARTS_MAX parts per head. */
+enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2 };
 struct gemv_fuse {
     const float *conv_w;     /* [conv_c][conv_k] */
     float *conv_state;       /* [conv_k - 1][conv_c], oldest first */
     uint32_t conv_row0, conv_c, conv_k;
+    const float *head_ss;    /* [heads][head_parts] */
+    uint32_t head_cols, head_parts;
+    float head_eps;
 };
+
+#define GEMV_HEAD_PARTS_MAX 8  /* the sums load together (unrolled) */
+
+/* The RMSNorm factor of x's head holding value i (GEMV_FUSE_HEAD_NORM) */
+__device__ __forceinline__ float head_norm_factor(const gemv_fuse &f, uint32_t i) {
+    const float *p = f.head_ss + (size_t)(i / f.head_cols) * f.head_parts;
+    float ss = 0.0f;
+#pragma unroll
+    for (uint32_t k = 0; k < GEMV_HEAD_PARTS_MAX; k++)
+        if (k < f.head_parts)
+            ss += p[k];
+    return 1.0f / sqrtf(ss / (float)f.head_cols + f.head_eps);
+}
 
 /* Split-K decode without staging (gemv_geom.x_lane): each lane reads the x values of its own weight
  * vectors straight from global memory, all in one round trip, and quantizes them in registers
@@ -666,12 +709,14 @@ struct gemv_fuse {
  * sit in lanes 2i and 2i + 1 (one shuffle), a Q4 block is one vector. At most UX vectors per row
  * and lane (registers). No shared-memory x and no barrier before the dot products. Every lane
  * calls it (shuffles); lanes past nvec get zeros. */
-template <int FMT, int RPW, int U>
+template <int FMT, int RPW, int U, bool HN = false>
 __device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, uint32_t nvec, uint32_t base,
                                                 uint32_t ustride, const uint4 (&w)[RPW][U],
-                                                const float2 (&wsc)[RPW][U], float *acc) {
+                                                const float2 (&wsc)[RPW][U], float *acc,
+                                                const gemv_fuse &f = {}) {
     constexpr int VALS = wfmt<FMT>::VALS, C4 = VALS / 4, UX = FMT == LT_WF_Q4 ? 1 : 2;  /* registers */
     float4 xr[UX][C4];
+    float hn[UX];  /* HN: the head's RMSNorm factor, requested with x */
 #pragma unroll
     for (int u = 0; u < UX; u++) {
         const uint32_t v = base + u * ustride;
@@ -679,6 +724,13 @@ __device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, u
         for (int c = 0; c < C4; c++)
             xr[u][c] = v < nvec && v * VALS + 4 * c < cols ? ((const float4 *)x)[v * C4 + c]
                                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    if constexpr (HN) {  /* after every x load is issued, and kept: one round trip */
+#pragma unroll
+        for (int u = 0; u < UX; u++) {
+            hn[u] = base + u * ustride < nvec ? head_norm_factor(f, (base + u * ustride) * VALS) : 0.0f;
+            lt_keep(hn[u]);
+        }
     }
 #pragma unroll
     for (int u = 0; u < UX; u++) {
@@ -702,8 +754,10 @@ __device__ __forceinline__ void dot_rows_x_lane(const float *x, uint32_t cols, u
         }
         if (base + u * ustride < nvec)
 #pragma unroll
-            for (int r = 0; r < RPW; r++)
-                acc[r] += vec_dot_q16<FMT>(w[r][u], xq, wsc[r][u], amax / 32767.0f, sum);
+            for (int r = 0; r < RPW; r++) {
+                const float d = vec_dot_q16<FMT>(w[r][u], xq, wsc[r][u], amax / 32767.0f, sum);
+                acc[r] += HN ? d * hn[u] : d;
+            }
     }
 }
 
@@ -719,8 +773,9 @@ struct gemv_geom {
 };
 
 /* KS warps per row group, RPW rows per warp, NT tokens per block (grid.y = token tiles).
- * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. FUSE = GEMV_FUSE_CONV: f's conv epilogue (a
- * separate instantiation, so that the GEMVs without it keep their code). */
+ * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. FUSE: f's conv epilogue (GEMV_FUSE_CONV) or
+ * head RMSNorm factors (GEMV_FUSE_HEAD_NORM), each a separate instantiation, so that the GEMVs
+ * without them keep their code. */
 template <int FMT, int KS, int RPW, int NT, int FUSE = GEMV_FUSE_NONE>
 __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
                                               gemv_geom g, int lm_head, gemv_fuse f) {
@@ -850,8 +905,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             acc[r][nt] = 0.0f;
     if (xlane) {
         if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)
-            dot_rows_x_lane<FMT, RPW, U>(x + (size_t)t_first * a.x_stride, a.cols, g.nvec, base, 32 * KS, w, wsc,
-                                         &acc[0][0]);
+            dot_rows_x_lane<FMT, RPW, U, FUSE == GEMV_FUSE_HEAD_NORM>(x + (size_t)t_first * a.x_stride, a.cols,
+                                                                      g.nvec, base, 32 * KS, w, wsc, &acc[0][0], f);
     } else if (g.vec_ok) {
         while (base < g.nvec) {
 #pragma unroll
@@ -1225,8 +1280,13 @@ struct att_geom {
  * it feeds this one): every block ropes its own q head; the blocks whose split holds the new
  * position rope its k (and take its v) into shared memory, in f16 as the cache stores them, and
  * read that row from there; the first q head of each kv head writes it to the caches. Blocks of
- * other splits read only older positions. gate_from_q: the output gate is the second half of the
- * q head (LT_ROPE_SPLIT_GATE), read where ROPE_KV would have copied it from. */
+ * other splits read only older positions. The q, k and v rows are requested with the error flag
+ * and the position, the q / k norm weights and cos / sin are staged before the wait, and q and k
+ * share one block reduction: the prologue is one memory round trip. (Roping q, then k, each with
+ * its own loads and reductions, made Qwen3.5's fused attention slower than k_rope_kv plus the
+ * attention: 11.4 against 2.6 + 6.9 us.) gate_from_q: the output gate is the second half of the
+ * q head (LT_ROPE_SPLIT_GATE), read where ROPE_KV would have copied it from. The output gate's
+ * values are requested after the wait too, and wait in registers. */
 template <bool ROPE, int U, bool PIPE>
 __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
                                                            uint32_t T, att_geom g, float *part,
@@ -1235,9 +1295,10 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     constexpr int B = ATT_ROWS(U, PIPE);
     __shared__ __align__(16) float qs[512];
     __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * U / G' <= 2048 */
-    __shared__ float gm[ATT_THREADS], gl[ATT_THREADS], red[32];
+    __shared__ float gm[ATT_THREADS], gl[ATT_THREADS];
     __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
     __shared__ float2 rope_cs[ROPE ? 256 : 1];  /* rope_cos_sin of the step's position */
+    __shared__ float2 red2[32];
     pdl_begin();
     uint32_t h = blockIdx.x, s = blockIdx.y, t = blockIdx.z, D = a.head_dim;
     const uint32_t pos_hint = *(volatile const uint32_t *)&st->pos;  /* the step's, unless stale */
@@ -1251,25 +1312,57 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
     const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
+    const bool qk_norm = ROPE && (ra.flags & LT_ROPE_QK_NORM);
     if (PIPE) {  /* decode: this split's cache rows up to the step's position (read early as a hint:
-                    a prefetch of rows that turn out unused costs bandwidth only), the rope weights */
+                    a prefetch of rows that turn out unused costs bandwidth only), the norm weights */
         uint32_t hint = pos_hint + T, j0 = s * g.chunk;
         if (j0 < hint && h % group == 0) {
             size_t n = (size_t)(min(j0 + g.chunk, min(hint, a.ctx_cap)) - j0) * D * 2;
             prefetch_l2(kc + (size_t)j0 * D, n);
             prefetch_l2(vc + (size_t)j0 * D, n);
         }
-        if (ROPE) {
-            if (ra.flags & LT_ROPE_QK_NORM) {
-                prefetch_l2(rb.p[LT_ROPE_B_Q_NORM], D * 4);
-                prefetch_l2(rb.p[LT_ROPE_B_K_NORM], D * 4);
-            }
+        if (qk_norm) {
+            prefetch_l2(rb.p[LT_ROPE_B_Q_NORM], D * 4);
+            prefetch_l2(rb.p[LT_ROPE_B_K_NORM], D * 4);
         }
     }
+    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
+        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
+        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
     pdl_wait();
+    /* this thread's values i = threadIdx.x + j * ATT_THREADS of the output gate (decode; prefill's
+       many blocks want the registers) and (ROPE) of the q, k and v rows and norm weights, requested
+       with the error flag and the position (staging the weights before the wait put a round trip
+       ahead of it) */
+    float gv[4] = {}, qv[4] = {}, kv[4] = {}, vv[4] = {}, qnw[4] = {}, knw[4] = {};
+    const float *qsrc = nullptr, *ksrc = nullptr, *vsrc = nullptr;
+    if (ROPE) {
+        qsrc = (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * ((ra.flags & LT_ROPE_SPLIT_GATE) ? 2 * D : D);
+        ksrc = (const float *)rb.p[LT_ROPE_B_K] + (size_t)kvh * D;
+        vsrc = (const float *)rb.p[LT_ROPE_B_V] + (size_t)kvh * D;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t i = threadIdx.x + j * ATT_THREADS;
+        if (i < D) {
+            if (PIPE && gate)
+                gv[j] = gate[i];
+            if (ROPE) {
+                qv[j] = qsrc[i];
+                kv[j] = ksrc[i];
+                vv[j] = vsrc[i];
+            }
+            if (qk_norm) {
+                qnw[j] = ((const float *)rb.p[LT_ROPE_B_Q_NORM])[i];
+                knw[j] = ((const float *)rb.p[LT_ROPE_B_K_NORM])[i];
+            }
+        }
+        lt_keep(gv[j]), lt_keep(qv[j]), lt_keep(kv[j]), lt_keep(vv[j]), lt_keep(qnw[j]), lt_keep(knw[j]);
+    }
     if (st->error)
         return;
     uint32_t pos = st->pos;
+    lt_trace_mark(1);
     if (pos + T > a.ctx_cap) {
         lt_raise(st, LT_ERR_CONTEXT);
         return;
@@ -1304,25 +1397,52 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 kd[k][u] = ks[k][u], vd[k][u] = vs[k][u];
     };
     load(kw, vw, j_begin);
-    if (ROPE) {
-        float *tmp = sbuf, *rot = sbuf + 512;
-        if (pos != pos_hint)  /* the hint was stale: rope_head's barriers publish these before use */
+    if (ROPE) {  /* optional RMSNorm of q and k (one reduction), then NeoX RoPE over rotary_dim */
+        float *tq = sbuf, *tk = sbuf + 512;
+        if (pos != pos_hint)  /* the hint was stale: the barriers below publish these before use */
             fill_rope_cs(pos);
-        rope_head(ra, rb, h, 0, pos, tmp, rot, red, rope_cs);
-        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
-            qs[i] = rot[i];
-        if (jnew != 0xffffffffu) {
-            __syncthreads();
-            rope_head(ra, rb, ra.n_heads + kvh, 0, pos, tmp, rot, red, rope_cs);
-            const float *vsrc = (const float *)rb.p[LT_ROPE_B_V] + (size_t)kvh * D;
-            size_t slot = ((size_t)kvh * a.ctx_cap + pos) * D;
-            bool writer = h % group == 0;
-            for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-                knew[i] = __float2half_rn(rot[i]);
-                vnew[i] = __float2half_rn(vsrc[i]);
-                if (writer) {
-                    ((__half *)b.p[LT_ATTN_B_K_CACHE])[slot + i] = knew[i];
-                    ((__half *)b.p[LT_ATTN_B_V_CACHE])[slot + i] = vnew[i];
+        float rq = 1.0f, rk = 1.0f;
+        const float one = (ra.flags & LT_ROPE_NORM_ADD_ONE) ? 1.0f : 0.0f;
+        if (qk_norm) {
+            float2 ss = make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                ss.x += qv[j] * qv[j];
+                ss.y += kv[j] * kv[j];
+            }
+            ss = block_sum2(ss, red2);
+            rq = rsqrtf(ss.x / (float)D + ra.eps);
+            rk = rsqrtf(ss.y / (float)D + ra.eps);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            if (i < D) {
+                tq[i] = qv[j] * rq * (qk_norm ? one + qnw[j] : 1.0f);
+                tk[i] = kv[j] * rk * (qk_norm ? one + knw[j] : 1.0f);
+            }
+        }
+        __syncthreads();
+        const uint32_t half = ra.rotary_dim / 2;
+        auto roped = [&](const float *x, uint32_t i) {
+            return i < half ? x[i] * rope_cs[i].x - x[i + half] * rope_cs[i].y
+                 : i < 2 * half ? x[i] * rope_cs[i - half].x + x[i - half] * rope_cs[i - half].y
+                                : x[i];
+        };
+        const size_t slot = ((size_t)kvh * a.ctx_cap + pos) * D;
+        const bool writer = h % group == 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            if (i < D) {
+                qs[i] = roped(tq, i);
+                if (jnew != 0xffffffffu) {
+                    knew[i] = __float2half_rn(roped(tk, i));
+                    vnew[i] = __float2half_rn(vv[j]);
+                    if (writer) {
+                        ((__half *)b.p[LT_ATTN_B_K_CACHE])[slot + i] = knew[i];
+                        ((__half *)b.p[LT_ATTN_B_V_CACHE])[slot + i] = vnew[i];
+                    }
                 }
             }
         }
@@ -1332,6 +1452,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             qs[i] = q[i];
     }
     __syncthreads();
+    lt_trace_mark(2);
     float qr[U][8];  /* this lane's q values, pre-scaled */
 #pragma unroll
     for (int u = 0; u < U; u++)
@@ -1406,6 +1527,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         if (PIPE)
             copy_batch(kn, vn, kw, vw);
     }
+    lt_trace_mark(3);
     /* combine the NG groups (in group order: deterministic) into the block's (M, L, o) */
     float *buf = sbuf;  /* [NG][D] */
 #pragma unroll
@@ -1426,9 +1548,6 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         M = fmaxf(M, gm[k]);  /* finite: group 0 has row j_begin */
     for (uint32_t k = 0; k < NG; k++)
         L += gl[k] * expf(gm[k] - M);
-    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
-        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
-        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
     auto block_out = [&](uint32_t i) {
         float o = 0.0f;
         for (uint32_t k = 0; k < NG; k++)
@@ -1436,12 +1555,17 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         return o;
     };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
+    float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
     if (used == 1) {  /* this block is the only split in use: no combine */
-        float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-            float o = block_out(i) / L;
-            out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            if (i < D) {
+                const float o = block_out(i) / L;
+                out[i] = gate ? o * lt_sigmoid_d(PIPE ? gv[j] : gate[i]) : o;
+            }
         }
+        lt_trace_end();
         return;
     }
     /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
@@ -1471,14 +1595,18 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         M = fmaxf(M, __ldcg(ps + k * (D + 2)));
     for (uint32_t k = 0; k < used; k++)
         L += __ldcg(ps + k * (D + 2) + 1) * expf(__ldcg(ps + k * (D + 2)) - M);
-    float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
-        float o = 0.0f;
-        for (uint32_t k = 0; k < used; k++)
-            o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
-        o /= L;
-        out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t i = threadIdx.x + j * ATT_THREADS;
+        if (i < D) {
+            float o = 0.0f;
+            for (uint32_t k = 0; k < used; k++)
+                o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
+            o /= L;
+            out[i] = gate ? o * lt_sigmoid_d(PIPE ? gv[j] : gate[i]) : o;
+        }
     }
+    lt_trace_end();
 }
 
 /* ============================================================================ GDN */
@@ -1535,6 +1663,10 @@ __host__ __device__ __forceinline__ uint32_t gdn_row_lanes(uint32_t k_dim) {
 __host__ __device__ __forceinline__ uint32_t gdn_block_cols(uint32_t k_dim) {
     return GDN_WARPS * 4 * (32 / gdn_row_lanes(k_dim));
 }
+/* k_gdn_decode's blocks per head */
+__host__ __device__ __forceinline__ uint32_t gdn_col_blocks(const lt_gdn_args &a) {
+    return (a.v_dim + gdn_block_cols(a.k_dim) - 1) / gdn_block_cols(a.k_dim);
+}
 
 /* 4 floats at p (V4: one 16-byte access), the ones past n as zeros / not stored. */
 template <bool V4, bool CG = false>
@@ -1585,13 +1717,17 @@ __device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint
  * warp owns whole columns: lane (r, c) holds rows r, r + LR, ... of 4 columns, and the sums over
  * rows are shuffles among the LR lanes of a quad: no shared memory, no barrier, and a head spread
  * over several SMs. Every warp normalizes q and k itself. conv_out holds q | k | v after the conv
- * and SiLU; OUT gets o before the gated RMSNorm (k_gdn_norm). early (backend.cu resident_bound:
- * this layer's previous step has finished): the state is read before the dependency wait, L2 only
- * (__ldcg: no stale L1 line); otherwise with the step's inputs. V4: v_dim % 4 == 0 and 16-byte
- * aligned rows. */
+ * and SiLU. OUT gets o before the gated RMSNorm, which k_gdn_norm applies next. With head_ss
+ * (backend.cu fuse_gdn_norm) OUT gets o * norm_w * SiLU(z), the part of the norm local to a column,
+ * and head_ss[head][column block] the block's sum of o^2: the GEMV reading OUT scales each head by
+ * its RMS factor (GEMV_FUSE_HEAD_NORM), with no kernel in between. early (backend.cu
+ * resident_bound: this layer's previous step has finished): the state is read before the
+ * dependency wait, L2 only (__ldcg: no stale L1 line); otherwise with the step's inputs. V4:
+ * v_dim % 4 == 0 and 16-byte aligned rows (and z and norm_w with head_ss). */
 template <int R, bool V4>
 __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt_binds b, lt_step_args *st,
-                                                             const float *conv_out, int early) {
+                                                             const float *conv_out, int early, float *head_ss) {
+    __shared__ float red[GDN_WARPS];
     pdl_begin();
     const uint32_t h = blockIdx.x, Dk = a.k_dim, Dv = a.v_dim, kh = h / (a.n_v_heads / a.n_k_heads);
     const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1602,6 +1738,9 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
     float s[R][4];
     const float neg_a = -expf(__ldg((const float *)b.p[LT_GDN_B_A_LOG] + h));
     const float dt_bias = __ldg((const float *)b.p[LT_GDN_B_DT_BIAS] + h);
+    float gate[4] = {};  /* head_ss: norm_w now, times SiLU(z) once z is in */
+    if (head_ss && nc)
+        ld4<V4>((const float *)b.p[LT_GDN_B_NORM_W] + c0, nc, gate);
     if (early)
         gdn_load_state<R, V4, true>(S, Dk, Dv, rl, LR, nc, s);
     pdl_wait();
@@ -1616,8 +1755,15 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
         qv[m] = i < Dk ? q[i] : 0.0f;
         kv[m] = i < Dk ? k[i] : 0.0f;
     }
-    if (nc)
+    float zv[4] = {};
+    if (nc) {
         ld4<V4>(conv_out + a.v_offset + h * Dv + c0, nc, vv);
+        if (head_ss) {  /* kept: used only in the epilogue */
+            ld4<V4>((const float *)b.p[LT_GDN_B_Z] + h * Dv + c0, nc, zv);
+            for (int j = 0; j < 4; j++)
+                lt_keep(zv[j]);
+        }
+    }
     const float xb = ((const float *)b.p[LT_GDN_B_B])[h];
     const float xa = ((const float *)b.p[LT_GDN_B_A])[h] + dt_bias;
     lt_trace_mark(1);
@@ -1663,14 +1809,36 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
 #pragma unroll
     for (int j = 0; j < 4; j++)
         o4[j] = gdn_rows_sum(o4[j], LC);
+    if (head_ss) {  /* every lane of a column quad holds its o: sum o^2 over the warp's columns */
+        float sq = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            sq += o4[j] * o4[j];
+            o4[j] *= gate[j] * lt_silu_d(zv[j]);  /* 0 past nc */
+        }
+        for (uint32_t o = 1; o < LC; o <<= 1)
+            sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0)
+            red[warp] = sq;
+    }
     if (rl == 0 && nc)
         st4<V4>((float *)b.p[LT_GDN_B_OUT] + h * Dv + c0, nc, o4);
+    if (head_ss) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GDN_WARPS; w++)
+                t += red[w];
+            head_ss[h * gridDim.y + blockIdx.y] = t;
+        }
+    }
     lt_trace_end();
 }
 
-/* The gated RMSNorm of k_gdn_decode's OUT in place, one block per value head. (In the x_lane
- * prologue of the GEMV that reads OUT it cost more than this kernel: every block there normalizes
- * the whole of x.) */
+/* The gated RMSNorm of k_gdn_decode's OUT in place, one block per value head, where the GEMV after
+ * it cannot take the RMS factors (fuse_gdn_norm). (Normalizing the whole of x in every block of
+ * that GEMV's x_lane prologue cost more than this kernel.) */
 __global__ void __launch_bounds__(128) k_gdn_norm(lt_gdn_args a, lt_binds b, lt_step_args *st) {
     __shared__ float red[32];
     pdl_begin();
