@@ -2157,6 +2157,48 @@ __global__ void __launch_bounds__(GDN_OUT_THREADS) k_gdn_out(lt_gdn_args a, lt_b
  * CPU's, so a draw can differ only when u * total falls within rounding of a boundary. */
 #define SAMPLE_THREADS 1024
 
+/* Softmax statistics of a set of logits: max, its id (lowest on ties), sum of exp(l - max), NaN /
+ * Inf count. Sets merge in any order (the sums rescale to the larger max). */
+struct logit_stats {
+    float max = -INFINITY, sumexp = 0.0f;
+    uint32_t arg = 0xffffffffu, bad = 0;
+    __device__ void merge(float m2, uint32_t a2, float s2, uint32_t bad2) {
+        const float m = fmaxf(max, m2);
+        sumexp = (max > -INFINITY ? sumexp * expf(max - m) : 0.0f) + (m2 > -INFINITY ? s2 * expf(m2 - m) : 0.0f);
+        arg_better(max, arg, m2, a2);
+        bad += bad2;
+    }
+};
+
+/* logit_stats merged over the block; every thread gets the result. The max, its id and the count
+ * first, then each thread's sum rescaled to the block's max (one expf per thread: merging sums at
+ * every shuffle level cost 2 us of special-function throughput in one block of 1024 threads). */
+__device__ logit_stats block_stats(const logit_stats &v, float4 *red, float *redf) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    float m = v.max;
+    uint32_t arg = v.arg, bad = v.bad;
+    auto warp_reduce = [&]() {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            arg_better(m, arg, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, arg, o));
+            bad += __shfl_xor_sync(0xffffffffu, bad, o);
+        }
+    };
+    warp_reduce();
+    __syncthreads();
+    if (lane == 0)
+        red[w] = make_float4(m, __uint_as_float(arg), __uint_as_float(bad), 0.0f);
+    __syncthreads();
+    m = lane < nw ? red[lane].x : -INFINITY;
+    arg = lane < nw ? __float_as_uint(red[lane].y) : 0xffffffffu;
+    bad = lane < nw ? __float_as_uint(red[lane].z) : 0u;
+    warp_reduce();
+    logit_stats r;
+    r.max = m, r.arg = arg, r.bad = bad;
+    r.sumexp = block_sum(v.max > -INFINITY ? v.sumexp * expf(v.max - m) : 0.0f, redf);
+    return r;
+}
+
 struct pen_view {
     const float *logits;
     const uint32_t *counts;
@@ -2202,16 +2244,35 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
                                                            uint32_t T) {
     __shared__ float redv[33];
     __shared__ uint32_t redi[33];
+    __shared__ float4 red4[32];
     __shared__ uint32_t flag;
     pdl_begin();
     pdl_wait();
-    if (st->error)
-        return;
     const uint32_t V = a.vocab, tid = threadIdx.x;
     const float *logits = (const float *)b.p[LT_SAMPLE_B_LOGITS];
     if (a.flags & LT_SAMPLE_LOGITS_ALL_TOKENS)
         logits += (size_t)(T - 1) * a.logits_stride;
     const lt_argmax_partial *part = (const lt_argmax_partial *)b.p[LT_SAMPLE_B_PARTIALS];
+    /* 2. (its loads first, in flight with the error flag and the history's) this thread's share of
+       the raw logits' max, argmax, sum of exp and NaN / Inf count, from the LM head's partials or
+       the logits; merged over the block after 1 */
+    logit_stats ls;
+    if (part) {
+        for (uint32_t i = tid; i < (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK; i += SAMPLE_THREADS)
+            ls.merge(part[i].max, part[i].argmax, part[i].sumexp, part[i].n_nonfinite);
+    } else {
+        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS) {
+            const float l = logits[v];
+            if (isfinite(l))
+                ls.merge(l, v, 1.0f, 0);
+            else
+                ls.bad++;
+        }
+    }
+    lt_keep(ls.max), lt_keep(ls.sumexp), lt_keep(ls.arg), lt_keep(ls.bad);
+    if (st->error)
+        return;
+    lt_trace_mark(1);
     const uint32_t *ids = (const uint32_t *)b.p[LT_SAMPLE_B_IDS];
     uint32_t *counts = (uint32_t *)b.p[LT_SAMPLE_B_COUNTS], *hist = (uint32_t *)b.p[LT_SAMPLE_B_HIST];
 
@@ -2243,36 +2304,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
     if (flag)
         return;
 
-    /* 2. max, argmax, sum of exp and NaN/Inf count of the raw logits */
-    float mx = -INFINITY, z = 0.0f;
-    uint32_t arg = 0xffffffffu, bad = 0;
-    if (part) {
-        uint32_t nb = (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
-        for (uint32_t i = tid; i < nb; i += SAMPLE_THREADS) {
-            bad += part[i].n_nonfinite;
-            arg_better(mx, arg, part[i].max, part[i].argmax);
-        }
-        bad = block_count(bad, redi);
-        block_argmax(mx, arg, redv, redi);
-        for (uint32_t i = tid; i < nb; i += SAMPLE_THREADS)
-            if (part[i].max > -INFINITY)
-                z += part[i].sumexp * expf(part[i].max - mx);
-        z = block_sum(z, redv);
-    } else {
-        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS) {
-            float l = logits[v];
-            if (!isfinite(l))
-                bad++;
-            else
-                arg_better(mx, arg, l, v);
-        }
-        bad = block_count(bad, redi);
-        block_argmax(mx, arg, redv, redi);
-        for (uint32_t v = tid; v < V; v += SAMPLE_THREADS)
-            z += expf(logits[v] - mx);
-        z = block_sum(z, redv);
-    }
-    if (bad) {
+    lt_trace_mark(2);
+    ls = block_stats(ls, red4, redv);
+    lt_trace_mark(3);
+    const float z = ls.sumexp;  /* over exp(l - ls.max) */
+    uint32_t arg = ls.arg;
+    if (ls.bad) {
         if (tid == 0)
             lt_raise(st, LT_ERR_NONFINITE);
         return;
@@ -2289,7 +2326,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
     pen_view pen{logits, counts, st->repetition_penalty, st->presence_penalty, st->frequency_penalty, false};
     pen.active = counts && (pen.rep != 1.0f || pen.presence != 0.0f || pen.freq != 0.0f);
     uint32_t tok = arg;
-    float logprob = logits[arg] - mx - logf(z);
+    float logprob = -logf(z);  /* logits[arg] is ls.max */
     const float temperature = st->temperature;
     if (temperature <= 0.0f) {
         if (pen.active) {  /* greedy over the penalized logits; logprob under their softmax */
@@ -2436,4 +2473,5 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
         st->n_tokens = 1;
         st->step += 1;
     }
+    lt_trace_end();
 }
