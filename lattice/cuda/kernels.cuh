@@ -1359,9 +1359,10 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         }
         lt_keep(gv[j]), lt_keep(qv[j]), lt_keep(kv[j]), lt_keep(vv[j]), lt_keep(qnw[j]), lt_keep(knw[j]);
     }
-    if (st->error)
+    const uint32_t err = st->error, pos = st->pos;
+    lt_keep(pos);  /* requested with the error flag, not after its branch */
+    if (err)
         return;
-    uint32_t pos = st->pos;
     lt_trace_mark(1);
     if (pos + T > a.ctx_cap) {
         lt_raise(st, LT_ERR_CONTEXT);
@@ -1411,6 +1412,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 ss.y += kv[j] * kv[j];
             }
             ss = block_sum2(ss, red2);
+            lt_trace_mark(4);
             rq = rsqrtf(ss.x / (float)D + ra.eps);
             rk = rsqrtf(ss.y / (float)D + ra.eps);
         }
@@ -1423,6 +1425,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             }
         }
         __syncthreads();
+        lt_trace_mark(5);
         const uint32_t half = ra.rotary_dim / 2;
         auto roped = [&](const float *x, uint32_t i) {
             return i < half ? x[i] * rope_cs[i].x - x[i + half] * rope_cs[i].y

@@ -1,15 +1,18 @@
 """Timeline of one Lattice-CUDA decode step, from the LT_TRACE build of the backend (kernels.cuh):
-each block's start and dependency-release times, and marks inside k_gemv and k_gdn_decode.
+each block's start and dependency-release times, and marks inside k_gemv, k_gdn_decode,
+k_attention and k_sample.
 
-    python3 tests/gpu/trace_step.py MODEL.gguf OUT.txt
+    python3 tests/gpu/trace_step.py MODEL.gguf OUT.txt [TOKENS]
 
 Per kernel of the second-to-last complete decode step: threads, grid, phase = its first release
 minus the previous kernel's first release (what the chain spent on the previous kernel), when its
 blocks started relative to the previous release (first / last), how many started after their own
 release (their weight loads could not overlap the previous kernel), its release spread, what the
-chain spent on it (own) and thread 0's marks 1, 2 and end (median block, after its release). Then
+chain spent on it (own) and thread 0's marks 1-5 and end (median block, after its release). Then
 the phase time per kernel class, with thread 0's marks (median block, ns after its release) and
-the time from a grid's last end to the next grid's release. Decode runs ~6% slower traced."""
+the time from a grid's last end to the next grid's release. TOKENS (48) tokens follow a 16-token
+prompt: the traced step's position is a little under 16 + TOKENS. (Before the marks 1-5 columns,
+the rows' "mark1" and "mark2" columns held marks 2 and 3.) Decode runs ~6% slower traced."""
 import gc
 import os
 import sys
@@ -18,13 +21,14 @@ import tempfile
 import numpy as np
 
 model, out = sys.argv[1], sys.argv[2]
+tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 48
 path = os.path.join(tempfile.mkdtemp(), "trace.bin")
 os.environ["LATTICE_CUDA_TRACE_OUT"] = path
 os.environ["LATTICE_CUDA_TRACE"] = "1"  # builds (and caches) the traced library
 import lattice  # noqa: E402
 
-m = lattice.load(model, backend="cuda", context=512)
-m.session().generate(list(range(100, 116)), max_tokens=48, ignore_eos=True)
+m = lattice.load(model, backend="cuda", context=max(512, tokens + 64))
+m.session().generate(list(range(100, 116)), max_tokens=tokens, ignore_eos=True)
 del m
 gc.collect()
 
@@ -73,7 +77,8 @@ if p:
     lo = last - 2 * p + 1  # the second-to-last complete step
     step = grids[lo - 1:lo + p]
     lines.append(f"step: {step[-1]['t1min'] - step[0]['t1min']} ns from kernel {lo} to {lo + p}")
-    lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread   own_ns  mark1  mark2    end")
+    lines.append(" i thr grid  rec phase_ns start_first start_last late rel_spread   own_ns  mark1  mark2  mark3"
+                 "  mark4  mark5    end")
     classes = {}
     for i in range(1, len(step)):
         d, prev = step[i], step[i - 1]
@@ -82,7 +87,7 @@ if p:
         mk = d.get("marks") or [-1] * 6
         lines.append(f"{i:3d} {d['threads']:3d} {d['size']:5d} {d['n']:4d} {phase:8d} "
                      f"{d['t0min'] - prev['t1min']:11d} {d['t0max'] - prev['t1min']:10d} {d['late']:4d} "
-                     f"{d['t1max'] - d['t1min']:10d} {own:8d} {mk[1]:6d} {mk[2]:6d} {mk[5]:6d}")
+                     f"{d['t1max'] - d['t1min']:10d} {own:8d} " + " ".join(f"{v:6d}" for v in mk))
         c = classes.setdefault((prev["threads"], prev["size"]), [0, 0, []])
         c[0] += 1
         c[1] += phase
