@@ -1326,9 +1326,11 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
             prefetch_l2(rb.p[LT_ROPE_B_K_NORM], D * 4);
         }
     }
-    const float *gate = !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
-        : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
-        : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
+    auto gate_row = [&]() -> const float * {
+        return !(a.flags & LT_ATTN_OUT_GATE) ? nullptr
+               : ROPE && gate_from_q ? (const float *)rb.p[LT_ROPE_B_Q] + (size_t)h * 2 * D + D
+               : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
+    };
     pdl_wait();
     /* this thread's values i = threadIdx.x + j * ATT_THREADS of the output gate (decode; prefill's
        many blocks want the registers) and (ROPE) of the q, k and v rows and norm weights, requested
@@ -1345,8 +1347,8 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     for (int j = 0; j < 4; j++) {
         const uint32_t i = threadIdx.x + j * ATT_THREADS;
         if (i < D) {
-            if (PIPE && gate)
-                gv[j] = gate[i];
+            if (PIPE && gate_row())
+                gv[j] = gate_row()[i];
             if (ROPE) {
                 qv[j] = qsrc[i];
                 kv[j] = ksrc[i];
@@ -1357,7 +1359,10 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                 knw[j] = ((const float *)rb.p[LT_ROPE_B_K_NORM])[i];
             }
         }
-        lt_keep(gv[j]), lt_keep(qv[j]), lt_keep(kv[j]), lt_keep(vv[j]), lt_keep(qnw[j]), lt_keep(knw[j]);
+        if (PIPE)
+            lt_keep(gv[j]);
+        if (ROPE)
+            lt_keep(qv[j]), lt_keep(kv[j]), lt_keep(vv[j]), lt_keep(qnw[j]), lt_keep(knw[j]);
     }
     const uint32_t err = st->error, pos = st->pos;
     lt_keep(pos);  /* requested with the error flag, not after its branch */
@@ -1551,6 +1556,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         M = fmaxf(M, gm[k]);  /* finite: group 0 has row j_begin */
     for (uint32_t k = 0; k < NG; k++)
         L += gl[k] * expf(gm[k] - M);
+    const float *gate = gate_row();
     auto block_out = [&](uint32_t i) {
         float o = 0.0f;
         for (uint32_t k = 0; k < NG; k++)
@@ -1560,12 +1566,19 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     uint32_t used = (len + g.chunk - 1) / g.chunk;
     float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
     if (used == 1) {  /* this block is the only split in use: no combine */
+        if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint32_t i = threadIdx.x + j * ATT_THREADS;
-            if (i < D) {
+            for (int j = 0; j < 4; j++) {
+                const uint32_t i = threadIdx.x + j * ATT_THREADS;
+                if (i < D) {
+                    const float o = block_out(i) / L;
+                    out[i] = gate ? o * lt_sigmoid_d(gv[j]) : o;
+                }
+            }
+        } else {
+            for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
                 const float o = block_out(i) / L;
-                out[i] = gate ? o * lt_sigmoid_d(PIPE ? gv[j] : gate[i]) : o;
+                out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
             }
         }
         lt_trace_end();
@@ -1598,16 +1611,22 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         M = fmaxf(M, __ldcg(ps + k * (D + 2)));
     for (uint32_t k = 0; k < used; k++)
         L += __ldcg(ps + k * (D + 2) + 1) * expf(__ldcg(ps + k * (D + 2)) - M);
+    auto combined = [&](uint32_t i) {
+        float o = 0.0f;
+        for (uint32_t k = 0; k < used; k++)
+            o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
+        return o / L;
+    };
+    if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const uint32_t i = threadIdx.x + j * ATT_THREADS;
-        if (i < D) {
-            float o = 0.0f;
-            for (uint32_t k = 0; k < used; k++)
-                o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
-            o /= L;
-            out[i] = gate ? o * lt_sigmoid_d(PIPE ? gv[j] : gate[i]) : o;
+        for (int j = 0; j < 4; j++) {
+            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            if (i < D)
+                out[i] = gate ? combined(i) * lt_sigmoid_d(gv[j]) : combined(i);
         }
+    } else {
+        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+            out[i] = gate ? combined(i) * lt_sigmoid_d(gate[i]) : combined(i);
     }
     lt_trace_end();
 }
