@@ -497,7 +497,7 @@ def layout_scratch(kernels, rows, skip=()):
         fused_next = kern.kind == "qk_rope_kv" and i + 1 < len(kernels) and kernels[i + 1].kind == "attention"
         for v in kern.reads.values():
             if v is not None:
-                last[id(root(v)[0])] = max(last.get(id(root(v)[0]), i), i + fused_next)
+                last[id(root(v)[0])] = i + fused_next
     offsets, live, size = {}, [], 0          # live: [offset, nbytes, last reader]
     for i, kern in enumerate(kernels):
         live = [blk for blk in live if blk[2] >= i]

@@ -155,7 +155,8 @@ def _check_gdn(lib, T, Hk, Hv, Dk, Dv):
 @pytest.mark.parametrize("fuse,early,steps,fmt,shape", [
     ("1", "0", 1, "q8", "qwen35"), ("1", "1", 1, "q8", "qwen35"), ("conv", "0", 1, "q8", "qwen35"),
     ("0", "0", 1, "q8", "qwen35"), ("1", "0", 3, "q8", "qwen35"), ("1", "0", 1, "q4", "qwen35"),
-    ("1", "0", 1, "q8", "wide"), ("1", "1", 1, "q4", "wide"), ("1", "1", 2, "q4", "wide"), ("1", "0", 1, "q8", "v40")])
+    ("1", "0", 1, "q8", "wide"), ("1", "1", 1, "q4", "wide"), ("1", "1", 2, "q4", "wide"),
+    ("1", "0", 1, "q8", "v40")])
 def test_gdn_layer_fused_into_its_gemvs(lib, monkeypatch, fuse, early, steps, fmt, shape):
     """A decode GDN layer: in_proj (input RMSNorm) -> GDN -> out_proj (+ residual), at Qwen3.5-0.8B's
     shapes (16 heads of 128, hidden 1024), wider heads (k_dim 256, v_dim 256: 8 column blocks per
@@ -163,9 +164,10 @@ def test_gdn_layer_fused_into_its_gemvs(lib, monkeypatch, fuse, early, steps, fm
     and the gated RMSNorm into out_proj (the GDN writes the gated output and per-block sums of
     squares; out_proj scales each head): three kernels per step instead of five ("conv": four;
     eager launches, counted). The norm stays a kernel where out_proj does not read x per lane (Q4
-    rows of 64 vectors: two warps per row) or a weight vector would span two heads (v_dim 40). One step may read the state before the dependency wait (LATTICE_CUDA_EARLY_STATE=1;
-    a program this small could otherwise have all its kernels resident at once); several steps
-    replay a graph. Outputs, conv state and recurrent state against lattice/reference.py."""
+    rows of 64 vectors: two warps per row) or a weight vector would span two heads (v_dim 40).
+    One step may read the state before the dependency wait (LATTICE_CUDA_EARLY_STATE=1; a program
+    this small could otherwise have all its kernels resident at once); several steps replay a
+    graph. Outputs, conv state and recurrent state against lattice/reference.py."""
     from lattice import reference as ref
     from test_cpu_kernels import (Dispatch, GdnArgs, GemvArgs, K_GDN, K_GEMV, Mem, OK, Q4, Q8, Ref, SCRATCH,
                                   STATE, StepArgs, WEIGHTS, dispatch, put_matrix, rand)

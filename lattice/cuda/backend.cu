@@ -742,7 +742,7 @@ static bool resident_bound(const lt_cuda *c, const program &p) {
             t = L.stream_grid ? (uint64_t)L.stream_grid * 256 : (uint64_t)a.rows / (8 / L.ks * L.rpw) * 256;
         } else if (L.kernel == LT_K_GDN) {
             const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-            t = (uint64_t)a.n_v_heads * (a.v_dim / gdn_block_cols(a.k_dim)) * GDN_WARPS * 32;
+            t = (uint64_t)a.n_v_heads * gdn_col_blocks(a) * GDN_WARPS * 32;
         }
         threads += t;
         biggest = std::max(biggest, t);

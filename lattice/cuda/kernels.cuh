@@ -1136,43 +1136,32 @@ __device__ __forceinline__ float2 rope_cos_sin(uint32_t p, float inv_freq) {
     return make_float2((float)cos(ang), (float)sin(ang));
 }
 
-/* Head h (q heads first, then kv heads) of token t at position p: optional RMSNorm, then NeoX
- * RoPE, into rot[D] (shared memory; tmp[D] is scratch). cs (shared memory, or nullptr: computed
- * here) holds rope_cos_sin(p, inv_freq[i]) for i < rotary_dim / 2, written before the call.
- * Every thread of the block calls it; synchronizes before returning. */
+/* Head h (q heads first, then kv heads) of token t at position p: optional RMSNorm (norm weight
+ * nw_s), then NeoX RoPE (frequencies inv_freq_s), into rot[D] (shared memory; tmp[D] is scratch).
+ * Each thread reads only the nw_s / inv_freq_s elements it staged itself (k_rope_kv). Every thread
+ * of the block calls it; synchronizes before returning. */
 __device__ void rope_head(const lt_rope_kv_args &a, const lt_binds &b, uint32_t h, uint32_t t, uint32_t p,
-                          float *tmp, float *rot, float *red, const float2 *cs = nullptr,
-                          const float *nw_s = nullptr, const float *inv_freq_s = nullptr) {
+                          float *tmp, float *rot, float *red, const float *nw_s, const float *inv_freq_s) {
     uint32_t D = a.head_dim, half = a.rotary_dim / 2;
     bool split = a.flags & LT_ROPE_SPLIT_GATE, add_one = a.flags & LT_ROPE_NORM_ADD_ONE;
-    const float *src, *nw = nullptr;
-    if (h < a.n_heads) {
-        src = (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * (split ? 2 * D : D);
-        if (a.flags & LT_ROPE_QK_NORM)
-            nw = (const float *)b.p[LT_ROPE_B_Q_NORM];
-    } else {
-        src = (const float *)b.p[LT_ROPE_B_K] + (size_t)t * a.k_stride + (size_t)(h - a.n_heads) * D;
-        if (a.flags & LT_ROPE_QK_NORM)
-            nw = (const float *)b.p[LT_ROPE_B_K_NORM];
-    }
+    const float *src = h < a.n_heads
+        ? (const float *)b.p[LT_ROPE_B_Q] + (size_t)t * a.q_stride + (size_t)h * (split ? 2 * D : D)
+        : (const float *)b.p[LT_ROPE_B_K] + (size_t)t * a.k_stride + (size_t)(h - a.n_heads) * D;
     float ss = 0.0f;
     for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
         tmp[i] = src[i];
         ss += tmp[i] * tmp[i];
     }
-    if (nw && nw_s)  /* staged by this thread before the wait (k_rope_kv) */
-        nw = nw_s;
-    if (nw) {
+    if (a.flags & LT_ROPE_QK_NORM) {
         ss = block_sum(ss, red);
         float r = rsqrtf(ss / (float)D + a.eps);
         for (uint32_t i = threadIdx.x; i < D; i += blockDim.x)
-            tmp[i] = tmp[i] * r * (add_one ? 1.0f + nw[i] : nw[i]);
+            tmp[i] = tmp[i] * r * (add_one ? 1.0f + nw_s[i] : nw_s[i]);
     }
     __syncthreads();
-    const float *inv_freq = inv_freq_s ? inv_freq_s : (const float *)b.p[LT_ROPE_B_INV_FREQ];
     for (uint32_t i = threadIdx.x; i < D; i += blockDim.x) {
         if (i < half) {
-            float2 c = cs ? cs[i] : rope_cos_sin(p, inv_freq[i]);
+            float2 c = rope_cos_sin(p, inv_freq_s[i]);
             float x1 = tmp[i], x2 = tmp[i + half];
             rot[i] = x1 * c.x - x2 * c.y;
             rot[i + half] = x2 * c.x + x1 * c.y;
@@ -1216,7 +1205,7 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
         copy[j] = copy_src && i < D ? copy_src[i] : 0.0f;
     }
     /* q_out may alias q: rope_head reads everything before anything is written */
-    rope_head(a, b, h, t, pos + t, tmp, rot, red, nullptr, nw_s, inv_freq_s);
+    rope_head(a, b, h, t, pos + t, tmp, rot, red, nw_s, inv_freq_s);
     if (err)
         return;
     if (pos + T > a.ctx_cap) {
