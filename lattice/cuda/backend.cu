@@ -424,12 +424,14 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
         const lt_rope_kv_args ra = L.rope_args ? *(const lt_rope_kv_args *)L.rope_args : lt_rope_kv_args{};
         const lt_binds &rb = L.rope_args ? L.rb : L.b;
         /* decode reads a cold cache: the next batch of rows is requested before this one is used
-           (PIPE); prefill's rows were just written (L2) and its many blocks want fewer registers */
-        const bool wide = att_vecs_per_lane(a.head_dim) == 2;
+           (PIPE, 256 threads); prefill's rows were just written (L2) and its many blocks want fewer
+           registers (128 threads). The block size is the instantiation's (att_threads(PIPE)) */
+        const bool wide = att_vecs_per_lane(a.head_dim) == 2, pipe = L.rope_args || T == 1;
         auto k = L.rope_args ? (wide ? k_attention<true, 2, true> : k_attention<true, 1, true>)
-                 : T == 1    ? (wide ? k_attention<false, 2, true> : k_attention<false, 1, true>)
+                 : pipe      ? (wide ? k_attention<false, 2, true> : k_attention<false, 1, true>)
                              : (wide ? k_attention<false, 2, false> : k_attention<false, 1, false>);
-        launch_k(k, grid, ATT_THREADS, 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt, ra, rb, L.gate_from_q);
+        launch_k(k, grid, att_threads(pipe), 0, s, a, L.b, st, T, L.ag, p.attn_ws, p.attn_cnt, ra, rb,
+                 L.gate_from_q);
         break;
     }
     case LT_K_GDN: {
@@ -883,13 +885,14 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             chunk = (chunk + 63) / 64 * 64;
             if (max_tokens > 1 && chunk < 256)
                 chunk = 256;
-            /* decode: splits of up to two batches of rows (lane groups x ATT_ROWS; 256 at most):
-               combining splits (a fence, an atomic, a second L2 round trip) costs more than a
-               batch whose rows were prefetched into L2 before the wait. 256 positions per split
-               for head_dim 64 (SmolLM2), 64 for 256 (Qwen3.5) */
-            uint32_t per_batch = ATT_THREADS / G * ATT_ROWS(att_vecs_per_lane(a->head_dim), true);
+            /* decode: splits of up to one batch of rows (lane groups of the decode block x
+               ATT_ROWS; 256 at most): combining splits (a fence, an atomic, a second L2 round
+               trip) costs more than a batch whose rows were prefetched into L2 before the wait.
+               256 positions per split for head_dim 64 (SmolLM2), 64 for 256 (Qwen3.5): the same
+               as two batches of the 128-thread block before, now read in one */
+            uint32_t per_batch = att_threads(true) / G * ATT_ROWS(att_vecs_per_lane(a->head_dim), true);
             if (max_tokens == 1)
-                chunk = std::max(chunk, std::min(256u, (2 * per_batch + 63) / 64 * 64));
+                chunk = std::max(chunk, std::min(256u, (per_batch + 63) / 64 * 64));
             L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};
             if (L.ag.n_split > 1) {
                 size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);

@@ -1322,10 +1322,11 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
 }
 
 /* ============================================================================ ATTENTION */
-/* Split-K attention. grid (n_heads, n_split, T), 128 threads. Block (h, s, t) covers cache
+/* Split-K attention. grid (n_heads, n_split, T), NT = att_threads(PIPE) threads: 256 at decode,
+ * 128 at prefill. Block (h, s, t) covers cache
  * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1). G lanes share
  * one cache row (16-byte f16 loads, G = nvec rounded up to a power of two, at most 32; U vectors
- * per lane, U = 2 for head_dim > 256), so a block has NG = 128 / G lane groups. Each group runs its
+ * per lane, U = 2 for head_dim > 256), so a block has NG = NT / G lane groups. Each group runs its
  * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
  * and V rows are requested together, and the next batch's before this one is used, so a block's
  * dependent chain is about one memory round trip, with no barrier inside the loop. (The cache is
@@ -1335,7 +1336,14 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
  * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
  * block) combines them: no second kernel. */
-#define ATT_THREADS 128
+/* threads per block, per instantiation: 256 at decode (PIPE: twice the lane groups, so a split
+ * of one batch's rows, e.g. Qwen3.5's 64, is read in one round trip instead of two), 128 at
+ * prefill (it has many blocks; its code, registers and shared memory are as with 128 threads for
+ * all). The loops over i = threadIdx.x + j * NT, j < 4, cover head_dim <= 4 * NT: 512 at prefill.
+ * Used by __launch_bounds__, the shared arrays, the launch (backend.cu) and the decode split size */
+__host__ __device__ constexpr int att_threads(bool pipe) {
+    return pipe ? 256 : 128;
+}
 /* rows per group and batch: 8 uint4 of K and 8 of V per lane at decode. Prefill (no PIPE) runs
  * many blocks at once and reads rows just written (L2): 2 rows, 48 instead of 133 registers (H100,
  * pp512: SmolLM2 42,308 tok/s with 8 rows, 46,428 with 4, 46,980 with 2) */
@@ -1361,14 +1369,16 @@ struct att_geom {
  * q head (LT_ROPE_SPLIT_GATE), read where ROPE_KV would have copied it from. The output gate's
  * values are requested after the wait too, and wait in registers. */
 template <bool ROPE, int U, bool PIPE>
-__global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
+__global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_args a, lt_binds b, lt_step_args *st,
                                                            uint32_t T, att_geom g, float *part,
                                                            unsigned *counters, lt_rope_kv_args ra, lt_binds rb,
                                                            uint32_t gate_from_q) {
-    constexpr int B = ATT_ROWS(U, PIPE);
+    constexpr int B = ATT_ROWS(U, PIPE), NT = att_threads(PIPE);
     __shared__ __align__(16) float qs[512];
-    __shared__ float sbuf[2048];  /* [NG][D]: NG * D = ATT_THREADS * 8 * U / G' <= 2048 */
-    __shared__ float gm[ATT_THREADS], gl[ATT_THREADS];
+    /* [NG][D]: NG * D = NT / G * 8 * nvec <= NT * 8 * U (nvec <= G * U) <= 16 * NT: 2048 at
+       prefill (as before), 4096 at decode; ROPE stages its q and k rows in the first 1024 */
+    __shared__ float sbuf[16 * NT];
+    __shared__ float gm[NT], gl[NT];
     __shared__ __align__(16) __half knew[ROPE ? 512 : 8], vnew[ROPE ? 512 : 8];
     __shared__ float2 rope_cs[ROPE ? 256 : 1];  /* rope_cos_sin of the step's position */
     __shared__ float2 red2[32];
@@ -1377,12 +1387,12 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     const uint32_t pos_hint = *(volatile const uint32_t *)&st->pos;  /* the step's, unless stale */
     const float *inv_freq = ROPE ? (const float *)rb.p[LT_ROPE_B_INV_FREQ] : nullptr;
     auto fill_rope_cs = [&](uint32_t p) {
-        for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += ATT_THREADS)
+        for (uint32_t i = threadIdx.x; i < ra.rotary_dim / 2; i += NT)
             rope_cs[i] = rope_cos_sin(p, __ldg(inv_freq + i));
     };
     if (ROPE)  /* the double-precision cos and sin off the dependent chain; checked after the wait */
         fill_rope_cs(pos_hint);
-    uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = ATT_THREADS / G;
+    uint32_t group = a.n_heads / a.n_kv_heads, kvh = h / group, nvec = D / 8, G = g.G, NG = NT / G;
     const __half *kc = (const __half *)b.p[LT_ATTN_B_K_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const __half *vc = (const __half *)b.p[LT_ATTN_B_V_CACHE] + (size_t)kvh * a.ctx_cap * D;
     const bool qk_norm = ROPE && (ra.flags & LT_ROPE_QK_NORM);
@@ -1405,7 +1415,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
                : (const float *)b.p[LT_ATTN_B_GATE] + (size_t)t * a.gate_stride + (size_t)h * D;
     };
     pdl_wait();
-    /* this thread's values i = threadIdx.x + j * ATT_THREADS of the output gate (decode; prefill's
+    /* this thread's values i = threadIdx.x + j * NT of the output gate (decode; prefill's
        many blocks want the registers) and (ROPE) of the q, k and v rows and norm weights, requested
        with the error flag and the position (staging the weights before the wait put a round trip
        ahead of it) */
@@ -1418,7 +1428,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     }
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        const uint32_t i = threadIdx.x + j * ATT_THREADS;
+        const uint32_t i = threadIdx.x + j * NT;
         if (i < D) {
             if (PIPE && gate_row())
                 gv[j] = gate_row()[i];
@@ -1496,7 +1506,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            const uint32_t i = threadIdx.x + j * NT;
             if (i < D) {
                 tq[i] = qv[j] * rq * (qk_norm ? one + qnw[j] : 1.0f);
                 tk[i] = kv[j] * rk * (qk_norm ? one + knw[j] : 1.0f);
@@ -1514,7 +1524,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         const bool writer = h % group == 0;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            const uint32_t i = threadIdx.x + j * NT;
             if (i < D) {
                 qs[i] = roped(tq, i);
                 if (jnew != 0xffffffffu) {
@@ -1529,7 +1539,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         }
     } else {
         const float *q = (const float *)b.p[LT_ATTN_B_Q] + (size_t)t * a.q_stride + (size_t)h * D;
-        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+        for (uint32_t i = threadIdx.x; i < D; i += NT)
             qs[i] = q[i];
     }
     __syncthreads();
@@ -1642,14 +1652,14 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
         if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const uint32_t i = threadIdx.x + j * ATT_THREADS;
+                const uint32_t i = threadIdx.x + j * NT;
                 if (i < D) {
                     const float o = block_out(i) / L;
                     out[i] = gate ? o * lt_sigmoid_d(gv[j]) : o;
                 }
             }
         } else {
-            for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS) {
+            for (uint32_t i = threadIdx.x; i < D; i += NT) {
                 const float o = block_out(i) / L;
                 out[i] = gate ? o * lt_sigmoid_d(gate[i]) : o;
             }
@@ -1659,7 +1669,7 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     }
     /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
     float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
-    for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+    for (uint32_t i = threadIdx.x; i < D; i += NT)
         mine[2 + i] = block_out(i);
     if (threadIdx.x == 0) {
         mine[0] = M;
@@ -1693,12 +1703,12 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(lt_attention_args a, 
     if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const uint32_t i = threadIdx.x + j * ATT_THREADS;
+            const uint32_t i = threadIdx.x + j * NT;
             if (i < D)
                 out[i] = gate ? combined(i) * lt_sigmoid_d(gv[j]) : combined(i);
         }
     } else {
-        for (uint32_t i = threadIdx.x; i < D; i += ATT_THREADS)
+        for (uint32_t i = threadIdx.x; i < D; i += NT)
             out[i] = gate ? combined(i) * lt_sigmoid_d(gate[i]) : combined(i);
     }
     lt_trace_end();
