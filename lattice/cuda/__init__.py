@@ -23,9 +23,7 @@ the GDN step stays a kernel instead of running in in_proj's clusters), LATTICE_C
 runs k_rope_kv before the attention instead of in it), LATTICE_CUDA_EARLY_STATE=0 / 1
 (whether decode kernels may read their recurrent state before the dependency wait; default: when
 the program's kernels cannot all be resident at once), LATTICE_CUDA_TRACE=1 (a library that
-records the decode timeline; tests/gpu/trace_step.py). Experiment: LATTICE_CUDA_L2_PERSIST=<MB>
-(the first <MB> of the decode LM head's weights, within the device's persisting-L2 limits, stay in
-L2 across steps instead of streaming from DRAM; off by default and where the device refuses).
+records the decode timeline; tests/gpu/trace_step.py).
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ struct launch {
     int ks, rpw;
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
     gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv) or norm in x (fuse_gdn_norm) */
-    cudaAccessPolicyWindow l2 = {};  /* num_bytes > 0: the decode LM head's weights to keep in L2 */
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
@@ -75,7 +74,6 @@ struct lt_cuda {
     bool gdn_fuse_conv = true, gdn_fuse_norm = true, gdn_fuse_cluster = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
-    size_t l2_persist = 0;   /* LATTICE_CUDA_L2_PERSIST=<MB>: bytes of the decode LM head's weights kept in L2 */
     int sms = 132;
     std::vector<program *> progs;
     /* Two launches may be pending (the token loop queues call i + 1 before reading call i's
@@ -226,8 +224,6 @@ static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
  * same shape, so that a decode A/B measures what their work costs inside the step. The outputs are
  * then wrong. nop_now: whether launch_k, called by launch_one, empties the launch. */
 static thread_local bool nop_now = false;
-/* The access policy window of the GEMV launch_gemv_simt is launching (LATTICE_CUDA_L2_PERSIST), or null */
-static thread_local const cudaAccessPolicyWindow *l2_now = nullptr;
 __global__ void k_nop() {
     pdl_begin();
     pdl_wait();
@@ -268,7 +264,7 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
     if (nop_now)
         lt_launch(k_nop, grid, block, 0, s, pdl_enabled);
     else
-        lt_launch_ex(k, grid, block, smem, s, pdl_enabled, 1u, l2_now, args...);
+        lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
 template <typename... P, typename... A>
 static void launch_k_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, unsigned cluster,
@@ -276,7 +272,7 @@ static void launch_k_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem
     if (nop_now)
         lt_launch(k_nop, grid, block, 0, s, pdl_enabled);
     else
-        lt_launch_ex(k, grid, block, smem, s, pdl_enabled, cluster, l2_now, args...);
+        lt_launch_cluster(k, grid, block, smem, s, pdl_enabled, cluster, args...);
 }
 
 /* k_gemv with L.ks warps per row and L.rpw rows per warp (rpw 2 and 4: one token only) */
@@ -362,14 +358,12 @@ static void launch_gemv_simt(const launch &L0, lt_step_args *st, uint32_t T, cud
         else                                                                                      \
             launch_gemv_fmt<F, 4>(L, a, st, T, lm, grid, smem, s);                                \
         break;
-    l2_now = L0.l2.num_bytes ? &L0.l2 : nullptr;
     switch (a.wformat) {
         LT_FMT(LT_WF_F32)
         LT_FMT(LT_WF_F16)
         LT_FMT(LT_WF_Q8)
         LT_FMT(LT_WF_Q4)
     }
-    l2_now = nullptr;
 #undef LT_FMT
 }
 
@@ -577,18 +571,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
     c->gdn_fuse_cluster = c->gdn_fuse_norm && !(gdn_fuse && !strcmp(gdn_fuse, "norm")) && prop.major >= 9;
     c->early_state = early && *early ? early[0] == '1' : -1;
-    /* Experiment: the first <MB> of the decode LM head's weights persist in L2 across steps (a
-       set-aside here, a window on its launch); off where the device has none or refuses it */
-    const char *l2 = getenv("LATTICE_CUDA_L2_PERSIST");
-    const size_t l2_mb = l2 ? strtoull(l2, nullptr, 10) : 0;
-    if (l2_mb && prop.persistingL2CacheMaxSize > 0 && prop.accessPolicyMaxWindowSize > 0) {
-        size_t n = std::min((size_t)prop.persistingL2CacheMaxSize, (size_t)prop.accessPolicyMaxWindowSize), got = 0;
-        n = l2_mb <= (n >> 20) ? l2_mb << 20 : n;
-        if (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, n) == cudaSuccess
-            && cudaDeviceGetLimit(&got, cudaLimitPersistingL2CacheSize) == cudaSuccess)
-            c->l2_persist = std::min(n, got);  /* the driver may round the set-aside */
-        cudaGetLastError();  /* a refusal leaves the feature off, not the handle broken */
-    }
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
     c->sms = prop.multiProcessorCount;
@@ -889,11 +871,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             L.b.p[s] = (uint32_t)s < d->n_bind && b->arena != LT_ARENA_NONE ? c->arena[b->arena] + b->offset : nullptr;
         }
         if (d->kernel == LT_K_GEMV || d->kernel == LT_K_LM_HEAD) {
-            const lt_gemv_args *a = (const lt_gemv_args *)L.args;
-            gemv_shape(c, L, a, d->bind);
-            if (d->kernel == LT_K_LM_HEAD && max_tokens == 1 && c->l2_persist)  /* its rows are contiguous */
-                L.l2 = {L.b.p[LT_GEMV_B_WQ], std::min(c->l2_persist, (size_t)a->rows * L.gg.row_bytes), 1.0f,
-                        cudaAccessPropertyPersisting, cudaAccessPropertyStreaming};
+            gemv_shape(c, L, (const lt_gemv_args *)L.args, d->bind);
         } else if (d->kernel == LT_K_ATTENTION) {
             const lt_attention_args *a = (const lt_attention_args *)L.args;
             /* at most 64 splits of >= 64 positions each: short dependent load chains per block.

@@ -138,42 +138,38 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 /* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
- * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above); in
- * thread-block clusters of `cluster` blocks along x when cluster > 1 (the kernel must allow the
- * size); with the L2 access policy window *l2 unless null (a launch attribute, so that a captured
- * launch keeps it on its graph node). lt_kernels_launched counts the calls (this thread's; graph
- * captures included). */
+ * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above).
+ * lt_kernels_launched counts the calls (this thread's; graph captures included). */
 static thread_local uint64_t lt_kernels_launched = 0;
+/* cluster > 1: thread-block clusters of that many blocks along x (the kernel must allow the size) */
 template <typename... P, typename... A>
-static void lt_launch_ex(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
-                         unsigned cluster, const cudaAccessPolicyWindow *l2, A... args) {
+static void lt_launch_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
+                              unsigned cluster, A... args) {
     lt_kernels_launched++;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[3];
-    cfg.attrs = at;
+    cudaLaunchAttribute at[2];
+    unsigned n = 0;
     if (pdl) {
-        at[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
     }
     if (cluster > 1) {
-        at[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
-        at[cfg.numAttrs].val.clusterDim.x = cluster;
-        at[cfg.numAttrs].val.clusterDim.y = 1;
-        at[cfg.numAttrs++].val.clusterDim.z = 1;
+        at[n].id = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = cluster;
+        at[n].val.clusterDim.y = 1;
+        at[n++].val.clusterDim.z = 1;
     }
-    if (l2) {
-        at[cfg.numAttrs].id = cudaLaunchAttributeAccessPolicyWindow;
-        at[cfg.numAttrs++].val.accessPolicyWindow = *l2;
-    }
+    cfg.attrs = at;
+    cfg.numAttrs = n;
     cudaLaunchKernelEx(&cfg, k, args...);
 }
 template <typename... P, typename... A>
 static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
-    lt_launch_ex(k, grid, block, smem, s, pdl, 1u, (const cudaAccessPolicyWindow *)nullptr, args...);
+    lt_launch_cluster(k, grid, block, smem, s, pdl, 1u, args...);
 }
 
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
