@@ -33,7 +33,6 @@ struct launch {
     uint32_t gate_from_q = 0;
     bool conv_in_gemv = false;  /* GDN decode: its conv runs in the GEMV before it (fuse_gdn_conv) */
     bool norm_in_gemv = false;  /* GDN decode: its RMS factors apply in the GEMV after it (fuse_gdn_norm) */
-    bool gdn_in_gemv = false;   /* GEMV: the GDN after it runs in it, in clusters (fuse_gdn_cluster) */
 };
 
 struct program {
@@ -69,9 +68,8 @@ struct lt_cuda {
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
     bool rope_fuse = true;   /* LATTICE_CUDA_ROPE_FUSE=0: k_rope_kv before the attention (fuse_rope_into_attention) */
-    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only;
-       =norm: conv and norm fused, the GDN step not (fuse_gdn_cluster) */
-    bool gdn_fuse_conv = true, gdn_fuse_norm = true, gdn_fuse_cluster = true;
+    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
+    bool gdn_fuse_conv = true, gdn_fuse_norm = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
@@ -266,14 +264,6 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
     else
         lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
-template <typename... P, typename... A>
-static void launch_k_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, unsigned cluster,
-                             A... args) {
-    if (nop_now)
-        lt_launch(k_nop, grid, block, 0, s, pdl_enabled);
-    else
-        lt_launch_cluster(k, grid, block, smem, s, pdl_enabled, cluster, args...);
-}
 
 /* k_gemv with L.ks warps per row and L.rpw rows per warp (rpw 2 and 4: one token only) */
 template <int FMT, int KS, int NT>
@@ -289,12 +279,6 @@ static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args 
     if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)  /* fuse_gdn_norm: split-K x_lane GEMVs */
         if (L.fuse.head_ss)
             k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, H> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, H> : k_gemv<FMT, KS, 1, 1, H>;
-    if constexpr (NT == 1 && KS == 1 && FMT == LT_WF_Q8)  /* fuse_gdn_cluster: a cluster per value head */
-        if (L.gdn_in_gemv) {
-            launch_k_cluster(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_GDN>, grid, 256, smem, s, GDN_CLUSTER, a, L.b, st, T,
-                             L.gg, lm, L.fuse);
-            return;
-        }
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
@@ -327,10 +311,6 @@ static void set_gemv_smem() {
     cudaFuncSetAttribute(k_gemv<FMT, 1, 1, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if constexpr (FMT == LT_WF_Q8) {  /* clusters of 16 are past the portable 8 */
-        cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_GDN>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_GDN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    }
     if constexpr (wfmt<FMT>::X16) {
         constexpr int H = GEMV_FUSE_HEAD_NORM;
         for (auto k : {k_gemv<FMT, 4, 1, 1, H>, k_gemv<FMT, 4, 2, 1, H>, k_gemv<FMT, 4, 4, 1, H>,
@@ -349,7 +329,7 @@ static void launch_gemv_simt(const launch &L0, lt_step_args *st, uint32_t T, cud
     if (nt == 4 && L.rpw > 1)  /* several rows x 4 tokens per warp spill: one row per warp */
         L.rpw = 1;
     uint32_t rpb = 8 / L.ks * L.rpw;
-    dim3 grid(L.gdn_in_gemv ? L.fuse.gdn.n_heads * GDN_CLUSTER : (a.rows + rpb - 1) / rpb, (n_tok + nt - 1) / nt);
+    dim3 grid((a.rows + rpb - 1) / rpb, (n_tok + nt - 1) / nt);
     size_t smem = (size_t)nt * L.gg.xcols * sizeof(float);
 #define LT_FMT(F)                                                                                 \
     case F:                                                                                       \
@@ -569,7 +549,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->rope_fuse = !(rope_fuse && rope_fuse[0] == '0');
     c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
-    c->gdn_fuse_cluster = c->gdn_fuse_norm && !(gdn_fuse && !strcmp(gdn_fuse, "norm")) && prop.major >= 9;
     c->early_state = early && *early ? early[0] == '1' : -1;
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
@@ -750,76 +729,6 @@ static void fuse_gdn_norm(program &p) {
     }
 }
 
-/* Decode programs: a GDN layer whose conv and gated norm are fused (fuse_gdn_conv, fuse_gdn_norm)
- * runs inside the GEMV before it where the shapes are those k_gemv's GEMV_FUSE_GDN handles: a Q8
- * in_proj with the input RMSNorm and nothing else, whose rows are exactly the GDN's X channels, z,
- * a and b; k_dim = v_dim = GDN_FUSED_DIM; as many key heads as value heads; 16-byte rows of scales
- * and state. The GEMV runs a cluster of GDN_CLUSTER blocks per value head (if the GPU can place
- * one), and the GEMV after it reads GDN_CLUSTER sums of squares per head: one dependent kernel
- * less per GDN layer. */
-static void fuse_gdn_cluster(program &p) {
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at;
-    at.id = cudaLaunchAttributeClusterDimension;
-    at.val.clusterDim.x = GDN_CLUSTER;
-    at.val.clusterDim.y = at.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(GDN_CLUSTER);
-    cfg.blockDim = dim3(256);
-    cfg.dynamicSmemBytes = (size_t)GDN_FUSED_COLS_MAX * sizeof(float);
-    cfg.attrs = &at;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, k_gemv<LT_WF_Q8, 1, 4, 1, GEMV_FUSE_GDN>, &cfg) != cudaSuccess
-        || clusters < 1) {
-        cudaGetLastError();  /* not an error of the program: it keeps k_gdn_decode */
-        return;
-    }
-    auto a16 = [](const void *q) { return (uintptr_t)q % 16 == 0; };
-    std::vector<launch> out;
-    for (size_t i = 0; i < p.l.size(); i++) {
-        launch &in = p.l[i];
-        if (in.kernel == LT_K_GEMV && i + 2 < p.l.size() && p.l[i + 1].kernel == LT_K_GDN && p.l[i + 1].conv_in_gemv
-            && p.l[i + 1].norm_in_gemv && p.l[i + 2].fuse.head_ss) {
-            const launch &G = p.l[i + 1];
-            const lt_gdn_args &a = *(const lt_gdn_args *)G.args;
-            const lt_gemv_args &g = *(const lt_gemv_args *)in.args;
-            const float *y = (const float *)in.b.p[LT_GEMV_B_Y];
-            const float *X = (const float *)G.b.p[LT_GDN_B_X], *Z = (const float *)G.b.p[LT_GDN_B_Z];
-            const float *A = (const float *)G.b.p[LT_GDN_B_A], *B = (const float *)G.b.p[LT_GDN_B_B];
-            const uint32_t V = a.n_v_heads * a.v_dim;
-            auto in_y = [&](const float *q, uint32_t n) { return q >= y && (uint64_t)(q - y) + n <= g.rows; };
-            bool ok = a.n_k_heads == a.n_v_heads && a.k_dim == GDN_FUSED_DIM && a.v_dim == GDN_FUSED_DIM
-                      && g.wformat == LT_WF_Q8 && (g.flags & LT_GEMV_NORM)
-                      && !(g.flags & ~(LT_GEMV_NORM | LT_GEMV_NORM_ADD_ONE)) && g.cols <= GDN_FUSED_COLS_MAX
-                      && in.gg.x_vec && in.gg.row_bytes % 16 == 0 && in.gg.nblk % 8 == 0
-                      && g.rows == a.channels + V + 2 * a.n_v_heads && in_y(X, a.channels) && in_y(Z, V)
-                      && in_y(A, a.n_v_heads) && in_y(B, a.n_v_heads)
-                      && !overlap(X, a.channels * 4, Z, V * 4) && !overlap(A, a.n_v_heads * 4, B, a.n_v_heads * 4)
-                      && !overlap(X, a.channels * 4, A, a.n_v_heads * 4) && !overlap(X, a.channels * 4, B, a.n_v_heads * 4)
-                      && !overlap(Z, V * 4, A, a.n_v_heads * 4) && !overlap(Z, V * 4, B, a.n_v_heads * 4)
-                      && a16(in.b.p[LT_GEMV_B_WQ]) && a16(in.b.p[LT_GEMV_B_WS]) && a16(G.b.p[LT_GDN_B_S])
-                      && a16(G.b.p[LT_GDN_B_OUT]);
-            if (ok) {
-                const uint32_t xo = (uint32_t)(X - y);
-                in.fuse.gdn = {(float *)G.b.p[LT_GDN_B_S], (const float *)G.b.p[LT_GDN_B_A_LOG],
-                               (const float *)G.b.p[LT_GDN_B_DT_BIAS], (const float *)G.b.p[LT_GDN_B_NORM_W],
-                               (float *)G.b.p[LT_GDN_B_OUT], p.gdn_ss, xo + a.q_offset, xo + a.k_offset,
-                               xo + a.v_offset, (uint32_t)(Z - y), (uint32_t)(A - y), (uint32_t)(B - y),
-                               a.n_v_heads, 0};
-                in.gdn_in_gemv = true;
-                in.ks = 1;
-                in.rpw = 4;
-                p.l[i + 2].fuse.head_parts = GDN_CLUSTER;
-                out.push_back(in);
-                i++;  /* the GDN runs in it */
-                continue;
-            }
-        }
-        out.push_back(in);
-    }
-    p.l.swap(out);
-}
-
 /* Whether the kernels of a step, less the writer and the reader of a state, can never all be
  * resident at once (a lower bound on their threads against twice the GPU's): then a decode kernel
  * that reads state before its dependency wait finds that state's writer of one step earlier
@@ -904,7 +813,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             size_t f = max_tokens > 1 ? gdn_prefill_floats(*a, max_tokens) : 0;
             f = f > a->channels ? f : a->channels;
             gdn_floats = f > gdn_floats ? f : gdn_floats;
-            gdn_ss_floats = std::max(gdn_ss_floats, (size_t)a->n_v_heads * std::max(gdn_col_blocks(*a), (uint32_t)GDN_CLUSTER));
+            gdn_ss_floats = std::max(gdn_ss_floats, (size_t)a->n_v_heads * gdn_col_blocks(*a));
         }
     }
     /* the consts vector must not move after L.args point into it */
@@ -935,11 +844,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             fuse_gdn_conv(*p);
         if (c->gdn_fuse_norm)
             fuse_gdn_norm(*p);
-        if (c->gdn_fuse_cluster)
-            fuse_gdn_cluster(*p);
         p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
-        for (launch &L : p->l)
-            L.fuse.gdn.early = p->early_state;
     }
     c->progs.push_back(p);
     if (c->progs.size() == 1)  /* the runtime adds decode first */

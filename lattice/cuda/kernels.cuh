@@ -8,7 +8,6 @@
  * the first step that failed, and the steps it had queued behind it do nothing. */
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -141,35 +140,20 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
  * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above).
  * lt_kernels_launched counts the calls (this thread's; graph captures included). */
 static thread_local uint64_t lt_kernels_launched = 0;
-/* cluster > 1: thread-block clusters of that many blocks along x (the kernel must allow the size) */
 template <typename... P, typename... A>
-static void lt_launch_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
-                              unsigned cluster, A... args) {
+static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
     lt_kernels_launched++;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[2];
-    unsigned n = 0;
-    if (pdl) {
-        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster > 1) {
-        at[n].id = cudaLaunchAttributeClusterDimension;
-        at[n].val.clusterDim.x = cluster;
-        at[n].val.clusterDim.y = 1;
-        at[n++].val.clusterDim.z = 1;
-    }
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = n;
+    cfg.numAttrs = pdl ? 1 : 0;
     cudaLaunchKernelEx(&cfg, k, args...);
-}
-template <typename... P, typename... A>
-static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
-    lt_launch_cluster(k, grid, block, smem, s, pdl, 1u, args...);
 }
 
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
@@ -696,28 +680,7 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
  * head_cols values, from the head's head_parts sums of squares, and it multiplies the dot of each
  * 16-byte weight vector with x (a vector's values lie in one head). Split-K x_lane GEMVs only, at
  * most GEMV_HEAD_PARTS_MAX parts per head. */
-/* GEMV_FUSE_GDN: a GDN layer's in_proj and its decode step in one kernel (backend.cu
- * fuse_gdn_cluster), after which the GEMV reading its output takes the RMSNorm (GEMV_FUSE_HEAD_NORM).
- * A cluster of GDN_CLUSTER blocks per value head computes that head's rows of y, 32 per block: its
- * (key head's) q, k, then its v, z, each in four segments, with the conv epilogue. The blocks then
- * meet at a cluster barrier, and each gathers q, k and its 8 columns of v and z from its peers'
- * shared memory and runs the recurrence for those columns (state slice staged before the wait),
- * writing the gated output and its sum of squares (head_ss, GDN_CLUSTER parts per head). a and b
- * (one row each per head) are dotted by warp 1 of every block from rows staged before the wait.
- * Shapes: k_dim = v_dim = GDN_FUSED_DIM, n_k_heads = n_v_heads, Q8, at most GDN_FUSED_COLS_MAX
- * columns. One dependent kernel less per GDN layer (k_gdn_decode's). */
-enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2, GEMV_FUSE_GDN = 3 };
-#define GDN_CLUSTER 16
-#define GDN_FUSED_DIM 128
-#define GDN_FUSED_COLS_MAX 2048
-struct gdn_fused {
-    float *S;                                   /* state [n_v_heads][DIM][DIM] */
-    const float *a_log, *dt_bias, *norm_w;      /* [n_v_heads], [n_v_heads], [DIM] */
-    float *out, *head_ss;                       /* gated o [n_v_heads][DIM], sums [n_v_heads][GDN_CLUSTER] */
-    uint32_t q_row, k_row, v_row, z_row, a_row, b_row;  /* rows of y of head 0's q, k, v, z, a, b */
-    uint32_t n_heads;                           /* value heads (= key heads): clusters */
-    int early;                                  /* the state may be read before the wait (resident_bound) */
-};
+enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2 };
 struct gemv_fuse {
     const float *conv_w;     /* [conv_c][conv_k] */
     float *conv_state;       /* [conv_k - 1][conv_c], oldest first */
@@ -725,36 +688,9 @@ struct gemv_fuse {
     const float *head_ss;    /* [heads][head_parts] */
     uint32_t head_cols, head_parts;
     float head_eps;
-    gdn_fused gdn;
 };
 
-/* GEMV_FUSE_GDN's shared memory (static, in the instantiation that uses it) */
-struct gdn_fused_smem {
-    float seg[32];                                /* this block's rows of y */
-    float q[GDN_FUSED_DIM], k[GDN_FUSED_DIM];     /* the head's q and k, gathered */
-    float v[8], z[8], ab[2];                      /* this block's columns of v and z; a and b */
-    float c[12];                                  /* norm_w of the columns, A_log, dt_bias */
-    __align__(16) float state[GDN_FUSED_DIM * 8]; /* this block's columns of the head's state */
-    uint4 wab[2][GDN_FUSED_COLS_MAX / 16];        /* the a and b rows (Q8 bytes) */
-    __half sab[2][GDN_FUSED_COLS_MAX / 32];       /* their scales */
-};
-
-/* The first row of y of block blk's segment (GEMV_FUSE_GDN) */
-__device__ __forceinline__ uint32_t gdn_seg_row(const gdn_fused &g, uint32_t blk) {
-    const uint32_t h = blk / GDN_CLUSTER, r = blk % GDN_CLUSTER, sect = r / 4;
-    const uint32_t base = sect == 0 ? g.q_row : sect == 1 ? g.k_row : sect == 2 ? g.v_row : g.z_row;
-    return base + h * GDN_FUSED_DIM + (r % 4) * 32;
-}
-
-template <int FMT>
-__device__ void gdn_fused_prologue(const gdn_fused &g, gdn_fused_smem &gs, const uint8_t *wq, const __half *ws,
-                                   uint32_t row_bytes, uint32_t nblk, bool state);
-template <int FMT>
-__device__ void gdn_fused_ab(const gdn_fused &g, gdn_fused_smem &gs, const float *xs, uint32_t xcols,
-                             uint32_t nvec, float rn, float *y);
-__device__ void gdn_fused_step(const gdn_fused &g, gdn_fused_smem &gs);
-
-#define GEMV_HEAD_PARTS_MAX 16  /* the sums load together (unrolled) */
+#define GEMV_HEAD_PARTS_MAX 8  /* the sums load together (unrolled) */
 
 /* The RMSNorm factor of x's head holding value i (GEMV_FUSE_HEAD_NORM) */
 __device__ __forceinline__ float head_norm_factor(const gemv_fuse &f, uint32_t i) {
@@ -847,19 +783,15 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     __shared__ float red[8][RPW][NT];
     __shared__ float rnorm[NT];
     __shared__ float redb[32];
-    constexpr bool GDN = FUSE == GEMV_FUSE_GDN, CONV = FUSE == GEMV_FUSE_CONV || GDN;
+    constexpr bool CONV = FUSE == GEMV_FUSE_CONV;
     __shared__ float conv_s[CONV ? 32 : 1][2 * GEMV_CONV_MAX];  /* taps | conv state per epilogue thread */
-    __shared__ __align__(16) uint8_t gdn_raw[GDN ? sizeof(gdn_fused_smem) : 16];
-    gdn_fused_smem &gs = *(gdn_fused_smem *)gdn_raw;
     constexpr int RPB = 8 / KS * RPW;            /* rows per block */
-    static_assert(!GDN || RPB == 32, "GEMV_FUSE_GDN: 32 rows per block");
-    const uint32_t brow0 = GDN ? gdn_seg_row(f.gdn, blockIdx.x) : blockIdx.x * RPB;  /* the block's first row */
     constexpr int VALS = wfmt<FMT>::VALS;
     constexpr int U = RPW >= 2 ? 2 : 4;          /* 16-byte vectors in flight per row and lane */
     pdl_begin();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = warp / KS, kpart = warp % KS;
-    uint32_t row0 = brow0 + group * RPW;
+    uint32_t row0 = blockIdx.x * RPB + group * RPW;
     const uint8_t *wq = (const uint8_t *)b.p[LT_GEMV_B_WQ];
     const __half *ws = (const __half *)b.p[LT_GEMV_B_WS], *wm = (const __half *)b.p[LT_GEMV_B_WM];
     wrow rr[RPW];
@@ -892,7 +824,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
      * it, so that neither load sits on the critical path after the dot products */
     const bool silu = a.flags & LT_GEMV_SILU_MUL;
     const int e_lr = threadIdx.x / NT, e_nt = threadIdx.x % NT;
-    const uint32_t e_row = brow0 + e_lr, e_t = blockIdx.y * NT + e_nt;
+    const uint32_t e_row = blockIdx.x * RPB + e_lr, e_t = blockIdx.y * NT + e_nt;
     bool e_on = threadIdx.x < RPB * NT && e_row < a.rows && !(silu && (e_lr & 1));
     const float *bias = (a.flags & LT_GEMV_BIAS) ? (const float *)b.p[LT_GEMV_B_BIAS] : nullptr;
     float e_b0 = 0.0f, e_b1 = 0.0f, e_res = 0.0f;
@@ -916,8 +848,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     if (nw && blockIdx.y == 0)
         prefetch_l2(nw, (size_t)a.cols * 4, blockIdx.x, gridDim.x);
-    if constexpr (GDN)
-        gdn_fused_prologue<FMT>(f.gdn, gs, wq, ws, g.row_bytes, g.nblk, f.gdn.early);
     pdl_wait();
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
@@ -938,9 +868,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
             cp_async4(cst + t, f.conv_state + (size_t)t * f.conv_c + ch);
         cp_async_commit();
     }
-    if constexpr (GDN)  /* the state after the previous step's writer: staged with the step's inputs */
-        if (!f.gdn.early)
-            gdn_fused_prologue<FMT>(f.gdn, gs, nullptr, nullptr, 0, 0, true);
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
@@ -1025,8 +952,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
                 red[warp][r][nt] = acc[r][nt];
-    if constexpr (GDN)  /* what every thread staged is visible after the barrier */
-        cp_async_wait_all();
     __syncthreads();
     lt_trace_mark(3);
     /* warp 0 (every epilogue thread is in it) sums the row partials of the KS warps of a row, scales
@@ -1063,16 +988,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
                 out = lt_silu_d(c);
             }
             y[e_o] = (a.flags & LT_GEMV_RESID) ? e_res + out : out;
-            if constexpr (GDN)
-                gs.seg[e_lr] = out;
         }
-    }
-    if constexpr (GDN) {
-        if (warp == 1)  /* the head's a and b, beside warp 0's epilogue */
-            gdn_fused_ab<FMT>(f.gdn, gs, xs, g.xcols, g.nvec,
-                              rsqrtf(warp_sum(lane < 8 ? redb[lane] : 0.0f) / (float)a.cols + a.eps),
-                              (float *)b.p[LT_GEMV_B_Y]);
-        gdn_fused_step(f.gdn, gs);
     }
     lt_trace_end();
 }
@@ -1817,175 +1733,6 @@ __device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint
     }
 }
 
-/* One decode step of a lane's part of a head (s: R rows x 4 columns of the state, qv / kv: the q
- * and k values of those rows, vv: v of the columns, xa / xb: the head's a and b projections):
- * S *= decay; delta_c = (v_c - S_c . k) beta; S += k (x) delta; o_c = S_c . q, with q and k
- * l2-normalized (q also by 1 / sqrt(Dk)). Rows sit in the LC lanes of their row lane, so every
- * sum over rows is a sum over row lanes; o4 ends summed, in every row lane. */
-template <int R>
-__device__ __forceinline__ void gdn_recur(float (&s)[R][4], const float (&qv)[R], const float (&kv)[R],
-                                          const float (&vv)[4], float xa, float xb, float neg_a, uint32_t Dk,
-                                          uint32_t LC, float (&o4)[4]) {
-    float sq = 0.0f, sk = 0.0f;
-#pragma unroll
-    for (int m = 0; m < R; m++) {
-        sq += qv[m] * qv[m];
-        sk += kv[m] * kv[m];
-    }
-    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
-    const float rk = 1.0f / sqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
-    const float beta = lt_sigmoid_d(xb);
-    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
-    float d[4] = {};
-#pragma unroll
-    for (int m = 0; m < R; m++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            s[m][j] *= decay;
-            d[j] += s[m][j] * (kv[m] * rk);
-        }
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        d[j] = (vv[j] - gdn_rows_sum(d[j], LC)) * beta;
-        o4[j] = 0.0f;
-    }
-#pragma unroll
-    for (int m = 0; m < R; m++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            s[m][j] += (kv[m] * rk) * d[j];
-            o4[j] += s[m][j] * (qv[m] * rq);
-        }
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-        o4[j] = gdn_rows_sum(o4[j], LC);
-}
-
-/* The column-local part of the gated RMSNorm (backend.cu fuse_gdn_norm): o4 becomes
- * o * norm_w * SiLU(z) (gate: norm_w, 0 past the head's columns); returns the sum of o^2 over the
- * warp's columns (every lane of a column quad holds its o, as gdn_recur leaves it). */
-__device__ __forceinline__ float gdn_gated_out(float (&o4)[4], const float (&gate)[4], const float (&zv)[4],
-                                               uint32_t LC) {
-    float sq = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        sq += o4[j] * o4[j];
-        o4[j] *= gate[j] * lt_silu_d(zv[j]);
-    }
-    for (uint32_t o = 1; o < LC; o <<= 1)
-        sq += __shfl_xor_sync(0xffffffffu, sq, o);
-    return sq;
-}
-
-/* GEMV_FUSE_GDN (k_gemv): before the wait, block (head h, rank r) stages the head's a and b rows
- * and its constants (wq: the weights; norm_w of its columns 8r.., A_log, dt_bias) and, with state,
- * its 8 columns of the head's state (128 rows x 32 bytes), all as asynchronous copies; k_gemv waits
- * for them before its block barrier. */
-template <int FMT>
-__device__ void gdn_fused_prologue(const gdn_fused &g, gdn_fused_smem &gs, const uint8_t *wq, const __half *ws,
-                                   uint32_t row_bytes, uint32_t nblk, bool state) {
-    static_assert(FMT == LT_WF_Q8, "GEMV_FUSE_GDN: Q8 weights");
-    const uint32_t h = blockIdx.x / GDN_CLUSTER, c0 = blockIdx.x % GDN_CLUSTER * 8, D = GDN_FUSED_DIM;
-    if (wq) {
-        const uint32_t nq = row_bytes / 16, ns = nblk * 2 / 16;  /* 16-byte pieces per row (backend checks) */
-        for (uint32_t i = threadIdx.x; i < 2 * nq; i += blockDim.x)
-            cp_async16(&gs.wab[i / nq][i % nq],
-                       wq + (size_t)((i < nq ? g.a_row : g.b_row) + h) * row_bytes + (i % nq) * 16, 16);
-        for (uint32_t i = threadIdx.x; i < 2 * ns; i += blockDim.x)
-            cp_async16((uint8_t *)gs.sab[i / ns] + (i % ns) * 16,
-                       (const uint8_t *)(ws + (size_t)((i < ns ? g.a_row : g.b_row) + h) * nblk) + (i % ns) * 16, 16);
-        if (threadIdx.x < 8)
-            cp_async4(gs.c + threadIdx.x, g.norm_w + c0 + threadIdx.x);
-        else if (threadIdx.x == 8)
-            cp_async4(gs.c + 8, g.a_log + h);
-        else if (threadIdx.x == 9)
-            cp_async4(gs.c + 9, g.dt_bias + h);
-    }
-    if (state)
-        for (uint32_t i = threadIdx.x; i < 2 * D; i += blockDim.x)
-            cp_async16(gs.state + 4 * i, g.S + ((size_t)h * D + i / 2) * D + c0 + (i % 2) * 4, 16);
-    cp_async_commit();
-}
-
-/* GEMV_FUSE_GDN, warp 1 after the GEMV's dot products: a and b of the head from the staged rows,
- * times the input RMSNorm factor rn, into shared memory (rank 0 also writes them to y). */
-template <int FMT>
-__device__ void gdn_fused_ab(const gdn_fused &g, gdn_fused_smem &gs, const float *xs, uint32_t xcols,
-                             uint32_t nvec, float rn, float *y) {
-    const uint32_t lane = threadIdx.x & 31, h = blockIdx.x / GDN_CLUSTER;
-    float acc[2] = {0.0f, 0.0f};
-    for (uint32_t v = lane; v < nvec; v += 32) {
-        const uint4 w[2][1] = {{gs.wab[0][v]}, {gs.wab[1][v]}};
-        const float2 sc[2][1] = {{make_float2(__half2float(gs.sab[0][v / 2]), 0.0f)},
-                                 {make_float2(__half2float(gs.sab[1][v / 2]), 0.0f)}};
-        dot_rows<FMT, 2, 1>(xs, xcols, v, true, w, sc, 0, acc, 1);
-    }
-    acc[0] = warp_sum(acc[0]) * rn;
-    acc[1] = warp_sum(acc[1]) * rn;
-    if (lane == 0) {
-        gs.ab[0] = acc[0];
-        gs.ab[1] = acc[1];
-        if (blockIdx.x % GDN_CLUSTER == 0) {
-            y[g.a_row + h] = acc[0];
-            y[g.b_row + h] = acc[1];
-        }
-    }
-}
-
-/* GEMV_FUSE_GDN, every thread after the GEMV: the cluster barrier publishes every block's rows of
- * y; the block gathers q, k and its columns' v and z from its peers, tells them it is done
- * reading, and warp 0 runs the recurrence (gdn_recur, as k_gdn_decode with 16 row lanes x 2 column
- * quads) and writes the state, the gated output and the block's sum of o^2. No block leaves before
- * its peers have read it. */
-__device__ void gdn_fused_step(const gdn_fused &g, gdn_fused_smem &gs) {
-    namespace cg = cooperative_groups;
-    const cg::cluster_group cl = cg::this_cluster();
-    constexpr uint32_t D = GDN_FUSED_DIM, LC = 2, R = D / 16;
-    const uint32_t h = blockIdx.x / GDN_CLUSTER, r = cl.block_rank(), t = threadIdx.x;
-    cl.sync();
-    if (t < 2 * D) {  /* q from ranks 0-3, k from ranks 4-7 */
-        const uint32_t i = t % D;
-        (t < D ? gs.q : gs.k)[i] = cl.map_shared_rank(gs.seg, (int)(t / D * 4 + i / 32))[i % 32];
-    }
-    if (t < 16) {  /* v of columns 8r.. from ranks 8-11, z from ranks 12-15 */
-        const uint32_t c = r * 8 + t % 8;
-        (t < 8 ? gs.v : gs.z)[t % 8] = cl.map_shared_rank(gs.seg, (int)((t < 8 ? 8 : 12) + c / 32))[c % 32];
-    }
-    __syncthreads();
-    auto done_reading = cl.barrier_arrive();
-    if (t < 32) {
-        const uint32_t rl = t / LC, cq = t % LC, c0 = r * 8 + cq * 4;
-        float s[R][4], qv[R], kv[R], vv[4], zv[4], gate[4];
-#pragma unroll
-        for (int m = 0; m < (int)R; m++) {
-            const uint32_t i = rl + m * 16;
-            qv[m] = gs.q[i];
-            kv[m] = gs.k[i];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                s[m][j] = gs.state[i * 8 + cq * 4 + j];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            vv[j] = gs.v[cq * 4 + j];
-            zv[j] = gs.z[cq * 4 + j];
-            gate[j] = gs.c[cq * 4 + j];
-        }
-        float o4[4];
-        gdn_recur<R>(s, qv, kv, vv, gs.ab[0] + gs.c[9], gs.ab[1], -expf(gs.c[8]), D, LC, o4);
-        float *S = g.S + (size_t)h * D * D + c0;
-#pragma unroll
-        for (int m = 0; m < (int)R; m++)
-            st4<true>(S + (size_t)(rl + m * 16) * D, 4, s[m]);
-        const float sq = gdn_gated_out(o4, gate, zv, LC);
-        if (t == 0)
-            g.head_ss[h * GDN_CLUSTER + r] = sq;
-        if (rl == 0)
-            st4<true>(g.out + h * D + c0, 4, o4);
-    }
-    cl.barrier_wait(std::move(done_reading));
-}
-
 /* grid (n_v_heads, column blocks), GDN_WARPS warps. The recurrence is independent per column of a
  * head's state (S_c *= decay; delta = (v_c - S_c . k) beta; S_c += k delta; o_c = S_c . q), so a
  * warp owns whole columns: lane (r, c) holds rows r, r + LR, ... of 4 columns, and the sums over
@@ -2043,15 +1790,55 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
     lt_trace_mark(1);
     if (err)
         return;
-    float o4[4];
-    gdn_recur<R>(s, qv, kv, vv, xa, xb, neg_a, Dk, LC, o4);
-    lt_trace_mark(2);
+    /* l2 norms of q and k: each row sits in the LC lanes of its row lane, so sum over row lanes only */
+    float sq = 0.0f, sk = 0.0f;
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        sq += qv[m] * qv[m];
+        sk += kv[m] * kv[m];
+    }
+    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
+    const float rk = 1.0f / sqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
+    const float beta = lt_sigmoid_d(xb);
+    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
+    /* S *= decay; delta_c = (v_c - S_c . k) beta */
+    float d[4] = {};
 #pragma unroll
     for (int m = 0; m < R; m++)
-        if (nc && rl + m * LR < Dk)
-            st4<V4>(S + (size_t)(rl + m * LR) * Dv, nc, s[m]);
-    if (head_ss) {  /* every lane of a column quad holds its o */
-        const float sq = gdn_gated_out(o4, gate, zv, LC);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s[m][j] *= decay;
+            d[j] += s[m][j] * (kv[m] * rk);
+        }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        d[j] = (vv[j] - gdn_rows_sum(d[j], LC)) * beta;
+    lt_trace_mark(2);
+    /* S += k (x) delta; o_c = S_c . q */
+    float o4[4] = {};
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        const uint32_t i = rl + m * LR;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            s[m][j] += (kv[m] * rk) * d[j];
+            o4[j] += s[m][j] * (qv[m] * rq);
+        }
+        if (nc && i < Dk)
+            st4<V4>(S + (size_t)i * Dv, nc, s[m]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        o4[j] = gdn_rows_sum(o4[j], LC);
+    if (head_ss) {  /* every lane of a column quad holds its o: sum o^2 over the warp's columns */
+        float sq = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            sq += o4[j] * o4[j];
+            o4[j] *= gate[j] * lt_silu_d(zv[j]);  /* 0 past nc */
+        }
+        for (uint32_t o = 1; o < LC; o <<= 1)
+            sq += __shfl_xor_sync(0xffffffffu, sq, o);
         if (lane == 0)
             red[warp] = sq;
     }
