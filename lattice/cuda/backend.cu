@@ -68,7 +68,6 @@ struct lt_cuda {
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
     bool rope_fuse = true;   /* LATTICE_CUDA_ROPE_FUSE=0: k_rope_kv before the attention (fuse_rope_into_attention) */
-    uint32_t att_single = 6; /* LATTICE_CUDA_ATT_SINGLE: decode batches of rows in one attention split (0: off) */
     /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
     bool gdn_fuse_conv = true, gdn_fuse_norm = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
@@ -548,8 +547,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
     c->rope_fuse = !(rope_fuse && rope_fuse[0] == '0');
-    if (const char *v = getenv("LATTICE_CUDA_ATT_SINGLE"))
-        c->att_single = (uint32_t)strtoul(v, nullptr, 10);
     c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
     c->early_state = early && *early ? early[0] == '1' : -1;
@@ -805,9 +802,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             uint32_t per_batch = att_threads(true) / G * ATT_ROWS(att_vecs_per_lane(a->head_dim), true);
             if (max_tokens == 1)
                 chunk = std::max(chunk, std::min(256u, (per_batch + 63) / 64 * 64));
-            /* decode: up to att_single batches of rows run as one split, without the combine */
-            const uint32_t single = max_tokens == 1 ? std::min(a->ctx_cap, c->att_single * ((per_batch + 63) / 64 * 64)) : 0;
-            L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G, single};
+            L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};
             if (L.ag.n_split > 1) {
                 size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);
                 attn_floats = f > attn_floats ? f : attn_floats;

@@ -121,11 +121,6 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, uint32_
         asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
 }
 
-/* The L2 line of p alone, for this thread (prefetch_l2 spreads a range over the block). */
-__device__ __forceinline__ void prefetch_l2_line(const void *p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 /* Asynchronous copies global -> shared (sm_80): no registers held while they fly. cp_async16 reads
  * src_bytes of the 16 (the rest zeros), bypassing L1; cp_async4 one float. */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t src_bytes) {
@@ -843,12 +838,10 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     const uint32_t ch = e_row - f.conv_row0;
     const bool conv = CONV && e_on && ch < f.conv_c;
     float *ctap = conv_s[threadIdx.x & 31], *cst = ctap + GEMV_CONV_MAX;  /* conv: warp 0 */
-    if (conv) {  /* the taps; the conv state (read after the wait: cold since the last step) into L2 */
+    if (conv) {
         for (uint32_t t = 0; t < f.conv_k; t++)
             cp_async4(ctap + t, f.conv_w + (size_t)ch * f.conv_k + t);
         cp_async_commit();
-        for (uint32_t t = 0; t + 1 < f.conv_k; t++)
-            prefetch_l2_line(f.conv_state + (size_t)t * f.conv_c + ch);
     }
     if (g.vec_ok)
         load(base);
@@ -1278,7 +1271,6 @@ static inline int att_vecs_per_lane(uint32_t head_dim) {
 
 struct att_geom {
     uint32_t n_split, chunk, G;
-    uint32_t single;  /* decode: a context of up to this many rows is one split (0: none) */
 };
 
 /* ROPE (decode, T = 1): the ROPE_KV dispatch before this one is fused in (backend.cu checks that
@@ -1322,9 +1314,9 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     const bool qk_norm = ROPE && (ra.flags & LT_ROPE_QK_NORM);
     if (PIPE) {  /* decode: this split's cache rows up to the step's position (read early as a hint:
                     a prefetch of rows that turn out unused costs bandwidth only), the norm weights */
-        uint32_t hint = pos_hint + T, chunk = hint <= g.single ? g.single : g.chunk, j0 = s * chunk;
+        uint32_t hint = pos_hint + T, j0 = s * g.chunk;
         if (j0 < hint && h % group == 0) {
-            size_t n = (size_t)(min(j0 + chunk, min(hint, a.ctx_cap)) - j0) * D * 2;
+            size_t n = (size_t)(min(j0 + g.chunk, min(hint, a.ctx_cap)) - j0) * D * 2;
             prefetch_l2(kc + (size_t)j0 * D, n);
             prefetch_l2(vc + (size_t)j0 * D, n);
         }
@@ -1380,10 +1372,7 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
         lt_raise(st, LT_ERR_CONTEXT);
         return;
     }
-    /* decode: a short context is one split of several batches: the loop's later batches cost less
-       than the split combine (a fence, an atomic and a second round trip) */
-    const uint32_t chunk = PIPE && pos + T <= g.single ? g.single : g.chunk;
-    uint32_t len = pos + t + 1, j_begin = s * chunk, j_end = min(j_begin + chunk, len);
+    uint32_t len = pos + t + 1, j_begin = s * g.chunk, j_end = min(j_begin + g.chunk, len);
     if (j_begin >= len)
         return;
     uint32_t gi = threadIdx.x / G, li = threadIdx.x % G;
@@ -1573,7 +1562,7 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
             o += buf[k * D + i] * expf(gm[k] - M);  /* 0 for a group without rows */
         return o;
     };
-    uint32_t used = (len + chunk - 1) / chunk;
+    uint32_t used = (len + g.chunk - 1) / g.chunk;
     float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
     if (used == 1) {  /* this block is the only split in use: no combine */
         if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
