@@ -214,7 +214,7 @@ static void launch_gemv_pdl(const gemv_desc &d, lt_step_args *st, int sms, cudaS
     int lm = 0;
     auto k = rpw == 2 ? k_gemv<LT_WF_Q8, 1, 2, 1> : ks == 1 ? k_gemv<LT_WF_Q8, 1, 1, 1>
            : ks == 2 ? k_gemv<LT_WF_Q8, 2, 1, 1> : ks == 4 ? k_gemv<LT_WF_Q8, 4, 1, 1> : k_gemv<LT_WF_Q8, 8, 1, 1>;
-    lt_launch(k, grid, 256, smem, s, true, a, b, st, T, g, lm);
+    lt_launch(k, grid, 256, smem, s, true, a, b, st, T, g, lm, gemv_fuse{});
     CK(cudaGetLastError());
 }
 
