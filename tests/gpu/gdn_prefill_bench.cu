@@ -57,10 +57,14 @@ static void run_new(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, flo
         a, b, st, T, ws);
     k_gdn_out<<<dim3(a.n_v_heads, T), GDN_OUT_THREADS>>>(a, b, st, T, ws);
 }
-/* the decode kernels, one token at a time (their binds moved to token t's rows) */
+/* the decode kernels, one token at a time (their binds moved to token t's rows), as backend.cu
+ * launches them without the GEMV fusions: conv, recurrence, gated norm */
+template <int R>
+static void run_decode(lt_gdn_args a, lt_binds bt, lt_step_args *st, const float *conv) {
+    k_gdn_decode<R, true><<<dim3(a.n_v_heads, gdn_col_blocks(a)), GDN_WARPS * 32>>>(a, bt, st, conv, 0, nullptr);
+}
 static void run_old(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, float *conv) {
-    float *c = a.n_v_heads == a.n_k_heads ? nullptr : conv;
-    uint32_t rows = gdn_rows_per(a.k_dim, a.v_dim, 1);
+    const uint32_t R = (a.k_dim + gdn_row_lanes(a.k_dim) - 1) / gdn_row_lanes(a.k_dim);
     for (uint32_t t = 0; t < T; t++) {
         lt_binds bt = b;
         bt.p[LT_GDN_B_X] = (float *)b.p[LT_GDN_B_X] + (size_t)t * a.x_stride;
@@ -68,12 +72,16 @@ static void run_old(lt_gdn_args a, lt_binds b, lt_step_args *st, uint32_t T, flo
         bt.p[LT_GDN_B_A] = (float *)b.p[LT_GDN_B_A] + (size_t)t * a.a_stride;
         bt.p[LT_GDN_B_B] = (float *)b.p[LT_GDN_B_B] + (size_t)t * a.b_stride;
         bt.p[LT_GDN_B_OUT] = (float *)b.p[LT_GDN_B_OUT] + (size_t)t * a.out_stride;
-        if (c)
-            k_gdn_conv<<<(a.channels + 255) / 256, 256>>>(a, bt, st, 1, c);
-        if (rows <= 32)
-            k_gdn_decode<32, 1><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+        k_gdn_conv<<<(a.channels + 255) / 256, 256>>>(a, bt, st, 1, conv);
+        if (R <= 2)
+            run_decode<2>(a, bt, st, conv);
+        else if (R <= 4)
+            run_decode<4>(a, bt, st, conv);
+        else if (R <= 8)
+            run_decode<8>(a, bt, st, conv);
         else
-            k_gdn_decode<64, 1><<<a.n_v_heads, GDN_THREADS>>>(a, bt, st, c);
+            run_decode<16>(a, bt, st, conv);
+        k_gdn_norm<<<a.n_v_heads, 128>>>(a, bt, st);
     }
 }
 
