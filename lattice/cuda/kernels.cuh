@@ -1269,9 +1269,6 @@ static inline int att_vecs_per_lane(uint32_t head_dim) {
     return head_dim > 256 ? 2 : 1;
 }
 
-/* decode splits combined from registers (one round trip) up to this many; more loop over them */
-#define ATT_COMBINE_MAX 16
-
 struct att_geom {
     uint32_t n_split, chunk, G;
 };
@@ -1608,43 +1605,6 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
         return;
     __threadfence();
     const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
-    if constexpr (PIPE) {  /* decode: every split's (max, sum) and this thread's values requested at
-                              once (a loop over the splits waits for each load in turn); same sums */
-        constexpr int J = 512 / NT;  /* values per thread: head_dim <= 512 */
-        if (used <= ATT_COMBINE_MAX) {
-            float mk[ATT_COMBINE_MAX], lk[ATT_COMBINE_MAX], ak[ATT_COMBINE_MAX][J];
-#pragma unroll
-            for (int k = 0; k < ATT_COMBINE_MAX; k++) {
-                const float *pk = ps + k * (D + 2);
-                mk[k] = k < (int)used ? __ldcg(pk) : -INFINITY;
-                lk[k] = k < (int)used ? __ldcg(pk + 1) : 0.0f;
-#pragma unroll
-                for (int j = 0; j < J; j++)
-                    ak[k][j] = k < (int)used && threadIdx.x + j * NT < D ? __ldcg(pk + 2 + threadIdx.x + j * NT) : 0.0f;
-            }
-            M = -INFINITY, L = 0.0f;
-#pragma unroll
-            for (int k = 0; k < ATT_COMBINE_MAX; k++)
-                M = fmaxf(M, mk[k]);
-#pragma unroll
-            for (int k = 0; k < ATT_COMBINE_MAX; k++) {
-                mk[k] = expf(mk[k] - M);  /* 0 past used */
-                L += lk[k] * mk[k];
-            }
-#pragma unroll
-            for (int j = 0; j < J; j++) {
-                const uint32_t i = threadIdx.x + j * NT;
-                float o = 0.0f;
-#pragma unroll
-                for (int k = 0; k < ATT_COMBINE_MAX; k++)
-                    o += ak[k][j] * mk[k];
-                if (i < D)
-                    out[i] = gate ? o / L * lt_sigmoid_d(gv[j]) : o / L;
-            }
-            lt_trace_end();
-            return;
-        }
-    }
     M = -INFINITY, L = 0.0f;
     for (uint32_t k = 0; k < used; k++)
         M = fmaxf(M, __ldcg(ps + k * (D + 2)));
