@@ -1239,8 +1239,8 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
 
 /* ============================================================================ ATTENTION */
 /* Split-K attention. grid (n_heads, n_split, T), NT = att_threads(PIPE) threads: 256 at decode,
- * 128 at prefill. Block (h, s, t) covers cache
- * positions [s * chunk, min((s + 1) * chunk, len)) of query t (len = pos + t + 1). G lanes share
+ * 128 at prefill. Block (h, s, t) covers cache positions [s * chunk, min((s + 1) * chunk, len))
+ * of query t (len = pos + t + 1). G lanes share
  * one cache row (16-byte f16 loads, G = nvec rounded up to a power of two, at most 32; U vectors
  * per lane, U = 2 for head_dim > 256), so a block has NG = NT / G lane groups. Each group runs its
  * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
