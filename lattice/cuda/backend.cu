@@ -308,9 +308,9 @@ static void set_gemv_smem() {
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
 #undef LT_SMEM
-    cudaFuncSetAttribute(k_gemv<FMT, 1, 1, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    cudaFuncSetAttribute(k_gemv<FMT, 1, 2, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    cudaFuncSetAttribute(k_gemv<FMT, 1, 4, 1, GEMV_FUSE_CONV>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    constexpr int C = GEMV_FUSE_CONV;
+    for (auto k : {k_gemv<FMT, 1, 1, 1, C>, k_gemv<FMT, 1, 2, 1, C>, k_gemv<FMT, 1, 4, 1, C>})
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if constexpr (wfmt<FMT>::X16) {
         constexpr int H = GEMV_FUSE_HEAD_NORM;
         for (auto k : {k_gemv<FMT, 4, 1, 1, H>, k_gemv<FMT, 4, 2, 1, H>, k_gemv<FMT, 4, 4, 1, H>,

@@ -1240,9 +1240,9 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
 /* ============================================================================ ATTENTION */
 /* Split-K attention. grid (n_heads, n_split, T), NT = att_threads(PIPE) threads: 256 at decode,
  * 128 at prefill. Block (h, s, t) covers cache positions [s * chunk, min((s + 1) * chunk, len))
- * of query t (len = pos + t + 1). G lanes share
- * one cache row (16-byte f16 loads, G = nvec rounded up to a power of two, at most 32; U vectors
- * per lane, U = 2 for head_dim > 256), so a block has NG = NT / G lane groups. Each group runs its
+ * of query t (len = pos + t + 1). G lanes share one cache row (16-byte f16 loads, G = nvec
+ * rounded up to a power of two, at most 32; U vectors per lane, U = 2 for head_dim > 256), so a
+ * block has NG = NT / G lane groups. Each group runs its
  * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
  * and V rows are requested together, and the next batch's before this one is used, so a block's
  * dependent chain is about one memory round trip, with no barrier inside the loop. (The cache is
@@ -1252,11 +1252,12 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
  * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
  * block) combines them: no second kernel. */
-/* threads per block, per instantiation: 256 at decode (PIPE: twice the lane groups, so a split
- * of one batch's rows, e.g. Qwen3.5's 64, is read in one round trip instead of two), 128 at
- * prefill (it has many blocks; its code, registers and shared memory are as with 128 threads for
- * all). The loops over i = threadIdx.x + j * NT, j < 4, cover head_dim <= 4 * NT: 512 at prefill.
- * Used by __launch_bounds__, the shared arrays, the launch (backend.cu) and the decode split size */
+/* Threads per block, per instantiation: 256 at decode (PIPE: twice the lane groups, so a split
+ * of one batch's rows, e.g. Qwen3.5's 64, is read in one round trip instead of two; H100 decode
+ * +1.3-3.0%), 128 at prefill (its many blocks want fewer threads each: 256 cost SmolLM2's prefill
+ * 8-9%). The loops over i = threadIdx.x + j * NT, j < 4, cover head_dim <= 4 * NT: 512 at
+ * prefill. Used by __launch_bounds__, the shared arrays, the launch (backend.cu) and the decode
+ * split size. */
 __host__ __device__ constexpr int att_threads(bool pipe) {
     return pipe ? 256 : 128;
 }
