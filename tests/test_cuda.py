@@ -273,6 +273,67 @@ def test_attention_split_k(lib, head_dim, T, pos):
         lib.lt_cpu_free(h)
 
 
+@pytest.mark.parametrize("head_dim,fmt", [(256, 2), (64, 3), (128, 2)])  # Q8, Q4
+@pytest.mark.parametrize("pos", [0, 5, 300, 1023, 2100])
+@pytest.mark.parametrize("defer", ["", "0", "2"])
+def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer):
+    """A decode attention followed by the GEMV that reads its output (the o-projection) leaves its
+    split combine to that GEMV's x staging while at most LATTICE_CUDA_ATT_DEFER splits (default 8)
+    are in use; past that, and with 0, the attention combines. The positions give 1 split, several
+    (over one batch of the GEMV's requests), exactly 8 or past 8 with head_dim 256 (64 positions
+    per split) and 1-9 splits with 64 (256 per split). The attention's own output stays unwritten
+    exactly when the GEMV combines. Two runs of one program: the combine counters reset."""
+    from lattice import reference as ref
+    from test_cpu_kernels import (AttnArgs, Dispatch, GemvArgs, K_ATTENTION, K_GEMV, Mem, OK, SCRATCH, STATE,
+                                  StepArgs, WEIGHTS, assert_dot_close, dispatch, dot_error_limit, put_matrix, rand)
+    monkeypatch.setenv("LATTICE_CUDA_ATT_DEFER", defer)  # read when the backend's handle is created
+    rng = np.random.default_rng(head_dim + pos)
+    H, Hkv, cap, rows = 4, 2, 2304, 96
+    S = pos + 1
+    q, gate = rand(rng, 1, H * head_dim), rand(rng, 1, H * head_dim)
+    kc = (rng.standard_normal((Hkv, cap, head_dim)) * 0.5).astype(np.float16)
+    vc = rng.standard_normal((Hkv, cap, head_dim)).astype(np.float16)
+    w = rand(rng, rows, H * head_dim, scale=0.1)
+    resid = rand(rng, 1, rows)
+    mem = Mem(StepArgs(n_tokens=1, pos=pos))
+    rq, rk, rv, rg = mem.put(SCRATCH, q), mem.put(STATE, kc), mem.put(STATE, vc), mem.put(SCRATCH, gate)
+    out = mem.zeros(SCRATCH, (1, H * head_dim))
+    wq, ws, wm, deq = put_matrix(mem, w, fmt)
+    y = mem.zeros(SCRATCH, (1, rows))
+    rr = mem.put(SCRATCH, resid)
+    aa = AttnArgs(n_heads=H, n_kv_heads=Hkv, head_dim=head_dim, ctx_cap=cap, q_stride=H * head_dim,
+                  out_stride=H * head_dim, gate_stride=H * head_dim, flags=1, scale=head_dim ** -0.5)
+    ga = GemvArgs(wformat=fmt, rows=rows, cols=H * head_dim, flags=16, x_stride=H * head_dim, y_stride=rows,
+                  resid_stride=rows)
+    mem.build()
+    pad = -len(bytes(aa)) % 16
+    consts = bytes(aa) + bytes(pad) + bytes(ga)
+    prog = (Dispatch * 2)(dispatch(K_ATTENTION, [rq, out, rk, rv, rg]),
+                          dispatch(K_GEMV, [out, y, wq, ws, wm, None, None, rr, None],
+                                   args_offset=len(bytes(aa)) + pad))
+    err, where = ctypes.c_int(), ctypes.c_uint32()
+    h = lib.lt_cpu_create(prog, 2, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err),
+                          ctypes.byref(where))
+    assert h is not None, err.value
+    k2 = kc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    v2 = vc[:, :S].astype(np.float32).transpose(1, 0, 2).reshape(S, Hkv * head_dim)
+    x = ref.sigmoid_mul(ref.attention(q, k2, v2, pos, H, Hkv, head_dim, head_dim ** -0.5), gate)
+    want = x.astype(np.float64) @ deq.T.astype(np.float64) + resid
+    bound = dot_error_limit(x, deq, fmt, "cuda") + 1e-4 * (np.abs(x) @ np.abs(deq).T)  # x to 1e-4
+    chunk = {256: 64, 128: 128, 64: 256}[head_dim]  # backend.cu: one batch of rows of the decode block
+    used = -(-S // chunk)
+    deferred = used <= min(int(defer or 8), 8)
+    try:
+        for _ in range(2):
+            mem.view(y)[:] = np.nan
+            mem.view(out)[:] = np.nan
+            assert lib.lt_cpu_run(h, 1) == OK
+            assert_dot_close(mem.view(y), want, bound)
+            assert np.isnan(mem.view(out)).all() == deferred
+    finally:
+        lib.lt_cpu_free(h)
+
+
 # ---------------------------------------------------------------------------------------------- no GPU
 
 @pytest.mark.parametrize("fmt", [2, 3, 1])  # Q8, Q4, F16
@@ -554,14 +615,18 @@ def test_stop_discards_overshoot_and_session_continues(fixture):
 
 
 @needs_gpu
-@pytest.mark.parametrize("fixture,fuse", [("tiny-llama", "1"), ("tiny-qwen3", "1"), ("tiny-qwen35", "1"),
-                                          ("tiny-qwen35", "0")])
-def test_rope_fused_into_attention_past_one_split(monkeypatch, fixture, fuse):
+@pytest.mark.parametrize("fixture,fuse,defer", [("tiny-llama", "1", ""), ("tiny-qwen3", "1", ""),
+                                                ("tiny-qwen35", "1", ""), ("tiny-qwen35", "0", ""),
+                                                ("tiny-qwen35", "1", "1"), ("tiny-llama", "1", "0")])
+def test_rope_fused_into_attention_past_one_split(monkeypatch, fixture, fuse, defer):
     """Decode fuses each ROPE_KV into the ATTENTION after it (the program keeps the rope's inputs
     live through the attention, so its output cannot overwrite rows other blocks still read;
     Qwen3.5: q|gate heads, qk-norm, partial rotary), unless LATTICE_CUDA_ROPE_FUSE=0; positions
-    past 256 (the decode split of these head sizes) use two splits of the cache."""
+    past 256 (the decode split of these head sizes) use two splits of the cache. The o-projection
+    combines the splits (LATTICE_CUDA_ATT_DEFER: up to 8 by default; with 1 the generation crosses
+    from the GEMV's combine to the attention's at position 256; 0: the attention's always)."""
     monkeypatch.setenv("LATTICE_CUDA_ROPE_FUSE", fuse)  # read when the backend's handle is created
+    monkeypatch.setenv("LATTICE_CUDA_ATT_DEFER", defer)
     prog = _program(fixture, "q8", context=600)
     cpu, st = _cpu(prog)
     gpu, gs = _gpu(prog)

@@ -25,7 +25,8 @@ struct launch {
     gemv_geom gg;
     int ks, rpw;
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
-    gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv) or norm in x (fuse_gdn_norm) */
+    gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv), its norm in x (fuse_gdn_norm) or
+                                  an attention's split combine in x (defer_attention_combine) */
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
@@ -71,6 +72,7 @@ struct lt_cuda {
     /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
     bool gdn_fuse_conv = true, gdn_fuse_norm = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
+    uint32_t att_defer = ATT_DEFER_MAX;  /* LATTICE_CUDA_ATT_DEFER=N: splits left to the GEMV (0: none) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
     int sms = 132;
     std::vector<program *> progs;
@@ -272,13 +274,16 @@ static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args 
     auto k = k_gemv<FMT, KS, 1, NT>;
     if constexpr (NT == 1)
         k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1> : k;
-    constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM;
+    constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM, A = GEMV_FUSE_ATT_SPLITS;
     if constexpr (NT == 1 && KS == 1)  /* fuse_gdn_conv: one-warp-per-row GEMVs */
         if (L.fuse.conv_w)
             k = L.rpw == 4 ? k_gemv<FMT, 1, 4, 1, C> : L.rpw == 2 ? k_gemv<FMT, 1, 2, 1, C> : k_gemv<FMT, 1, 1, 1, C>;
     if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)  /* fuse_gdn_norm: split-K x_lane GEMVs */
         if (L.fuse.head_ss)
             k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, H> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, H> : k_gemv<FMT, KS, 1, 1, H>;
+    if constexpr (NT == 1 && wfmt<FMT>::X16)  /* defer_attention_combine */
+        if (L.fuse.att_part)
+            k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, A> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, A> : k_gemv<FMT, KS, 1, 1, A>;
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
@@ -315,6 +320,12 @@ static void set_gemv_smem() {
         constexpr int H = GEMV_FUSE_HEAD_NORM;
         for (auto k : {k_gemv<FMT, 4, 1, 1, H>, k_gemv<FMT, 4, 2, 1, H>, k_gemv<FMT, 4, 4, 1, H>,
                        k_gemv<FMT, 8, 1, 1, H>, k_gemv<FMT, 8, 2, 1, H>, k_gemv<FMT, 8, 4, 1, H>})
+            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        constexpr int A = GEMV_FUSE_ATT_SPLITS;
+        for (auto k : {k_gemv<FMT, 1, 1, 1, A>, k_gemv<FMT, 1, 2, 1, A>, k_gemv<FMT, 1, 4, 1, A>,
+                       k_gemv<FMT, 2, 1, 1, A>, k_gemv<FMT, 2, 2, 1, A>, k_gemv<FMT, 2, 4, 1, A>,
+                       k_gemv<FMT, 4, 1, 1, A>, k_gemv<FMT, 4, 2, 1, A>, k_gemv<FMT, 4, 4, 1, A>,
+                       k_gemv<FMT, 8, 1, 1, A>, k_gemv<FMT, 8, 2, 1, A>, k_gemv<FMT, 8, 4, 1, A>})
             cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     }
     cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -543,6 +554,7 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     const char *pdl = getenv("LATTICE_CUDA_PDL"), *eager = getenv("LATTICE_CUDA_EAGER");
     const char *x_lane = getenv("LATTICE_CUDA_X_LANE"), *gdn_fuse = getenv("LATTICE_CUDA_GDN_FUSE");
     const char *early = getenv("LATTICE_CUDA_EARLY_STATE"), *rope_fuse = getenv("LATTICE_CUDA_ROPE_FUSE");
+    const char *att_defer = getenv("LATTICE_CUDA_ATT_DEFER");
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
@@ -550,6 +562,8 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
     c->early_state = early && *early ? early[0] == '1' : -1;
+    if (att_defer && *att_defer)
+        c->att_defer = (uint32_t)std::min(strtoul(att_defer, nullptr, 10), (unsigned long)ATT_DEFER_MAX);
     if (parse_nop(getenv("LATTICE_CUDA_NOP"), &c->nop_kinds, c->msg, sizeof c->msg) != LT_OK)
         return LT_ERR_ARGS;
     c->sms = prop.multiProcessorCount;
@@ -729,6 +743,32 @@ static void fuse_gdn_norm(program &p) {
     }
 }
 
+/* Decode programs: an ATTENTION's split combine moves into the x staging of the GEMV right after it
+ * that reads its output (the o-projection) while at most `defer` splits are in use: the attention
+ * then ends once its splits have written their partials, and the GEMV, which reads all of x anyway,
+ * reads the partials instead (att_combined4). With more splits in use (long contexts: the GEMV's
+ * reads grow with them) the attention combines as before. Like the other fusions, OUT then holds
+ * values that exist in the program for that GEMV only. */
+static void defer_attention_combine(program &p, uint32_t defer) {
+    for (size_t i = 0; defer && i + 1 < p.l.size(); i++) {
+        launch &A = p.l[i], &G = p.l[i + 1];
+        if (A.kernel != LT_K_ATTENTION || G.kernel != LT_K_GEMV || G.stream_grid || A.ag.n_split < 2
+            || G.fuse.conv_w || G.fuse.head_ss || !G.gg.x_vec)
+            continue;
+        const lt_attention_args &a = *(const lt_attention_args *)A.args;
+        const lt_gemv_args &g = *(const lt_gemv_args *)G.args;
+        if (G.b.p[LT_GEMV_B_X] != A.b.p[LT_ATTN_B_OUT] || g.cols != a.n_heads * a.head_dim
+            || (g.wformat != LT_WF_Q8 && g.wformat != LT_WF_Q4))
+            continue;
+        A.ag.defer = std::min({defer, (uint32_t)ATT_DEFER_MAX, A.ag.n_split});
+        G.fuse.att_part = p.attn_ws;
+        G.fuse.att_dim = a.head_dim;
+        G.fuse.att_n_split = A.ag.n_split;
+        G.fuse.att_chunk = A.ag.chunk;
+        G.fuse.att_defer = A.ag.defer;
+    }
+}
+
 /* Whether the kernels of a step, less the writer and the reader of a state, can never all be
  * resident at once (a lower bound on their threads against twice the GPU's): then a decode kernel
  * that reads state before its dependency wait finds that state's writer of one step earlier
@@ -804,7 +844,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
                 chunk = std::max(chunk, std::min(256u, (per_batch + 63) / 64 * 64));
             L.ag = {(a->ctx_cap + chunk - 1) / chunk, chunk, G};
             if (L.ag.n_split > 1) {
-                size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * (a->head_dim + 2);
+                size_t f = (size_t)max_tokens * a->n_heads * L.ag.n_split * att_part_floats(a->head_dim);
                 attn_floats = f > attn_floats ? f : attn_floats;
                 attn_heads = (size_t)max_tokens * a->n_heads > attn_heads ? (size_t)max_tokens * a->n_heads : attn_heads;
             }
@@ -844,6 +884,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             fuse_gdn_conv(*p);
         if (c->gdn_fuse_norm)
             fuse_gdn_norm(*p);
+        defer_attention_combine(*p, c->att_defer);
         p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
     }
     c->progs.push_back(p);

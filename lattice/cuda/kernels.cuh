@@ -537,6 +537,56 @@ __device__ __forceinline__ uint32_t q16_pair(float lo, float hi, float inv) {
     return (uint32_t)(__float2int_rn(lo * inv) & 0xffff) | ((uint32_t)__float2int_rn(hi * inv) << 16);
 }
 
+/* A k_attention split's partial in its workspace: max, sum, two unused floats (so that acc is
+ * 16-byte aligned for the GEMV's float4 loads), then acc[head_dim]; [T][n_heads][n_split] of them */
+#define ATT_PART_HEAD 4
+__host__ __device__ constexpr uint32_t att_part_floats(uint32_t head_dim) {
+    return head_dim + ATT_PART_HEAD;
+}
+
+/* An attention output left as its splits' partials (k_attention with g.defer): x staging combines
+ * them (GEMV_FUSE_ATT_SPLITS). Value i of head i / dim is sum_s w_s acc_s[i] / sum_s w_s sum_s over
+ * the used splits, w_s = exp(max_s - their max); acc already holds the output gate. */
+struct att_splits {
+    const float *part;  /* [heads][n_split][att_part_floats(dim)] */
+    uint32_t dim, n_split, used;  /* used <= ATT_DEFER_MAX */
+};
+#define ATT_DEFER_MAX 8
+#define ATT_DEFER_BATCH 4  /* splits whose loads are requested at once (registers) */
+__device__ __forceinline__ float4 att_combined4(const att_splits &a, uint32_t k4) {
+    const uint32_t PF = att_part_floats(a.dim), i = k4 * 4 % a.dim;
+    const float *p = a.part + (size_t)(k4 * 4 / a.dim) * a.n_split * PF;
+    float M = -INFINITY, L = 0.0f;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (uint32_t s0 = 0; s0 < a.used; s0 += ATT_DEFER_BATCH) {  /* online: rescaled per batch */
+        float2 ml[ATT_DEFER_BATCH];
+        float4 acc[ATT_DEFER_BATCH];
+#pragma unroll
+        for (uint32_t s = 0; s < ATT_DEFER_BATCH; s++)
+            if (s0 + s < a.used) {
+                ml[s] = *(const float2 *)(p + (s0 + s) * PF);
+                acc[s] = *(const float4 *)(p + (s0 + s) * PF + ATT_PART_HEAD + i);
+            }
+        float m = M;
+#pragma unroll
+        for (uint32_t s = 0; s < ATT_DEFER_BATCH; s++)
+            if (s0 + s < a.used)
+                m = fmaxf(m, ml[s].x);
+        const float c = expf(M - m);  /* 0 on the first batch */
+        L *= c;
+        o = make_float4(o.x * c, o.y * c, o.z * c, o.w * c);
+#pragma unroll
+        for (uint32_t s = 0; s < ATT_DEFER_BATCH; s++)
+            if (s0 + s < a.used) {
+                const float w = expf(ml[s].x - m);
+                L += ml[s].y * w;
+                o = make_float4(o.x + acc[s].x * w, o.y + acc[s].y * w, o.z + acc[s].z * w, o.w + acc[s].w * w);
+            }
+        M = m;
+    }
+    return make_float4(o.x / L, o.y / L, o.z / L, o.w / L);
+}
+
 /* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
  * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
  * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
@@ -546,9 +596,9 @@ __device__ __forceinline__ uint32_t q16_pair(float lo, float hi, float inv) {
  * chunks in the swz<VQ> layout (VQ chunks per weight vector: 2 for Q8, 4 for Q4), then float
  * scale [nb], float sum [nb]. Every thread calls it; no barrier. Returns this thread's part of the
  * sum of squares of x. */
-template <int VQ>
+template <int VQ, bool ATT = false>
 __device__ __forceinline__ float stage_x_q16(const float *x, float *xs, uint32_t cols, uint32_t xcols,
-                                             const float *nw, bool add_one, bool vec) {
+                                             const float *nw, bool add_one, bool vec, const att_splits &as = {}) {
     const float4 *src = (const float4 *)x;
     const float f = nw && add_one ? 1.0f : 0.0f;
     const uint32_t nb = xcols / 32;
@@ -560,8 +610,8 @@ __device__ __forceinline__ float stage_x_q16(const float *x, float *xs, uint32_t
         const uint32_t k4 = w0 + (threadIdx.x & 31);
         const bool on = k4 * 4 < xcols, in = k4 * 4 < cols;
         float4 xv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), nv = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-        if (vec && in) {  /* float4 rows (gemv_geom.x_vec) */
-            xv = src[k4];
+        if (in && (ATT || vec)) {  /* float4 rows (gemv_geom.x_vec), or an attention's splits */
+            xv = ATT ? att_combined4(as, k4) : src[k4];
             if (nw)
                 nv = __ldg((const float4 *)nw + k4);
         } else if (in) {
@@ -680,7 +730,11 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
  * head_cols values, from the head's head_parts sums of squares, and it multiplies the dot of each
  * 16-byte weight vector with x (a vector's values lie in one head). Split-K x_lane GEMVs only, at
  * most GEMV_HEAD_PARTS_MAX parts per head. */
-enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2 };
+/* GEMV_FUSE_ATT_SPLITS: x is the output of a decode attention that leaves its split combine to this
+ * GEMV while at most att_defer splits are in use (k_attention's g.defer, backend.cu
+ * defer_attention_combine): the staging combines the partials (att_combined4); with more splits
+ * the attention combined and x holds its output. Staged x only (one token, Q8 / Q4). */
+enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2, GEMV_FUSE_ATT_SPLITS = 3 };
 struct gemv_fuse {
     const float *conv_w;     /* [conv_c][conv_k] */
     float *conv_state;       /* [conv_k - 1][conv_c], oldest first */
@@ -688,6 +742,8 @@ struct gemv_fuse {
     const float *head_ss;    /* [heads][head_parts] */
     uint32_t head_cols, head_parts;
     float head_eps;
+    const float *att_part;   /* k_attention's workspace, token 0 */
+    uint32_t att_dim, att_n_split, att_chunk, att_defer;
 };
 
 #define GEMV_HEAD_PARTS_MAX 8  /* the sums load together (unrolled) */
@@ -848,6 +904,10 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     if (nw && blockIdx.y == 0)
         prefetch_l2(nw, (size_t)a.cols * 4, blockIdx.x, gridDim.x);
+    constexpr bool ATT = FUSE == GEMV_FUSE_ATT_SPLITS;
+    /* ATT: the step's position picks the splits to read; a hint now (as k_attention's), checked
+       after the wait with the error flag */
+    const uint32_t pos_hint = ATT ? *(volatile const uint32_t *)&st->pos : 0;
     pdl_wait();
     const float *x = (const float *)b.p[LT_GEMV_B_X];
     uint32_t t_first = 0, n_tok = T;
@@ -859,6 +919,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     if (t0 >= n_tok)
         return;
     const uint32_t err = st->error;  /* checked after the dot products */
+    const uint32_t pos = ATT ? st->pos : 0;
+    lt_keep(pos);
     const uint32_t e_o = silu ? e_row / 2 : e_row;
     e_on = e_on && e_t < n_tok;
     if (e_on && (a.flags & LT_GEMV_RESID))
@@ -873,10 +935,24 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
      * are not float4-aligned */
     const bool add_one = a.flags & LT_GEMV_NORM_ADD_ONE;
-    const bool xlane = NT == 1 && KS >= 4 && wfmt<FMT>::X16 && g.x_lane;  /* gemv_shape: KS >= 4 */
+    const bool xlane = !ATT && NT == 1 && KS >= 4 && wfmt<FMT>::X16 && g.x_lane;  /* gemv_shape: KS >= 4 */
     const bool xvec = NT == 1 && stage_x_one_ok<FMT>(g.x_vec) && !xlane;
     if (xvec) {
-        float ss = stage_x_one<FMT>(x + (size_t)t_first * a.x_stride, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
+        const float *xt = x + (size_t)t_first * a.x_stride;
+        float ss;
+        if constexpr (ATT && wfmt<FMT>::X16) {
+            auto stage = [&](uint32_t p) {
+                const att_splits as{f.att_part, f.att_dim, f.att_n_split, (p + f.att_chunk) / f.att_chunk};
+                return as.used <= f.att_defer
+                           ? stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2, true>(xt, xs, a.cols, g.xcols, nw, add_one, true, as)
+                           : stage_x_one<FMT>(xt, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
+            };
+            ss = stage(pos_hint);
+            if (pos != pos_hint)  /* a stale hint: staged again, by the same threads at the same places */
+                ss = stage(pos);
+        } else {
+            ss = stage_x_one<FMT>(xt, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
+        }
         ss = warp_sum(ss);  /* summed over the warps by warp 0 at the end: no barrier here */
         if (lane == 0)
             redb[warp] = ss;
@@ -1251,7 +1327,10 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * decode graph.) The first batch is requested before the rope prologue. The groups' (max, sum,
  * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
  * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
- * block) combines them: no second kernel. */
+ * block) combines them: no second kernel. A decode step with at most g.defer splits in use leaves
+ * the combine to the GEMV that reads the output (backend.cu defer_attention_combine,
+ * GEMV_FUSE_ATT_SPLITS): every split writes its (max, sum, acc * gate) and the kernel ends there,
+ * without the fence, the atomic and the last split's second round trip (4.2 of Qwen3.5's 9.9 us). */
 /* Threads per block, per instantiation: 256 at decode (PIPE: twice the lane groups, so a split
  * of one batch's rows, e.g. Qwen3.5's 64, is read in one round trip instead of two; H100 decode
  * +1.3-3.0%), 128 at prefill (its many blocks want fewer threads each: 256 cost SmolLM2's prefill
@@ -1270,8 +1349,9 @@ static inline int att_vecs_per_lane(uint32_t head_dim) {
     return head_dim > 256 ? 2 : 1;
 }
 
+/* defer: the most splits in use whose combine is left to the GEMV after it (0: none) */
 struct att_geom {
-    uint32_t n_split, chunk, G;
+    uint32_t n_split, chunk, G, defer;
 };
 
 /* ROPE (decode, T = 1): the ROPE_KV dispatch before this one is fused in (backend.cu checks that
@@ -1565,6 +1645,23 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
     float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
+    float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * att_part_floats(D);
+    if constexpr (PIPE) {
+        if (used <= g.defer) {  /* the GEMV reading out combines; the gate is linear in acc */
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t i = threadIdx.x + j * NT;
+                if (i < D)
+                    mine[ATT_PART_HEAD + i] = gate ? block_out(i) * lt_sigmoid_d(gv[j]) : block_out(i);
+            }
+            if (threadIdx.x == 0) {
+                mine[0] = M;
+                mine[1] = L;
+            }
+            lt_trace_end();
+            return;
+        }
+    }
     if (used == 1) {  /* this block is the only split in use: no combine */
         if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
@@ -1585,9 +1682,8 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
         return;
     }
     /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
-    float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * (D + 2);
     for (uint32_t i = threadIdx.x; i < D; i += NT)
-        mine[2 + i] = block_out(i);
+        mine[ATT_PART_HEAD + i] = block_out(i);
     if (threadIdx.x == 0) {
         mine[0] = M;
         mine[1] = L;
@@ -1605,16 +1701,17 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     if (!last)
         return;
     __threadfence();
-    const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * (D + 2);
+    const uint32_t PF = att_part_floats(D);
+    const float *ps = part + ((size_t)t * a.n_heads + h) * g.n_split * PF;
     M = -INFINITY, L = 0.0f;
     for (uint32_t k = 0; k < used; k++)
-        M = fmaxf(M, __ldcg(ps + k * (D + 2)));
+        M = fmaxf(M, __ldcg(ps + k * PF));
     for (uint32_t k = 0; k < used; k++)
-        L += __ldcg(ps + k * (D + 2) + 1) * expf(__ldcg(ps + k * (D + 2)) - M);
+        L += __ldcg(ps + k * PF + 1) * expf(__ldcg(ps + k * PF) - M);
     auto combined = [&](uint32_t i) {
         float o = 0.0f;
         for (uint32_t k = 0; k < used; k++)
-            o += __ldcg(ps + k * (D + 2) + 2 + i) * expf(__ldcg(ps + k * (D + 2)) - M);
+            o += __ldcg(ps + k * PF + ATT_PART_HEAD + i) * expf(__ldcg(ps + k * PF) - M);
         return o / L;
     };
     if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
