@@ -276,19 +276,21 @@ def test_attention_split_k(lib, head_dim, T, pos):
 @pytest.mark.parametrize("head_dim,fmt", [(256, 2), (64, 3), (128, 2)])  # Q8, Q4
 @pytest.mark.parametrize("pos", [0, 5, 300, 1023, 2100])
 @pytest.mark.parametrize("defer", ["", "0", "2"])
-def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer):
+@pytest.mark.parametrize("rows", [96, 1100])
+def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer, rows):
     """A decode attention followed by the GEMV that reads its output (the o-projection) leaves its
     split combine to that GEMV's x staging while at most LATTICE_CUDA_ATT_DEFER splits (default 8)
     are in use; past that, and with 0, the attention combines. The positions give 1 split, several
     (over one batch of the GEMV's requests), exactly 8 or past 8 with head_dim 256 (64 positions
-    per split) and 1-9 splits with 64 (256 per split). The attention's own output stays unwritten
+    per split) and 1-9 splits with 64 (256 per split); 1100 rows of 1024 columns take 4 rows per
+    warp (the combining GEMV's blocks are made fewer). The attention's own output stays unwritten
     exactly when the GEMV combines. Two runs of one program: the combine counters reset."""
     from lattice import reference as ref
     from test_cpu_kernels import (AttnArgs, Dispatch, GemvArgs, K_ATTENTION, K_GEMV, Mem, OK, SCRATCH, STATE,
                                   StepArgs, WEIGHTS, assert_dot_close, dispatch, dot_error_limit, put_matrix, rand)
     monkeypatch.setenv("LATTICE_CUDA_ATT_DEFER", defer)  # read when the backend's handle is created
     rng = np.random.default_rng(head_dim + pos)
-    H, Hkv, cap, rows = 4, 2, 2304, 96
+    H, Hkv, cap = 4, 2, 2304
     S = pos + 1
     q, gate = rand(rng, 1, H * head_dim), rand(rng, 1, H * head_dim)
     kc = (rng.standard_normal((Hkv, cap, head_dim)) * 0.5).astype(np.float16)

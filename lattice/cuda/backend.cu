@@ -749,7 +749,7 @@ static void fuse_gdn_norm(program &p) {
  * reads the partials instead (att_combined4). With more splits in use (long contexts: the GEMV's
  * reads grow with them) the attention combines as before. Like the other fusions, OUT then holds
  * values that exist in the program for that GEMV only. */
-static void defer_attention_combine(program &p, uint32_t defer) {
+static void defer_attention_combine(program &p, uint32_t defer, int sms) {
     for (size_t i = 0; defer && i + 1 < p.l.size(); i++) {
         launch &A = p.l[i], &G = p.l[i + 1];
         if (A.kernel != LT_K_ATTENTION || G.kernel != LT_K_GEMV || G.stream_grid || A.ag.n_split < 2
@@ -760,6 +760,11 @@ static void defer_attention_combine(program &p, uint32_t defer) {
         if (G.b.p[LT_GEMV_B_X] != A.b.p[LT_ATTN_B_OUT] || g.cols != a.n_heads * a.head_dim
             || (g.wformat != LT_WF_Q8 && g.wformat != LT_WF_Q4))
             continue;
+        /* about one block per SM: each block reads every used split of x (L2 traffic), and its
+           registers (the partials' loads) leave room beside it for the next kernel's blocks to
+           start early (Qwen3.5: 128 blocks of 4 rows per warp, 2 blocks per SM left none) */
+        while (G.ks > 1 && G.rpw < 4 && g.rows / (8 / G.ks * G.rpw) > (uint32_t)sms)
+            G.rpw *= 2;
         A.ag.defer = std::min({defer, (uint32_t)ATT_DEFER_MAX, A.ag.n_split});
         G.fuse.att_part = p.attn_ws;
         G.fuse.att_dim = a.head_dim;
@@ -884,7 +889,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             fuse_gdn_conv(*p);
         if (c->gdn_fuse_norm)
             fuse_gdn_norm(*p);
-        defer_attention_combine(*p, c->att_defer);
+        defer_attention_combine(*p, c->att_defer, c->sms);
         p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
     }
     c->progs.push_back(p);

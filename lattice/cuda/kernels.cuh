@@ -920,7 +920,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         return;
     const uint32_t err = st->error;  /* checked after the dot products */
     const uint32_t pos = ATT ? st->pos : 0;
-    lt_keep(pos);
+    if constexpr (ATT)
+        lt_keep(pos);
     const uint32_t e_o = silu ? e_row / 2 : e_row;
     e_on = e_on && e_t < n_tok;
     if (e_on && (a.flags & LT_GEMV_RESID))
@@ -1645,24 +1646,9 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
     float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-    float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * att_part_floats(D);
-    if constexpr (PIPE) {
-        if (used <= g.defer) {  /* the GEMV reading out combines; the gate is linear in acc */
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const uint32_t i = threadIdx.x + j * NT;
-                if (i < D)
-                    mine[ATT_PART_HEAD + i] = gate ? block_out(i) * lt_sigmoid_d(gv[j]) : block_out(i);
-            }
-            if (threadIdx.x == 0) {
-                mine[0] = M;
-                mine[1] = L;
-            }
-            lt_trace_end();
-            return;
-        }
-    }
-    if (used == 1) {  /* this block is the only split in use: no combine */
+    /* decode with at most g.defer splits in use: the GEMV reading out combines them */
+    const bool deferred = PIPE && used <= g.defer;
+    if (used == 1 && !deferred) {  /* this block is the only split in use: no combine */
         if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -1681,12 +1667,27 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
         lt_trace_end();
         return;
     }
-    /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines */
-    for (uint32_t i = threadIdx.x; i < D; i += NT)
-        mine[ATT_PART_HEAD + i] = block_out(i);
+    /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines
+       them, or the GEMV after this kernel (deferred: acc * gate, linear in acc) */
+    float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * att_part_floats(D);
+    if constexpr (PIPE) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t i = threadIdx.x + j * NT;
+            if (i < D)
+                mine[ATT_PART_HEAD + i] = deferred && gate ? block_out(i) * lt_sigmoid_d(gv[j]) : block_out(i);
+        }
+    } else {
+        for (uint32_t i = threadIdx.x; i < D; i += NT)
+            mine[ATT_PART_HEAD + i] = block_out(i);
+    }
     if (threadIdx.x == 0) {
         mine[0] = M;
         mine[1] = L;
+    }
+    if (deferred) {
+        lt_trace_end();
+        return;
     }
     __threadfence();
     __syncthreads();
