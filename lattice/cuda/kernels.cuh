@@ -587,6 +587,21 @@ __device__ __forceinline__ float4 att_combined4(const att_splits &a, uint32_t k4
     return make_float4(o.x / L, o.y / L, o.z / L, o.w / L);
 }
 
+/* Asks this SM's L1 for every line att_combined4 will read for the float4s k4 = k0, k0 + step, ...
+ * < n4 (every split's header and values), all at once: the staging's later trips and batches then
+ * find them there instead of waiting for L2 in turn. After the dependency wait only, like the
+ * loads themselves. */
+__device__ __forceinline__ void att_prefetch_l1(const att_splits &a, uint32_t k0, uint32_t step, uint32_t n4) {
+    const uint32_t PF = att_part_floats(a.dim);
+    for (uint32_t k4 = k0; k4 < n4; k4 += step) {
+        const float *p = a.part + (size_t)(k4 * 4 / a.dim) * a.n_split * PF;
+        for (uint32_t s = 0; s < a.used; s++) {
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(p + s * PF));
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(p + s * PF + ATT_PART_HEAD + k4 * 4 % a.dim));
+        }
+    }
+}
+
 /* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
  * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
  * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
@@ -944,9 +959,10 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         if constexpr (ATT && wfmt<FMT>::X16) {
             auto stage = [&](uint32_t p) {
                 const att_splits as{f.att_part, f.att_dim, f.att_n_split, (p + f.att_chunk) / f.att_chunk};
-                return as.used <= f.att_defer
-                           ? stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2, true>(xt, xs, a.cols, g.xcols, nw, add_one, true, as)
-                           : stage_x_one<FMT>(xt, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
+                if (as.used > f.att_defer)  /* the attention combined: x is its output */
+                    return stage_x_one<FMT>(xt, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
+                att_prefetch_l1(as, threadIdx.x, blockDim.x, a.cols / 4);  /* stage_x_q16's float4s */
+                return stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2, true>(xt, xs, a.cols, g.xcols, nw, add_one, true, as);
             };
             ss = stage(pos_hint);
             if (pos != pos_hint)  /* a stale hint: staged again, by the same threads at the same places */
