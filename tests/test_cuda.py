@@ -473,6 +473,104 @@ def test_lm_head_all_tokens_gemm(lib):
     assert_dot_close(mem.view(y), want, bound)
 
 
+def _lm_head_sample(fmt, V, T, plant):
+    """A last-token LM head (norm prologue, D = 256) -> greedy SAMPLE program over V logits, as
+    decode (T = 1) and prefill (T > 1) programs have it. plant(w, xin) sets weight rows of w [V, D]
+    (xin: the last token's normed x). Returns mem, the program, its consts and the x, logits and
+    ring refs."""
+    from test_cpu_kernels import (ARGMAX_BLOCK, Dispatch, GemvArgs, K_LM_HEAD, K_SAMPLE, Mem, OUTPUT, SCRATCH,
+                                  SampleArgs, StepArgs, WEIGHTS, dispatch, put_matrix, rand)
+    from lattice import reference as ref
+    rng = np.random.default_rng(V + T + fmt)
+    D = 256
+    x, norm_w, w = rand(rng, T, D), rand(rng, D), rand(rng, V, D, scale=0.1)
+    plant(w, ref.rms_norm(x[-1:], norm_w, 1e-5, False)[0])
+    mem = Mem(StepArgs(n_tokens=T, ring_cap=4, temperature=0.0, top_p=1.0, repetition_penalty=1.0))
+    wq, ws, wm, _ = put_matrix(mem, w, fmt)
+    rx, rn = mem.put(SCRATCH, x), mem.put(WEIGHTS, norm_w)
+    logits, parts = mem.zeros(SCRATCH, (1, V)), mem.zeros(SCRATCH, (-(-V // ARGMAX_BLOCK), 4))
+    ring, ring_lp, work = mem.zeros(OUTPUT, 4, np.uint32), mem.zeros(OUTPUT, 4), mem.zeros(SCRATCH, 2 * V)
+    head = bytes(GemvArgs(wformat=fmt, rows=V, cols=D, flags=1, x_stride=D, y_stride=V, eps=1e-5))
+    head += b"\0" * (-len(head) % 16)
+    consts = head + bytes(SampleArgs(vocab=V, logits_stride=V))
+    prog = (Dispatch * 2)(
+        dispatch(K_LM_HEAD, [rx, logits, wq, ws, wm, rn, None, None, parts]),
+        dispatch(K_SAMPLE, [logits, parts, None, None, None, ring, ring_lp, work], 0, len(head)))
+    mem.build()
+    return mem, prog, consts, rx, logits, ring
+
+
+@pytest.mark.parametrize("fmt", [2, 1])  # Q8, F16 (4 and 6 rows per warp in k_gemv_stream)
+@pytest.mark.parametrize("V", [1000, 32000])
+@pytest.mark.parametrize("T", [1, 3])
+def test_lm_head_partials_ties_into_sampler(lib, fmt, V, T):
+    """LM head -> greedy SAMPLE. 32,000 rows stream through k_gemv_stream (GPUs of up to 250 SMs),
+    whose blocks write the sampler's partials themselves: two kernels a step (eager, counted), and
+    more block partials than PARTIALS holds (125); 1,000 rows take k_gemv and k_partials (three).
+    The max logit is planted at 40 ids (equal weight rows: equal logits) from mid-vocabulary on,
+    the lowest three in lanes 0, 1 and 3 of one warp (a row group starts at a multiple of 12), so
+    the lowest id must win whichever block, warp, lane or pass stored it; just above the other
+    logits, which then weigh in the logprob through every block's rescaled sum. A second run of the same program (graph replay at T = 1) negates x: the max
+    moves to 40 other ids. Token and logprob against the logits the GPU wrote."""
+    from test_cpu_kernels import OK
+    rng = np.random.default_rng(V + T)
+    lo = V // 24 * 12 + 12 * int(rng.integers(0, 8))
+    up = np.array([lo, lo + 1, lo + 3, *rng.choice(np.arange(lo + 4, V), 37, replace=False)])
+    down = rng.choice(np.setdiff1d(np.arange(V), up), 40, replace=False)
+
+    def plant(w, xin):
+        rest = np.abs(xin.astype(np.float64) @ w.T.astype(np.float64)).max()
+        row = (rest + 2) / np.abs(xin).sum() * np.sign(xin)  # logit ~ the others' largest |logit| + 2
+        w[up], w[down] = row, -row
+
+    mem, prog, consts, rx, logits, ring = _lm_head_sample(fmt, V, T, plant)
+    err, where = ctypes.c_int(), ctypes.c_uint32()
+    h = lib.lt_cpu_create(prog, 2, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err),
+                          ctypes.byref(where))
+    assert h is not None, (err.value, where.value)
+    try:
+        for run, ids in enumerate([up, down]):
+            if run:
+                mem.view(rx)[:] *= -1
+                mem.step.n_tokens = T  # the first run left 1
+            lib.so.lt_cuda_set_eager(h.be.h, int(run == 0))
+            assert lib.lt_cpu_run(h, 1) == OK
+            if run == 0:
+                counters = lcuda.Counters()
+                lib.so.lt_cuda_counters_get(h.be.h, ctypes.byref(counters))
+                assert counters.kernel_launches == (2 if V > 1000 else 3)
+            got = mem.view(logits)[0].astype(np.float64)
+            assert list(np.flatnonzero(got == got.max())) == sorted(ids)  # the planted ties
+            st = mem.step
+            assert st.token == min(ids) and mem.view(ring)[run] == min(ids) and st.step == run + 1
+            assert st.next_logprob == pytest.approx(-np.log(np.exp(got - got.max()).sum()), abs=1e-5)
+    finally:
+        lib.lt_cpu_free(h)
+
+
+@pytest.mark.parametrize("V", [1000, 32000])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_lm_head_partials_nonfinite_logit(lib, V, bad):
+    """One NaN / +Inf / -Inf logit late in the vocabulary (F16 weights): the sampler raises the
+    non-finite error whether k_partials or k_gemv_stream's blocks counted it, and emits nothing."""
+    from test_cpu_kernels import ERR_NONFINITE
+
+    def plant(w, xin):
+        w[3 * V // 4 + 5] = bad * np.sign(xin)
+
+    mem, prog, consts, _, logits, ring = _lm_head_sample(1, V, 1, plant)
+    err, where = ctypes.c_int(), ctypes.c_uint32()
+    h = lib.lt_cpu_create(prog, 2, consts, len(consts), mem.ptrs, mem.sizes, 1, ctypes.byref(err),
+                          ctypes.byref(where))
+    assert h is not None, (err.value, where.value)
+    try:
+        assert lib.lt_cpu_run(h, 1) == ERR_NONFINITE
+    finally:
+        lib.lt_cpu_free(h)
+    assert not np.isfinite(mem.view(logits)[0, 3 * V // 4 + 5])
+    assert mem.step.step == 0 and mem.step.pos == 0 and (mem.view(ring) == 0).all()
+
+
 def test_missing_nvcc_is_a_backend_error(monkeypatch, tmp_path):
     monkeypatch.setattr(lcuda, "_lib", None)
     monkeypatch.setenv("LATTICE_NVCC", str(tmp_path / "no-nvcc"))

@@ -27,6 +27,10 @@ struct launch {
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
     gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv), its norm in x (fuse_gdn_norm) or
                                   an attention's split combine in x (defer_attention_combine) */
+    /* LM_HEAD: where its k_gemv_stream blocks write their partials (null: k_partials writes PARTIALS);
+       SAMPLE: the n_part partials it merges (link_lm_partials) */
+    lt_argmax_partial *part = nullptr;
+    uint32_t n_part = 0;
     /* ATTENTION */
     att_geom ag;
     const uint8_t *rope_args = nullptr;  /* the fused ROPE_KV before it (decode programs) */
@@ -45,6 +49,7 @@ struct program {
     int early_state = 0;        /* decode may read state before the wait (resident_bound) */
     float *attn_ws = nullptr;   /* attention split partials */
     unsigned *attn_cnt = nullptr; /* per (token, head): splits finished (zero between steps) */
+    lt_argmax_partial *lm_part = nullptr;  /* the LM head's partials, one per k_gemv_stream block */
     cudaGraphExec_t graph[2] = {nullptr, nullptr};  /* 1 step, GRAPH_STEPS steps */
 };
 
@@ -291,7 +296,8 @@ template <int FMT, int NT>
 static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm,
                             dim3 grid, size_t smem, cudaStream_t s) {
     if (NT == 1 && L.stream_grid)
-        launch_k(k_gemv_stream<FMT>, L.stream_grid, 256, smem, s, a, L.b, st, T, L.gg, lm);
+        launch_k(L.part ? k_gemv_stream<FMT, true> : k_gemv_stream<FMT>, L.stream_grid, 256, smem, s, a, L.b, st, T,
+                 L.gg, lm, L.part);
     else if (L.ks == 1)
         launch_gemv_ks<FMT, 1, NT>(L, a, st, T, lm, grid, smem, s);
     else if (L.ks == 2)
@@ -328,7 +334,8 @@ static void set_gemv_smem() {
                        k_gemv<FMT, 8, 1, 1, A>, k_gemv<FMT, 8, 2, 1, A>, k_gemv<FMT, 8, 4, 1, A>})
             cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     }
-    cudaFuncSetAttribute(k_gemv_stream<FMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    for (auto k : {k_gemv_stream<FMT>, k_gemv_stream<FMT, true>})
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 static void launch_gemv_simt(const launch &L0, lt_step_args *st, uint32_t T, cudaStream_t s) {
@@ -365,7 +372,7 @@ static void launch_gemv(const launch &L, lt_step_args *st, uint32_t T, cudaStrea
     int lm = L.kernel == LT_K_LM_HEAD;
     if (!launch_gemm(a, L.b, st, T, lm, gpu_sms, pdl_enabled, s))
         launch_gemv_simt(L, st, T, s);
-    if (lm && L.b.p[LT_GEMV_B_PARTIALS]) {
+    if (lm && !L.part && L.b.p[LT_GEMV_B_PARTIALS]) {  /* L.part: its k_gemv_stream wrote them */
         const float *logits = (const float *)L.b.p[LT_GEMV_B_Y]
                               + (size_t)((a.flags & LT_GEMV_ALL_TOKENS) ? T - 1 : 0) * a.y_stride;
         launch_k(k_partials, (a.rows + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK, LT_ARGMAX_BLOCK, 0, s, 
@@ -470,7 +477,7 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
     }
     case LT_K_SAMPLE: {
         const lt_sample_args &a = *(const lt_sample_args *)L.args;
-        launch_k(k_sample, 1, SAMPLE_THREADS, 0, s, a, L.b, st, T);
+        launch_k(k_sample, 1, SAMPLE_THREADS, 0, s, a, L.b, st, T, L.part, L.n_part);
         break;
     }
     }
@@ -531,6 +538,7 @@ void lt_cuda_free(lt_cuda *c) {
         cudaFree(p->gdn_ss);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
+        cudaFree(p->lm_part);
         delete p;
     }
     for (int i = 0; i < LT_N_ARENAS; i++)
@@ -774,6 +782,52 @@ static void defer_attention_combine(program &p, uint32_t defer, int sms) {
     }
 }
 
+/* A SAMPLE merges its logits' statistics (max, argmax, sum of exp, NaN / Inf count) from the LM
+ * head's partials. Where the nearest LM head before it writes the SAMPLE's LOGITS and PARTIALS for
+ * the last token only and has a stream_grid (then it always runs on k_gemv_stream, at any T),
+ * each block of that kernel writes the partial of the rows it stored into the program's lm_part
+ * and the SAMPLE merges those stream_grid partials: no k_partials kernel between them, one
+ * dependent phase (~3.5 us) less per decode step. PARTIALS then goes unwritten: in a program only
+ * the SAMPLE reads it. Other heads (few rows on k_gemv, the logits program's every-token head) keep
+ * k_partials: PARTIALS, one per LT_ARGMAX_BLOCK logits. lm_part is zeroed: LATTICE_CUDA_NOP=lm_head
+ * leaves it unwritten. */
+static cudaError_t link_lm_partials(program &p, cudaStream_t s) {
+    std::vector<std::pair<launch *, launch *>> links;
+    uint32_t blocks = 0;
+    for (size_t i = 0, h = 0; i < p.l.size(); i++) {  /* h: 1 + the index of the last LM head so far */
+        launch &S = p.l[i];
+        if (S.kernel == LT_K_LM_HEAD)
+            h = i + 1;
+        if (S.kernel != LT_K_SAMPLE)
+            continue;
+        const lt_sample_args &sa = *(const lt_sample_args *)S.args;
+        S.part = (lt_argmax_partial *)S.b.p[LT_SAMPLE_B_PARTIALS];
+        S.n_part = (sa.vocab + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK;
+        if (!h)
+            continue;
+        launch &H = p.l[h - 1];
+        const lt_gemv_args &ha = *(const lt_gemv_args *)H.args;
+        if (H.stream_grid && S.part && !(ha.flags & LT_GEMV_ALL_TOKENS) && !(sa.flags & LT_SAMPLE_LOGITS_ALL_TOKENS)
+            && H.b.p[LT_GEMV_B_PARTIALS] == S.part && H.b.p[LT_GEMV_B_Y] == S.b.p[LT_SAMPLE_B_LOGITS]
+            && ha.rows == sa.vocab) {
+            links.push_back({&H, &S});
+            blocks = std::max(blocks, H.stream_grid);
+        }
+    }
+    if (!blocks)
+        return cudaSuccess;
+    cudaError_t e = cudaMalloc(&p.lm_part, blocks * sizeof(lt_argmax_partial));
+    if (e == cudaSuccess)
+        e = cudaMemsetAsync(p.lm_part, 0, blocks * sizeof(lt_argmax_partial), s);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(s);
+    for (auto &[H, S] : links) {
+        H->part = S->part = p.lm_part;
+        S->n_part = H->stream_grid;
+    }
+    return e;
+}
+
 /* Whether the kernels of a step, less the writer and the reader of a state, can never all be
  * resident at once (a lower bound on their threads against twice the GPU's): then a decode kernel
  * that reads state before its dependency wait finds that state's writer of one step earlier
@@ -873,12 +927,15 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
         if (e2 == cudaSuccess)
             e2 = cudaStreamSynchronize(c->stream);
     }
-    if (e1 != cudaSuccess || e2 != cudaSuccess) {
-        snprintf(c->msg, sizeof c->msg, "workspace: %s", cudaGetErrorString(e1 != cudaSuccess ? e1 : e2));
+    cudaError_t e3 = e1 == cudaSuccess && e2 == cudaSuccess ? link_lm_partials(*p, c->stream) : cudaSuccess;
+    if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess) {
+        snprintf(c->msg, sizeof c->msg, "workspace: %s",
+                 cudaGetErrorString(e1 != cudaSuccess ? e1 : e2 != cudaSuccess ? e2 : e3));
         cudaFree(p->gdn_ws);
         cudaFree(p->gdn_ss);
         cudaFree(p->attn_ws);
         cudaFree(p->attn_cnt);
+        cudaFree(p->lm_part);
         delete p;
         return -LT_ERR_NOMEM;
     }

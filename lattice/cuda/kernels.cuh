@@ -262,6 +262,50 @@ __device__ void block_argmax(float &v, uint32_t &i, float *redv, uint32_t *redi)
         arg_better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
 }
 
+/* Softmax statistics of a set of logits: max, its id (lowest on ties), sum of exp(l - max), NaN /
+ * Inf count. Sets merge in any order (the sums rescale to the larger max). */
+struct logit_stats {
+    float max = -INFINITY, sumexp = 0.0f;
+    uint32_t arg = 0xffffffffu, bad = 0;
+    __device__ void merge(float m2, uint32_t a2, float s2, uint32_t bad2) {
+        const float m = fmaxf(max, m2);
+        sumexp = (max > -INFINITY ? sumexp * expf(max - m) : 0.0f) + (m2 > -INFINITY ? s2 * expf(m2 - m) : 0.0f);
+        arg_better(max, arg, m2, a2);
+        bad += bad2;
+    }
+    __device__ lt_argmax_partial partial() const { return {max, arg, sumexp, bad}; }
+    static __device__ logit_stats of(const lt_argmax_partial &p) { return {p.max, p.sumexp, p.argmax, p.n_nonfinite}; }
+};
+
+/* logit_stats merged over the block; every thread gets the result. The max, its id and the count
+ * first, then each thread's sum rescaled to the block's max (one expf per thread: merging sums at
+ * every shuffle level cost 2 us of special-function throughput in one block of 1024 threads). */
+__device__ logit_stats block_stats(const logit_stats &v, float4 *red, float *redf) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    float m = v.max;
+    uint32_t arg = v.arg, bad = v.bad;
+    auto warp_reduce = [&]() {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            arg_better(m, arg, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, arg, o));
+            bad += __shfl_xor_sync(0xffffffffu, bad, o);
+        }
+    };
+    warp_reduce();
+    __syncthreads();
+    if (lane == 0)
+        red[w] = make_float4(m, __uint_as_float(arg), __uint_as_float(bad), 0.0f);
+    __syncthreads();
+    m = lane < nw ? red[lane].x : -INFINITY;
+    arg = lane < nw ? __float_as_uint(red[lane].y) : 0xffffffffu;
+    bad = lane < nw ? __float_as_uint(red[lane].z) : 0u;
+    warp_reduce();
+    logit_stats r;
+    r.max = m, r.arg = arg, r.bad = bad;
+    r.sumexp = block_sum(v.max > -INFINITY ? v.sumexp * expf(v.max - m) : 0.0f, redf);
+    return r;
+}
+
 /* Exclusive prefix sum over the block's threads (in thread order) and the total. */
 template <typename V>
 __device__ V block_exclusive_scan(V v, V *scan, V *total) {
@@ -1092,10 +1136,13 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
  * for a new wave of blocks. x is staged once per block. RPW consecutive rows per warp: a
  * LT_GEMV_SILU_MUL gate/up pair (rows 2i, 2i + 1) stays in one warp. Needs g.vec_ok. (H200:
  * decode 1% faster than waves of blocks of 32 rows; for GEMVs of ~2 row groups per warp, 3% slower
- * than one wave of k_gemv blocks.) */
-template <int FMT>
+ * than one wave of k_gemv blocks.) STATS (a last-token LM head whose SAMPLE reads them): each block
+ * also writes part[blockIdx.x], the lt_argmax_partial of the logits it stored, instead of a
+ * k_partials kernel after this one (one dependent phase less). A separate instantiation: the
+ * others stay at their registers. */
+template <int FMT, bool STATS = false>
 __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
-                                                     gemv_geom g, int lm_head) {
+                                                     gemv_geom g, int lm_head, lt_argmax_partial *part) {
     extern __shared__ float xs[];
     __shared__ float redb[32];
     /* rows per warp (even: SILU_MUL pairs), 16-byte vectors in flight per row and lane; Q8 / Q4 (int16
@@ -1152,10 +1199,16 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
         scale = stage_x_row(x, xs, a.cols, g.xcols, nw, add_one, a.eps, redb);
     }
     __syncthreads();
-    if (err)
+    if (err)  /* STATS: no partial; the SAMPLE sees the same error and returns before it merges them */
         return;
     float *y = (float *)b.p[LT_GEMV_B_Y];
     const float *resid = (a.flags & LT_GEMV_RESID) ? (const float *)b.p[LT_GEMV_B_RESID] : nullptr;
+    /* STATS: each storing lane's logit_stats as a partial in shared memory (in registers, live
+       across the row loop, they made Q4 spill 160 bytes instead of 28) */
+    __shared__ lt_argmax_partial lsp[STATS ? 8 * RPW : 1];
+    const uint32_t me = (threadIdx.x >> 5) * RPW + lane;  /* lanes < RPW: this lane's slot */
+    if (STATS && lane < RPW)
+        lsp[me] = logit_stats{}.partial();
     for (; r0 < a.rows; r0 += stride) {
         float acc[RPW];
 #pragma unroll
@@ -1177,6 +1230,8 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
         for (int r = 0; r < RPW; r++)
             acc[r] = warp_sum(acc[r]) * scale;
         /* lane r stores row r0 + r (SILU_MUL: lane 2i stores output (r0 + 2i) / 2) */
+        float v = 0.0f;
+        uint32_t id = 0xffffffffu;  /* STATS: the logit this lane stored, and its id */
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
             uint32_t row = r0 + r;
@@ -1188,14 +1243,30 @@ __global__ void __launch_bounds__(256, 2) k_gemv_stream(lt_gemv_args a, lt_binds
                 out = lt_silu_d(out) * (acc[r + 1 < RPW ? r + 1 : r] + (bias ? bias[row + 1] : 0.0f));
                 o = row / 2;
             }
-            y[(size_t)yrow * a.y_stride + o] = resid ? resid[(size_t)t * a.resid_stride + o] + out : out;
+            out = resid ? resid[(size_t)t * a.resid_stride + o] + out : out;
+            y[(size_t)yrow * a.y_stride + o] = out;
+            v = out, id = o;
         }
+        if (STATS && id != 0xffffffffu) {  /* as k_partials: NaN / Inf counted, left out of the max and sum */
+            logit_stats ls = logit_stats::of(lsp[me]);
+            if (isfinite(v))
+                ls.merge(v, id, 1.0f, 0);
+            else
+                ls.bad++;
+            lsp[me] = ls.partial();
+        }
+    }
+    if constexpr (STATS) {  /* every block writes its partial: the SAMPLE merges all gridDim.x */
+        __shared__ float4 red4[32];
+        const logit_stats ls = block_stats(lane < RPW ? logit_stats::of(lsp[me]) : logit_stats{}, red4, redb);
+        if (threadIdx.x == 0)
+            part[blockIdx.x] = ls.partial();
     }
 }
 
 /* LM head partials: per LT_ARGMAX_BLOCK logits, max / argmax (lowest id on ties) / sum of
  * exp(l - max) over finite logits / count of NaN and Inf. One block of LT_ARGMAX_BLOCK threads
- * per partial. */
+ * per partial. For heads whose k_gemv_stream writes its own partials (STATS) it does not run. */
 __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logits, uint32_t rows,
                                                               lt_argmax_partial *p, lt_step_args *st) {
     __shared__ float redv[32];
@@ -2293,48 +2364,6 @@ __global__ void __launch_bounds__(GDN_OUT_THREADS) k_gdn_out(lt_gdn_args a, lt_b
  * CPU's, so a draw can differ only when u * total falls within rounding of a boundary. */
 #define SAMPLE_THREADS 1024
 
-/* Softmax statistics of a set of logits: max, its id (lowest on ties), sum of exp(l - max), NaN /
- * Inf count. Sets merge in any order (the sums rescale to the larger max). */
-struct logit_stats {
-    float max = -INFINITY, sumexp = 0.0f;
-    uint32_t arg = 0xffffffffu, bad = 0;
-    __device__ void merge(float m2, uint32_t a2, float s2, uint32_t bad2) {
-        const float m = fmaxf(max, m2);
-        sumexp = (max > -INFINITY ? sumexp * expf(max - m) : 0.0f) + (m2 > -INFINITY ? s2 * expf(m2 - m) : 0.0f);
-        arg_better(max, arg, m2, a2);
-        bad += bad2;
-    }
-};
-
-/* logit_stats merged over the block; every thread gets the result. The max, its id and the count
- * first, then each thread's sum rescaled to the block's max (one expf per thread: merging sums at
- * every shuffle level cost 2 us of special-function throughput in one block of 1024 threads). */
-__device__ logit_stats block_stats(const logit_stats &v, float4 *red, float *redf) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    float m = v.max;
-    uint32_t arg = v.arg, bad = v.bad;
-    auto warp_reduce = [&]() {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            arg_better(m, arg, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, arg, o));
-            bad += __shfl_xor_sync(0xffffffffu, bad, o);
-        }
-    };
-    warp_reduce();
-    __syncthreads();
-    if (lane == 0)
-        red[w] = make_float4(m, __uint_as_float(arg), __uint_as_float(bad), 0.0f);
-    __syncthreads();
-    m = lane < nw ? red[lane].x : -INFINITY;
-    arg = lane < nw ? __float_as_uint(red[lane].y) : 0xffffffffu;
-    bad = lane < nw ? __float_as_uint(red[lane].z) : 0u;
-    warp_reduce();
-    logit_stats r;
-    r.max = m, r.arg = arg, r.bad = bad;
-    r.sumexp = block_sum(v.max > -INFINITY ? v.sumexp * expf(v.max - m) : 0.0f, redf);
-    return r;
-}
-
 struct pen_view {
     const float *logits;
     const uint32_t *counts;
@@ -2376,8 +2405,11 @@ __device__ void keep_first_ties(float *p, uint32_t lo, uint32_t hi, float tie, u
     __syncthreads();
 }
 
+/* part: the LM head's n_part partials (PARTIALS' one per LT_ARGMAX_BLOCK logits, or one per
+ * k_gemv_stream block: backend.cu, link_lm_partials), or none: the logits themselves. */
 __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_binds b, lt_step_args *st,
-                                                           uint32_t T) {
+                                                           uint32_t T, const lt_argmax_partial *part,
+                                                           uint32_t n_part) {
     __shared__ float redv[33];
     __shared__ uint32_t redi[33];
     __shared__ float4 red4[32];
@@ -2388,13 +2420,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample(lt_sample_args a, lt_
     const float *logits = (const float *)b.p[LT_SAMPLE_B_LOGITS];
     if (a.flags & LT_SAMPLE_LOGITS_ALL_TOKENS)
         logits += (size_t)(T - 1) * a.logits_stride;
-    const lt_argmax_partial *part = (const lt_argmax_partial *)b.p[LT_SAMPLE_B_PARTIALS];
     /* 2. (its loads first, in flight with the error flag and the history's) this thread's share of
        the raw logits' max, argmax, sum of exp and NaN / Inf count, from the LM head's partials or
        the logits; merged over the block after 1 */
     logit_stats ls;
     if (part) {
-        for (uint32_t i = tid; i < (V + LT_ARGMAX_BLOCK - 1) / LT_ARGMAX_BLOCK; i += SAMPLE_THREADS)
+        for (uint32_t i = tid; i < n_part; i += SAMPLE_THREADS)
             ls.merge(part[i].max, part[i].argmax, part[i].sumexp, part[i].n_nonfinite);
     } else {
         for (uint32_t v = tid; v < V; v += SAMPLE_THREADS) {
