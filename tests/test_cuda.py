@@ -279,8 +279,8 @@ def test_attention_split_k(lib, head_dim, T, pos):
 @pytest.mark.parametrize("rows", [96, 1100])
 def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer, rows):
     """A decode attention followed by the GEMV that reads its output (the o-projection) leaves its
-    split combine to that GEMV's x staging while at most LATTICE_CUDA_ATT_DEFER splits (default 8)
-    are in use; past that, and with 0, the attention combines. The positions give 1 split, several
+    split combine to that GEMV's x staging while 2 to LATTICE_CUDA_ATT_DEFER splits (default 8)
+    are in use; past that, and with 0, the attention combines (one split: it writes its output). The positions give 1 split, several
     (over one batch of the GEMV's requests), exactly 8 or past 8 with head_dim 256 (64 positions
     per split) and 1-9 splits with 64 (256 per split); 1100 rows of 1024 columns take 4 rows per
     warp (the combining GEMV's blocks are made fewer). The attention's own output stays unwritten
@@ -324,7 +324,7 @@ def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer, 
     bound = dot_error_limit(x, deq, fmt, "cuda") + 1e-4 * (np.abs(x) @ np.abs(deq).T)  # x to 1e-4
     chunk = {256: 64, 128: 128, 64: 256}[head_dim]  # backend.cu: one batch of rows of the decode block
     used = -(-S // chunk)
-    deferred = used <= min(int(defer or 8), 8)
+    deferred = 1 < used <= min(int(defer or 8), 8)
     try:
         for _ in range(2):
             mem.view(y)[:] = np.nan

@@ -752,7 +752,7 @@ static void fuse_gdn_norm(program &p) {
 }
 
 /* Decode programs: an ATTENTION's split combine moves into the x staging of the GEMV right after it
- * that reads its output (the o-projection) while at most `defer` splits are in use: the attention
+ * that reads its output (the o-projection) while 2 to `defer` splits are in use: the attention
  * then ends once its splits have written their partials, and the GEMV, which reads all of x anyway,
  * reads the partials instead (att_combined4). With more splits in use (long contexts: the GEMV's
  * reads grow with them) the attention combines as before. Like the other fusions, OUT then holds

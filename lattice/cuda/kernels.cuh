@@ -631,21 +631,6 @@ __device__ __forceinline__ float4 att_combined4(const att_splits &a, uint32_t k4
     return make_float4(o.x / L, o.y / L, o.z / L, o.w / L);
 }
 
-/* Asks this SM's L1 for every line att_combined4 will read for the float4s k4 = k0, k0 + step, ...
- * < n4 (every split's header and values), all at once: the staging's later trips and batches then
- * find them there instead of waiting for L2 in turn. After the dependency wait only, like the
- * loads themselves. */
-__device__ __forceinline__ void att_prefetch_l1(const att_splits &a, uint32_t k0, uint32_t step, uint32_t n4) {
-    const uint32_t PF = att_part_floats(a.dim);
-    for (uint32_t k4 = k0; k4 < n4; k4 += step) {
-        const float *p = a.part + (size_t)(k4 * 4 / a.dim) * a.n_split * PF;
-        for (uint32_t s = 0; s < a.used; s++) {
-            asm volatile("prefetch.global.L1 [%0];" ::"l"(p + s * PF));
-            asm volatile("prefetch.global.L1 [%0];" ::"l"(p + s * PF + ATT_PART_HEAD + k4 * 4 % a.dim));
-        }
-    }
-}
-
 /* One token's x for Q8 / Q4 weights (float4 loads where vec), as the CPU backend's SIMD paths hold
  * it: x * w' per block of 32 as int16 (round(x * 32767 / max|x|)), the block's scale
  * max|x| / 32767 and its sum of x * w' (Q4 mins). The dot products are then exact integer sums
@@ -790,7 +775,7 @@ __device__ __forceinline__ void dot_rows(const float *xs, uint32_t xcols, uint32
  * 16-byte weight vector with x (a vector's values lie in one head). Split-K x_lane GEMVs only, at
  * most GEMV_HEAD_PARTS_MAX parts per head. */
 /* GEMV_FUSE_ATT_SPLITS: x is the output of a decode attention that leaves its split combine to this
- * GEMV while at most att_defer splits are in use (k_attention's g.defer, backend.cu
+ * GEMV while 2 to att_defer splits are in use (k_attention's g.defer, backend.cu
  * defer_attention_combine): the staging combines the partials (att_combined4); with more splits
  * the attention combined and x holds its output. Staged x only (one token, Q8 / Q4). */
 enum { GEMV_FUSE_NONE = 0, GEMV_FUSE_CONV = 1, GEMV_FUSE_HEAD_NORM = 2, GEMV_FUSE_ATT_SPLITS = 3 };
@@ -1003,9 +988,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         if constexpr (ATT && wfmt<FMT>::X16) {
             auto stage = [&](uint32_t p) {
                 const att_splits as{f.att_part, f.att_dim, f.att_n_split, (p + f.att_chunk) / f.att_chunk};
-                if (as.used > f.att_defer)  /* the attention combined: x is its output */
+                if (as.used == 1 || as.used > f.att_defer)  /* the attention wrote its output */
                     return stage_x_one<FMT>(xt, xs, a.cols, g.xcols, nw, add_one, g.x_vec);
-                att_prefetch_l1(as, threadIdx.x, blockDim.x, a.cols / 4);  /* stage_x_q16's float4s */
                 return stage_x_q16<FMT == LT_WF_Q4 ? 4 : 2, true>(xt, xs, a.cols, g.xcols, nw, add_one, true, as);
             };
             ss = stage(pos_hint);
@@ -1415,7 +1399,7 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * decode graph.) The first batch is requested before the rope prologue. The groups' (max, sum,
  * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
  * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
- * block) combines them: no second kernel. A decode step with at most g.defer splits in use leaves
+ * block) combines them: no second kernel. A decode step with 2 to g.defer splits in use leaves
  * the combine to the GEMV that reads the output (backend.cu defer_attention_combine,
  * GEMV_FUSE_ATT_SPLITS): every split writes its (max, sum, acc * gate) and the kernel ends there,
  * without the fence, the atomic and the last split's second round trip (4.2 of Qwen3.5's 9.9 us). */
@@ -1733,9 +1717,9 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
     float *out = (float *)b.p[LT_ATTN_B_OUT] + (size_t)t * a.out_stride + (size_t)h * D;
-    /* decode with at most g.defer splits in use: the GEMV reading out combines them */
-    const bool deferred = PIPE && used <= g.defer;
-    if (used == 1 && !deferred) {  /* this block is the only split in use: no combine */
+    /* decode with 2 to g.defer splits in use: the GEMV reading out combines them */
+    const bool deferred = PIPE && used > 1 && used <= g.defer;
+    if (used == 1) {  /* this block is the only split in use: no combine */
         if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
 #pragma unroll
             for (int j = 0; j < 4; j++) {
