@@ -1741,16 +1741,11 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     /* split-K: write (max, sum, acc) of this split; the last split of (t, h) to finish combines
        them, or the GEMV after this kernel (deferred: acc * gate, linear in acc) */
     float *mine = part + (((size_t)t * a.n_heads + h) * g.n_split + s) * att_part_floats(D);
-    if constexpr (PIPE) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint32_t i = threadIdx.x + j * NT;
-            if (i < D)
-                mine[ATT_PART_HEAD + i] = deferred && gate ? block_out(i) * lt_sigmoid_d(gv[j]) : block_out(i);
-        }
-    } else {
-        for (uint32_t i = threadIdx.x; i < D; i += NT)
-            mine[ATT_PART_HEAD + i] = block_out(i);
+    for (uint32_t i = threadIdx.x, j = 0; i < D; i += NT, j++) {  /* a rolled loop: small code */
+        float o = block_out(i);
+        if (deferred && gate)  /* the gate's values wait in registers (decode) */
+            o *= lt_sigmoid_d(j == 0 ? gv[0] : j == 1 ? gv[1] : j == 2 ? gv[2] : gv[3]);
+        mine[ATT_PART_HEAD + i] = o;
     }
     if (threadIdx.x == 0) {
         mine[0] = M;
