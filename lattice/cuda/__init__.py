@@ -21,10 +21,9 @@ LATTICE_CUDA_GDN_FUSE=0 (a GDN layer's conv and gated RMSNorm run as kernels of 
 of in the GEMVs before and after it; =conv: only the norm does), LATTICE_CUDA_ROPE_FUSE=0 (decode
 runs k_rope_kv before the attention instead of in it), LATTICE_CUDA_ATT_DEFER=N (decode attentions
 with 2 to N splits in use leave their combine to the o-projection's x staging; default 8, 0: never),
-LATTICE_CUDA_EARLY_STATE=0 / 1
-(whether decode kernels may read their recurrent state before the dependency wait; default: when
-the program's kernels cannot all be resident at once), LATTICE_CUDA_TRACE=1 (a library that
-records the decode timeline; tests/gpu/trace_step.py).
+LATTICE_CUDA_EARLY_STATE=0 / 1 (whether decode kernels may read their recurrent state before the
+dependency wait; default: when the program's kernels cannot all be resident at once),
+LATTICE_CUDA_TRACE=1 (a library that records the decode timeline; tests/gpu/trace_step.py).
 """
 from __future__ import annotations
 

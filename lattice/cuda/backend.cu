@@ -272,23 +272,40 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
         lt_launch(k, grid, block, smem, s, pdl_enabled, args...);
 }
 
+/* k_gemv for one token, rpw rows per warp (1, 2 or 4) and fusion FUSE (GEMV_FUSE_*), or nullptr
+ * where that fusion has no instantiation: the GDN conv only with one warp per row (fuse_gdn_conv),
+ * the head norm only split-K over 4 or more warps and the attention splits only with int16 x (Q8 /
+ * Q4: fuse_gdn_norm, defer_attention_combine) */
+template <int FMT, int KS, int FUSE>
+static auto gemv_fused(int rpw) -> decltype(&k_gemv<FMT, KS, 1, 1>) {
+    constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM, A = GEMV_FUSE_ATT_SPLITS;
+    if constexpr ((FUSE == C && KS != 1) || (FUSE == H && (KS < 4 || !wfmt<FMT>::X16)) || (FUSE == A && !wfmt<FMT>::X16))
+        return nullptr;
+    else
+        return rpw == 4 ? k_gemv<FMT, KS, 4, 1, FUSE> : rpw == 2 ? k_gemv<FMT, KS, 2, 1, FUSE> : k_gemv<FMT, KS, 1, 1, FUSE>;
+}
+
+template <int FMT, int KS>
+static auto gemv_one_token(int rpw, int fuse) {
+    switch (fuse) {
+    case GEMV_FUSE_CONV: return gemv_fused<FMT, KS, GEMV_FUSE_CONV>(rpw);
+    case GEMV_FUSE_HEAD_NORM: return gemv_fused<FMT, KS, GEMV_FUSE_HEAD_NORM>(rpw);
+    case GEMV_FUSE_ATT_SPLITS: return gemv_fused<FMT, KS, GEMV_FUSE_ATT_SPLITS>(rpw);
+    default: return gemv_fused<FMT, KS, GEMV_FUSE_NONE>(rpw);
+    }
+}
+
+/* which fusion the fuse passes gave a GEMV (at most one; each pass checks the others' fields) */
+static int gemv_fuse_mode(const gemv_fuse &f) {
+    return f.conv_w ? GEMV_FUSE_CONV : f.head_ss ? GEMV_FUSE_HEAD_NORM : f.att_part ? GEMV_FUSE_ATT_SPLITS
+                                                                                    : GEMV_FUSE_NONE;
+}
+
 /* k_gemv with L.ks warps per row and L.rpw rows per warp (rpw 2 and 4: one token only) */
 template <int FMT, int KS, int NT>
 static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm, dim3 grid,
                            size_t smem, cudaStream_t s) {
-    auto k = k_gemv<FMT, KS, 1, NT>;
-    if constexpr (NT == 1)
-        k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1> : k;
-    constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM, A = GEMV_FUSE_ATT_SPLITS;
-    if constexpr (NT == 1 && KS == 1)  /* fuse_gdn_conv: one-warp-per-row GEMVs */
-        if (L.fuse.conv_w)
-            k = L.rpw == 4 ? k_gemv<FMT, 1, 4, 1, C> : L.rpw == 2 ? k_gemv<FMT, 1, 2, 1, C> : k_gemv<FMT, 1, 1, 1, C>;
-    if constexpr (NT == 1 && KS >= 4 && wfmt<FMT>::X16)  /* fuse_gdn_norm: split-K x_lane GEMVs */
-        if (L.fuse.head_ss)
-            k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, H> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, H> : k_gemv<FMT, KS, 1, 1, H>;
-    if constexpr (NT == 1 && wfmt<FMT>::X16)  /* defer_attention_combine */
-        if (L.fuse.att_part)
-            k = L.rpw == 4 ? k_gemv<FMT, KS, 4, 1, A> : L.rpw == 2 ? k_gemv<FMT, KS, 2, 1, A> : k_gemv<FMT, KS, 1, 1, A>;
+    auto k = NT == 1 ? gemv_one_token<FMT, KS>(L.rpw, gemv_fuse_mode(L.fuse)) : k_gemv<FMT, KS, 1, NT>;
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
@@ -309,31 +326,22 @@ static void launch_gemv_fmt(const launch &L, const lt_gemv_args &a, lt_step_args
 }
 
 /* x is staged in dynamic shared memory: up to 4 tokens x 12288 floats (check_args bounds cols) */
+template <int FMT, int KS>
+static void set_gemv_smem_ks(int bytes) {
+    cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    for (int fuse : {GEMV_FUSE_NONE, GEMV_FUSE_CONV, GEMV_FUSE_HEAD_NORM, GEMV_FUSE_ATT_SPLITS})
+        for (int rpw : {1, 2, 4})
+            if (auto k = gemv_one_token<FMT, KS>(rpw, fuse))
+                cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
 template <int FMT>
 static void set_gemv_smem() {
     const int bytes = 4 * 12288 * 4;
-#define LT_SMEM(KS)                                                                               \
-    cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
-    cudaFuncSetAttribute(k_gemv<FMT, KS, 2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
-    cudaFuncSetAttribute(k_gemv<FMT, KS, 4, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); \
-    cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    LT_SMEM(1) LT_SMEM(2) LT_SMEM(4) LT_SMEM(8)
-#undef LT_SMEM
-    constexpr int C = GEMV_FUSE_CONV;
-    for (auto k : {k_gemv<FMT, 1, 1, 1, C>, k_gemv<FMT, 1, 2, 1, C>, k_gemv<FMT, 1, 4, 1, C>})
-        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if constexpr (wfmt<FMT>::X16) {
-        constexpr int H = GEMV_FUSE_HEAD_NORM;
-        for (auto k : {k_gemv<FMT, 4, 1, 1, H>, k_gemv<FMT, 4, 2, 1, H>, k_gemv<FMT, 4, 4, 1, H>,
-                       k_gemv<FMT, 8, 1, 1, H>, k_gemv<FMT, 8, 2, 1, H>, k_gemv<FMT, 8, 4, 1, H>})
-            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        constexpr int A = GEMV_FUSE_ATT_SPLITS;
-        for (auto k : {k_gemv<FMT, 1, 1, 1, A>, k_gemv<FMT, 1, 2, 1, A>, k_gemv<FMT, 1, 4, 1, A>,
-                       k_gemv<FMT, 2, 1, 1, A>, k_gemv<FMT, 2, 2, 1, A>, k_gemv<FMT, 2, 4, 1, A>,
-                       k_gemv<FMT, 4, 1, 1, A>, k_gemv<FMT, 4, 2, 1, A>, k_gemv<FMT, 4, 4, 1, A>,
-                       k_gemv<FMT, 8, 1, 1, A>, k_gemv<FMT, 8, 2, 1, A>, k_gemv<FMT, 8, 4, 1, A>})
-            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    }
+    set_gemv_smem_ks<FMT, 1>(bytes);
+    set_gemv_smem_ks<FMT, 2>(bytes);
+    set_gemv_smem_ks<FMT, 4>(bytes);
+    set_gemv_smem_ks<FMT, 8>(bytes);
     for (auto k : {k_gemv_stream<FMT>, k_gemv_stream<FMT, true>})
         cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
@@ -773,7 +781,7 @@ static void defer_attention_combine(program &p, uint32_t defer, int sms) {
            start early (Qwen3.5: 128 blocks of 4 rows per warp, 2 blocks per SM left none) */
         while (G.ks > 1 && G.rpw < 4 && g.rows / (8 / G.ks * G.rpw) > (uint32_t)sms)
             G.rpw *= 2;
-        A.ag.defer = std::min({defer, (uint32_t)ATT_DEFER_MAX, A.ag.n_split});
+        A.ag.defer = std::min(defer, A.ag.n_split);  /* defer <= ATT_DEFER_MAX (create) */
         G.fuse.att_part = p.attn_ws;
         G.fuse.att_dim = a.head_dim;
         G.fuse.att_n_split = A.ag.n_split;
