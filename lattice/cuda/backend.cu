@@ -38,13 +38,6 @@ struct launch {
     uint32_t gate_from_q = 0;
     bool conv_in_gemv = false;  /* GDN decode: its conv runs in the GEMV before it (fuse_gdn_conv) */
     bool norm_in_gemv = false;  /* GDN decode: its RMS factors apply in the GEMV after it (fuse_gdn_norm) */
-    /* GDN decode in one kernel with the in_proj GEMV before it (fuse_gdn_in_proj; k_gdn_in): that
-       GEMV's args, bindings, geometry and conv, and where the head's rows lie in it */
-    const uint8_t *in_args = nullptr;
-    lt_binds in_b = {};
-    gemv_geom in_gg = {};
-    gemv_fuse in_fuse = {};
-    gdn_in_geom gi = {};
 };
 
 struct program {
@@ -81,9 +74,8 @@ struct lt_cuda {
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
     bool rope_fuse = true;   /* LATTICE_CUDA_ROPE_FUSE=0: k_rope_kv before the attention (fuse_rope_into_attention) */
-    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only;
-       =norm: the conv and the norm fused, the GDN a kernel of its own (no k_gdn_in) */
-    bool gdn_fuse_conv = true, gdn_fuse_norm = true, gdn_fuse_in = true;
+    /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
+    bool gdn_fuse_conv = true, gdn_fuse_norm = true;
     int early_state = -1;    /* LATTICE_CUDA_EARLY_STATE=0 / 1 overrides resident_bound (A/B, tests) */
     uint32_t att_defer = ATT_DEFER_MAX;  /* LATTICE_CUDA_ATT_DEFER=N: splits left to the GEMV (0: none) */
     uint32_t nop_kinds = 0;  /* LATTICE_CUDA_NOP (parse_nop) */
@@ -403,31 +395,6 @@ static auto gdn_decode_kernel(uint32_t R) {
            : R <= 8 ? k_gdn_decode<8, V4> : k_gdn_decode<16, V4>;
 }
 
-/* k_gdn_in for in_proj weights FMT (Q8 / Q4) and D = k_dim = v_dim (64, 128), or nullptr */
-template <int FMT>
-static auto gdn_in_kernel_fmt(uint32_t D) -> decltype(&k_gdn_in<FMT, 128>) {
-    return D == 64 ? k_gdn_in<FMT, 64> : D == 128 ? k_gdn_in<FMT, 128> : nullptr;
-}
-static auto gdn_in_kernel(uint32_t fmt, uint32_t D) {
-    return fmt == LT_WF_Q8 ? gdn_in_kernel_fmt<LT_WF_Q8>(D) : fmt == LT_WF_Q4 ? gdn_in_kernel_fmt<LT_WF_Q4>(D) : nullptr;
-}
-static size_t gdn_in_smem_of(const launch &L) {
-    const lt_gemv_args &g = *(const lt_gemv_args *)L.in_args;
-    const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-    return gdn_in_smem(a.k_dim, L.in_gg, L.gi.scale_bytes, g.wformat == LT_WF_Q4);
-}
-
-static void launch_gdn_in(const launch &L, const program &p, lt_step_args *st, cudaStream_t s) {
-    const lt_gemv_args &g = *(const lt_gemv_args *)L.in_args;
-    const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-    auto k = gdn_in_kernel(g.wformat, a.k_dim);
-    if (nop_now)
-        lt_launch_cluster(k_nop, a.n_v_heads * GDN_IN_CB, GDN_IN_THREADS, 0, s, pdl_enabled, GDN_IN_CB);
-    else
-        lt_launch_cluster(k, a.n_v_heads * GDN_IN_CB, GDN_IN_THREADS, gdn_in_smem_of(L), s, pdl_enabled, GDN_IN_CB,
-                          g, L.in_b, L.in_gg, L.in_fuse, a, L.b, L.gi, st, p.early_state, p.gdn_ss);
-}
-
 static void launch_one(const launch &L, const program &p, lt_step_args *st, uint32_t T, cudaStream_t s,
                        uint32_t nop_kinds) {
     nop_now = T == 1 && (nop_kinds & (1u << L.kernel))
@@ -497,10 +464,6 @@ static void launch_one(const launch &L, const program &p, lt_step_args *st, uint
 #undef LT_GDN_SCAN
             }
             launch_k(k_gdn_out, dim3(a.n_v_heads, T), GDN_OUT_THREADS, 0, s, a, L.b, st, T, (const float *)p.gdn_ws);
-            break;
-        }
-        if (L.in_args) {
-            launch_gdn_in(L, p, st, s);
             break;
         }
         const float *conv_out = L.conv_in_gemv ? (const float *)L.b.p[LT_GDN_B_X] : p.gdn_ws;
@@ -614,7 +577,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->rope_fuse = !(rope_fuse && rope_fuse[0] == '0');
     c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));
-    c->gdn_fuse_in = c->gdn_fuse_norm && !(gdn_fuse && !strcmp(gdn_fuse, "norm"));
     c->early_state = early && *early ? early[0] == '1' : -1;
     if (att_defer && *att_defer)
         c->att_defer = (uint32_t)std::min(strtoul(att_defer, nullptr, 10), (unsigned long)ATT_DEFER_MAX);
@@ -797,69 +759,6 @@ static void fuse_gdn_norm(program &p) {
     }
 }
 
-/* Decode programs: a GDN layer whose conv and norm went into the GEMVs around it (fuse_gdn_conv,
- * fuse_gdn_norm) takes its in_proj GEMV into its own kernel, k_gdn_in: a cluster of GDN_IN_CB
- * blocks per value head computes the head's in_proj rows, conv, recurrence and gated output. One
- * dependent phase less per GDN layer. Where it applies: Q8 / Q4 weights whose rows and scales
- * copy as 16-byte pieces, float4 x, k_dim = v_dim of 64 or 128, z / b / a rows in the GEMV's
- * output, a GEMV with no bias, and the cluster's shared memory fitting on an SM. The GDN's out
- * GEMV then sums GDN_IN_CB parts per head. */
-static void fuse_gdn_in_proj(program &p) {
-    for (size_t i = 1; i + 1 < p.l.size(); i++) {
-        launch &G = p.l[i], &in = p.l[i - 1], &out = p.l[i + 1];
-        if (G.kernel != LT_K_GDN || !G.conv_in_gemv || !G.norm_in_gemv || in.kernel != LT_K_GEMV || in.ks != 1)
-            continue;
-        const lt_gdn_args &a = *(const lt_gdn_args *)G.args;
-        const lt_gemv_args &g = *(const lt_gemv_args *)in.args;
-        const float *y = (const float *)in.b.p[LT_GEMV_B_Y];
-        auto row = [&](int slot) { return (int64_t)((const float *)G.b.p[slot] - y); };
-        const uint32_t nblk = in.gg.nblk, sb = nblk * 2;
-        if ((g.wformat != LT_WF_Q8 && g.wformat != LT_WF_Q4) || !in.gg.vec_ok || !in.gg.x_vec || in.gg.row_bytes % 16
-            || sb % 16 || (g.flags & LT_GEMV_BIAS) || a.k_dim != a.v_dim || !gdn_in_kernel(g.wformat, a.k_dim))
-            continue;
-        bool inside = true;
-        for (int slot : {LT_GDN_B_Z, LT_GDN_B_A, LT_GDN_B_B}) {
-            const int64_t r = row(slot), n = slot == LT_GDN_B_Z ? (int64_t)a.n_v_heads * a.v_dim : a.n_v_heads;
-            inside = inside && (uintptr_t)G.b.p[slot] % 4 == 0 && r >= 0 && r + n <= (int64_t)g.rows;
-        }
-        auto aligned = [](const void *q) { return (uintptr_t)q % 16 == 0; };
-        if (!inside || !aligned(in.b.p[LT_GEMV_B_WQ]) || !aligned(in.b.p[LT_GEMV_B_WS])
-            || (g.wformat == LT_WF_Q4 && !aligned(in.b.p[LT_GEMV_B_WM])))
-            continue;
-        G.gi = {in.fuse.conv_row0 + a.q_offset, in.fuse.conv_row0 + a.k_offset, in.fuse.conv_row0 + a.v_offset,
-                (uint32_t)row(LT_GDN_B_Z), (uint32_t)row(LT_GDN_B_B), (uint32_t)row(LT_GDN_B_A), sb};
-        G.in_args = in.args;
-        G.in_b = in.b;
-        G.in_gg = in.gg;
-        G.in_fuse = in.fuse;
-        /* the cluster must fit: shared memory, and one cluster resident at least */
-        auto k = gdn_in_kernel(g.wformat, a.k_dim);
-        const size_t smem = gdn_in_smem_of(G);
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = a.n_v_heads * GDN_IN_CB;
-        cfg.blockDim = GDN_IN_THREADS;
-        cfg.dynamicSmemBytes = smem;
-        cudaLaunchAttribute at;
-        at.id = cudaLaunchAttributeClusterDimension;
-        at.val.clusterDim = {GDN_IN_CB, 1, 1};
-        cfg.attrs = &at;
-        cfg.numAttrs = 1;
-        int clusters = 0;
-        cudaFuncAttributes fa = {};  /* raised only: other programs' launches of k may need more */
-        cudaError_t e = cudaFuncGetAttributes(&fa, k);
-        if (e == cudaSuccess && (size_t)fa.maxDynamicSharedSizeBytes < smem)
-            e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess || cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) != cudaSuccess || clusters < 1) {
-            cudaGetLastError();  /* not an error of the program: the GDN stays a kernel of its own */
-            G.in_args = nullptr;
-            continue;
-        }
-        out.fuse.head_parts = GDN_IN_CB;
-        p.l.erase(p.l.begin() + (i - 1));
-        i--;
-    }
-}
-
 /* Decode programs: an ATTENTION's split combine moves into the x staging of the GEMV right after it
  * that reads its output (the o-projection) while 2 to `defer` splits are in use: the attention
  * then ends once its splits have written their partials, and the GEMV, which reads all of x anyway,
@@ -952,8 +851,7 @@ static bool resident_bound(const lt_cuda *c, const program &p) {
             t = L.stream_grid ? (uint64_t)L.stream_grid * 256 : (uint64_t)a.rows / (8 / L.ks * L.rpw) * 256;
         } else if (L.kernel == LT_K_GDN) {
             const lt_gdn_args &a = *(const lt_gdn_args *)L.args;
-            t = L.in_args ? (uint64_t)a.n_v_heads * GDN_IN_CB * GDN_IN_THREADS
-                          : (uint64_t)a.n_v_heads * gdn_col_blocks(a) * GDN_WARPS * 32;
+            t = (uint64_t)a.n_v_heads * gdn_col_blocks(a) * GDN_WARPS * 32;
         }
         threads += t;
         biggest = std::max(biggest, t);
@@ -1022,7 +920,7 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             size_t f = max_tokens > 1 ? gdn_prefill_floats(*a, max_tokens) : 0;
             f = f > a->channels ? f : a->channels;
             gdn_floats = f > gdn_floats ? f : gdn_floats;
-            gdn_ss_floats = std::max(gdn_ss_floats, (size_t)a->n_v_heads * std::max(gdn_col_blocks(*a), (uint32_t)GDN_IN_CB));
+            gdn_ss_floats = std::max(gdn_ss_floats, (size_t)a->n_v_heads * gdn_col_blocks(*a));
         }
     }
     /* the consts vector must not move after L.args point into it */
@@ -1056,8 +954,6 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
             fuse_gdn_conv(*p);
         if (c->gdn_fuse_norm)
             fuse_gdn_norm(*p);
-        if (c->gdn_fuse_in)
-            fuse_gdn_in_proj(*p);
         defer_attention_combine(*p, c->att_defer, c->sms);
         p->early_state = c->early_state >= 0 ? c->early_state : resident_bound(c, *p);
     }

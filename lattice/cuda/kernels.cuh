@@ -137,36 +137,23 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 /* Host side: launches kernel k, with programmatic stream serialization when pdl (sm_90), so that it
- * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above), in
- * clusters of `cluster` blocks along x when it is > 1 (k_gdn_in).
+ * may start before the kernel ahead of it on the stream finishes (pdl_begin / pdl_wait above).
  * lt_kernels_launched counts the calls (this thread's; graph captures included). */
 static thread_local uint64_t lt_kernels_launched = 0;
 template <typename... P, typename... A>
-static void lt_launch_cluster(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl,
-                              unsigned cluster, A... args) {
+static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
     lt_kernels_launched++;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute at[2];
-    int n = 0;
-    if (pdl) {
-        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster > 1) {
-        at[n].id = cudaLaunchAttributeClusterDimension;
-        at[n++].val.clusterDim = {cluster, 1, 1};
-    }
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = n;
+    cfg.numAttrs = pdl ? 1 : 0;
     cudaLaunchKernelEx(&cfg, k, args...);
-}
-template <typename... P, typename... A>
-static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
-    lt_launch_cluster(k, grid, block, smem, s, pdl, 1u, args...);
 }
 
 __device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
@@ -2054,261 +2041,6 @@ __global__ void __launch_bounds__(128) k_gdn_norm(lt_gdn_args a, lt_binds b, lt_
     const float rn = 1.0f / sqrtf(block_sum(ss, red) / (float)Dv + a.norm_eps);
     for (uint32_t i = threadIdx.x; i < Dv; i += blockDim.x)
         out[i] = out[i] * rn * nw[i] * lt_silu_d(z[i]);
-}
-
-/* ========================================================= GDN decode in the cluster of its in_proj */
-/* A decode GDN layer's in_proj GEMV, conv, recurrence and the column-local part of its gated norm
- * in one kernel (backend.cu fuse_gdn_in_proj): one dependent phase less per GDN layer. A cluster
- * of GDN_IN_CB blocks owns a value head; block r of it computes the in_proj rows of its
- * D / GDN_IN_CB columns of q, k, v and z (conv and SiLU applied to q, k, v) plus the head's b and
- * a, then reads the rest of the head's q and k from the other blocks' shared memory (DSMEM), and
- * runs the recurrence over its columns of the state, as k_gdn_decode does. Its weight rows are
- * copied into shared memory before the dependency wait (cp.async: no registers held), so their
- * DRAM latency overlaps the kernel before it. The in_proj dot products are k_gemv's (KS = 1) in
- * the same order: the same bits. At most 85 registers (3 blocks per SM): a block fits beside two
- * of the down projection's k_gemv blocks before it, so that it starts early. The values of Y (in_proj's output) are written as the conv-fused
- * k_gemv writes them; OUT and head_ss as k_gdn_decode writes them with head_ss (the GEMV after it
- * applies the RMS factors, with GDN_IN_CB parts per head). */
-#define GDN_IN_CB 8
-#define GDN_IN_THREADS 256
-
-/* Rows of in_proj one block computes: q, k, v and z of its columns, then b and a */
-__host__ __device__ constexpr uint32_t gdn_in_rows(uint32_t D) {
-    return 4 * (D / GDN_IN_CB) + 2;
-}
-
-/* in_proj rows of head 0's first q, k, v (conv channels), z, b and a, and the weight planes'
- * bytes per row */
-struct gdn_in_geom {
-    uint32_t q_row, k_row, v_row, z_row, b_row, a_row;
-    uint32_t scale_bytes;  /* bytes of one row's scales (and as many of mins, Q4) */
-};
-
-/* Shared memory of k_gdn_in: the block's weight rows, their scales (and mins), then staged x */
-__host__ __device__ inline size_t gdn_in_smem(uint32_t D, const gemv_geom &g, uint32_t scale_bytes, bool mins) {
-    return (size_t)gdn_in_rows(D) * (g.row_bytes + scale_bytes * (mins ? 2 : 1)) + (size_t)(g.xcols / 2 + g.xcols / 16) * 4;
-}
-
-__device__ __forceinline__ void cluster_arrive() {
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-/* value at p (this block's shared memory) in the shared memory of cluster block rank */
-__device__ __forceinline__ float cluster_ld(const float *p, uint32_t rank) {
-    uint32_t s = (uint32_t)__cvta_generic_to_shared(p), r;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(s), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-    return v;
-}
-
-/* grid n_v_heads * GDN_IN_CB blocks in clusters of GDN_IN_CB, GDN_IN_THREADS threads. D = k_dim =
- * v_dim. ia / ib / gg / cf: the in_proj GEMV's args, bindings, geometry and conv (fuse_gdn_conv);
- * a / b: the GDN's. Every block reaches both cluster barriers, also after an error (no return
- * before the last one). */
-template <int FMT, int D>
-__global__ void __launch_bounds__(GDN_IN_THREADS, 3) k_gdn_in(lt_gemv_args ia, lt_binds ib, gemv_geom gg,
-                                                             gemv_fuse cf, lt_gdn_args a, lt_binds b,
-                                                             gdn_in_geom gi, lt_step_args *st, int early,
-                                                             float *head_ss) {
-    constexpr uint32_t C = D / GDN_IN_CB, RB = gdn_in_rows(D), RPW = (RB + 7) / 8;
-    constexpr uint32_t P = GDN_IN_THREADS / C, RT = D / P;  /* state row parts, rows per part */
-    constexpr int VQ = FMT == LT_WF_Q4 ? 4 : 2;
-    static_assert(wfmt<FMT>::X16 && GDN_IN_THREADS % C == 0 && D % P == 0 && C <= 32, "k_gdn_in shape");
-    extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ float val[RB];   /* this block's rows: q, k, v (after the conv), z, b, a */
-    __shared__ float qk[2][D];  /* the head's q and k */
-    __shared__ float red[2][8][C];
-    __shared__ float redb[8], nrm[2];
-    __shared__ float conv_s[3 * C][2 * GEMV_CONV_MAX];  /* taps | conv state of the q, k, v rows */
-    pdl_begin();
-    const uint32_t rank = blockIdx.x % GDN_IN_CB, h = blockIdx.x / GDN_IN_CB;
-    const uint32_t kh = h / (a.n_v_heads / a.n_k_heads), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    auto row_of = [&](uint32_t j) {  /* in_proj row of this block's row j */
-        const uint32_t part = j / C, c = rank * C + j % C;
-        return part == 0 ? gi.q_row + kh * D + c : part == 1 ? gi.k_row + kh * D + c
-               : part == 2 ? gi.v_row + h * D + c : part == 3 ? gi.z_row + h * D + c
-               : j == 4 * C ? gi.b_row + h : gi.a_row + h;
-    };
-    /* weight rows (and their scales / mins) into shared memory before the wait */
-    uint8_t *wq_s = smem, *ws_s = smem + RB * gg.row_bytes, *wm_s = ws_s + RB * gi.scale_bytes;
-    float *xs = (float *)(wm_s + (FMT == LT_WF_Q4 ? RB * gi.scale_bytes : 0));
-    {
-        const uint8_t *wq = (const uint8_t *)ib.p[LT_GEMV_B_WQ], *ws = (const uint8_t *)ib.p[LT_GEMV_B_WS];
-        const uint8_t *wm = (const uint8_t *)ib.p[LT_GEMV_B_WM];
-        const uint32_t vq = gg.row_bytes / 16, vs = gi.scale_bytes / 16, per = vq + vs * (FMT == LT_WF_Q4 ? 2 : 1);
-        for (uint32_t i = threadIdx.x; i < RB * per; i += GDN_IN_THREADS) {
-            const uint32_t j = i / per, e = i % per;
-            const size_t row = row_of(j);
-            if (e < vq)
-                cp_async16(wq_s + j * gg.row_bytes + e * 16, wq + row * gg.row_bytes + e * 16, 16);
-            else if (e < vq + vs)
-                cp_async16(ws_s + j * gi.scale_bytes + (e - vq) * 16, ws + row * gi.scale_bytes + (e - vq) * 16, 16);
-            else
-                cp_async16(wm_s + j * gi.scale_bytes + (e - vq - vs) * 16,
-                           wm + row * gi.scale_bytes + (e - vq - vs) * 16, 16);
-        }
-        cp_async_commit();
-    }
-    /* the recurrence's operands: state column c, rows p + m * P of it */
-    const uint32_t c = threadIdx.x % C, p = threadIdx.x / C, col = rank * C + c;
-    float *S = (float *)b.p[LT_GDN_B_S] + (size_t)h * D * D + col;
-    float s[RT];
-    if (early)
-#pragma unroll
-        for (uint32_t m = 0; m < RT; m++)
-            s[m] = __ldcg(S + (size_t)(p + m * P) * D);
-    const float neg_a = -expf(__ldg((const float *)b.p[LT_GDN_B_A_LOG] + h));
-    const float dt_bias = __ldg((const float *)b.p[LT_GDN_B_DT_BIAS] + h);
-    const float norm_w = threadIdx.x < C ? __ldg((const float *)b.p[LT_GDN_B_NORM_W] + col) : 0.0f;
-    /* conv taps of channel j (threads j < 3C: q, k, v), oldest first, into shared memory (no
-       registers held through the wait); its conv state after the wait */
-    const bool conv = threadIdx.x < 3 * C;
-    const uint32_t ch = conv ? row_of(threadIdx.x) - cf.conv_row0 : 0, K = cf.conv_k;
-    float *ctap = conv_s[conv ? threadIdx.x : 0], *cst = ctap + GEMV_CONV_MAX;
-    if (conv)
-        for (uint32_t t = 0; t < K; t++)
-            cp_async4(ctap + t, cf.conv_w + (size_t)ch * K + t);
-    cp_async_commit();
-    const float *nw = (ia.flags & LT_GEMV_NORM) ? (const float *)ib.p[LT_GEMV_B_NORM] : nullptr;
-    pdl_wait();
-    const uint32_t err = st->error;
-    if (conv)
-        for (uint32_t t = 0; t + 1 < K; t++)
-            cp_async4(cst + t, cf.conv_state + (size_t)t * cf.conv_c + ch);
-    cp_async_commit();
-    if (!early)
-#pragma unroll
-        for (uint32_t m = 0; m < RT; m++)
-            s[m] = S[(size_t)(p + m * P) * D];
-    /* x: staged as k_gemv stages it (int16, norm weight applied; the RMS factor multiplies the sums) */
-    float ss = stage_x_one<FMT>((const float *)ib.p[LT_GEMV_B_X], xs, ia.cols, gg.xcols, nw,
-                                ia.flags & LT_GEMV_NORM_ADD_ONE, true);
-    ss = warp_sum(ss);
-    if (lane == 0)
-        redb[warp] = ss;
-    cp_async_wait<0>();
-    __syncthreads();
-    lt_trace_mark(1);
-    const float rn = nw ? rsqrtf(warp_sum(lane < 8 ? redb[lane] : 0.0f) / (float)ia.cols + ia.eps) : 1.0f;
-    /* rows warp, warp + 8, ...: a lane's vectors lane, lane + 32, ... (k_gemv's order for KS = 1) */
-    float acc[RPW];
-#pragma unroll
-    for (uint32_t r = 0; r < RPW; r++)
-        acc[r] = 0.0f;
-    for (uint32_t v = lane; v < gg.nvec; v += 32) {
-        uint4 xq[VQ];
-#pragma unroll
-        for (int q = 0; q < VQ; q++)
-            xq[q] = ((const uint4 *)xs)[swz<VQ>(v * VQ + q)];
-        const uint32_t blk = FMT == LT_WF_Q8 ? v / 2 : v;
-        const float xd = xs[gg.xcols / 2 + blk], xsum = xs[gg.xcols / 2 + gg.xcols / 32 + blk];
-#pragma unroll
-        for (uint32_t r = 0; r < RPW; r++) {
-            const uint32_t j = warp + 8 * r;
-            if (j < RB) {
-                const wrow w = {wq_s + j * gg.row_bytes, (const __half *)(ws_s + j * gi.scale_bytes),
-                                (const __half *)(wm_s + j * gi.scale_bytes)};
-                const float2 sc = FMT == LT_WF_Q8 ? make_float2(__half2float(w.s[v / 2]), 0.0f)
-                                                  : make_float2(__half2float(w.s[v]), __half2float(w.m[v]));
-                acc[r] += vec_dot_q16<FMT>(((const uint4 *)w.q)[v], xq, sc, xd, xsum);
-            }
-        }
-    }
-#pragma unroll
-    for (uint32_t r = 0; r < RPW; r++)
-        acc[r] = warp_sum(acc[r]);
-    if (lane == 0)
-#pragma unroll
-        for (uint32_t r = 0; r < RPW; r++)
-            if (warp + 8 * r < RB)
-                val[warp + 8 * r] = acc[r] * rn;
-    __syncthreads();
-    lt_trace_mark(2);
-    /* conv + SiLU of the q, k, v rows (taps oldest first, as gdn_conv), the conv state shifted; Y
-       gets what the conv-fused k_gemv writes */
-    float *y = (float *)ib.p[LT_GEMV_B_Y];
-    if (threadIdx.x < RB) {
-        float out = val[threadIdx.x];
-        if (conv) {  /* the conv-fused k_gemv's sum, in its order */
-            float cv = 0.0f;
-            for (uint32_t t = 0; t + 1 < K; t++)
-                cv += ctap[t] * cst[t];
-            cv += ctap[K - 1] * out;
-            if (!err)
-                for (uint32_t t = 0; t + 1 < K; t++)
-                    cf.conv_state[(size_t)t * cf.conv_c + ch] = t + 2 < K ? cst[t + 1] : out;
-            out = lt_silu_d(cv);
-            val[threadIdx.x] = out;
-        }
-        if (!err)
-            y[row_of(threadIdx.x)] = out;
-    }
-    /* the head's q and k from every block of the cluster */
-    cluster_arrive();
-    cluster_wait();
-    for (uint32_t i = threadIdx.x; i < 2 * D; i += GDN_IN_THREADS) {
-        const uint32_t w = i / D, e = i % D;
-        qk[w][e] = cluster_ld(&val[w * C + e % C], e / C);
-    }
-    cluster_arrive();  /* done reading the others' shared memory; waited for before the exit */
-    __syncthreads();
-    if (warp < 2) {
-        float sq = 0.0f;
-        for (uint32_t i = lane; i < D; i += 32)
-            sq += qk[warp][i] * qk[warp][i];
-        sq = warp_sum(sq);
-        if (lane == 0)
-            nrm[warp] = sq;
-    }
-    __syncthreads();
-    lt_trace_mark(3);
-    const float rq = 1.0f / sqrtf((float)D) / sqrtf(nrm[0] + 1e-6f), rk = 1.0f / sqrtf(nrm[1] + 1e-6f);
-    const float xa = val[4 * C + 1] + dt_bias;
-    const float beta = lt_sigmoid_d(val[4 * C]);
-    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
-    /* sums over the state's rows: the parts of a warp by shuffles, then the warps */
-    auto rows_sum = [&](float v, int slot) {
-        for (uint32_t o = C; o < 32; o <<= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane < C)
-            red[slot][warp][c] = v;
-        __syncthreads();
-        float t = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 8; w++)
-            t += red[slot][w][c];
-        return t;
-    };
-    float d = 0.0f;
-#pragma unroll
-    for (uint32_t m = 0; m < RT; m++) {
-        s[m] *= decay;
-        d += s[m] * (qk[1][p + m * P] * rk);
-    }
-    d = (val[2 * C + c] - rows_sum(d, 0)) * beta;
-    float o = 0.0f;
-#pragma unroll
-    for (uint32_t m = 0; m < RT; m++) {
-        s[m] += (qk[1][p + m * P] * rk) * d;
-        o += s[m] * (qk[0][p + m * P] * rq);
-        if (!err)
-            S[(size_t)(p + m * P) * D] = s[m];
-    }
-    o = rows_sum(o, 1);
-    /* the column-local part of the gated RMSNorm, and the block's sum of o^2 (k_gdn_decode's head_ss) */
-    if (warp == 0) {
-        float sq = lane < C ? o * o : 0.0f;
-        sq = warp_sum(sq);
-        if (lane < C && !err)
-            ((float *)b.p[LT_GDN_B_OUT])[h * D + col] = o * norm_w * lt_silu_d(val[3 * C + c]);
-        if (lane == 0 && !err)
-            head_ss[h * GDN_IN_CB + rank] = sq;
-    }
-    cluster_wait();
-    lt_trace_end();
 }
 
 /* Prefill (T > 1) in three kernels. The recurrence is independent per column j of a head's state
