@@ -1962,10 +1962,12 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
         sq += qv[m] * qv[m];
         sk += kv[m] * kv[m];
     }
-    const float rq = 1.0f / sqrtf((float)Dk) / sqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
-    const float rk = 1.0f / sqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
-    const float beta = lt_sigmoid_d(xb);
-    const float decay = expf(neg_a * (xa > 20.0f ? xa : log1pf(expf(xa))));
+    /* the step's serial chain runs one warp per scheduler: hardware approximations (a few ulp)
+       instead of IEEE division, square root and the library exp / log1p */
+    const float rq = rsqrtf((float)Dk) * rsqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
+    const float rk = rsqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
+    const float beta = __fdividef(1.0f, 1.0f + __expf(-xb));
+    const float decay = __expf(neg_a * (xa > 20.0f ? xa : __logf(1.0f + __expf(xa))));
     /* S *= decay; delta_c = (v_c - S_c . k) beta */
     float d[4] = {};
 #pragma unroll
@@ -2000,7 +2002,7 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             sq += o4[j] * o4[j];
-            o4[j] *= gate[j] * lt_silu_d(zv[j]);  /* 0 past nc */
+            o4[j] *= gate[j] * __fdividef(zv[j], 1.0f + __expf(-zv[j]));  /* SiLU; 0 past nc */
         }
         for (uint32_t o = 1; o < LC; o <<= 1)
             sq += __shfl_xor_sync(0xffffffffu, sq, o);
