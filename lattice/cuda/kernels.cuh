@@ -156,8 +156,11 @@ static void lt_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaS
     cudaLaunchKernelEx(&cfg, k, args...);
 }
 
-__device__ __forceinline__ float lt_silu_d(float x) { return x / (1.0f + expf(-x)); }
-__device__ __forceinline__ float lt_sigmoid_d(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* SiLU and sigmoid with the hardware exp and a fast division (a few ulp): they sit at the ends of
+ * decode kernels' serial chains (GEMV epilogues, gates), where IEEE division and the library exp
+ * are latency. __fdividef(x, inf) is 0: the limits for very negative x hold. */
+__device__ __forceinline__ float lt_silu_d(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
+__device__ __forceinline__ float lt_sigmoid_d(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 
 /* 8 f16 values of a 16-byte vector as floats. */
 __device__ __forceinline__ void f16x8(uint4 w, float f[8]) {
@@ -616,13 +619,13 @@ __device__ __forceinline__ float4 att_combined4(const att_splits &a, uint32_t k4
         for (uint32_t s = 0; s < ATT_DEFER_BATCH; s++)
             if (s0 + s < a.used)
                 m = fmaxf(m, ml[s].x);
-        const float c = expf(M - m);  /* 0 on the first batch */
+        const float c = __expf(M - m);  /* 0 on the first batch */
         L *= c;
         o = make_float4(o.x * c, o.y * c, o.z * c, o.w * c);
 #pragma unroll
         for (uint32_t s = 0; s < ATT_DEFER_BATCH; s++)
             if (s0 + s < a.used) {
-                const float w = expf(ml[s].x - m);
+                const float w = __expf(ml[s].x - m);
                 L += ml[s].y * w;
                 o = make_float4(o.x + acc[s].x * w, o.y + acc[s].y * w, o.z + acc[s].z * w, o.w + acc[s].w * w);
             }
@@ -1659,7 +1662,7 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
                 copy_batch(kn, vn, kw, vw);
             continue;
         }
-        float corr = expf(m - mx);
+        float corr = __expf(m - mx);
         l *= corr;
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -1669,7 +1672,7 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
 #pragma unroll
         for (int k = 0; k < B; k++) {
             uint32_t j = j0 + k * NG + gi;
-            float p = expf(sco[k] - mx);  /* 0 past j_end */
+            float p = __expf(sco[k] - mx);  /* 0 past j_end */
             l += p;
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -1707,12 +1710,12 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     for (uint32_t k = 0; k < NG; k++)
         M = fmaxf(M, gm[k]);  /* finite: group 0 has row j_begin */
     for (uint32_t k = 0; k < NG; k++)
-        L += gl[k] * expf(gm[k] - M);
+        L += gl[k] * __expf(gm[k] - M);
     const float *gate = gate_row();
     auto block_out = [&](uint32_t i) {
         float o = 0.0f;
         for (uint32_t k = 0; k < NG; k++)
-            o += buf[k * D + i] * expf(gm[k] - M);  /* 0 for a group without rows */
+            o += buf[k * D + i] * __expf(gm[k] - M);  /* 0 for a group without rows */
         return o;
     };
     uint32_t used = (len + g.chunk - 1) / g.chunk;
@@ -1774,11 +1777,11 @@ __global__ void __launch_bounds__(att_threads(PIPE)) k_attention(lt_attention_ar
     for (uint32_t k = 0; k < used; k++)
         M = fmaxf(M, __ldcg(ps + k * PF));
     for (uint32_t k = 0; k < used; k++)
-        L += __ldcg(ps + k * PF + 1) * expf(__ldcg(ps + k * PF) - M);
+        L += __ldcg(ps + k * PF + 1) * __expf(__ldcg(ps + k * PF) - M);
     auto combined = [&](uint32_t i) {
         float o = 0.0f;
         for (uint32_t k = 0; k < used; k++)
-            o += __ldcg(ps + k * PF + ATT_PART_HEAD + i) * expf(__ldcg(ps + k * PF) - M);
+            o += __ldcg(ps + k * PF + ATT_PART_HEAD + i) * __expf(__ldcg(ps + k * PF) - M);
         return o / L;
     };
     if constexpr (PIPE) {  /* the gate's values wait in registers (decode) */
@@ -1877,13 +1880,6 @@ __device__ __forceinline__ void st4(float *p, uint32_t n, const float (&v)[4]) {
                 p[i] = v[i];
 }
 
-/* v summed over the lanes of a warp that hold the same columns (lane % LC): the row lanes */
-__device__ __forceinline__ float gdn_rows_sum(float v, uint32_t LC) {
-    for (uint32_t o = LC; o < 32; o <<= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* Rows rl, rl + LR, ... of a lane's nc columns of the state from S (its first column); CG: L2 only */
 template <int R, bool V4, bool CG>
 __device__ __forceinline__ void gdn_load_state(const float *S, uint32_t Dk, uint32_t Dv, uint32_t rl, uint32_t LR,
@@ -1955,54 +1951,63 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
     lt_trace_mark(1);
     if (err)
         return;
-    /* l2 norms of q and k: each row sits in the LC lanes of its row lane, so sum over row lanes only */
-    float sq = 0.0f, sk = 0.0f;
+    /* The sums over rows (each row sits in the LC lanes of its row lane: shuffles among row lanes)
+     * are taken together, in one loop of independent shuffles, right when q, k and v are in: the l2
+     * norms of q and k and S_c . k of the state before its decay, which the decay and k's norm then
+     * scale (S_c *= decay is linear). The step's serial chain runs one warp per scheduler, so it
+     * uses hardware approximations (a few ulp) instead of IEEE square root and the library exp /
+     * log1p (lt_silu_d, lt_sigmoid_d likewise). */
+    float sq = 0.0f, sk = 0.0f, d[4] = {};
 #pragma unroll
     for (int m = 0; m < R; m++) {
         sq += qv[m] * qv[m];
         sk += kv[m] * kv[m];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            d[j] += s[m][j] * kv[m];
     }
-    /* the step's serial chain runs one warp per scheduler: hardware approximations (a few ulp)
-       instead of IEEE division, square root and the library exp / log1p */
-    const float rq = rsqrtf((float)Dk) * rsqrtf(gdn_rows_sum(sq, LC) + 1e-6f);
-    const float rk = rsqrtf(gdn_rows_sum(sk, LC) + 1e-6f);
-    const float beta = __fdividef(1.0f, 1.0f + __expf(-xb));
+    for (uint32_t o = LC; o < 32; o <<= 1) {
+        sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        sk += __shfl_xor_sync(0xffffffffu, sk, o);
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            d[j] += __shfl_xor_sync(0xffffffffu, d[j], o);
+    }
+    const float rq = rsqrtf((float)Dk) * rsqrtf(sq + 1e-6f);
+    const float rk = rsqrtf(sk + 1e-6f);
+    const float beta = lt_sigmoid_d(xb);
     const float decay = __expf(neg_a * (xa > 20.0f ? xa : __logf(1.0f + __expf(xa))));
-    /* S *= decay; delta_c = (v_c - S_c . k) beta */
-    float d[4] = {};
-#pragma unroll
-    for (int m = 0; m < R; m++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            s[m][j] *= decay;
-            d[j] += s[m][j] * (kv[m] * rk);
-        }
+    /* delta_c = (v_c - (decay S_c) . (rk k)) beta */
 #pragma unroll
     for (int j = 0; j < 4; j++)
-        d[j] = (vv[j] - gdn_rows_sum(d[j], LC)) * beta;
+        d[j] = (vv[j] - decay * rk * d[j]) * beta;
     lt_trace_mark(2);
-    /* S += k (x) delta; o_c = S_c . q */
+    /* S = decay S + (rk k) (x) delta; o_c = S_c . q, times q's norm once summed */
     float o4[4] = {};
 #pragma unroll
     for (int m = 0; m < R; m++) {
         const uint32_t i = rl + m * LR;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            s[m][j] += (kv[m] * rk) * d[j];
-            o4[j] += s[m][j] * (qv[m] * rq);
+            s[m][j] = s[m][j] * decay + (kv[m] * rk) * d[j];
+            o4[j] += s[m][j] * qv[m];
         }
         if (nc && i < Dk)
             st4<V4>(S + (size_t)i * Dv, nc, s[m]);
     }
+    for (uint32_t o = LC; o < 32; o <<= 1)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            o4[j] += __shfl_xor_sync(0xffffffffu, o4[j], o);
 #pragma unroll
     for (int j = 0; j < 4; j++)
-        o4[j] = gdn_rows_sum(o4[j], LC);
+        o4[j] *= rq;
     if (head_ss) {  /* every lane of a column quad holds its o: sum o^2 over the warp's columns */
         float sq = 0.0f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             sq += o4[j] * o4[j];
-            o4[j] *= gate[j] * __fdividef(zv[j], 1.0f + __expf(-zv[j]));  /* SiLU; 0 past nc */
+            o4[j] *= gate[j] * lt_silu_d(zv[j]);  /* 0 past nc */
         }
         for (uint32_t o = 1; o < LC; o <<= 1)
             sq += __shfl_xor_sync(0xffffffffu, sq, o);
