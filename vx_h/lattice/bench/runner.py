@@ -1,0 +1,380 @@
+"""The measurement protocol: every engine loaded once in its own worker process, measured runs
+interleaved between engines.
+
+A run of one engine: T(N1) and T(N2) from the same decode prompt (their order alternates between
+runs so slow drift does not favour either), then the time to first token of a P-token prompt.
+Decode tok/s of the run = (N2 - N1) / (T(N2) - T(N1)); prefill tok/s = P / TTFT.
+
+Engines take turns run by run (run 0 of A, run 0 of B, run 1 of B, run 1 of A, ...: the engine that
+goes first rotates), so a change of machine load during the measurement hits every engine alike
+instead of skewing their ratio. Warm-up runs come first (interleaved the same way, discarded); with
+a load, the same runs are repeated while the load processes run, for all engines at once.
+
+Each engine lives in its own process (EngineWorker; EngineHost in this process with --in-process),
+which loads the model once and answers requests over a pipe, one JSON object a line:
+{"op": "open", "spec", "files", "settings"} -> the record's header (or a skip);
+{"op": "run", "index": r} -> {"n1", "n2", "prefill"} seconds, timed inside the worker;
+{"op": "counters"} -> the engine's runtime counters (or null); {"op": "close"} -> its peak RSS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, asdict
+
+from .engines import Engine, EngineUnavailable, make_engine, pick_model_file
+from .load import LoadProcesses
+from .stats import BenchError, degradation_pct, slope_rates, summarize
+
+# Pause between two engines' runs: an engine's worker threads may spin for a while after a call
+# (OpenMP's default wait policy, ggml's thread pool polling); they go to sleep before the next
+# engine is timed.
+SWITCH_PAUSE_S = 0.02
+
+
+@dataclass
+class Settings:
+    n1: int = 64
+    n2: int = 512
+    warmup: int = 2
+    runs: int = 15
+    pp: int = 512               # prefill prompt length
+    prompt_tokens: int = 16     # decode prompt length
+    threads: int = 1
+    load: int = 0
+    load_device: str = "cpu"
+    load_duty: float = 0.02
+    load_period_ms: float = 10.0
+    load_python: str = ""       # interpreter of the load processes (one with torch for cuda) [this one]
+
+    def validate(self):
+        if not (1 <= self.n1 < self.n2):
+            raise BenchError(f"need 1 <= --n1 < --n2, got n1={self.n1}, n2={self.n2}")
+        for name in ("runs", "pp", "prompt_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.runs < 2:
+            raise BenchError(f"--runs must be >= 2 for a confidence interval, got {self.runs}")
+
+    @property
+    def context(self) -> int:
+        return max(self.prompt_tokens + self.n2, self.pp + 1) + 16
+
+
+def prompt_ids(vocab_size: int, n: int) -> list[int]:
+    """A fixed prompt of n token ids spread over the vocabulary, the same for every engine with the
+    same vocabulary (the first ids, often special tokens, are skipped)."""
+    lo = min(100, vocab_size // 4)
+    span = vocab_size - lo - 1
+    return [lo + (7919 * i + 13) % span for i in range(n)]
+
+
+def _timed(engine: Engine, ids: list[int], n: int) -> float:
+    t = engine.generate(ids, n)
+    if t.tokens != n:
+        raise BenchError(f"{engine.spec} produced {t.tokens} tokens when asked for {n}; "
+                         "the slope would be wrong")
+    return t.seconds
+
+
+class EngineHost:
+    """One engine, loaded once, answering measured runs. Runs in a worker process (see serve()), or
+    in the harness's own process with --in-process."""
+
+    def __init__(self, spec: str, files: dict, s: Settings, registry: dict | None = None):
+        self.spec, self.files, self.s, self.registry = spec, files, s, registry
+        self.engine: Engine | None = None
+
+    def open(self) -> dict:
+        """Load the model. Returns the engine's record: status ok, or skipped (package missing, no
+        model file it reads)."""
+        try:
+            engine = make_engine(self.spec, self.registry)
+            engine.check_installed()
+            path = pick_model_file(engine, self.files)
+        except EngineUnavailable as e:
+            return {"engine": self.spec, "status": "skipped", "reason": str(e)}
+        t0 = time.perf_counter()
+        engine.load(path, self.s.threads, self.s.context)
+        self.engine = engine
+        load_s = time.perf_counter() - t0
+        vocab = engine.vocab_size()
+        self.decode_prompt = prompt_ids(vocab, self.s.prompt_tokens)
+        self.prefill_prompt = prompt_ids(vocab, self.s.pp)
+        return {"engine": self.spec, "status": "ok", "model_file": path, "load_s": load_s, "info": engine.info()}
+
+    def run(self, index: int) -> dict:
+        """Run `index`: N1 then N2 (N2 first on odd runs), then the prefill; seconds of each."""
+        s, e, ids = self.s, self.engine, self.decode_prompt
+        if index % 2 == 0:
+            t1 = _timed(e, ids, s.n1)
+            t2 = _timed(e, ids, s.n2)
+        else:
+            t2 = _timed(e, ids, s.n2)
+            t1 = _timed(e, ids, s.n1)
+        return {"n1": t1, "n2": t2, "prefill": _timed(e, self.prefill_prompt, 1)}
+
+    def counters(self) -> dict | None:
+        return self.engine.counters() if self.engine else None
+
+    def close(self) -> dict:
+        if self.engine:
+            self.engine.close()
+            self.engine = None
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class EngineWorker:
+    """The parent's end of a worker process holding one EngineHost. `python` picks the interpreter
+    (e.g. a venv where only that engine is installed; this one by default). Engines do not share
+    thread pools, allocators or memory, and peak RSS is the engine's own. A reply that reports an
+    error, or a worker that dies, raises BenchError."""
+
+    def __init__(self, spec: str, files: dict, s: Settings, python: str | None = None):
+        self.spec, self.files, self.s = spec, files, s
+        self.python = python or sys.executable
+        self.proc: subprocess.Popen | None = None
+
+    def open(self) -> dict:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+        self.stderr = tempfile.TemporaryFile(mode="w+")   # a file: a chatty engine cannot fill a pipe
+        try:
+            first = "llama_cpp" if self.spec.split(":")[0] == "llama.cpp" else ""
+            self.proc = subprocess.Popen([self.python, "-c", WORKER, first], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        except OSError as e:
+            self.stderr.close()
+            return {"engine": self.spec, "status": "error",
+                    "reason": f"cannot start the worker with {self.python}: {e}"}
+        try:
+            return self._ask("open", spec=self.spec, files=self.files, settings=asdict(self.s))
+        except BenchError as e:
+            return {"engine": self.spec, "status": "error", "reason": str(e)}
+
+    def run(self, index: int) -> dict:
+        return self._ask("run", index=index)
+
+    def counters(self) -> dict | None:
+        return self._ask("counters")
+
+    def close(self) -> dict:
+        """Ask the worker to unload and exit; kill it if it does not. Returns its peak RSS (or {})."""
+        if self.proc is None:
+            return {}
+        out = {}
+        try:
+            if self.proc.poll() is None:
+                out = self._ask("close")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (BenchError, OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            self.kill()
+            self.stderr.close()
+        return out
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _ask(self, op: str, **args):
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.proc.wait()
+            raise BenchError(f"the worker of {self.spec} exited with code {self.proc.returncode}"
+                             f"{self._stderr_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BenchError(reply["error"])
+        return reply["ok"]
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        err = self.stderr.read().strip()
+        return f": {err[-3000:]}" if err else ""
+
+
+# A llama.cpp worker imports llama_cpp (when installed) before anything of lattice: llama.cpp's
+# CUDA build crashes loading a model in a process that imported lattice's runtime or torch first.
+WORKER = """
+import importlib, sys
+if sys.argv[1]:
+    try:
+        importlib.import_module(sys.argv[1])
+    except ImportError:
+        pass
+from lattice.bench.runner import serve
+serve()
+"""
+
+
+def serve():
+    """The worker's loop (python -m lattice.bench.runner): one request a line on stdin, one reply a
+    line on the original stdout. File descriptor 1 is pointed at stderr first, so whatever an engine
+    prints cannot corrupt the replies."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    host = None
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if req["op"] == "open":
+                host = EngineHost(req["spec"], req["files"], Settings(**req["settings"]))
+                out = host.open()
+            elif req["op"] == "run":
+                out = host.run(req["index"])
+            elif req["op"] == "counters":
+                out = host.counters()
+            elif req["op"] == "close":
+                out = host.close() if host else {}
+            else:
+                raise BenchError(f"unknown request {req['op']!r}")
+            reply = {"ok": out}
+        except Exception as e:   # reported, not raised: the other engines still run
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+        if req["op"] == "close":
+            break
+
+
+# -------------------------------------------------------------------------------------- the schedule
+
+def summarize_phase(raw: dict, s: Settings) -> dict:
+    """A run whose T(N2) is not above its T(N1) (the engine stalled in its short generation: a
+    preempted spinning thread can take seconds) has no slope: it is discarded and listed; the
+    engine fails when that leaves fewer than half of its runs (at least 2)."""
+    t1, t2 = raw["times_n1"], raw["times_n2"]
+    bad = [i for i, (a, b) in enumerate(zip(t1, t2)) if not b > a]
+    kept = [i for i in range(len(t1)) if i not in bad]
+    if bad and len(kept) < max(2, (len(t1) + 1) // 2):
+        slope_rates(s.n1, s.n2, t1, t2)  # raises, naming the first such run
+    rates = slope_rates(s.n1, s.n2, [t1[i] for i in kept], [t2[i] for i in kept])
+    discarded = [{"run": i, "t_n1": t1[i], "t_n2": t2[i]} for i in bad]
+    return {**raw, "decode_tps": rates, "discarded_runs": discarded, "prefill_tps": [s.pp / t for t in raw["times_prefill"]],
+            "decode": summarize(rates).to_dict(),
+            "prefill": summarize([s.pp / t for t in raw["times_prefill"]]).to_dict(),
+            "ttft_ms": summarize([t * 1e3 for t in raw["times_prefill"]]).to_dict()}
+
+
+COUNTED = ("tokens", "steps", "submissions", "backend_calls", "api_calls")
+
+
+def counters_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The runtime counters of one phase (after - before), with per-token ratios over it."""
+    if before is None or after is None:
+        return None
+    d = {"backend": after.get("backend"), "dispatches_per_step": after.get("dispatches_per_step"),
+         **{k: after[k] - before[k] for k in COUNTED}}
+    for k in ("steps", "submissions", "backend_calls", "api_calls"):
+        d[f"{k}_per_token"] = d[k] / d["tokens"] if d["tokens"] else 0.0
+    return d
+
+
+class _Schedule:
+    """Engines taking turns run by run; an engine that fails is recorded as an error and leaves."""
+
+    def __init__(self, hosts: list, records: list[dict]):
+        self.hosts, self.records = hosts, records
+        self.live = [i for i, r in enumerate(records) if r["status"] == "ok"]
+
+    def phase(self, runs: int) -> dict:
+        """`runs` runs of every live engine, interleaved: run r starts at engine r mod k."""
+        raw = {i: {"times_n1": [], "times_n2": [], "times_prefill": []} for i in self.live}
+        for r in range(runs):
+            order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
+            for i in order:
+                if len(self.live) > 1:
+                    time.sleep(SWITCH_PAUSE_S)
+                try:
+                    t = self.hosts[i].run(r)
+                except BenchError as e:
+                    self.fail(i, e)
+                    continue
+                raw[i]["times_n1"].append(t["n1"])
+                raw[i]["times_n2"].append(t["n2"])
+                raw[i]["times_prefill"].append(t["prefill"])
+        return {i: v for i, v in raw.items() if i in self.live}
+
+    def counters(self) -> dict:
+        out = {}
+        for i in list(self.live):
+            try:
+                out[i] = self.hosts[i].counters()
+            except BenchError as e:
+                self.fail(i, e)
+        return out
+
+    def summarize(self, i: int, raw: dict, s: Settings) -> dict | None:
+        """The phase's statistics; a slope that cannot be computed (T(N2) <= T(N1)) fails the engine."""
+        try:
+            return summarize_phase(raw, s)
+        except BenchError as e:
+            self.fail(i, e)
+            return None
+
+    def fail(self, i: int, e: Exception):
+        """The engine leaves the schedule; its record keeps what was measured before."""
+        self.records[i].update(status="error", reason=str(e))
+        self.live.remove(i)
+
+
+def measure(hosts: list, s: Settings) -> list[dict]:
+    """Open every engine (each loads its model), warm up, then measure them interleaved (and again
+    under load when s.load > 0). Returns one record per host, in order; hosts are closed at the end,
+    also on errors and Ctrl-C."""
+    s.validate()
+    records: list[dict] = []
+    try:
+        for h in hosts:
+            records.append(h.open())
+        sched = _Schedule(hosts, records)
+        sched.phase(s.warmup)
+        before = sched.counters()
+        unloaded = sched.phase(s.runs)
+        after = sched.counters()
+        for i in list(sched.live):
+            stats = sched.summarize(i, unloaded[i], s)
+            if stats:
+                records[i]["unloaded"] = {**stats, "counters": counters_delta(before.get(i), after.get(i))}
+        if s.load and sched.live:
+            with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
+                               python=s.load_python or None) as lp:
+                loaded = sched.phase(s.runs)
+            final = sched.counters()
+            for i in list(sched.live):
+                stats = sched.summarize(i, loaded[i], s)
+                if not stats:
+                    continue
+                rec = records[i]
+                rec["loaded"] = {**stats, "counters": counters_delta(after.get(i), final.get(i)),
+                                 "load": lp.summary()}
+                rec["degradation_pct"] = {
+                    "decode": degradation_pct(rec["unloaded"]["decode"]["median"], rec["loaded"]["decode"]["median"]),
+                    "prefill": degradation_pct(rec["unloaded"]["prefill"]["median"],
+                                               rec["loaded"]["prefill"]["median"])}
+    finally:
+        for i, h in enumerate(hosts):
+            closed = h.close()
+            if i < len(records) and "peak_rss_mb" in closed:
+                records[i]["peak_rss_mb"] = closed["peak_rss_mb"]
+    return records
+
+
+if __name__ == "__main__":
+    serve()
