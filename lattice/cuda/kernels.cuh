@@ -1282,10 +1282,16 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
 }
 
 /* ============================================================================ ROPE_KV */
-/* cos and sin of position p times inv_freq[i] (double angles, like the reference). */
+/* cos and sin of position p times inv_freq[i]: the angle in double (like the reference), reduced
+ * to [-pi, pi] in double, then float sincosf of the remainder (its fast path: within ~1 ulp of the
+ * double cos and sin rounded to float). Double sin and cos of large angles cost more than the
+ * rest of a decode attention's prologue, on blocks that start after their dependency release. */
 __device__ __forceinline__ float2 rope_cos_sin(uint32_t p, float inv_freq) {
-    double ang = (double)p * (double)inv_freq;
-    return make_float2((float)cos(ang), (float)sin(ang));
+    const double ang = (double)p * (double)inv_freq;
+    const double r = fma(-6.283185307179586, rint(ang * 0.15915494309189535), ang);
+    float s, c;
+    sincosf((float)r, &s, &c);
+    return make_float2(c, s);
 }
 
 /* Head h (q heads first, then kv heads) of token t at position p: optional RMSNorm (norm weight
