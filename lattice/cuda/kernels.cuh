@@ -937,8 +937,8 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         if (silu)
             e_b1 = bias[e_row + 1];
     }
-    /* a GDN conv channel's taps (weights) before the wait, its conv state after it with the
-       residual: copied into shared memory, so that no registers wait through the dot products */
+    /* a GDN conv channel's taps (weights) before the wait, its conv state once x is staged:
+       copied into shared memory, so that no registers wait through the dot products */
     const uint32_t ch = e_row - f.conv_row0;
     const bool conv = CONV && e_on && ch < f.conv_c;
     float *ctap = conv_s[threadIdx.x & 31], *cst = ctap + GEMV_CONV_MAX;  /* conv: warp 0 */
@@ -946,6 +946,10 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         for (uint32_t t = 0; t < f.conv_k; t++)
             cp_async4(ctap + t, f.conv_w + (size_t)ch * f.conv_k + t);
         cp_async_commit();
+        /* the conv state (last written a step ago, so out of L2 by now) asked of L2 too; a
+           prefetch returns no data, so it is safe before the wait (prefetch_l2) */
+        for (uint32_t t = 0; t + 1 < f.conv_k; t++)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(f.conv_state + (size_t)t * f.conv_c + ch));
     }
     if (g.vec_ok)
         load(base);
@@ -974,11 +978,6 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
     e_on = e_on && e_t < n_tok;
     if (e_on && (a.flags & LT_GEMV_RESID))
         e_res = ((const float *)b.p[LT_GEMV_B_RESID])[(size_t)e_t * a.resid_stride + e_o];
-    if (conv) {
-        for (uint32_t t = 0; t + 1 < f.conv_k; t++)
-            cp_async4(cst + t, f.conv_state + (size_t)t * f.conv_c + ch);
-        cp_async_commit();
-    }
     /* prologue: stage x * w' (w' = norm weight, or 1 + it); the RMS factor of each token
      * multiplies the dot products at the end */
     /* decode (NT = 1): one pass over x with no barrier (stage_x_one), unless a float format's rows
@@ -1017,6 +1016,11 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         float r = stage_x_row(x + (size_t)(t_first + t) * a.x_stride, xr, a.cols, g.xcols, nw, add_one, a.eps, redb);
         if (threadIdx.x == 0)
             rnorm[nt] = r;
+    }
+    if (conv) {  /* after x's loads: the epilogue waits for them */
+        for (uint32_t t = 0; t + 1 < f.conv_k; t++)
+            cp_async4(cst + t, f.conv_state + (size_t)t * f.conv_c + ch);
+        cp_async_commit();
     }
     if (!xlane)
         __syncthreads();
