@@ -1288,8 +1288,9 @@ __global__ void __launch_bounds__(LT_ARGMAX_BLOCK) k_partials(const float *logit
 /* ============================================================================ ROPE_KV */
 /* cos and sin of position p times inv_freq[i]: the angle in double (like the reference), reduced
  * to [-pi, pi] in double, then float sincosf of the remainder (its fast path: within ~1 ulp of the
- * double cos and sin rounded to float). Double sin and cos of large angles cost more than the
- * rest of a decode attention's prologue, on blocks that start after their dependency release. */
+ * double cos and sin rounded to float), a fraction of double sin and cos's instructions. The
+ * decode attention runs it before its dependency wait, which blocks that start late do not have
+ * time for (H100, Qwen3.5: the attention 6.84 against 7.0 us traced). */
 __device__ __forceinline__ float2 rope_cos_sin(uint32_t p, float inv_freq) {
     const double ang = (double)p * (double)inv_freq;
     const double r = fma(-6.283185307179586, rint(ang * 0.15915494309189535), ang);
@@ -1970,9 +1971,10 @@ __global__ void __launch_bounds__(GDN_WARPS * 32) k_gdn_decode(lt_gdn_args a, lt
     /* The sums over rows (each row sits in the LC lanes of its row lane: shuffles among row lanes)
      * are taken together, in one loop of independent shuffles, right when q, k and v are in: the l2
      * norms of q and k and S_c . k of the state before its decay, which the decay and k's norm then
-     * scale (S_c *= decay is linear). The step's serial chain runs one warp per scheduler, so it
-     * uses hardware approximations (a few ulp) instead of IEEE square root and the library exp /
-     * log1p (lt_silu_d, lt_sigmoid_d likewise). */
+     * scale (S_c *= decay is linear). The kernel runs one warp per scheduler (a block of four warps
+     * per SM), so nothing hides a long instruction sequence: hardware approximations (a few ulp)
+     * instead of IEEE square root and the library exp / log1p (lt_silu_d, lt_sigmoid_d likewise).
+     * H100, Qwen3.5: 3.45 us a layer traced, 4.61 before. */
     float sq = 0.0f, sk = 0.0f, d[4] = {};
 #pragma unroll
     for (int m = 0; m < R; m++) {
