@@ -282,11 +282,12 @@ def test_attention_split_k(lib, head_dim, T, pos):
 def test_attention_combine_in_gemv(lib, monkeypatch, head_dim, fmt, pos, defer, rows):
     """A decode attention followed by the GEMV that reads its output (the o-projection) leaves its
     split combine to that GEMV's x staging while 2 to LATTICE_CUDA_ATT_DEFER splits (default 8)
-    are in use; past that, and with 0, the attention combines (one split: it writes its output). The positions give 1 split, several
-    (over one batch of the GEMV's requests), exactly 8 or past 8 with head_dim 256 (64 positions
-    per split) and 1-9 splits with 64 (256 per split); 1100 rows of 1024 columns take 4 rows per
-    warp (the combining GEMV's blocks are made fewer). The attention's own output stays unwritten
-    exactly when the GEMV combines. Two runs of one program: the combine counters reset."""
+    are in use; past that, and with 0, the attention combines (one split: it writes its output).
+    The positions give 1 split, several (over one batch of the GEMV's requests), exactly 8 or past
+    8 with head_dim 256 (64 positions per split) and 1-9 splits with 64 (256 per split); 1100 rows
+    of 1024 columns take 4 rows per warp (the combining GEMV's blocks are made fewer). The
+    attention's own output stays unwritten exactly when the GEMV combines. Two runs of one program:
+    the combine counters reset."""
     from lattice import reference as ref
     from test_cpu_kernels import (AttnArgs, Dispatch, GemvArgs, K_ATTENTION, K_GEMV, Mem, OK, SCRATCH, STATE,
                                   StepArgs, WEIGHTS, assert_dot_close, dispatch, dot_error_limit, put_matrix, rand)
@@ -512,8 +513,9 @@ def test_lm_head_partials_ties_into_sampler(lib, fmt, V, T):
     The max logit is planted at 40 ids (equal weight rows: equal logits) from mid-vocabulary on,
     the lowest three in lanes 0, 1 and 3 of one warp (a row group starts at a multiple of 12), so
     the lowest id must win whichever block, warp, lane or pass stored it; just above the other
-    logits, which then weigh in the logprob through every block's rescaled sum. A second run of the same program (graph replay at T = 1) negates x: the max
-    moves to 40 other ids. Token and logprob against the logits the GPU wrote."""
+    logits, which then weigh in the logprob through every block's rescaled sum. A second run of the
+    same program (graph replay at T = 1) negates x: the max moves to 40 other ids. Token and
+    logprob against the logits the GPU wrote."""
     from test_cpu_kernels import OK
     rng = np.random.default_rng(V + T)
     lo = V // 24 * 12 + 12 * int(rng.integers(0, 8))

@@ -105,6 +105,11 @@ __device__ __forceinline__ void lt_keep(uint32_t v) {
     asm volatile("" ::"r"(v));
 }
 
+/* Asks L2 for the 128-byte line holding p (one thread; prefetch_l2 spreads a range over a block) */
+__device__ __forceinline__ void prefetch_line(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 /* Asks L2 for the lines of [p, p + bytes), spread over the block's threads, and returns at once.
  * Decode kernels call it before pdl_wait for what they read after it from cold memory: small
  * weights (norms, conv taps, rope frequencies) and state (GDN state, KV rows). Every step streams
@@ -118,7 +123,7 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes, uint32_
     uintptr_t first = (uintptr_t)p & ~(uintptr_t)127, end = (uintptr_t)p + bytes;
     uintptr_t step = (uintptr_t)blockDim.x * parts * 128;
     for (uintptr_t a = first + ((uintptr_t)threadIdx.x * parts + part) * 128; a < end; a += step)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+        prefetch_line((const void *)a);
 }
 
 /* Asynchronous copies global -> shared (sm_80): no registers held while they fly. cp_async16 reads
@@ -949,7 +954,7 @@ __global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_ste
         /* the conv state (last written a step ago, so out of L2 by now) asked of L2 too; a
            prefetch returns no data, so it is safe before the wait (prefetch_l2) */
         for (uint32_t t = 0; t + 1 < f.conv_k; t++)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(f.conv_state + (size_t)t * f.conv_c + ch));
+            prefetch_line(f.conv_state + (size_t)t * f.conv_c + ch);
     }
     if (g.vec_ok)
         load(base);
@@ -1405,14 +1410,14 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * 128 at prefill. Block (h, s, t) covers cache positions [s * chunk, min((s + 1) * chunk, len))
  * of query t (len = pos + t + 1). G lanes share one cache row (16-byte f16 loads, G = nvec
  * rounded up to a power of two, at most 32; U vectors per lane, U = 2 for head_dim > 256), so a
- * block has NG = NT / G lane groups. Each group runs its
- * own online softmax over rows s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K
- * and V rows are requested together, and the next batch's before this one is used, so a block's
- * dependent chain is about one memory round trip, with no barrier inside the loop. (The cache is
- * cold at decode: the weights streamed through L2 since the previous step. Before, every 4 rows
- * of a 256-wide head cost a round trip, and Qwen3.5's attention took 23 us per layer inside the
- * decode graph.) The first batch is requested before the rope prologue. The groups' (max, sum,
- * acc) combine in shared memory; with one split the block writes the output, otherwise it writes
+ * block has NG = NT / G lane groups. Each group runs its own online softmax over rows
+ * s * chunk + gi, + NG, ..., ATT_ROWS of them per batch: a batch's K and V rows are requested
+ * together, and the next batch's before this one is used, so a block's dependent chain is about
+ * one memory round trip, with no barrier inside the loop. (The cache is cold at decode: the
+ * weights streamed through L2 since the previous step. Before, every 4 rows of a 256-wide head
+ * cost a round trip, and Qwen3.5's attention took 23 us per layer inside the decode graph.) The
+ * first batch is requested before the rope prologue (with a q/k norm, after its reduction). The
+ * groups' (max, sum, acc) combine in shared memory; with one split the block writes the output, otherwise it writes
  * (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
  * block) combines them: no second kernel. A decode step with 2 to g.defer splits in use leaves
  * the combine to the GEMV that reads the output (backend.cu defer_attention_combine,
