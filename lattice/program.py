@@ -914,8 +914,8 @@ def build(ckpt, quant=None, context=4096, prefill_chunk=64, logits_chunk=16, mat
 
 def _layout_state(prog, cfg):
     """STATE: penalty counts and history, then each layer's KV cache (f16) or conv + recurrent
-    state (f32). STEP: step-args, then the prompt chunk's token ids. OUTPUT: token and logprob
-    rings, then logits rows."""
+    state (f32), then (recurrent models) a copy of those states for the runtime. STEP: step-args,
+    then the prompt chunk's token ids. OUTPUT: token and logprob rings, then logits rows."""
     v, ctx = cfg.vocab_size, prog.context
     lay, off = {}, 0
 
@@ -934,6 +934,9 @@ def _layout_state(prog, cfg):
         elif isinstance(spec, DeltaNetState):
             take((layer, "conv"), 4 * int(np.prod(spec.conv)))
             take((layer, "ssm"), 4 * int(np.prod(spec.recurrent)))
+    recurrent = sum(n for key, (_, n) in lay.items() if isinstance(key, tuple) and key[1] in ("conv", "ssm"))
+    if recurrent:  # the runtime's copy of every conv + recurrent state (a snapshot it can rewind to)
+        take("recurrent_copy", recurrent)
     prog.sizes["state"] = _align(off)
     prog.layout.update({"state": lay, "hist_cap": ctx})
     ids_off = _align(STEP_DTYPE.itemsize)

@@ -769,6 +769,30 @@ def test_program_rejected_with_dispatch_index():
     be.close()
 
 
+@needs_gpu
+def test_copy_and_zero_within_an_arena():
+    """lt_cuda_copy / lt_cuda_zero (the runtime's recurrent-state snapshot and resets, on the
+    device): queued after earlier work; ranges outside the arena, or a copy onto itself, are
+    LT_ERR_BINDING (5)."""
+    be, so = lcuda.CudaBackend([64, 4096, 64, 64, 64, 0]), lcuda.load_library()
+    data = np.arange(1024, dtype=np.uint32)
+    assert so.lt_cuda_write(be.h, lcuda.STATE, 0, data.ctypes.data, 2048) == 0
+    assert so.lt_cuda_copy(be.h, lcuda.STATE, 2048, 0, 2048) == 0
+    assert so.lt_cuda_zero(be.h, lcuda.STATE, 0, 1024) == 0
+    out = np.empty(1024, dtype=np.uint32)
+    assert so.lt_cuda_read(be.h, lcuda.STATE, 0, out.ctypes.data, 4096) == 0
+    want = np.concatenate([np.zeros(256, np.uint32), data[256:512], data[:512]])
+    np.testing.assert_array_equal(out, want)
+    for bad in (lambda: so.lt_cuda_copy(be.h, lcuda.STATE, 4000, 0, 100),  # dst past the end
+                lambda: so.lt_cuda_copy(be.h, lcuda.STATE, 0, 4000, 100),  # src past the end
+                lambda: so.lt_cuda_copy(be.h, lcuda.STATE, 100, 0, 200),   # overlapping
+                lambda: so.lt_cuda_copy(be.h, lcuda.N_ARENAS, 0, 64, 8),   # no such arena
+                lambda: so.lt_cuda_zero(be.h, lcuda.STATE, 4000, 200),
+                lambda: so.lt_cuda_zero(be.h, lcuda.CONST, 0, 8)):         # empty arena
+        assert bad() == 5
+    be.close()
+
+
 SMOLLM2 = os.path.expanduser("~/.cache/lattice/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

@@ -129,6 +129,8 @@ def load_library():
                                        ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
     so.lt_cuda_write.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
     so.lt_cuda_read.argtypes = so.lt_cuda_write.argtypes
+    so.lt_cuda_copy.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
+    so.lt_cuda_zero.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_size_t]
     so.lt_cuda_run.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32]
     so.lt_cuda_message.restype = ctypes.c_char_p
     so.lt_cuda_message.argtypes = [ctypes.c_void_p]

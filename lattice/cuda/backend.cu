@@ -963,8 +963,12 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
     return (int)c->progs.size() - 1;
 }
 
+static bool in_arena(const lt_cuda *c, uint32_t arena, size_t offset, size_t n) {
+    return arena < LT_N_ARENAS && c->arena[arena] && offset + n <= c->size[arena] && offset + n >= offset;
+}
+
 int lt_cuda_write(lt_cuda *c, uint32_t arena, size_t offset, const void *src, size_t n) {
-    if (arena >= LT_N_ARENAS || !c->arena[arena] || offset + n > c->size[arena] || offset + n < offset)
+    if (!in_arena(c, arena, offset, n))
         return LT_ERR_BINDING;
     CK(cudaMemcpyAsync(c->arena[arena] + offset, src, n, cudaMemcpyHostToDevice, c->stream));
     CK(cudaStreamSynchronize(c->stream));
@@ -972,10 +976,26 @@ int lt_cuda_write(lt_cuda *c, uint32_t arena, size_t offset, const void *src, si
 }
 
 int lt_cuda_read(lt_cuda *c, uint32_t arena, size_t offset, void *dst, size_t n) {
-    if (arena >= LT_N_ARENAS || !c->arena[arena] || offset + n > c->size[arena] || offset + n < offset)
+    if (!in_arena(c, arena, offset, n))
         return LT_ERR_BINDING;
     CK(cudaMemcpyAsync(dst, c->arena[arena] + offset, n, cudaMemcpyDeviceToHost, c->stream));
     CK(cudaStreamSynchronize(c->stream));
+    return LT_OK;
+}
+
+int lt_cuda_copy(lt_cuda *c, uint32_t arena, size_t dst, size_t src, size_t n) {
+    if (!in_arena(c, arena, dst, n) || !in_arena(c, arena, src, n) || (dst < src + n && src < dst + n))
+        return LT_ERR_BINDING;
+    CK(cudaMemcpyAsync(c->arena[arena] + dst, c->arena[arena] + src, n, cudaMemcpyDeviceToDevice, c->stream));
+    c->counters.api_calls++;
+    return LT_OK;
+}
+
+int lt_cuda_zero(lt_cuda *c, uint32_t arena, size_t offset, size_t n) {
+    if (!in_arena(c, arena, offset, n))
+        return LT_ERR_BINDING;
+    CK(cudaMemsetAsync(c->arena[arena] + offset, 0, n, c->stream));
+    c->counters.api_calls++;
     return LT_OK;
 }
 

@@ -48,6 +48,12 @@ int lt_cuda_add_program(lt_cuda *c, const lt_dispatch *prog, uint32_t n, const u
 int lt_cuda_write(lt_cuda *c, uint32_t arena, size_t offset, const void *src, size_t n);
 int lt_cuda_read(lt_cuda *c, uint32_t arena, size_t offset, void *dst, size_t n);
 
+/* Within an arena, on the device, ordered after the work already queued (returns at once): copies
+ * n bytes from src to dst (the ranges must not overlap) / zeroes n bytes. LT_OK, LT_ERR_BINDING
+ * (outside the arena, or overlapping) or LT_ERR_CUDA. */
+int lt_cuda_copy(lt_cuda *c, uint32_t arena, size_t dst, size_t src, size_t n);
+int lt_cuda_zero(lt_cuda *c, uint32_t arena, size_t offset, size_t n);
+
 /* 1: plain kernel launches for every step (the ablation); 0 (default): CUDA graph per step. */
 void lt_cuda_set_eager(lt_cuda *c, int eager);
 
