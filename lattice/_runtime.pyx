@@ -313,7 +313,7 @@ cdef lt_backend CPU_OPS = lt_backend(cpu_create, NULL, cpu_add_program, cpu_writ
                                      cpu_run, NULL, NULL, NULL, cpu_host_arena, cpu_message, cpu_free)
 # The CPU kernels behind the device-backend path of the loop (mirrored step-args, ring read-back,
 # K steps per call): runs that path, and its overshoot logic, on machines without a GPU. Without
-# copy / zero, as the Metal bridge: the loop's host fallback for them runs here too.
+# copy / zero: the loop's fallback for a backend that lacks them (through read / write) runs here.
 cdef lt_backend CPU_AS_DEVICE_OPS = lt_backend(cpu_create, NULL, cpu_add_program, cpu_write, cpu_read, NULL, NULL,
                                                cpu_run, cpu_launch, cpu_wait, NULL, no_host_arena, cpu_message,
                                                cpu_free)
@@ -441,6 +441,8 @@ cdef struct metal_api:
     int (*add_program)(void *m, const lt_dispatch *prog, uint32_t n) noexcept nogil
     int (*write)(void *m, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil
     int (*read)(void *m, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil
+    int (*copy)(void *m, uint32_t arena, size_t dst, size_t src, size_t n) noexcept nogil
+    int (*zero)(void *m, uint32_t arena, size_t offset, size_t n) noexcept nogil
     int (*run)(void *m, int prog, uint32_t n_steps) noexcept nogil
     int (*launch)(void *m, int prog, uint32_t n_steps, size_t out_offset, size_t out_n) noexcept nogil
     int (*wait)(void *m, void *out) noexcept nogil
@@ -483,6 +485,14 @@ cdef int metal_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n)
     return METAL.read(h, arena, offset, dst, n)
 
 
+cdef int metal_copy(void *h, uint32_t arena, size_t dst, size_t src, size_t n) noexcept nogil:
+    return METAL.copy(h, arena, dst, src, n)
+
+
+cdef int metal_zero(void *h, uint32_t arena, size_t offset, size_t n) noexcept nogil:
+    return METAL.zero(h, arena, offset, n)
+
+
 cdef int metal_run(void *h, int prog, uint32_t n_steps, uint32_t n_tokens) noexcept nogil:
     return METAL.run(h, prog, n_steps)      # one command buffer of n_steps steps; T is in the step-args
 
@@ -511,7 +521,7 @@ cdef void metal_free(void *h) noexcept nogil:
 
 
 cdef lt_backend METAL_OPS = lt_backend(metal_create, metal_create_shared, metal_add_program, metal_write, metal_read,
-                                       NULL, NULL, metal_run, metal_launch, metal_wait, metal_counters_get,
+                                       metal_copy, metal_zero, metal_run, metal_launch, metal_wait, metal_counters_get,
                                        no_host_arena, metal_message, metal_free)
 
 
@@ -613,6 +623,8 @@ def metal_backend(bridge, library, int steps=16):
         lib, "lt_metal_create_shared")
     METAL.write = <int (*)(void *, uint32_t, size_t, const void *, size_t) noexcept nogil>_address(lib, "lt_metal_write")
     METAL.read = <int (*)(void *, uint32_t, size_t, void *, size_t) noexcept nogil>_address(lib, "lt_metal_read")
+    METAL.copy = <int (*)(void *, uint32_t, size_t, size_t, size_t) noexcept nogil>_address(lib, "lt_metal_copy")
+    METAL.zero = <int (*)(void *, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_metal_zero")
     METAL.run = <int (*)(void *, int, uint32_t) noexcept nogil>_address(lib, "lt_metal_run")
     METAL.launch = <int (*)(void *, int, uint32_t, size_t, size_t) noexcept nogil>_address(lib, "lt_metal_launch")
     METAL.wait = <int (*)(void *, void *) noexcept nogil>_address(lib, "lt_metal_wait")

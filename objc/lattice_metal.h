@@ -77,6 +77,13 @@ void lt_metal_set_attention_splits(lt_metal *m, uint32_t splits);
 int lt_metal_write(lt_metal *m, uint32_t arena, size_t offset, const void *src, size_t n);
 int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t n);
 
+/* Within an arena, without the host's memory (private arenas: one blit, after the command buffers
+ * committed before it; waits for it): copies n bytes from src to dst (ranges not overlapping) /
+ * zeroes n bytes. Offsets and n are multiples of 4 (a blit's rule on macOS). Returns 0 or
+ * LT_METAL_ERR_ARGS / LT_METAL_ERR_GPU. */
+int lt_metal_copy(lt_metal *m, uint32_t arena, size_t dst, size_t src, size_t n);
+int lt_metal_zero(lt_metal *m, uint32_t arena, size_t offset, size_t n);
+
 /* Replays program `program` up to max_steps times, steps_per_cb steps per command buffer, two command
  * buffers in flight. The host reads each finished command buffer's tokens (and logprobs) from the
  * output ring in its completion handler and stops at the first token in stop_ids (kept as the

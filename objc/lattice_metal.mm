@@ -416,12 +416,15 @@ static int check_range(lt_metal *m, uint32_t arena, size_t offset, size_t n)
     return 0;
 }
 
-// One blit, waited for.
+// One blit, waited for: a copy, or (src nil) zeroes over dst's range.
 static int blit(lt_metal *m, id<MTLBuffer> src, size_t src_off, id<MTLBuffer> dst, size_t dst_off, size_t n)
 {
     id<MTLCommandBuffer> cb = [m->queue commandBuffer];
     id<MTLBlitCommandEncoder> enc = [cb blitCommandEncoder];
-    [enc copyFromBuffer:src sourceOffset:src_off toBuffer:dst destinationOffset:dst_off size:n];
+    if (src)
+        [enc copyFromBuffer:src sourceOffset:src_off toBuffer:dst destinationOffset:dst_off size:n];
+    else
+        [enc fillBuffer:dst range:NSMakeRange(dst_off, n) value:0];
     [enc endEncoding];
     [cb commit];
     [cb waitUntilCompleted];
@@ -486,6 +489,43 @@ int lt_metal_read(lt_metal *m, uint32_t arena, size_t offset, void *dst, size_t 
     if (err || n == 0) return err;
     if (is_private(arena)) return staged_copy(m, arena, offset, dst, n, false);
     memcpy(dst, (const unsigned char *)[m->arenas[arena] contents] + offset, n);
+    return 0;
+}
+
+// Blit offsets and sizes are multiples of 4 on macOS (copyFromBuffer, fillBuffer); the runtime's
+// state regions are f32 and 64-byte aligned.
+static int check_blit_range(lt_metal *m, uint32_t arena, size_t offset, size_t n)
+{
+    int err = check_range(m, arena, offset, n);
+    if (!err && (offset % 4 || n % 4)) {
+        set_error(m, "arena %u: range [%zu, %zu) does not start and end at multiples of 4", arena, offset,
+                  offset + n);
+        err = LT_METAL_ERR_ARGS;
+    }
+    return err;
+}
+
+int lt_metal_copy(lt_metal *m, uint32_t arena, size_t dst, size_t src, size_t n)
+{
+    int err = check_blit_range(m, arena, dst, n);
+    if (!err) err = check_blit_range(m, arena, src, n);
+    if (!err && dst < src + n && src < dst + n) {  // overlapping copies within a buffer are undefined
+        set_error(m, "arena %u: copy [%zu, %zu) onto [%zu, %zu) overlaps", arena, src, src + n, dst, dst + n);
+        err = LT_METAL_ERR_ARGS;
+    }
+    if (err || n == 0) return err;
+    if (is_private(arena)) return blit(m, m->arenas[arena], src, m->arenas[arena], dst, n);
+    unsigned char *base = (unsigned char *)[m->arenas[arena] contents];
+    memcpy(base + dst, base + src, n);
+    return 0;
+}
+
+int lt_metal_zero(lt_metal *m, uint32_t arena, size_t offset, size_t n)
+{
+    int err = check_blit_range(m, arena, offset, n);
+    if (err || n == 0) return err;
+    if (is_private(arena)) return blit(m, nil, 0, m->arenas[arena], offset, n);
+    memset((unsigned char *)[m->arenas[arena] contents] + offset, 0, n);
     return 0;
 }
 

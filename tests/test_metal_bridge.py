@@ -45,6 +45,8 @@ def load_bridge():
     so.lt_metal_add_program.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
     for name in ("lt_metal_write", "lt_metal_read"):
         getattr(so, name).argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+    so.lt_metal_copy.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
+    so.lt_metal_zero.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_size_t]
     so.lt_metal_generate.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
                                      ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)]
@@ -357,7 +359,36 @@ def test_run_and_private_arenas(bridge):
     np.testing.assert_array_equal(b.read("weights", 0, weights.nbytes), weights)
 
 
+def test_copy_and_zero_within_an_arena(bridge, lib):
+    """lt_metal_copy / lt_metal_zero (the runtime's recurrent-state snapshot and resets): one blit in
+    a private arena (within the fake's blit rules), memcpy / memset in a shared one."""
+    b = bridge()
+    data = np.arange(16, dtype=np.uint32)
+    for arena in ("state", "output"):  # private, shared
+        assert b.write(arena, 0, data) == 0
+        assert b.lib.lt_metal_copy(b.m, P.ARENA[arena], 64, 0, 32) == 0, b.message()
+        assert b.lib.lt_metal_zero(b.m, P.ARENA[arena], 0, 16) == 0, b.message()
+        want = np.concatenate([np.zeros(4, np.uint32), data[4:], data[:8]])
+        np.testing.assert_array_equal(b.read(arena, 0, 96).view(np.uint32), want)
+    assert lib.fake_metal_violation() == b""
+
+
 # ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call,words", [
+    (lambda b, a, n: b.lib.lt_metal_copy(b.m, a, n - 4, 0, 8), "outside"),
+    (lambda b, a, n: b.lib.lt_metal_copy(b.m, a, 0, n - 4, 8), "outside"),
+    (lambda b, a, n: b.lib.lt_metal_copy(b.m, a, 16, 0, 32), "overlaps"),
+    (lambda b, a, n: b.lib.lt_metal_copy(b.m, a, 66, 0, 8), "multiples of 4"),
+    (lambda b, a, n: b.lib.lt_metal_copy(b.m, a, 64, 0, 6), "multiples of 4"),
+    (lambda b, a, n: b.lib.lt_metal_zero(b.m, a, 2, 8), "multiples of 4"),
+    (lambda b, a, n: b.lib.lt_metal_zero(b.m, a, 0, n + 4), "outside"),
+    (lambda b, a, n: b.lib.lt_metal_zero(b.m, 9, 0, 4), "arena 9")])
+def test_bad_copy_or_zero_range(bridge, call, words):
+    b = bridge()
+    state = P.ARENA["state"]
+    assert call(b, state, arena_sizes()[state]) == ERR_ARGS and words in b.message()
+
+
 def test_bad_binding_is_rejected(bridge):
     recs, consts = tiny_program()
     recs[2]["bind"][1]["offset"] = arena_sizes()[P.ARENA["scratch"]] + 64
@@ -433,6 +464,22 @@ def test_fake_reports_rule_violations(lib, metallib, scenario, message):
     assert lib.fake_probe(scenario.encode(), metallib.encode(), msg, 2048) == 1
     assert message in msg.value.decode()
     assert message in lib.fake_metal_violation().decode()
+
+
+@pytest.mark.parametrize("src,dst,size,message", [
+    (0, 128, 64, None), (2, 128, 64, "multiples of 4"), (0, 130, 64, "multiples of 4"),
+    (0, 128, 62, "multiples of 4"), (0, 32, 64, "overlapping ranges")])
+def test_fake_blit_copy_rules(lib, src, dst, size, message):
+    """macOS's copyFromBuffer rules (offsets and size multiples of 4; within one buffer, ranges
+    must not overlap: undefined results), which lt_metal_copy checks before it encodes."""
+    lib.fake_metal_reset(1, APPLE7)
+    lib.fake_probe_blit_copy.restype = ctypes.c_long
+    lib.fake_probe_blit_copy.argtypes = [ctypes.c_ulong] * 3
+    status = lib.fake_probe_blit_copy(src, dst, size)
+    if message is None:
+        assert status == 4 and lib.fake_metal_violation() == b""  # MTLCommandBufferStatusCompleted
+    else:
+        assert status == 5 and message in lib.fake_metal_violation().decode()  # ...StatusError
 
 
 def test_warmup_rule_only_on_m1_m2(lib, metallib):

@@ -447,6 +447,14 @@ struct Op {
         violation(*_cb->_pending, "copyFromBuffer: range outside " + buffer_name(so + size > s->_length ? s : d));
         return;
     }
+    if (so % 4 || dof % 4 || size % 4) {  // macOS's rule for both offsets and the size
+        violation(*_cb->_pending, "copyFromBuffer: offsets and size must be multiples of 4");
+        return;
+    }
+    if (s == d && so < dof + size && dof < so + size) {  // undefined results in Metal
+        violation(*_cb->_pending, "copyFromBuffer: overlapping ranges of " + buffer_name(d));
+        return;
+    }
     Op op = Op();
     op.kind = Op::COPY;
     op.src = [s retain];

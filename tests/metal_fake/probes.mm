@@ -141,3 +141,26 @@ extern "C" long fake_probe_gpu_times(double out[4])
     [pool drain];
     return status;
 }
+
+// One blit copy within a 256-byte private buffer, from src_off to dst_off, of size bytes,
+// committed and waited for. Returns the command buffer's final status (the fake's violation, if
+// any, is in fake_metal_violation()).
+extern "C" long fake_probe_blit_copy(unsigned long src_off, unsigned long dst_off, unsigned long size)
+{
+    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
+    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+    id<MTLCommandQueue> queue = [device newCommandQueue];
+    id<MTLBuffer> buffer = [device newBufferWithLength:256 options:MTLResourceStorageModePrivate];
+    id<MTLCommandBuffer> cb = [queue commandBuffer];
+    id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
+    [blit copyFromBuffer:buffer sourceOffset:src_off toBuffer:buffer destinationOffset:dst_off size:size];
+    [blit endEncoding];
+    [cb commit];
+    [cb waitUntilCompleted];
+    long status = (long)[cb status];
+    [buffer release];
+    [queue release];
+    [device release];
+    [pool drain];
+    return status;
+}

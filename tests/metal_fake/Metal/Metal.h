@@ -157,7 +157,8 @@ enum {
 
 /* mtlblitcommandencoder: copy(from:sourceOffset:to:destinationOffset:size:) =
  * copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:, fill(buffer:range:value:) =
- * fillBuffer:range:value: (on macOS the range's start and length are multiples of 4) */
+ * fillBuffer:range:value: (on macOS the copy's offsets and size, and the fill range's start and
+ * length, are multiples of 4; a copy within one buffer must not overlap) */
 @protocol MTLBlitCommandEncoder <MTLCommandEncoder>
 - (void)fillBuffer:(id<MTLBuffer>)buffer range:(NSRange)range value:(uint8_t)value;
 - (void)copyFromBuffer:(id<MTLBuffer>)sourceBuffer sourceOffset:(NSUInteger)sourceOffset
