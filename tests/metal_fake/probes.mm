@@ -116,24 +116,34 @@ extern "C" int fake_icb_command_has_set_bytes(void)
     return has;
 }
 
-// GPUStartTime / GPUEndTime of a command buffer (one blit fill) read before commit (out[0], out[1])
-// and after waitUntilCompleted (out[2], out[3]). Returns its final status.
-extern "C" long fake_probe_gpu_times(double out[4])
+// One blit command buffer over a new buffer of `length` bytes on a fresh device, committed and
+// waited for: a fill of the whole buffer with 7 (copy NULL), or a copy within it (copy: source
+// offset, destination offset, size). times (if not NULL): GPUStartTime / GPUEndTime read before
+// commit (times[0], times[1]) and after waitUntilCompleted (times[2], times[3]). Returns the
+// command buffer's final status (a rule the fake enforces: in fake_metal_violation()).
+static long probe_blit(NSUInteger length, MTLResourceOptions storage, const unsigned long *copy, double *times)
 {
     NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
     id<MTLDevice> device = MTLCreateSystemDefaultDevice();
     id<MTLCommandQueue> queue = [device newCommandQueue];
-    id<MTLBuffer> buffer = [device newBufferWithLength:1 << 20 options:MTLResourceStorageModeShared];
+    id<MTLBuffer> buffer = [device newBufferWithLength:length options:storage];
     id<MTLCommandBuffer> cb = [queue commandBuffer];
     id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
-    [blit fillBuffer:buffer range:NSMakeRange(0, 1 << 20) value:7];
+    if (copy)
+        [blit copyFromBuffer:buffer sourceOffset:copy[0] toBuffer:buffer destinationOffset:copy[1] size:copy[2]];
+    else
+        [blit fillBuffer:buffer range:NSMakeRange(0, length) value:7];
     [blit endEncoding];
-    out[0] = [cb GPUStartTime];
-    out[1] = [cb GPUEndTime];
+    if (times) {
+        times[0] = [cb GPUStartTime];
+        times[1] = [cb GPUEndTime];
+    }
     [cb commit];
     [cb waitUntilCompleted];
-    out[2] = [cb GPUStartTime];
-    out[3] = [cb GPUEndTime];
+    if (times) {
+        times[2] = [cb GPUStartTime];
+        times[3] = [cb GPUEndTime];
+    }
     long status = (long)[cb status];
     [buffer release];
     [queue release];
@@ -142,25 +152,15 @@ extern "C" long fake_probe_gpu_times(double out[4])
     return status;
 }
 
-// One blit copy within a 256-byte private buffer, from src_off to dst_off, of size bytes,
-// committed and waited for. Returns the command buffer's final status (the fake's violation, if
-// any, is in fake_metal_violation()).
+// The GPU timestamps' rule: one blit fill of 1 MiB, its times before commit and after completion.
+extern "C" long fake_probe_gpu_times(double out[4])
+{
+    return probe_blit(1 << 20, MTLResourceStorageModeShared, NULL, out);
+}
+
+// The blit copy rules: one copy within a 256-byte private buffer.
 extern "C" long fake_probe_blit_copy(unsigned long src_off, unsigned long dst_off, unsigned long size)
 {
-    NSAutoreleasePool *pool = [[NSAutoreleasePool alloc] init];
-    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
-    id<MTLCommandQueue> queue = [device newCommandQueue];
-    id<MTLBuffer> buffer = [device newBufferWithLength:256 options:MTLResourceStorageModePrivate];
-    id<MTLCommandBuffer> cb = [queue commandBuffer];
-    id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
-    [blit copyFromBuffer:buffer sourceOffset:src_off toBuffer:buffer destinationOffset:dst_off size:size];
-    [blit endEncoding];
-    [cb commit];
-    [cb waitUntilCompleted];
-    long status = (long)[cb status];
-    [buffer release];
-    [queue release];
-    [device release];
-    [pool drain];
-    return status;
+    const unsigned long copy[3] = {src_off, dst_off, size};
+    return probe_blit(256, MTLResourceStorageModePrivate, copy, NULL);
 }
