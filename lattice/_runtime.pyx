@@ -966,28 +966,23 @@ cdef class State:
 
     def _restart(self):
         """Position 0: recurrent state zeroed (the KV cache needs nothing: it is overwritten)."""
-        for key, off, nbytes in self._recurrent_regions():
-            self._zero(LT_ARENA_STATE, off, nbytes)
+        lay = self._prog.layout["state"]
+        if "recurrent" in lay:
+            self._zero(LT_ARENA_STATE, lay["recurrent"][0], lay["recurrent"][1])
         self.history = []
         self._rewound_to = -1
 
-    def _recurrent_regions(self):
-        """(key, offset, bytes) of every GDN layer's conv and recurrent state in the STATE arena."""
-        return [(key, off, nbytes) for key, (off, nbytes) in self._prog.layout["state"].items()
-                if isinstance(key, tuple) and key[1] in ("conv", "ssm")]
-
     def _keep_recurrent(self, bint back):
-        """Copies the conv + recurrent state into its copy in the STATE arena (the snapshot that a
-        stop past the history rewinds to), or (back) the copy into the state. On a GPU it stays on
-        the device: through the host, this copy of Qwen3.5-0.8B's 19 MB and the reset before it
-        added ~8 ms to each generate() (H100)."""
-        copy = self._prog.layout["state"]["recurrent_copy"][0]
-        for key, off, nbytes in self._recurrent_regions():
-            if back:
-                self._copy(LT_ARENA_STATE, off, copy, nbytes)
-            else:
-                self._copy(LT_ARENA_STATE, copy, off, nbytes)
-            copy += nbytes
+        """Copies every conv + recurrent state (one span of the STATE arena) into its copy (the
+        snapshot that a stop past the history rewinds to), or (back) the copy into the state. On a
+        GPU it stays on the device: through the host, this copy of Qwen3.5-0.8B's 19 MB and the
+        reset before it added ~8 ms to each generate() (H100)."""
+        lay = self._prog.layout["state"]
+        (off, nbytes), copy = lay["recurrent"], lay["recurrent_copy"][0]
+        if back:
+            self._copy(LT_ARENA_STATE, off, copy, nbytes)
+        else:
+            self._copy(LT_ARENA_STATE, copy, off, nbytes)
 
     def _prepare(self, ids):
         """Reuse the cached prefix for ids; returns the number of reused tokens."""

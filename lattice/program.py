@@ -913,9 +913,11 @@ def build(ckpt, quant=None, context=4096, prefill_chunk=64, logits_chunk=16, mat
 
 
 def _layout_state(prog, cfg):
-    """STATE: penalty counts and history, then each layer's KV cache (f16) or conv + recurrent
-    state (f32), then (recurrent models) a copy of those states for the runtime. STEP: step-args,
-    then the prompt chunk's token ids. OUTPUT: token and logprob rings, then logits rows."""
+    """STATE: penalty counts and history, each attention layer's KV cache (f16), then every GDN
+    layer's conv + recurrent state (f32) in one span ("recurrent"), and a copy of that span for
+    the runtime ("recurrent_copy": the snapshot it rewinds to), so that resetting or copying them
+    is one backend call. STEP: step-args, then the prompt chunk's token ids. OUTPUT: token and
+    logprob rings, then logits rows."""
     v, ctx = cfg.vocab_size, prog.context
     lay, off = {}, 0
 
@@ -927,16 +929,19 @@ def _layout_state(prog, cfg):
 
     take("counts", 4 * v)
     take("hist", 4 * ctx)
-    for layer, spec in enumerate(family_for(cfg.model_type).state_shapes(cfg)):
+    specs = list(enumerate(family_for(cfg.model_type).state_shapes(cfg)))
+    for layer, spec in specs:
         if isinstance(spec, KVCache):
             take((layer, "k"), 2 * ctx * spec.width)
             take((layer, "v"), 2 * ctx * spec.width)
-        elif isinstance(spec, DeltaNetState):
+    start = off = _align(off)
+    for layer, spec in specs:
+        if isinstance(spec, DeltaNetState):
             take((layer, "conv"), 4 * int(np.prod(spec.conv)))
             take((layer, "ssm"), 4 * int(np.prod(spec.recurrent)))
-    recurrent = sum(n for key, (_, n) in lay.items() if isinstance(key, tuple) and key[1] in ("conv", "ssm"))
-    if recurrent:  # the runtime's copy of every conv + recurrent state (a snapshot it can rewind to)
-        take("recurrent_copy", recurrent)
+    if off > start:
+        lay["recurrent"] = (start, off - start)
+        take("recurrent_copy", off - start)
     prog.sizes["state"] = _align(off)
     prog.layout.update({"state": lay, "hist_cap": ctx})
     ids_off = _align(STEP_DTYPE.itemsize)

@@ -200,6 +200,23 @@ def test_state_sized_from_context():
     assert a.layout["state"][(0, "conv")][1] == 4 * 3 * (2 * 2048 + 2048)
 
 
+def test_recurrent_states_form_one_span_with_its_copy():
+    """Every GDN layer's conv and recurrent state lie in one span of the STATE arena ("recurrent"),
+    which the runtime zeroes and copies ("recurrent_copy", as large, after it) in one call each;
+    no KV cache lies inside it. Attention-only models have neither."""
+    prog = build(ShapeOnlyCheckpoint(QWEN35_08B), quant="q8", context=1024, materialize=False)
+    lay = prog.layout["state"]
+    (start, size), (copy, copy_size) = lay["recurrent"], lay["recurrent_copy"]
+    gdn = [v for k, v in lay.items() if isinstance(k, tuple) and k[1] in ("conv", "ssm")]
+    kv = [v for k, v in lay.items() if isinstance(k, tuple) and k[1] in ("k", "v")]
+    assert len(gdn) == 2 * 18 and len(kv) == 2 * 6
+    assert min(o for o, _ in gdn) == start and max(o + n for o, n in gdn) == start + size
+    assert all(o + n <= start or o >= start + size for o, n in kv)
+    assert copy_size == size and copy >= start + size and copy + size <= prog.sizes["state"]
+    plain = build(ShapeOnlyCheckpoint(SMOLLM2_135M), quant="q8", context=256, materialize=False)
+    assert "recurrent" not in plain.layout["state"] and "recurrent_copy" not in plain.layout["state"]
+
+
 def test_bad_build_arguments():
     ck = ShapeOnlyCheckpoint(SMOLLM2_135M)
     with pytest.raises(ConfigError, match="quant"):
