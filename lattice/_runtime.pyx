@@ -225,9 +225,13 @@ cdef int cpu_add_program(void *h, const lt_dispatch *prog, uint32_t n, const lt_
     return c.n_progs - 1
 
 
+cdef bint cpu_in_arena(cpu_handle *c, uint32_t arena, size_t offset, size_t n) noexcept nogil:
+    return arena < LT_N_ARENAS and c.arenas[arena] != NULL and offset <= c.sizes[arena] and n <= c.sizes[arena] - offset
+
+
 cdef int cpu_write(void *h, uint32_t arena, size_t offset, const void *src, size_t n) noexcept nogil:
     cdef cpu_handle *c = <cpu_handle *>h
-    if arena >= LT_N_ARENAS or c.arenas[arena] == NULL or offset > c.sizes[arena] or n > c.sizes[arena] - offset:
+    if not cpu_in_arena(c, arena, offset, n):
         return LT_ERR_BINDING
     memcpy(c.arenas[arena] + offset, src, n)
     return 0
@@ -235,7 +239,7 @@ cdef int cpu_write(void *h, uint32_t arena, size_t offset, const void *src, size
 
 cdef int cpu_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n) noexcept nogil:
     cdef cpu_handle *c = <cpu_handle *>h
-    if arena >= LT_N_ARENAS or c.arenas[arena] == NULL or offset > c.sizes[arena] or n > c.sizes[arena] - offset:
+    if not cpu_in_arena(c, arena, offset, n):
         return LT_ERR_BINDING
     memcpy(dst, c.arenas[arena] + offset, n)
     return 0
@@ -243,8 +247,7 @@ cdef int cpu_read(void *h, uint32_t arena, size_t offset, void *dst, size_t n) n
 
 cdef int cpu_copy(void *h, uint32_t arena, size_t dst, size_t src, size_t n) noexcept nogil:
     cdef cpu_handle *c = <cpu_handle *>h
-    if (arena >= LT_N_ARENAS or c.arenas[arena] == NULL or dst > c.sizes[arena] or n > c.sizes[arena] - dst
-            or src > c.sizes[arena] or n > c.sizes[arena] - src or (dst < src + n and src < dst + n)):
+    if not cpu_in_arena(c, arena, dst, n) or not cpu_in_arena(c, arena, src, n) or (dst < src + n and src < dst + n):
         return LT_ERR_BINDING
     memcpy(c.arenas[arena] + dst, c.arenas[arena] + src, n)
     return 0
@@ -252,7 +255,7 @@ cdef int cpu_copy(void *h, uint32_t arena, size_t dst, size_t src, size_t n) noe
 
 cdef int cpu_zero(void *h, uint32_t arena, size_t offset, size_t n) noexcept nogil:
     cdef cpu_handle *c = <cpu_handle *>h
-    if arena >= LT_N_ARENAS or c.arenas[arena] == NULL or offset > c.sizes[arena] or n > c.sizes[arena] - offset:
+    if not cpu_in_arena(c, arena, offset, n):
         return LT_ERR_BINDING
     memset(c.arenas[arena] + offset, 0, n)
     return 0
