@@ -24,7 +24,6 @@ struct launch {
     /* GEMV */
     gemv_geom gg;
     int ks, rpw;
-    bool smw = false;          /* k_gemv's first weight vectors through shared memory (gemv_shape) */
     uint32_t stream_grid = 0;  /* > 0: one token streams through k_gemv_stream on this many blocks */
     gemv_fuse fuse = {};       /* a GDN's conv in the epilogue (fuse_gdn_conv), its norm in x (fuse_gdn_norm) or
                                   an attention's split combine in x (defer_attention_combine) */
@@ -74,7 +73,6 @@ struct lt_cuda {
     cudaStream_t stream = nullptr;
     int eager = 0;
     bool x_lane = true;      /* LATTICE_CUDA_X_LANE=0: split-K decode GEMVs stage x (gemv_shape) */
-    bool gemv_smw = true;    /* LATTICE_CUDA_GEMV_SMW=0: no k_gemv SMW (gemv_shape) */
     bool rope_fuse = true;   /* LATTICE_CUDA_ROPE_FUSE=0: k_rope_kv before the attention (fuse_rope_into_attention) */
     /* LATTICE_CUDA_GDN_FUSE=0: the GDN conv and norm as kernels of their own; =conv: the norm only */
     bool gdn_fuse_conv = true, gdn_fuse_norm = true;
@@ -200,7 +198,6 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
        +5% over 2 rows per warp (in_proj 8224, gate_up 7168, qkv 5120 rows) */
     if (a->rows > want_warps) {
         L.rpw = 4;
-        L.smw = c->gemv_smw && g.vec_ok && g.nvec <= 64u;  /* one pass of U = 2 vectors per row and lane */
         return;
     }
     uint32_t max_ks = (a->flags & LT_GEMV_SILU_MUL) ? 4 : 8;
@@ -226,9 +223,6 @@ static void gemv_shape(lt_cuda *c, launch &L, const lt_gemv_args *a, const lt_bi
  * start while its predecessor finishes, prefetch weights, then wait for it (kernels.cuh). */
 static int pdl_enabled = 1;
 static int gpu_sms = 132;  /* k_gemm sizes its blocks to fill the GPU */
-/* Shared memory of a k_gemv SMW block, at least: sized so that at most LATTICE_CUDA_GEMV_SMW_CAP
-   (3) of them fit on an SM (0: no padding) */
-static uint32_t gemv_smw_min = 0;
 
 /* Diagnostic (LATTICE_CUDA_NOP=gemv,gdn,...: kernel kinds, or gemv_split / gemv_rows for split-K /
  * one-warp-per-row GEMVs): a backend's decode launches of those kinds become empty kernels of the
@@ -283,24 +277,21 @@ static void launch_k(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaSt
  * the head norm only split-K over 4 or more warps and the attention splits only with int16 x (Q8 /
  * Q4: fuse_gdn_norm, defer_attention_combine) */
 template <int FMT, int KS, int FUSE>
-static auto gemv_fused(int rpw, bool smw) -> decltype(&k_gemv<FMT, KS, 1, 1>) {
+static auto gemv_fused(int rpw) -> decltype(&k_gemv<FMT, KS, 1, 1>) {
     constexpr int C = GEMV_FUSE_CONV, H = GEMV_FUSE_HEAD_NORM, A = GEMV_FUSE_ATT_SPLITS;
     if constexpr ((FUSE == C && KS != 1) || (FUSE == H && (KS < 4 || !wfmt<FMT>::X16)) || (FUSE == A && !wfmt<FMT>::X16))
         return nullptr;
-    else if constexpr (KS == 1)
-        return rpw == 4 ? (smw ? k_gemv<FMT, KS, 4, 1, FUSE, true> : k_gemv<FMT, KS, 4, 1, FUSE>)
-               : rpw == 2 ? k_gemv<FMT, KS, 2, 1, FUSE> : k_gemv<FMT, KS, 1, 1, FUSE>;
     else
         return rpw == 4 ? k_gemv<FMT, KS, 4, 1, FUSE> : rpw == 2 ? k_gemv<FMT, KS, 2, 1, FUSE> : k_gemv<FMT, KS, 1, 1, FUSE>;
 }
 
 template <int FMT, int KS>
-static auto gemv_one_token(int rpw, int fuse, bool smw) {
+static auto gemv_one_token(int rpw, int fuse) {
     switch (fuse) {
-    case GEMV_FUSE_CONV: return gemv_fused<FMT, KS, GEMV_FUSE_CONV>(rpw, smw);
-    case GEMV_FUSE_HEAD_NORM: return gemv_fused<FMT, KS, GEMV_FUSE_HEAD_NORM>(rpw, smw);
-    case GEMV_FUSE_ATT_SPLITS: return gemv_fused<FMT, KS, GEMV_FUSE_ATT_SPLITS>(rpw, smw);
-    default: return gemv_fused<FMT, KS, GEMV_FUSE_NONE>(rpw, smw);
+    case GEMV_FUSE_CONV: return gemv_fused<FMT, KS, GEMV_FUSE_CONV>(rpw);
+    case GEMV_FUSE_HEAD_NORM: return gemv_fused<FMT, KS, GEMV_FUSE_HEAD_NORM>(rpw);
+    case GEMV_FUSE_ATT_SPLITS: return gemv_fused<FMT, KS, GEMV_FUSE_ATT_SPLITS>(rpw);
+    default: return gemv_fused<FMT, KS, GEMV_FUSE_NONE>(rpw);
     }
 }
 
@@ -314,7 +305,7 @@ static int gemv_fuse_mode(const gemv_fuse &f) {
 template <int FMT, int KS, int NT>
 static void launch_gemv_ks(const launch &L, const lt_gemv_args &a, lt_step_args *st, uint32_t T, int lm, dim3 grid,
                            size_t smem, cudaStream_t s) {
-    auto k = NT == 1 ? gemv_one_token<FMT, KS>(L.rpw, gemv_fuse_mode(L.fuse), L.smw) : k_gemv<FMT, KS, 1, NT>;
+    auto k = NT == 1 ? gemv_one_token<FMT, KS>(L.rpw, gemv_fuse_mode(L.fuse)) : k_gemv<FMT, KS, 1, NT>;
     launch_k(k, grid, 256, smem, s, a, L.b, st, T, L.gg, lm, L.fuse);
 }
 
@@ -340,10 +331,8 @@ static void set_gemv_smem_ks(int bytes) {
     cudaFuncSetAttribute(k_gemv<FMT, KS, 1, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     for (int fuse : {GEMV_FUSE_NONE, GEMV_FUSE_CONV, GEMV_FUSE_HEAD_NORM, GEMV_FUSE_ATT_SPLITS})
         for (int rpw : {1, 2, 4})
-            for (bool smw : {false, true})
-                if (auto k = gemv_one_token<FMT, KS>(rpw, fuse, smw)) {
-                    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-                }
+            if (auto k = gemv_one_token<FMT, KS>(rpw, fuse))
+                cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 template <int FMT>
@@ -365,12 +354,9 @@ static void launch_gemv_simt(const launch &L0, lt_step_args *st, uint32_t T, cud
     launch L = L0;
     if (nt == 4 && L.rpw > 1)  /* several rows x 4 tokens per warp spill: one row per warp */
         L.rpw = 1;
-    L.smw = L.smw && L.rpw == 4;
     uint32_t rpb = 8 / L.ks * L.rpw;
     dim3 grid((a.rows + rpb - 1) / rpb, (n_tok + nt - 1) / nt);
     size_t smem = (size_t)nt * L.gg.xcols * sizeof(float);
-    if (L.smw)  /* 8 warps x 4 rows x 2 vectors x 32 lanes x 16 bytes */
-        smem = std::max(smem + 32768, (size_t)gemv_smw_min);
 #define LT_FMT(F)                                                                                 \
     case F:                                                                                       \
         if (nt == 1)                                                                              \
@@ -588,13 +574,6 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     pdl_enabled = prop.major >= 9 && !(pdl && pdl[0] == '0');  /* PDL needs sm_90 */
     c->eager = eager && eager[0] == '1';  /* the ablation, for runs through the unified runtime */
     c->x_lane = !(x_lane && x_lane[0] == '0');  /* A/B runs and the bit-identity test */
-    const char *smw = getenv("LATTICE_CUDA_GEMV_SMW"), *smw_cap = getenv("LATTICE_CUDA_GEMV_SMW_CAP");
-    c->gemv_smw = !(smw && smw[0] == '0');
-    const unsigned long cap = smw_cap && *smw_cap ? std::min(strtoul(smw_cap, nullptr, 10), 16ul) : 3;
-    gemv_smw_min = cap ? (uint32_t)(prop.sharedMemPerMultiprocessor / (cap + 1) - prop.reservedSharedMemPerBlock + 16)
-                       : 0;
-    if (const char *m = getenv("LATTICE_CUDA_GEMV_SMW_SMEM"))  /* experiment: bytes */
-        gemv_smw_min = (uint32_t)strtoul(m, nullptr, 10);
     c->rope_fuse = !(rope_fuse && rope_fuse[0] == '0');
     c->gdn_fuse_conv = !(gdn_fuse && gdn_fuse[0] == '0');
     c->gdn_fuse_norm = c->gdn_fuse_conv && !(gdn_fuse && !strcmp(gdn_fuse, "conv"));

@@ -885,8 +885,8 @@ struct gemv_geom {
  * lm_head: x row T-1 only unless LT_GEMV_ALL_TOKENS. FUSE: f's conv epilogue (GEMV_FUSE_CONV) or
  * head RMSNorm factors (GEMV_FUSE_HEAD_NORM), each a separate instantiation, so that the GEMVs
  * without them keep their code. */
-template <int FMT, int KS, int RPW, int NT, int FUSE = GEMV_FUSE_NONE, bool SMW = false>
-__global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
+template <int FMT, int KS, int RPW, int NT, int FUSE = GEMV_FUSE_NONE>
+__global__ void __launch_bounds__(256) k_gemv(lt_gemv_args a, lt_binds b, lt_step_args *st, uint32_t T,
                                               gemv_geom g, int lm_head, gemv_fuse f) {
     extern __shared__ float xs[];               /* [NT][g.xcols] */
     __shared__ float red[8][RPW][NT];
@@ -914,10 +914,7 @@ __global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_bi
     float2 wsc[RPW][U];  /* their scales: also requested before the wait */
     const uint32_t stride = 32 * KS * U;
     uint32_t base = kpart * 32 + lane;
-    /* SMW: the first vectors go to shared memory (cp.async), this thread's own slots, so that no
-       registers wait for them through x's staging; w is read back from there after it */
-    uint4 *wsm = SMW ? (uint4 *)(xs + NT * g.xcols) + ((threadIdx.x >> 5) * RPW * U * 32 + lane) : nullptr;
-    auto load = [&](uint32_t bs, bool to_smem) {
+    auto load = [&](uint32_t bs) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             uint32_t v = bs + u * 32 * KS;
@@ -925,10 +922,7 @@ __global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_bi
             for (int r = 0; r < RPW; r++)
                 if (v < g.nvec) {
                     const wrow rr = rr_at(r);
-                    if (SMW && to_smem)
-                        cp_async16(wsm + (r * U + u) * 32, (const uint4 *)rr.q + v, 16);
-                    else
-                        w[r][u] = __ldg((const uint4 *)rr.q + v);
+                    w[r][u] = __ldg((const uint4 *)rr.q + v);
                     wsc[r][u] = vec_scale<FMT>(rr, v);
                 }
         }
@@ -960,11 +954,8 @@ __global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_bi
         for (uint32_t t = 0; t + 1 < f.conv_k; t++)
             prefetch_line(f.conv_state + (size_t)t * f.conv_c + ch);
     }
-    if (g.vec_ok) {
-        load(base, true);
-        if (SMW)
-            cp_async_commit();
-    }
+    if (g.vec_ok)
+        load(base);
     const float *nw = (a.flags & LT_GEMV_NORM) ? (const float *)b.p[LT_GEMV_B_NORM] : nullptr;
     if (nw && blockIdx.y == 0)
         prefetch_l2(nw, (size_t)a.cols * 4, blockIdx.x, gridDim.x);
@@ -1049,22 +1040,7 @@ __global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_bi
             dot_rows_x_lane<FMT, RPW, U, FUSE == GEMV_FUSE_HEAD_NORM>(x + (size_t)t_first * a.x_stride, a.cols,
                                                                       g.nvec, base, 32 * KS, w, wsc, &acc[0][0], f);
     } else if (g.vec_ok) {
-        if constexpr (SMW) {  /* one pass (gemv_shape); this thread's own copies are complete, and
-                                 visible to it, after its wait */
-            if (conv)
-                cp_async_wait<1>();  /* the conv state's group, committed last, may stay in flight */
-            else
-                cp_async_wait<0>();
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (base + u * 32 < g.nvec) {
-#pragma unroll
-                    for (int r = 0; r < RPW; r++)
-                        w[r][u] = wsm[(r * U + u) * 32];
-                    dot_rows<FMT, RPW, U>(xs, g.xcols, base + u * 32, xvec, w, wsc, u, &acc[0][0], NT);
-                }
-        }
-        while (!SMW && base < g.nvec) {
+        while (base < g.nvec) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 uint32_t v = base + u * 32 * KS;
@@ -1082,7 +1058,7 @@ __global__ void __launch_bounds__(256, SMW ? 4 : 1) k_gemv(lt_gemv_args a, lt_bi
             }
             base += stride;
             if (base < g.nvec)
-                load(base, false);
+                load(base);
         }
     } else if (FMT == LT_WF_F32 || FMT == LT_WF_F16) {
         for (uint32_t k = kpart * 32 + lane; k < a.cols; k += 32 * KS)
