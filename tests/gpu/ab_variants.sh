@@ -7,8 +7,8 @@
 #   OUT=... VARIANTS="vx_rev" ENVS="LATTICE_CUDA_EAGER=1" ROUNDS=3 bash tests/gpu/ab_variants.sh
 #
 # Options (environment): VARIANTS (package copies, untracked directories: they travel with the
-# tree; delete them before committing), ENVS (space-separated variants, each NAME=VALUE[,NAME=VALUE...]), MODELS
-# (default "qwen3.5-0.8b smollm2-135m"), ROUNDS (3), TESTS=0 (skip the tests), TESTK (pytest -k,
+# tree; delete them before committing), ENVS (space-separated variants, each
+# NAME=VALUE[,NAME=VALUE...]), MODELS (default "qwen3.5-0.8b smollm2-135m"), ROUNDS (3), TESTS=0 (skip the tests), TESTK (pytest -k,
 # default "cuda or Cuda"), TEST_TIMEOUT (240 s), AB_TIMEOUT (200 s per model), MPS=1 (start the
 # CUDA MPS daemon first), LOAD=N (each model's A/B again under N GPU load processes, into
 # $OUT/ab_<model>_load.txt; LOAD_PYTHON: an interpreter with torch). Carry .whl where

@@ -3,10 +3,10 @@ process per measurement (the backend reads its environment when created):
 
     python3 tests/gpu/decode_variants.py /tmp/models/qwen3.5-0.8b.gguf "" LATTICE_CUDA_EAGER=1 -r 3
 
-Each variant is a list of NAME=VALUE separated by spaces or commas ("" = as is). To A/B two commits, put the
-other one's package in a directory (`git archive REV lattice setup.py pyproject.toml metal
-README.md | tar -x -C old`, then `python3 setup.py build_ext --inplace` in old/ on the GPU
-machine; an untracked directory travels with the working tree) and pass the variant
+Each variant is a list of NAME=VALUE separated by spaces or commas ("" = as is). To A/B two
+commits, put the other one's package in a directory (`git archive REV lattice setup.py
+pyproject.toml metal README.md | tar -x -C old`, then `python3 setup.py build_ext --inplace` in old/
+on the GPU machine; an untracked directory travels with the working tree) and pass the variant
 "PYTHONPATH=$PWD/old" (plus the wheels' directory, if any): the CUDA library is cached per source
 hash, so both builds coexist. Decode tok/s is the slope between 64 and 320 generated tokens
 (16-token prompt, greedy); the table gives the median and the spread (max - min) / median over the
@@ -38,9 +38,8 @@ def child(model, context, loaded):
 
     run(64)
     n1, n2 = 64, 320
-    if loaded:
-        rates = sorted((n2 - n1) / (run(n2) - run(n1)) for _ in range(5))
-        dec = rates[2]
+    if loaded:  # the median of five pairs
+        dec = sorted((n2 - n1) / (run(n2) - run(n1)) for _ in range(5))[2]
     else:
         dec = min((n2 - n1) / (run(n2) - run(n1)) for _ in range(3))  # fastest of three pairs: least disturbed
     pp = []
