@@ -981,11 +981,9 @@ cdef class State:
         GPU it stays on the device: through the host, this copy of Qwen3.5-0.8B's 19 MB and the
         reset before it added ~8 ms to each generate() (H100)."""
         lay = self._prog.layout["state"]
-        (off, nbytes), copy = lay["recurrent"], lay["recurrent_copy"][0]
-        if back:
-            self._copy(LT_ARENA_STATE, off, copy, nbytes)
-        else:
-            self._copy(LT_ARENA_STATE, copy, off, nbytes)
+        (state, nbytes), copy = lay["recurrent"], lay["recurrent_copy"][0]
+        dst, src = (state, copy) if back else (copy, state)
+        self._copy(LT_ARENA_STATE, dst, src, nbytes)
 
     def _prepare(self, ids):
         """Reuse the cached prefix for ids; returns the number of reused tokens."""
