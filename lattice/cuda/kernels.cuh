@@ -1416,9 +1416,9 @@ __global__ void __launch_bounds__(128) k_rope_kv(lt_rope_kv_args a, lt_binds b, 
  * cost a round trip, and Qwen3.5's attention took 23 us per layer inside the decode graph.) The
  * first batch is requested before the rope prologue (with a q/k norm, after its reduction). The
  * groups' (max, sum, acc) combine in shared memory; with one split the block writes the output,
- * otherwise it writes (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic counter, reset by that
- * block) combines them: no second kernel. A decode step with 2 to g.defer splits in use leaves
- * the combine to the GEMV that reads the output (backend.cu defer_attention_combine,
+ * otherwise it writes (max, sum, acc[D]) and the last split of its (t, h) to finish (an atomic
+ * counter, reset by that block) combines them: no second kernel. A decode step with 2 to g.defer
+ * splits in use leaves the combine to the GEMV that reads the output (backend.cu defer_attention_combine,
  * GEMV_FUSE_ATT_SPLITS): every split writes its (max, sum, acc * gate) and the kernel ends there,
  * without the fence, the atomic and the last split's second round trip (4.2 of Qwen3.5's 9.9 us). */
 /* Threads per block, per instantiation: 256 at decode (PIPE: twice the lane groups, so a split
