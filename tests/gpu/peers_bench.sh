@@ -11,8 +11,8 @@
 #     libraries instead of building them; PACK=1: return the built ones as $OUT/llama-libs.tgz.*
 #   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh);
 #   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench); PP=64: prefill prompt length (512)
-#   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: the loaded runs again
-#     under CUDA MPS
+#   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: every run again under CUDA
+#     MPS; TIMESLICE=0: only the MPS runs (skip those under the GPU's default time-slicing)
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -92,6 +92,7 @@ bench() {  # tag, extra lattice-bench args... (BENCH_CLI: the harness's entry po
 }
 
 for m in $MODELS; do
+    [ "${TIMESLICE:-1}" = 1 ] || break
     M=/tmp/models/$m
     [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
     # llama.cpp in a process that imports llama_cpp first (bench_llama_first.py says why)
@@ -110,9 +111,11 @@ if [ "${MPS:-0}" = 1 ]; then
     nvidia-cuda-mps-control -d && sleep 1
     for m in $MODELS; do
         M=/tmp/models/$m
-        bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
+        [ "${MAIN:-1}" = 1 ] && bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
         [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-mps-llama.cpp" --gguf "$M.gguf" \
             -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
+        [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-mps-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda \
+            --n1 64 --n2 320 --load "$LOAD"
         [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-mps-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 \
             --n2 48 --load "$LOAD"
     done
