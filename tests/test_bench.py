@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -128,7 +129,7 @@ class FakeEngine(Engine):
 
     def counters(self):
         """Like the runtime's: 2 steps and 1 submission per token (prefill counted as one token)."""
-        tokens = sum(n for _, n in self.calls)
+        tokens = sum(c[1] for c in self.calls)
         return {"backend": "fake", "tokens": tokens, "steps": 2 * tokens, "dispatches_per_step": 7,
                 "submissions": tokens, "backend_calls": tokens, "api_calls": 10 * tokens}
 
@@ -201,12 +202,97 @@ def test_failing_engine_is_reported_and_the_others_go_on():
     assert recs[0]["unloaded"]["decode"]["n"] == 3 and recs[2]["unloaded"]["decode"]["n"] == 3
 
 
-def test_engine_without_a_valid_slope_is_an_error():
-    class Backwards(FakeEngine):                     # N2 tokens faster than N1 in the loaded phase
+class FakeLoad:
+    """Stands in for LoadProcesses: records whether the load runs."""
+    running, events = False, []
+
+    def __init__(self, n, device, duty, period_ms, python=None):
+        FakeLoad.events = ["start"]
+
+    def __enter__(self):
+        FakeLoad.running = True
+        return self
+
+    def __exit__(self, *exc):
+        FakeLoad.running = False
+        FakeLoad.events.append("stop")
+
+    def summary(self):
+        return {"processes": 1, "share_pct": 2.0}
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    from lattice.bench import runner
+    monkeypatch.setattr(runner, "LoadProcesses", FakeLoad)
+    return FakeLoad
+
+
+class Slowed(FakeEngine):
+    """Every call takes 1.25x as long while the (fake) load runs; records the load's state per call."""
+    def generate(self, prompt_ids, n):
+        t = super().generate(prompt_ids, n)
+        self.calls[-1] += (FakeLoad.running,)
+        return Timing(t.seconds * (1.25 if FakeLoad.running else 1.0), t.tokens)
+
+
+def test_unloaded_runs_bracket_the_loaded_ones(fake_load):
+    """Warm-ups and the first half of the unloaded runs before the load starts, every loaded run,
+    then the other unloaded half once it has stopped; run indices (the N1/N2 order) as without load."""
+    s = Settings(n1=4, n2=8, warmup=1, runs=5, pp=5, prompt_tokens=3, load=1)
+    (rec,), (eng,) = measure_fakes(s, "slowed", registry={"slowed": Slowed})
+    assert [c[2] for c in eng.calls[::3]] == [False] + [False] * 3 + [True] * 5 + [False] * 2
+    n = [c[1] for c in eng.calls]
+    assert n[3:6] == n[12:15] == [4, 8, 1] and n[15:18] == n[27:30] == [8, 4, 1]   # runs 0 and 1, 3
+    assert fake_load.events == ["start", "stop"]
+    assert rec["loaded"]["load"] == {"processes": 1, "share_pct": 2.0}
+    assert rec["unloaded"]["decode"]["n"] == rec["loaded"]["decode"]["n"] == 5
+    assert rec["unloaded_drift_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_loss_of_means_is_exact(fake_load):
+    s = Settings(n1=4, n2=8, warmup=0, runs=3, pp=5, prompt_tokens=3, load=1)
+    (rec,), _ = measure_fakes(s, "slowed", registry={"slowed": Slowed})
+    for m in ("decode", "prefill"):
+        lm = rec["loss_of_means"][m]
+        for k in ("loss_pct", "ci_low", "ci_high"):
+            assert lm[k] == pytest.approx(20.0, rel=1e-12)
+        assert rec["degradation_pct"][m] == pytest.approx(20.0, rel=1e-12)
+
+
+def test_loss_of_means_interval():
+    from lattice.bench.runner import loss_of_means
+    u, lo = [100.0, 102.0, 98.0, 101.0, 99.0], [80.0, 83.0, 77.0, 81.0, 79.0]
+    lm = loss_of_means(u, lo)
+    assert lm["loss_pct"] == pytest.approx(20.0, rel=1e-12)
+    # delta method: se = ratio * sqrt((su/mu)^2/nu + (sl/ml)^2/nl), Welch-Satterthwaite df
+    vu, vl = (stats.stdev(u) / 100.0) ** 2 / 5, (stats.stdev(lo) / 80.0) ** 2 / 5
+    df = (vu + vl) ** 2 / (vu ** 2 / 4 + vl ** 2 / 4)
+    half = stats.t_quantile(0.975, df) * 0.8 * math.sqrt(vu + vl) * 100.0
+    assert (lm["ci_low"], lm["ci_high"]) == pytest.approx((20.0 - half, 20.0 + half), rel=1e-12)
+    assert 2.0 < half < 4.0
+
+
+def test_bracketing_cancels_a_drift(fake_load):
+    """An engine that gets 3% slower every run and does not mind the load: bracketed, its loss stays
+    near zero (unloaded-then-loaded phases would give about 21%); the drift is reported."""
+    class Drifting(FakeEngine):
         def generate(self, prompt_ids, n):
             t = super().generate(prompt_ids, n)
-            return Timing(0.001 if n == 8 and len(self.calls) > 6 else t.seconds, t.tokens)
-    s = Settings(n1=4, n2=8, warmup=0, runs=2, pp=5, prompt_tokens=3, load=1, load_device="cpu", load_duty=0.05)
+            return Timing(t.seconds * 1.03 ** (len(self.calls) // 3), t.tokens)
+    s = Settings(n1=4, n2=8, warmup=0, runs=8, pp=5, prompt_tokens=3, load=1)
+    (rec,), _ = measure_fakes(s, "drifting", registry={"drifting": Drifting})
+    lm = rec["loss_of_means"]["decode"]
+    assert abs(lm["loss_pct"]) < 2.0 and lm["ci_low"] < 0 < lm["ci_high"]
+    assert rec["unloaded_drift_pct"] == pytest.approx((1 - 1.03 ** -12) * 100, rel=1e-9)
+
+
+def test_engine_without_a_valid_slope_is_an_error(fake_load):
+    class Backwards(FakeEngine):                     # N2 tokens faster than N1 while the load runs
+        def generate(self, prompt_ids, n):
+            t = super().generate(prompt_ids, n)
+            return Timing(0.001 if n == 8 and FakeLoad.running else t.seconds, t.tokens)
+    s = Settings(n1=4, n2=8, warmup=0, runs=2, pp=5, prompt_tokens=3, load=1)
     recs, _ = measure_fakes(s, "backwards", "fake", registry={"backwards": Backwards})
     assert recs[0]["status"] == "error" and "is not greater than T(N1=4)" in recs[0]["reason"]
     assert recs[0]["unloaded"]["decode"]["n"] == 2 and "loaded" not in recs[0]    # kept: the unloaded phase
@@ -280,6 +366,34 @@ def test_cli_run_tables_json_csv(tmp_path, fake_registry):
     assert fake["status"] == "ok" and fake["unloaded"]["decode"]["median"] == pytest.approx(100.0)
     rows = out_csv.read_text().splitlines()
     assert rows[0].startswith("engine,status,phase,metric") and len(rows) == 1 + 3 + 1
+
+
+def _loss_table(output: str) -> list[dict]:
+    """The rows of a report's loss table, as {header: cell} (the first of two equal headers is
+    renamed "unloaded spread %")."""
+    lines = output.splitlines()
+    h = next(i for i, line in enumerate(lines) if "of means [95% CI]" in line)
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    rows = []
+    for line in lines[h + 2:]:
+        if not line.startswith("|"):
+            break
+        header = cells(lines[h])
+        header[header.index("spread %")] = "unloaded spread %"
+        rows.append(dict(zip(header, cells(line))))
+    return rows
+
+
+def test_cli_loss_table_gives_the_loss_of_means(tmp_path, fake_registry, fake_load, monkeypatch):
+    monkeypatch.setitem(engines.ENGINES, "slowed", Slowed)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "slowed", "--runs", "3", "--warmup", "0",
+                                        "--load", "1", "--load-device", "cpu", "--in-process"])
+    assert res.exit_code == 0, res.output
+    (row,) = _loss_table(res.output)
+    assert (row["engine"], row["decode loss %"], row["of means [95% CI]"], row["drift %"], row["load share %"]) == (
+        "slowed", "20.00", "20.00 [20.00, 20.00]", "0.00", "2.00")
 
 
 def test_cli_rejects_bad_options(tmp_path):
@@ -459,7 +573,45 @@ def test_contention_mode_with_fake_engine():
     assert other["loaded"]["load"] == rec["loaded"]["load"]             # one load for all engines
     assert rec["loaded"]["decode"]["median"] == pytest.approx(100.0)
     assert rec["degradation_pct"]["decode"] == pytest.approx(0.0, abs=1e-9)
+    assert rec["loss_of_means"]["decode"]["loss_pct"] == pytest.approx(0.0, abs=1e-9)
     assert rec["loaded"]["load"]["reported"] == 1
+
+
+def _cpu_seconds(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads a process's CPU time from /proc")
+def test_load_processes_pause_and_resume():
+    """Paused, a load process does no work; resumed, it works again; its share counts the time it
+    ran only. Pause and resume are idempotent (no command is sent twice)."""
+    t0 = time.perf_counter()
+    with LoadProcesses(1, "cpu", duty=0.5, period_ms=10) as lp:
+        (pid,) = [p.pid for p in lp.procs]
+        lp.pause()
+        lp.pause()
+        c = _cpu_seconds(pid)
+        time.sleep(0.4)
+        assert _cpu_seconds(pid) - c < 0.05
+        lp.resume()
+        lp.resume()
+        c = _cpu_seconds(pid)
+        time.sleep(0.4)
+        assert _cpu_seconds(pid) - c > 0.1
+    total = time.perf_counter() - t0
+    (rep,) = lp.summary()["reports"]
+    assert rep["wall_s"] < total - 0.35 and 0.3 < rep["share"] < 0.8
+
+
+def test_load_process_that_stops_answering_is_an_error():
+    with pytest.raises(BenchError, match="did not answer 'pause'"):
+        with LoadProcesses(1, "cpu", duty=0.05, ready_timeout=1.0) as lp:
+            os.kill(lp.procs[0].pid, signal.SIGSTOP)
+            try:
+                lp.pause()
+            finally:
+                os.kill(lp.procs[0].pid, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +826,7 @@ def test_cli_contention_table(tmp_path, fake_registry):
                                         "--in-process"])
     assert res.exit_code == 0, res.output
     assert "tg448 +load1" in res.output and "decode loss %" in res.output and "load share %" in res.output
-    row = next(line for line in res.output.splitlines() if line.count("|") == 9 and "fake" in line)
-    cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[:6] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00"]   # exact times: no loss
-    assert float(cells[7]) > 0                                                # the load's measured share
+    (row,) = _loss_table(res.output)
+    cells = list(row.values())
+    assert cells[:8] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00", "0.00 [0.00, 0.00]", "0.00"]
+    assert float(row["load share %"]) > 0                                                # the load's measured share

@@ -39,12 +39,14 @@ Method (see bench/README.md):
   quantization, backend, threads, runtime counters (Lattice: submissions and
   backend calls per token, dispatches per step) and the exact command line.
 - --load N: N background processes run a small piece of work every period
-  (default 0.2 ms every 10 ms, a 2% duty cycle) on the same device during a
-  second, loaded measurement (cuda: matmuls through torch; metal: one compute
-  dispatch of a busy loop per period through the Metal bridge, timed by
-  GPUStartTime/GPUEndTime; cpu: a Python loop); the report gives each engine's
-  throughput and spread with and without load, the loss %, and the share of
-  device time the load itself took.
+  (default 0.2 ms every 10 ms, a 2% duty cycle) on the same device (cuda:
+  matmuls through torch; metal: one compute dispatch of a busy loop per period
+  through the Metal bridge, timed by GPUStartTime/GPUEndTime; cpu: a Python
+  loop). The unloaded runs bracket the loaded ones (half before the load
+  starts, half after it stops), so that a steady drift does not pass for the
+  load's effect. The report gives each engine's throughput and spread with and
+  without load, the loss % (of the medians; of the means with a 95% CI), the
+  unloaded drift, and the share of device time the load itself took.
 """
 
 
@@ -219,12 +221,18 @@ def render_report(doc: dict) -> str:
         if "loaded" not in r:
             continue
         u, lo, ld = r["unloaded"]["decode"], r["loaded"]["decode"], r["loaded"]["load"]
+        lm, drift = r.get("loss_of_means", {}).get("decode"), r.get("unloaded_drift_pct")
         rows.append([r["engine"], _fmt(u["median"]), _fmt(u["spread_pct"]), _fmt(lo["median"]),
                      _fmt(lo["spread_pct"]), _fmt(r["degradation_pct"]["decode"]),
-                     _fmt(r["degradation_pct"]["prefill"]), _fmt(ld["share_pct"])])
+                     f"{_fmt(lm['loss_pct'])} [{_fmt(lm['ci_low'])}, {_fmt(lm['ci_high'])}]" if lm else "",
+                     _fmt(drift) if drift is not None else "", _fmt(r["degradation_pct"]["prefill"]),
+                     _fmt(ld["share_pct"])])
     if rows:
         out += ["", _table(["engine", "decode t/s", "spread %", f"+load{s['load']} t/s", "spread %",
-                            "decode loss %", "prefill loss %", "load share %"], rows),
+                            "decode loss %", "of means [95% CI]", "drift %", "prefill loss %", "load share %"],
+                           rows),
+                "(loss = 1 - loaded / unloaded, of the medians, then of the means with a 95% CI; drift: how "
+                "much slower the unloaded runs after the load were than those before it)",
                 f"(load: {s['load']} x {s['load_device']} processes, {s['load_duty'] * 100:g}% of every "
                 f"{s['load_period_ms']:g} ms; share = device time the load's own work took"
                 + (", % of one core per process, summed)" if s["load_device"] == "cpu" else

@@ -17,11 +17,18 @@ cycle), like other applications sharing the device, and measures how much device
 
 Run as `python -m lattice.bench.load --device cuda --duty 0.02 --period-ms 10`: it prints "ready"
 once calibrated, works until SIGTERM/SIGINT (or until its parent dies), then prints one JSON report.
+While it works, a line "pause" on its stdin stops it after the burst in progress (it answers
+"paused": none of its work is left on the device), and "run" starts it again at a random point of
+the period (it answers "running"), so that paused processes do not resume in step. Shares count
+the time spent running only. The harness does not pause the load for its unloaded runs: under CUDA
+MPS, paused processes still slowed llama.cpp by 11-14% (tests/gpu/paused_load.py measures it).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import selectors
 import signal
 import subprocess
 import sys
@@ -38,27 +45,78 @@ def _on_signal(signum, frame):
     _Stop.requested = True
 
 
-def _sleep_until(t):
-    d = t - time.perf_counter()
-    if d > 0:
-        time.sleep(d)
+class _Commands:
+    """The harness's "pause" / "run" lines on stdin, read from the file descriptor (a buffered
+    reader could hold a second line that select() would then not report)."""
+
+    def __init__(self):
+        self.sel, self.buf = selectors.DefaultSelector(), b""
+        try:
+            self.fd = sys.stdin.fileno()
+            self.sel.register(self.fd, selectors.EVENT_READ)
+        except (ValueError, OSError, AttributeError):  # no stdin, or one that cannot be selected
+            pass
+
+    def wait(self, timeout: float) -> str | None:
+        """The next command, or None once `timeout` seconds pass without one."""
+        if b"\n" not in self.buf:
+            if not self.sel.get_map():
+                time.sleep(max(0.0, timeout))
+                return None
+            if not self.sel.select(max(0.0, timeout)):
+                return None
+            chunk = os.read(self.fd, 4096)
+            if not chunk:                 # the harness closed the pipe: no more commands
+                self.sel.unregister(self.fd)
+                return None
+            self.buf += chunk
+            if b"\n" not in self.buf:
+                return None
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace").strip() or None
+
+
+def duty_cycle(burst, period: float, parent: int) -> tuple[int, float, float]:
+    """Call burst() once every period (it returns the device seconds it measured) until stopped,
+    obeying pause / run. Returns (bursts, measured seconds, seconds spent running)."""
+    commands = _Commands()
+    bursts, measured, active = 0, 0.0, 0.0
+    running, t_on = True, time.perf_counter()
+    tick = t_on
+    while not _Stop.requested and os.getppid() == parent:
+        if running and time.perf_counter() >= tick:
+            measured += burst()
+            bursts += 1
+            tick += period
+        cmd = commands.wait(tick - time.perf_counter() if running else 0.1)  # <= 0: a poll
+        if cmd == "pause" and running:
+            running, active = False, active + time.perf_counter() - t_on
+            print("paused", flush=True)
+        elif cmd == "run" and not running:
+            running, t_on = True, time.perf_counter()
+            tick = t_on + random.uniform(0.0, period)
+            print("running", flush=True)
+    if running:
+        active += time.perf_counter() - t_on
+    return bursts, measured, active
 
 
 def run_cpu(duty: float, period: float, parent: int) -> dict:
     print("ready", flush=True)
-    c0, t0 = time.process_time(), time.perf_counter()
-    bursts, x, tick = 0, 1.0, t0
-    while not _Stop.requested and os.getppid() == parent:
+    x = 1.0
+
+    def burst():
+        nonlocal x
         end = time.perf_counter() + duty * period
         while time.perf_counter() < end:
             for _ in range(200):
                 x = x * 1.0000001 + 1e-9
-        bursts += 1
-        tick += period
-        _sleep_until(tick)
-    wall = time.perf_counter() - t0
+        return 0.0
+
+    c0 = time.process_time()
+    bursts, _, wall = duty_cycle(burst, period, parent)
     busy = time.process_time() - c0
-    return {"device": "cpu", "bursts": bursts, "wall_s": wall, "busy_s": busy, "share": busy / wall}
+    return {"device": "cpu", "bursts": bursts, "wall_s": wall, "busy_s": busy, "share": busy / wall if wall else 0.0}
 
 
 def run_cuda(duty: float, period: float, parent: int, size: int = 512) -> dict:
@@ -85,14 +143,7 @@ def run_cuda(duty: float, period: float, parent: int, size: int = 512) -> dict:
     k = max(1, round(duty * period / per_mm))
     alone = min(burst(k) for _ in range(5))
     print("ready", flush=True)
-    t0 = time.perf_counter()
-    bursts, measured, tick = 0, 0.0, t0
-    while not _Stop.requested and os.getppid() == parent:
-        measured += burst(k)
-        bursts += 1
-        tick += period
-        _sleep_until(tick)
-    wall = time.perf_counter() - t0
+    bursts, measured, wall = duty_cycle(lambda: burst(k), period, parent)
     return {"device": "cuda", "gpu": torch.cuda.get_device_name(), "matmul": size, "matmuls_per_burst": k,
             "burst_alone_s": alone, "bursts": bursts, "wall_s": wall, "busy_s": bursts * alone,
             "busy_events_s": measured, "share": bursts * alone / wall, "share_events": measured / wall}
@@ -171,14 +222,7 @@ def run_metal(duty: float, period: float, parent: int) -> dict:
     try:
         k, alone = calibrate_metal(load.burst, duty * period)
         print("ready", flush=True)
-        t0 = time.perf_counter()
-        bursts, measured, tick = 0, 0.0, t0
-        while not _Stop.requested and os.getppid() == parent:
-            measured += load.burst(k)
-            bursts += 1
-            tick += period
-            _sleep_until(tick)
-        wall = time.perf_counter() - t0
+        bursts, measured, wall = duty_cycle(lambda: load.burst(k), period, parent)
     finally:
         load.close()
     return {"device": "metal", "threadgroups": METAL_THREADGROUPS, "threads_per_threadgroup": METAL_THREADS,
@@ -229,6 +273,7 @@ class LoadProcesses:
         check_load_options(n, duty, period_ms, device)
         self.n, self.device, self.duty, self.period_ms = n, device, duty, period_ms
         self.ready_timeout, self.python = ready_timeout, python or sys.executable
+        self.running = False            # the processes' state, as they last answered
         self.procs: list[subprocess.Popen] = []
         self.reports: list[dict] = []
 
@@ -238,12 +283,13 @@ class LoadProcesses:
         try:
             for _ in range(self.n):
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                   stdin=subprocess.DEVNULL, text=True))
+                                                   stdin=subprocess.PIPE, text=True))
             for p in self.procs:
                 line = _readline(p, self.ready_timeout)
                 if line != "ready":
                     raise BenchError(f"load process {p.pid} ({self.device}) failed to start: "
                                      f"{line or ''}{_stderr_tail(p)}")
+            self.running = True
         except BaseException:
             self._stop()
             raise
@@ -252,6 +298,34 @@ class LoadProcesses:
     def __exit__(self, *exc):
         self._stop()
         return False
+
+    def pause(self):
+        """Stop every process after its burst in progress: once this returns, none of the load's
+        work is on the device."""
+        if self.running:
+            self._command("pause", "paused")
+            self.running = False
+
+    def resume(self):
+        """Start every process again (each at a random point of its period), then wait one period,
+        after which all of them are working."""
+        if not self.running:
+            self._command("run", "running")
+            self.running = True
+            time.sleep(self.period_ms / 1e3)
+
+    def _command(self, command: str, answer: str):
+        try:
+            for p in self.procs:
+                p.stdin.write(command + "\n")
+                p.stdin.flush()
+        except OSError as e:
+            raise BenchError(f"load process {p.pid} ({self.device}) is gone: {e}{_stderr_tail(p)}") from None
+        for p in self.procs:
+            line = _readline(p, self.ready_timeout)
+            if line != answer:
+                raise BenchError(f"load process {p.pid} ({self.device}) did not answer {command!r}: "
+                                 f"{line or ''}{_stderr_tail(p)}")
 
     def _stop(self):
         for p in self.procs:
@@ -281,7 +355,6 @@ class LoadProcesses:
 
 def _readline(p: subprocess.Popen, timeout: float) -> str:
     """One stdout line from a child, or "" if it exits or stays silent past the timeout."""
-    import selectors
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)
     try:

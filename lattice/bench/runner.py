@@ -7,8 +7,9 @@ Decode tok/s of the run = (N2 - N1) / (T(N2) - T(N1)); prefill tok/s = P / TTFT.
 
 Engines take turns run by run (run 0 of A, run 0 of B, run 1 of B, run 1 of A, ...: the engine that
 goes first rotates), so a change of machine load during the measurement hits every engine alike
-instead of skewing their ratio. Warm-up runs come first (interleaved the same way, discarded); with
-a load, the same runs are repeated while the load processes run, for all engines at once.
+instead of skewing their ratio. Warm-up runs come first (interleaved the same way, discarded). With
+a load, the unloaded runs bracket the loaded ones: half of them, then the same runs again while the
+load processes run (one set of processes for all engines), then the other half.
 
 Each engine lives in its own process (EngineWorker; EngineHost in this process with --in-process),
 which loads the model once and answers requests over a pipe, one JSON object a line:
@@ -19,6 +20,7 @@ which loads the model once and answers requests over a pipe, one JSON object a l
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -29,7 +31,7 @@ from dataclasses import dataclass, asdict
 
 from .engines import Engine, EngineUnavailable, make_engine, pick_model_file
 from .load import LoadProcesses
-from .stats import BenchError, degradation_pct, slope_rates, summarize
+from .stats import BenchError, degradation_pct, mean, median, slope_rates, stdev, summarize, t_quantile
 
 # Pause between two engines' runs: an engine's worker threads may spin for a while after a call
 # (OpenMP's default wait policy, ggml's thread pool polling); they go to sleep before the next
@@ -275,15 +277,42 @@ def summarize_phase(raw: dict, s: Settings) -> dict:
 COUNTED = ("tokens", "steps", "submissions", "backend_calls", "api_calls")
 
 
-def counters_delta(before: dict | None, after: dict | None) -> dict | None:
-    """The runtime counters of one phase (after - before), with per-token ratios over it."""
-    if before is None or after is None:
+def counters_delta(stretches: list[tuple[dict | None, dict | None]]) -> dict | None:
+    """The runtime counters of one phase: the sum of (after - before) over the stretches it ran in,
+    with per-token ratios over it."""
+    if not stretches or any(b is None or a is None for b, a in stretches):
         return None
-    d = {"backend": after.get("backend"), "dispatches_per_step": after.get("dispatches_per_step"),
-         **{k: after[k] - before[k] for k in COUNTED}}
+    last = stretches[-1][1]
+    d = {"backend": last.get("backend"), "dispatches_per_step": last.get("dispatches_per_step"),
+         **{k: sum(a[k] - b[k] for b, a in stretches) for k in COUNTED}}
     for k in ("steps", "submissions", "backend_calls", "api_calls"):
         d[f"{k}_per_token"] = d[k] / d["tokens"] if d["tokens"] else 0.0
     return d
+
+
+def loss_of_means(unloaded: list[float], loaded: list[float], confidence: float = 0.95) -> dict:
+    """Throughput lost under load from the means of the two samples, with a confidence interval for
+    the ratio of means (delta method: the squared relative standard errors add; Student's t with the
+    Welch-Satterthwaite degrees of freedom)."""
+    mu, ml = mean(unloaded), mean(loaded)
+    vu, vl = (stdev(unloaded) / mu) ** 2 / len(unloaded), (stdev(loaded) / ml) ** 2 / len(loaded)
+    ratio, se = ml / mu, math.sqrt(vu + vl)
+    df = (vu + vl) ** 2 / (vu ** 2 / (len(unloaded) - 1) + vl ** 2 / (len(loaded) - 1)) if vu + vl > 0 else 1.0
+    half = t_quantile(0.5 + confidence / 2.0, df) * se * ratio
+    return {"loss_pct": (1.0 - ratio) * 100.0, "ci_low": (1.0 - ratio - half) * 100.0,
+            "ci_high": (1.0 - ratio + half) * 100.0}
+
+
+def unloaded_drift(raw: dict, half: int, s: Settings) -> float | None:
+    """How much slower the unloaded runs after the load were than those before it, in percent of the
+    median decode rate before (runs without a slope left out; None without runs on either side)."""
+    def rates(sl):
+        return [(s.n2 - s.n1) / (b - a) for a, b in zip(raw["times_n1"][sl], raw["times_n2"][sl]) if b > a]
+    before, after = rates(slice(None, half)), rates(slice(half, None))
+    return degradation_pct(median(before), median(after)) if before and after else None
+
+
+PHASES = ("unloaded", "loaded")
 
 
 class _Schedule:
@@ -292,24 +321,31 @@ class _Schedule:
     def __init__(self, hosts: list, records: list[dict]):
         self.hosts, self.records = hosts, records
         self.live = [i for i, r in enumerate(records) if r["status"] == "ok"]
+        self.raw = {ph: {i: {"times_n1": [], "times_n2": [], "times_prefill": []} for i in self.live} for ph in PHASES}
+        self.stretches = {ph: {i: [] for i in self.live} for ph in PHASES}   # counters before / after
 
-    def phase(self, runs: int) -> dict:
-        """`runs` runs of every live engine, interleaved: run r starts at engine r mod k."""
-        raw = {i: {"times_n1": [], "times_n2": [], "times_prefill": []} for i in self.live}
-        for r in range(runs):
-            order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
-            for i in order:
-                if len(self.live) > 1:
-                    time.sleep(SWITCH_PAUSE_S)
-                try:
-                    t = self.hosts[i].run(r)
-                except BenchError as e:
-                    self.fail(i, e)
-                    continue
-                raw[i]["times_n1"].append(t["n1"])
-                raw[i]["times_n2"].append(t["n2"])
-                raw[i]["times_prefill"].append(t["prefill"])
-        return {i: v for i, v in raw.items() if i in self.live}
+    def round(self, r: int, phase: str | None):
+        """Run r of every live engine: run r starts at engine r mod k. Its times and counters go to
+        `phase` (None: a warm-up, discarded)."""
+        before = self.counters() if phase else {}
+        order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
+        for i in order:
+            if len(self.live) > 1:
+                time.sleep(SWITCH_PAUSE_S)
+            try:
+                t = self.hosts[i].run(r)
+            except BenchError as e:
+                self.fail(i, e)
+                continue
+            if phase:
+                raw = self.raw[phase][i]
+                raw["times_n1"].append(t["n1"])
+                raw["times_n2"].append(t["n2"])
+                raw["times_prefill"].append(t["prefill"])
+        if phase:
+            after = self.counters()
+            for i in self.live:
+                self.stretches[phase][i].append((before.get(i), after.get(i)))
 
     def counters(self) -> dict:
         out = {}
@@ -320,13 +356,16 @@ class _Schedule:
                 self.fail(i, e)
         return out
 
-    def summarize(self, i: int, raw: dict, s: Settings) -> dict | None:
-        """The phase's statistics; a slope that cannot be computed (T(N2) <= T(N1)) fails the engine."""
-        try:
-            return summarize_phase(raw, s)
-        except BenchError as e:
-            self.fail(i, e)
-            return None
+    def finish(self, phase: str, s: Settings, **extra):
+        """The phase's statistics into each live engine's record; a slope that cannot be computed
+        (T(N2) <= T(N1)) fails the engine."""
+        for i in list(self.live):
+            try:
+                stats = summarize_phase(self.raw[phase][i], s)
+            except BenchError as e:
+                self.fail(i, e)
+                continue
+            self.records[i][phase] = {**stats, "counters": counters_delta(self.stretches[phase][i]), **extra}
 
     def fail(self, i: int, e: Exception):
         """The engine leaves the schedule; its record keeps what was measured before."""
@@ -335,39 +374,43 @@ class _Schedule:
 
 
 def measure(hosts: list, s: Settings) -> list[dict]:
-    """Open every engine (each loads its model), warm up, then measure them interleaved (and again
-    under load when s.load > 0). Returns one record per host, in order; hosts are closed at the end,
-    also on errors and Ctrl-C."""
+    """Open every engine (each loads its model), warm up, then measure them interleaved. With
+    s.load > 0 the unloaded runs bracket the loaded ones: the first half of them, then every run
+    under load (the load processes start after that half and stop before the rest), then the other
+    half, so that a steady drift of the machine or of an engine does not pass for the load's effect.
+    (Not paused load processes: under CUDA MPS, ten idle clients slowed llama.cpp by 11-14%.)
+    Returns one record per host, in order; hosts are closed at the end, also on errors and Ctrl-C."""
     s.validate()
     records: list[dict] = []
     try:
         for h in hosts:
             records.append(h.open())
         sched = _Schedule(hosts, records)
-        sched.phase(s.warmup)
-        before = sched.counters()
-        unloaded = sched.phase(s.runs)
-        after = sched.counters()
-        for i in list(sched.live):
-            stats = sched.summarize(i, unloaded[i], s)
-            if stats:
-                records[i]["unloaded"] = {**stats, "counters": counters_delta(before.get(i), after.get(i))}
+        for r in range(s.warmup):
+            sched.round(r, None)
+        half = (s.runs + 1) // 2 if s.load else s.runs
+        for r in range(half):
+            sched.round(r, "unloaded")
+        load = None
         if s.load and sched.live:
             with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
                                python=s.load_python or None) as lp:
-                loaded = sched.phase(s.runs)
-            final = sched.counters()
-            for i in list(sched.live):
-                stats = sched.summarize(i, loaded[i], s)
-                if not stats:
-                    continue
+                for r in range(s.runs):
+                    sched.round(r, "loaded")
+            load = lp.summary()
+        for r in range(half, s.runs):
+            sched.round(r, "unloaded")
+        sched.finish("unloaded", s)
+        if load:
+            sched.finish("loaded", s, load=load)
+            for i in sched.live:
                 rec = records[i]
-                rec["loaded"] = {**stats, "counters": counters_delta(after.get(i), final.get(i)),
-                                 "load": lp.summary()}
                 rec["degradation_pct"] = {
-                    "decode": degradation_pct(rec["unloaded"]["decode"]["median"], rec["loaded"]["decode"]["median"]),
-                    "prefill": degradation_pct(rec["unloaded"]["prefill"]["median"],
-                                               rec["loaded"]["prefill"]["median"])}
+                    m: degradation_pct(rec["unloaded"][m]["median"], rec["loaded"][m]["median"])
+                    for m in ("decode", "prefill")}
+                rec["loss_of_means"] = {m: loss_of_means(rec["unloaded"][f"{m}_tps"], rec["loaded"][f"{m}_tps"])
+                                        for m in ("decode", "prefill")}
+                rec["unloaded_drift_pct"] = unloaded_drift(sched.raw["unloaded"][i], half, s)
     finally:
         for i, h in enumerate(hosts):
             closed = h.close()
