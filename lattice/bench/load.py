@@ -21,7 +21,7 @@ While it works, a line "pause" on its stdin stops it after the burst in progress
 "paused": none of its work is left on the device), and "run" starts it again at a random point of
 the period (it answers "running"), so that paused processes do not resume in step. Shares count
 the time spent running only. The harness does not pause the load for its unloaded runs: under CUDA
-MPS, paused processes still slowed llama.cpp by 11-14% (tests/gpu/paused_load.py measures it).
+MPS, paused processes still slowed llama.cpp by 6-13% (tests/gpu/paused_load.py measures it).
 """
 from __future__ import annotations
 

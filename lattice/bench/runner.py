@@ -378,7 +378,7 @@ def measure(hosts: list, s: Settings) -> list[dict]:
     s.load > 0 the unloaded runs bracket the loaded ones: the first half of them, then every run
     under load (the load processes start after that half and stop before the rest), then the other
     half, so that a steady drift of the machine or of an engine does not pass for the load's effect.
-    (Not paused load processes: under CUDA MPS, ten idle clients slowed llama.cpp by 11-14%.)
+    (Not paused load processes: under CUDA MPS, ten idle clients slowed llama.cpp by 6-13%.)
     Returns one record per host, in order; hosts are closed at the end, also on errors and Ctrl-C."""
     s.validate()
     records: list[dict] = []
