@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Lattice-CUDA side by side with llama.cpp (CUDA, built here from .peers/llama.cpp) and
-# transformers (bf16) on shape-exact random checkpoints, through lattice-bench, alone and under
-# --load N; then Lattice-CUDA with eager launches (the graph-replay ablation). On a GPU machine:
+# Lattice-CUDA side by side with llama.cpp (CUDA, built here from .peers/llama.cpp), interleaved in
+# one lattice-bench run under one load, on shape-exact random checkpoints, alone and under --load N;
+# then Lattice-CUDA with eager launches (the graph-replay ablation) and transformers (bf16), each in
+# a run of its own. On a GPU machine:
 #
 #   OUT=... LOAD=10 RUNS=5 tests/gpu/peers_bench.sh
 #
@@ -82,43 +83,40 @@ export LLAMA_CPP_LIB_PATH=$LLAMA_LIB
 export LD_LIBRARY_PATH=$LLAMA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 [ -f /tmp/llama-cublas-libdir ] && export LD_LIBRARY_PATH=$(cat /tmp/llama-cublas-libdir):$LD_LIBRARY_PATH
 
-bench() {  # tag, extra lattice-bench args... (BENCH_CLI: the harness's entry point)
+bench() {  # tag, extra lattice-bench args...
     local tag=$1
     shift
-    timeout "${BENCH_TIMEOUT:-300}" python3 ${BENCH_CLI:--m lattice.bench.cli} run --warmup 1 --runs "$RUNS" --pp "${PP:-512}" "$@" \
+    timeout "${BENCH_TIMEOUT:-300}" python3 -m lattice.bench.cli run --warmup 1 --runs "$RUNS" --pp "${PP:-512}" "$@" \
         --json "$R/$tag.json" >"$R/$tag.txt" 2>&1
     echo "-- $tag (rc $?)"
     grep -v "^\s*$" "$R/$tag.txt" | tail -14
 }
 
-for m in $MODELS; do
-    [ "${TIMESLICE:-1}" = 1 ] || break
-    M=/tmp/models/$m
-    [ "${MAIN:-1}" = 1 ] && bench "$m" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
-    # llama.cpp in a process that imports llama_cpp first (bench_llama_first.py says why)
-    [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-llama.cpp" --gguf "$M.gguf" \
-        -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
-    [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 \
-        --n2 320 --load "$LOAD"
-    [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
-        --load "$LOAD"
-done
+measure() {  # model, tag suffix: Lattice and llama.cpp in one run, then the eager ablation, transformers
+    local m=$1 sfx=$2 M=/tmp/models/$1 engines=()
+    [ "${MAIN:-1}" = 1 ] && engines+=(-e lattice:cuda)
+    # llama.cpp's worker imports llama_cpp before lattice (lattice/bench/runner.py: WORKER says why)
+    [ "${LLAMA:-1}" = 1 ] && engines+=(-e llama.cpp:gpu)
+    [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" --n1 64 --n2 320 \
+        --load "$LOAD" --load-device cuda
+    [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m$sfx-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda \
+        --n1 64 --n2 320 --load "$LOAD" --load-device cuda
+    # transformers decodes ~30 tok/s: shorter generations, in a run of its own
+    [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m$sfx-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
+        --load "$LOAD" --load-device cuda
+    return 0
+}
+
+if [ "${TIMESLICE:-1}" = 1 ]; then
+    for m in $MODELS; do measure "$m" ""; done
+fi
 
 if [ "${MPS:-0}" = 1 ]; then
     echo "== the same under CUDA MPS (every CUDA process of the machine through one MPS server)"
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     nvidia-cuda-mps-control -d && sleep 1
-    for m in $MODELS; do
-        M=/tmp/models/$m
-        [ "${MAIN:-1}" = 1 ] && bench "$m-mps" --gguf "$M.gguf" --hf "$M" -e lattice:cuda --n1 64 --n2 320 --load "$LOAD"
-        [ "${LLAMA:-1}" = 1 ] && BENCH_CLI=tests/gpu/bench_llama_first.py bench "$m-mps-llama.cpp" --gguf "$M.gguf" \
-            -e llama.cpp:gpu --n1 64 --n2 320 --load "$LOAD" --in-process --load-device cuda
-        [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m-mps-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda \
-            --n1 64 --n2 320 --load "$LOAD"
-        [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m-mps-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 \
-            --n2 48 --load "$LOAD"
-    done
+    for m in $MODELS; do measure "$m" "-mps"; done
     echo quit | nvidia-cuda-mps-control
 fi
 
