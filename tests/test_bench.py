@@ -271,6 +271,24 @@ def test_loss_of_means_interval():
     half = stats.t_quantile(0.975, df) * 0.8 * math.sqrt(vu + vl) * 100.0
     assert (lm["ci_low"], lm["ci_high"]) == pytest.approx((20.0 - half, 20.0 + half), rel=1e-12)
     assert 2.0 < half < 4.0
+    assert lm["df"] == pytest.approx(df, rel=1e-12) and lm["se"] == pytest.approx(80.0 * math.sqrt(vu + vl), rel=1e-12)
+    still = loss_of_means([100.0, 100.0], [90.0, 90.0])
+    assert (still["loss_pct"], still["ci_low"], still["ci_high"], still["se"], still["df"]) == (
+        pytest.approx(10.0), pytest.approx(10.0), pytest.approx(10.0), 0.0, None)
+
+
+def test_loss_difference_interval():
+    from lattice.bench.runner import loss_difference, loss_of_means
+    a = loss_of_means([100.0, 102.0, 98.0, 101.0, 99.0], [80.0, 83.0, 77.0, 81.0, 79.0])
+    b = loss_of_means([50.0, 55.0, 45.0, 52.0], [45.0, 47.0, 40.0, 48.0])
+    d = loss_difference(a, b)
+    se2 = a["se"] ** 2 + b["se"] ** 2
+    df = se2 ** 2 / (a["se"] ** 4 / a["df"] + b["se"] ** 4 / b["df"])
+    half = stats.t_quantile(0.975, df) * math.sqrt(se2)
+    assert d["points"] == pytest.approx(a["loss_pct"] - b["loss_pct"], rel=1e-12)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((d["points"] - half, d["points"] + half), rel=1e-12)
+    exact = loss_difference(loss_of_means([10.0, 10.0], [8.0, 8.0]), b)   # one side without error
+    assert exact["ci_high"] - exact["ci_low"] == pytest.approx(2 * stats.t_quantile(0.975, b["df"]) * b["se"])
 
 
 def test_bracketing_cancels_a_drift(fake_load):
@@ -394,6 +412,11 @@ def test_cli_loss_table_gives_the_loss_of_means(tmp_path, fake_registry, fake_lo
     (row,) = _loss_table(res.output)
     assert (row["engine"], row["decode loss %"], row["of means [95% CI]"], row["drift %"], row["load share %"]) == (
         "slowed", "20.00", "20.00 [20.00, 20.00]", "0.00", "2.00")
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "slowed", "-e", "fake", "--runs", "3",
+                                        "--warmup", "0", "--load", "1", "--load-device", "cpu", "--in-process"])
+    assert res.exit_code == 0, res.output
+    assert ("decode loss, slowed minus fake: +20.00 points [+20.00, +20.00] (95% CI; an interval below 0: "
+            "slowed lost less)") in res.output
 
 
 def test_cli_rejects_bad_options(tmp_path):

@@ -16,7 +16,7 @@ from .load import check_load_options
 from .machine import machine_info
 from .make_model import GGUF_TYPES, HF_DTYPES, MODELS, model_spec, write_gguf, write_hf
 from .engines import make_engine
-from .runner import EngineHost, EngineWorker, Settings, measure
+from .runner import EngineHost, EngineWorker, Settings, loss_difference, measure
 from .stats import BenchError
 
 METHOD = """\
@@ -233,6 +233,7 @@ def render_report(doc: dict) -> str:
                            rows),
                 "(loss = 1 - loaded / unloaded, of the medians, then of the means with a 95% CI; drift: how "
                 "much slower the unloaded runs after the load were than those before it)",
+                *_loss_differences([r for r in ok if "loss_of_means" in r]),
                 f"(load: {s['load']} x {s['load_device']} processes, {s['load_duty'] * 100:g}% of every "
                 f"{s['load_period_ms']:g} ms; share = device time the load's own work took"
                 + (", % of one core per process, summed)" if s["load_device"] == "cpu" else
@@ -262,6 +263,17 @@ def render_report(doc: dict) -> str:
             out.append(f"{r['engine']}: {r['status']}: {r['reason']}")
     out.append(f"command: {m['command']}")
     return "\n".join(out)
+
+
+def _loss_differences(recs: list[dict]) -> list[str]:
+    """The first engine's decode loss minus each other engine's, with a 95% CI."""
+    out = []
+    for r in recs[1:]:
+        d = loss_difference(recs[0]["loss_of_means"]["decode"], r["loss_of_means"]["decode"])
+        out.append(f"decode loss, {recs[0]['engine']} minus {r['engine']}: {d['points']:+.2f} points "
+                   f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] (95% CI; an interval below 0: "
+                   f"{recs[0]['engine']} lost less)")
+    return out
 
 
 def _size_mb(path: str) -> float:

@@ -290,17 +290,34 @@ def counters_delta(stretches: list[tuple[dict | None, dict | None]]) -> dict | N
     return d
 
 
+def _interval(estimate: float, se: float, df: float | None, confidence: float) -> tuple[float, float]:
+    half = t_quantile(0.5 + confidence / 2.0, df) * se if se > 0 else 0.0
+    return estimate - half, estimate + half
+
+
 def loss_of_means(unloaded: list[float], loaded: list[float], confidence: float = 0.95) -> dict:
-    """Throughput lost under load from the means of the two samples, with a confidence interval for
-    the ratio of means (delta method: the squared relative standard errors add; Student's t with the
-    Welch-Satterthwaite degrees of freedom)."""
+    """Throughput lost under load from the means of the two samples, in percent, with its standard
+    error and a confidence interval for the ratio of means (delta method: the squared relative
+    standard errors add; Student's t with the Welch-Satterthwaite degrees of freedom, None where
+    both samples are constant)."""
     mu, ml = mean(unloaded), mean(loaded)
     vu, vl = (stdev(unloaded) / mu) ** 2 / len(unloaded), (stdev(loaded) / ml) ** 2 / len(loaded)
-    ratio, se = ml / mu, math.sqrt(vu + vl)
-    df = (vu + vl) ** 2 / (vu ** 2 / (len(unloaded) - 1) + vl ** 2 / (len(loaded) - 1)) if vu + vl > 0 else 1.0
-    half = t_quantile(0.5 + confidence / 2.0, df) * se * ratio
-    return {"loss_pct": (1.0 - ratio) * 100.0, "ci_low": (1.0 - ratio - half) * 100.0,
-            "ci_high": (1.0 - ratio + half) * 100.0}
+    ratio = ml / mu
+    loss, se = (1.0 - ratio) * 100.0, ratio * math.sqrt(vu + vl) * 100.0
+    df = (vu + vl) ** 2 / (vu ** 2 / (len(unloaded) - 1) + vl ** 2 / (len(loaded) - 1)) if vu + vl > 0 else None
+    lo, hi = _interval(loss, se, df, confidence)
+    return {"loss_pct": loss, "ci_low": lo, "ci_high": hi, "se": se, "df": df}
+
+
+def loss_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
+    """Engine a's loss minus engine b's (their loss_of_means; independent samples), in percentage
+    points, with a confidence interval (Welch-Satterthwaite degrees of freedom)."""
+    va, vb = a["se"] ** 2, b["se"] ** 2
+    terms = [v ** 2 / x["df"] for v, x in ((va, a), (vb, b)) if v > 0]
+    df = (va + vb) ** 2 / math.fsum(terms) if terms else None
+    d = a["loss_pct"] - b["loss_pct"]
+    lo, hi = _interval(d, math.sqrt(va + vb), df, confidence)
+    return {"points": d, "ci_low": lo, "ci_high": hi}
 
 
 def unloaded_drift(raw: dict, half: int, s: Settings) -> float | None:
