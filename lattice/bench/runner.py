@@ -341,24 +341,25 @@ class _Schedule:
         self.raw = {ph: {i: {"times_n1": [], "times_n2": [], "times_prefill": []} for i in self.live} for ph in PHASES}
         self.stretches = {ph: {i: [] for i in self.live} for ph in PHASES}   # counters before / after
 
-    def round(self, r: int, phase: str | None):
-        """Run r of every live engine: run r starts at engine r mod k. Its times and counters go to
-        `phase` (None: a warm-up, discarded)."""
+    def rounds(self, runs: range, phase: str | None):
+        """Runs `runs` of every live engine, round by round: run r starts at engine r mod k. Their
+        times and the counters over the stretch go to `phase` (None: warm-ups, discarded)."""
         before = self.counters() if phase else {}
-        order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
-        for i in order:
-            if len(self.live) > 1:
-                time.sleep(SWITCH_PAUSE_S)
-            try:
-                t = self.hosts[i].run(r)
-            except BenchError as e:
-                self.fail(i, e)
-                continue
-            if phase:
-                raw = self.raw[phase][i]
-                raw["times_n1"].append(t["n1"])
-                raw["times_n2"].append(t["n2"])
-                raw["times_prefill"].append(t["prefill"])
+        for r in runs:
+            order = self.live[r % len(self.live):] + self.live[:r % len(self.live)] if self.live else []
+            for i in order:
+                if len(self.live) > 1:
+                    time.sleep(SWITCH_PAUSE_S)
+                try:
+                    t = self.hosts[i].run(r)
+                except BenchError as e:
+                    self.fail(i, e)
+                    continue
+                if phase:
+                    raw = self.raw[phase][i]
+                    raw["times_n1"].append(t["n1"])
+                    raw["times_n2"].append(t["n2"])
+                    raw["times_prefill"].append(t["prefill"])
         if phase:
             after = self.counters()
             for i in self.live:
@@ -403,20 +404,16 @@ def measure(hosts: list, s: Settings) -> list[dict]:
         for h in hosts:
             records.append(h.open())
         sched = _Schedule(hosts, records)
-        for r in range(s.warmup):
-            sched.round(r, None)
+        sched.rounds(range(s.warmup), None)
         half = (s.runs + 1) // 2 if s.load else s.runs
-        for r in range(half):
-            sched.round(r, "unloaded")
+        sched.rounds(range(half), "unloaded")
         load = None
         if s.load and sched.live:
             with LoadProcesses(s.load, s.load_device, s.load_duty, s.load_period_ms,
                                python=s.load_python or None) as lp:
-                for r in range(s.runs):
-                    sched.round(r, "loaded")
+                sched.rounds(range(s.runs), "loaded")
             load = lp.summary()
-        for r in range(half, s.runs):
-            sched.round(r, "unloaded")
+        sched.rounds(range(half, s.runs), "unloaded")
         sched.finish("unloaded", s)
         if load:
             sched.finish("loaded", s, load=load)

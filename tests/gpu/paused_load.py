@@ -1,6 +1,6 @@
-"""Does a paused load slow an engine down? lattice-bench measures each run with its load processes
-running and paused, next to each other; this checks that a paused load (ten processes holding a
-CUDA context, doing nothing) leaves an engine as fast as no load process at all.
+"""Does a paused load slow an engine down? Measures whether ten load processes holding a CUDA
+context but doing nothing leave an engine as fast as no load process at all. (Under MPS they slowed
+llama.cpp by 6-13%, which is why lattice-bench stops its load instead of pausing it.)
 
 Phases, each RUNS runs of every engine (interleaved): alone (no load process yet), paused, running,
 paused again, alone again (processes stopped). Prints each phase's median decode tok/s per engine
@@ -14,6 +14,7 @@ import sys
 
 from lattice.bench.load import LoadProcesses
 from lattice.bench.runner import EngineWorker, Settings
+from lattice.bench.stats import slope_rates
 
 
 def main(gguf: str, out: str, runs: int = 6):
@@ -28,12 +29,12 @@ def main(gguf: str, out: str, runs: int = 6):
             h.run(0)                                   # warm-up
 
         def phase(name):
-            rates = {h.spec: [] for h in hosts}
+            times = {h.spec: [] for h in hosts}
             for r in range(runs):
                 for h in hosts if r % 2 == 0 else hosts[::-1]:
-                    t = h.run(r)
-                    rates[h.spec].append((s.n2 - s.n1) / (t["n2"] - t["n1"]))
-            result[name] = {k: statistics.median(v) for k, v in rates.items()}
+                    times[h.spec].append(h.run(r))
+            result[name] = {k: statistics.median(slope_rates(s.n1, s.n2, [t["n1"] for t in v], [t["n2"] for t in v]))
+                            for k, v in times.items()}
             print(name.ljust(8), "  ".join(f"{k} {v:8.1f}" for k, v in result[name].items()), flush=True)
 
         phase("alone")
