@@ -1,5 +1,6 @@
 """lattice-bench: statistics on known inputs, the measurement protocol with a synthetic engine whose
 times are exact, option parsing, skips, load processes, and the random-checkpoint writers."""
+import contextlib
 import json
 import math
 import os
@@ -853,3 +854,104 @@ def test_cli_contention_table(tmp_path, fake_registry):
     cells = list(row.values())
     assert cells[:8] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00", "0.00 [0.00, 0.00]", "0.00"]
     assert float(row["load share %"]) > 0                                                # the load's measured share
+
+
+def test_lattice_eager_option_scopes_the_switch(monkeypatch):
+    """lattice:cuda:eager sets LATTICE_CUDA_EAGER while its handles are created (load and session),
+    then restores what was there, so that another Lattice engine in the process keeps graph replay."""
+    import lattice
+    seen = []
+
+    class FakeModel:
+        backend = "cuda"
+
+        def session(self):
+            seen.append(("session", os.environ.get("LATTICE_CUDA_EAGER")))
+
+    def fake_load(path, backend, quant, context, threads):
+        seen.append(("load", os.environ.get("LATTICE_CUDA_EAGER")))
+        return FakeModel()
+
+    monkeypatch.setattr(lattice, "load", fake_load)
+    monkeypatch.setenv("LATTICE_CUDA_EAGER", "0")
+    e = engines.make_engine("lattice:cuda:q8:eager")
+    e.load("m.gguf", 1, 64)
+    assert seen == [("load", "1"), ("session", "1")]
+    assert os.environ["LATTICE_CUDA_EAGER"] == "0"
+    assert (e.backend, e.quant, e.info()["launches"]) == ("cuda", "q8", "eager")
+    monkeypatch.delenv("LATTICE_CUDA_EAGER")
+    seen.clear()
+    plain = engines.make_engine("lattice:cuda")
+    plain.load("m.gguf", 1, 64)
+    assert seen == [("load", None), ("session", None)] and "LATTICE_CUDA_EAGER" not in os.environ
+    assert plain.info()["launches"] == "graph"
+    with pytest.raises(BenchError, match="lattice:cpu:eager: the eager option is the CUDA backend's"):
+        engines.make_engine("lattice:cpu:eager").load("m.gguf", 1, 64)
+
+
+def _fake_torch_and_transformers(monkeypatch, calls):
+    """Just enough of torch and transformers for TransformersEngine on a machine without them: a
+    model whose generate() records the cache it got, and compiles (sets _compiled_call) when that
+    cache is static, as transformers does on CUDA."""
+    import types
+    torch = types.ModuleType("torch")
+    torch.bfloat16, torch.float16, torch.float32 = "bf16", "f16", "f32"
+    torch.cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: None)
+    torch.set_num_threads = lambda n: None
+    torch.no_grad = contextlib.nullcontext
+
+    class Ids(list):
+        @property
+        def shape(self):
+            return (1, len(self[0]))
+
+    torch.tensor = lambda rows, device: Ids(rows)
+    tf = types.ModuleType("transformers")
+
+    class StaticCache:
+        def __init__(self, config, max_cache_len):
+            self.max_cache_len, self.resets = max_cache_len, 0
+
+        def reset(self):
+            self.resets += 1
+
+    class Model:
+        config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(vocab_size=99))
+        generation_config = types.SimpleNamespace()
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, ids, max_new_tokens, do_sample, past_key_values=None):
+            calls.append((past_key_values, past_key_values.resets if past_key_values else None))
+            if isinstance(past_key_values, StaticCache):
+                self._compiled_call = object()
+            return Ids([ids[0] + [0] * max_new_tokens])
+
+    tf.StaticCache = StaticCache
+    tf.AutoModelForCausalLM = types.SimpleNamespace(from_pretrained=lambda path, dtype: Model())
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "transformers", tf)
+
+
+def test_transformers_static_cache_option(monkeypatch):
+    calls = []
+    _fake_torch_and_transformers(monkeypatch, calls)
+    e = engines.make_engine("transformers:bf16:cuda:static")
+    e.load("hf-dir", 1, 336)
+    assert e.cache.max_cache_len == 336
+    assert len(calls) == 1 and calls[0] == (e.cache, 1)          # load compiled with a reset cache
+    t = e.generate([5, 6, 7], 8)
+    assert t.tokens == 8 and calls[1] == (e.cache, 2)           # the same cache, reset before the call
+    assert (e.info()["cache"], e.info()["compiled"], e.dtype, e.device) == ("static", True, "bf16", "cuda")
+    calls.clear()
+    d = engines.make_engine("transformers")
+    d.load("hf-dir", 1, 336)
+    assert d.cache is None and calls == [] and d.generate([5], 3).tokens == 3 and calls == [(None, None)]
+    assert (d.info()["cache"], d.info()["compiled"], d.device) == ("dynamic", False, "cuda")
+    for spec in ("transformers:bf16:gpu", "transformers:bf16:cuda:static:x", "transformers:int4"):
+        with pytest.raises(BenchError, match="transformers"):
+            engines.make_engine(spec).load("hf-dir", 1, 336)

@@ -9,6 +9,7 @@ EngineUnavailable, which the harness reports as "skipped: not installed".
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass
 
@@ -73,18 +74,36 @@ def _version(dist: str) -> str | None:
 
 class LatticeEngine(Engine):
     """lattice.load(path, backend=...) -> model.session() -> session.generate(ids, ignore_eos=True).
-    Options: the backend (cpu, cuda, metal, reference, ...), then an optional quant (q8, q4, f16)."""
+    Options: the backend (cpu, cuda, metal, reference, ...), then an optional quant (q8, q4, f16), and
+    "eager" (cuda: kernel launches instead of graph replay, the ablation), so that the ablation can
+    run beside the engine in one bench run."""
     kind, formats, package = "lattice", ("gguf", "hf"), "lattice"
 
     def load(self, model_path, threads, context):
         import lattice
         if not hasattr(lattice, "load"):
             raise EngineUnavailable("this lattice build has no lattice.load() public API")
-        self.backend = self.options[0] if self.options else "auto"
-        self.quant = self.options[1] if len(self.options) > 1 else None
-        self.model = lattice.load(model_path, backend=self.backend, quant=self.quant, context=context,
-                                  threads=threads)
-        self.session = self.model.session()
+        options = [o for o in self.options if o != "eager"]
+        self.eager = len(options) < len(self.options)
+        self.backend = options[0] if options else "auto"
+        self.quant = options[1] if len(options) > 1 else None
+        if self.eager and self.backend != "cuda":
+            raise BenchError(f"{self.spec}: the eager option is the CUDA backend's ablation; "
+                             "name the backend: lattice:cuda:eager")
+        # the CUDA backend reads LATTICE_CUDA_EAGER when it creates a handle: set it for this load
+        # only, so that other Lattice engines in the same process keep graph replay
+        saved = os.environ.get("LATTICE_CUDA_EAGER")
+        if self.eager:
+            os.environ["LATTICE_CUDA_EAGER"] = "1"
+        try:
+            self.model = lattice.load(model_path, backend=self.backend, quant=self.quant, context=context,
+                                      threads=threads)
+            self.session = self.model.session()
+        finally:
+            if saved is None:
+                os.environ.pop("LATTICE_CUDA_EAGER", None)
+            else:
+                os.environ["LATTICE_CUDA_EAGER"] = saved
 
     def vocab_size(self):
         return self.model.config.vocab_size
@@ -101,7 +120,7 @@ class LatticeEngine(Engine):
     def info(self):
         import lattice
         return {"version": getattr(lattice, "__version__", None), "backend": self.model.backend,
-                "quant": self.quant or "as stored"}
+                "quant": self.quant or "as stored", "launches": "eager" if self.eager else "graph"}
 
     def counters(self):
         return self.session.counters() or None  # the numpy reference engine has none
@@ -148,19 +167,27 @@ class LlamaCppEngine(Engine):
 
 
 class TransformersEngine(Engine):
-    """Hugging Face transformers with torch. Options: dtype (bf16, f16, f32; default bf16), then
-    device (cpu, cuda; default cuda when available)."""
+    """Hugging Face transformers with torch. Options: dtype (bf16, f16, f32; default bf16), device
+    (cpu, cuda; default cuda when available), then the cache: dynamic (the default) or static. A
+    static cache has fixed shapes, so generate() compiles the decode step with torch.compile
+    (inductor, CUDA graphs) where the model allows it; one cache of the bench's context is made at
+    load and reset before each call, and load runs one short generation to compile."""
     kind, formats, package = "transformers", ("hf",), "transformers"
     DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+    CACHES = ("dynamic", "static")
 
     def load(self, model_path, threads, context):
         import torch
         from transformers import AutoModelForCausalLM
-        self.dtype = self.options[0] if self.options else "bf16"
+        opts = list(self.options)
+        self.cache_kind = opts.pop() if opts and opts[-1] in self.CACHES else "dynamic"
+        self.dtype = opts[0] if opts else "bf16"
         if self.dtype not in self.DTYPES:
             raise BenchError(f"transformers dtype {self.dtype!r}: use one of {', '.join(self.DTYPES)}")
-        self.device = self.options[1] if len(self.options) > 1 else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = opts[1] if len(opts) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+        if len(opts) > 2 or self.device not in ("cpu", "cuda"):
+            raise BenchError(f"{self.spec}: the options are a dtype, a device (cpu or cuda), then a cache "
+                             f"({' or '.join(self.CACHES)})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable("torch has no CUDA device here")
         torch.set_num_threads(threads)
@@ -171,6 +198,14 @@ class TransformersEngine(Engine):
         gc.eos_token_id = None            # ignore EOS: always produce max_new_tokens
         gc.pad_token_id = 0
         gc.do_sample = False
+        self.cache = None
+        if self.cache_kind == "static":
+            try:
+                from transformers import StaticCache
+            except ImportError:
+                raise EngineUnavailable(f"transformers {_version('transformers')} has no StaticCache") from None
+            self.cache = StaticCache(config=self.model.config, max_cache_len=context)
+            self.generate([1, 2, 3, 4], 4)    # compiles the decode step: load time, not a run's
 
     def vocab_size(self):
         return self.model.config.get_text_config().vocab_size
@@ -181,16 +216,22 @@ class TransformersEngine(Engine):
 
     def generate(self, prompt_ids, n):
         ids = self.torch.tensor([list(prompt_ids)], device=self.device)
+        kwargs = {}
+        if self.cache is not None:        # the same buffers every call: no recompile, no re-capture
+            self.cache.reset()
+            kwargs["past_key_values"] = self.cache
         self._sync()
         t0 = time.perf_counter()
         with self.torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=n, do_sample=False)
+            out = self.model.generate(ids, max_new_tokens=n, do_sample=False, **kwargs)
         self._sync()
         return Timing(time.perf_counter() - t0, out.shape[1] - ids.shape[1])
 
     def info(self):
         return {"version": _version("transformers"), "torch": _version("torch"),
-                "backend": f"torch-{self.device}", "quant": self.dtype}
+                "backend": f"torch-{self.device}", "quant": self.dtype, "cache": self.cache_kind,
+                # transformers compiles generate()'s decode step on its first use, as _compiled_call
+                "compiled": hasattr(self.model, "_compiled_call")}
 
 
 class MLXEngine(Engine):

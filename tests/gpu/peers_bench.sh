@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Lattice-CUDA side by side with llama.cpp (CUDA, built here from .peers/llama.cpp), interleaved in
-# one lattice-bench run under one load, on shape-exact random checkpoints, alone and under --load N;
-# then Lattice-CUDA with eager launches (the graph-replay ablation) and transformers (bf16), each in
-# a run of its own. On a GPU machine:
+# Lattice-CUDA side by side with llama.cpp (CUDA, built here from .peers/llama.cpp), Lattice-CUDA
+# with eager launches (the graph-replay ablation) and transformers (bf16, static cache: its decode
+# step compiled with CUDA graphs), interleaved in one lattice-bench run under one load, on
+# shape-exact random checkpoints, alone and under --load N. On a GPU machine:
 #
 #   OUT=... LOAD=10 RUNS=5 tests/gpu/peers_bench.sh
 #
@@ -12,9 +12,10 @@
 #     libraries instead of building them; PACK=1: return the built ones as $OUT/llama-libs.tgz.*
 #   TESTS=1: run the CUDA tests first; NCU=1: per-kernel times of one decode step (profile_step.sh);
 #   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench); PP=64: prefill prompt length (512)
-#   MAIN=0 / LLAMA=0 / EAGER=0 / TRANSFORMERS=0: skip those runs; MPS=1: every run again under CUDA
-#     MPS; TIMESLICE=0: only the MPS runs (skip those under the GPU's default time-slicing)
-# Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
+#   MAIN=0 / LLAMA=0 / EAGER=0: leave those engines out; TRANSFORMERS=static (default) / dynamic /
+#     0: transformers with a static or a dynamic cache, or not at all; N1, N2: the decode slope's
+#     two lengths (64, 320); MPS=1: every run again under CUDA MPS; TIMESLICE=0: only the MPS runs
+#     (skip those under the GPU's default time-slicing)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lattice-peers}
@@ -86,24 +87,24 @@ export LD_LIBRARY_PATH=$LLAMA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 bench() {  # tag, extra lattice-bench args...
     local tag=$1
     shift
-    timeout "${BENCH_TIMEOUT:-300}" python3 -m lattice.bench.cli run --warmup 1 --runs "$RUNS" --pp "${PP:-512}" "$@" \
+    timeout "${BENCH_TIMEOUT:-560}" python3 -m lattice.bench.cli run --warmup 1 --runs "$RUNS" --pp "${PP:-512}" "$@" \
         --json "$R/$tag.json" >"$R/$tag.txt" 2>&1
     echo "-- $tag (rc $?)"
     grep -v "^\s*$" "$R/$tag.txt" | tail -14
 }
 
-measure() {  # model, tag suffix: Lattice and llama.cpp in one run, then the eager ablation, transformers
+measure() {  # model, tag suffix: every engine in one run, under one load
     local m=$1 sfx=$2 M=/tmp/models/$1 engines=()
-    [ "${MAIN:-1}" = 1 ] && engines+=(-e lattice:cuda)
+    [ "${MAIN:-1}" = 1 ] && engines+=(-e lattice:cuda)  # first: the loss differences are against it
     # llama.cpp's worker imports llama_cpp before lattice (lattice/bench/runner.py: WORKER says why)
     [ "${LLAMA:-1}" = 1 ] && engines+=(-e llama.cpp:gpu)
-    [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" --n1 64 --n2 320 \
-        --load "$LOAD" --load-device cuda
-    [ "${EAGER:-1}" = 1 ] && LATTICE_CUDA_EAGER=1 bench "$m$sfx-eager" --gguf "$M.gguf" --hf "$M" -e lattice:cuda \
-        --n1 64 --n2 320 --load "$LOAD" --load-device cuda
-    # transformers decodes ~30 tok/s: shorter generations, in a run of its own
-    [ "${TRANSFORMERS:-1}" = 1 ] && bench "$m$sfx-transformers" --hf "$M" -e transformers:bf16:cuda --n1 16 --n2 48 \
-        --load "$LOAD" --load-device cuda
+    [ "${EAGER:-1}" = 1 ] && engines+=(-e lattice:cuda:eager)
+    case ${TRANSFORMERS:-static} in
+        static) engines+=(-e transformers:bf16:cuda:static) ;;  # torch.compile'd decode, CUDA graphs
+        dynamic) engines+=(-e transformers:bf16:cuda) ;;        # Python-bound: ~30 tok/s, use N2=48
+    esac
+    [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" \
+        --n1 "${N1:-64}" --n2 "${N2:-320}" --load "$LOAD" --load-device cuda
     return 0
 }
 
