@@ -14,7 +14,8 @@
 #   ROOFLINE=0: skip the copy-bandwidth roofline (lattice.cuda.bench); PP=64: prefill prompt length (512)
 #   MAIN=0 / LLAMA=0 / EAGER=0: leave those engines out; TRANSFORMERS=static (default) / dynamic /
 #     0: transformers with a static or a dynamic cache, or not at all; N1, N2: the decode slope's
-#     two lengths (64, 320); MPS=1: every run again under CUDA MPS; TIMESLICE=0: only the MPS runs
+#     two lengths (64, 320); TF_CACHES=1: then transformers' two caches alone, side by side (is the
+#     static cache faster?); MPS=1: every run again under CUDA MPS; TIMESLICE=0: only the MPS runs
 #     (skip those under the GPU's default time-slicing)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -105,6 +106,9 @@ measure() {  # model, tag suffix: every engine in one run, under one load
     esac
     [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" \
         --n1 "${N1:-64}" --n2 "${N2:-320}" --load "$LOAD" --load-device cuda
+    # the issue's "static cache if it helps it": transformers with each cache, alone, in one short run
+    [ "${TF_CACHES:-0}" = 1 ] && bench "$m$sfx-transformers-caches" --hf "$M" -e transformers:bf16:cuda \
+        -e transformers:bf16:cuda:static --n1 16 --n2 48
     return 0
 }
 
