@@ -278,6 +278,20 @@ def test_loss_of_means_interval():
         pytest.approx(10.0), pytest.approx(10.0), pytest.approx(10.0), 0.0, None)
 
 
+def test_time_lost_per_token_interval():
+    from lattice.bench.runner import time_lost_per_token
+    u, lo = [100.0, 125.0, 80.0], [50.0, 40.0, 62.5]          # 10, 8, 12.5 ms; 20, 25, 16 ms a token
+    t = time_lost_per_token(u, lo)
+    tu, tl = [1e4, 8e3, 12.5e3], [2e4, 2.5e4, 1.6e4]
+    assert t["us"] == pytest.approx(stats.mean(tl) - stats.mean(tu), rel=1e-12)
+    vu, vl = stats.stdev(tu) ** 2 / 3, stats.stdev(tl) ** 2 / 3
+    df = (vu + vl) ** 2 / (vu ** 2 / 2 + vl ** 2 / 2)
+    half = stats.t_quantile(0.975, df) * math.sqrt(vu + vl)
+    assert (t["ci_low"], t["ci_high"]) == pytest.approx((t["us"] - half, t["us"] + half), rel=1e-12)
+    still = time_lost_per_token([1000.0, 1000.0], [500.0, 500.0])
+    assert (still["us"], still["ci_low"], still["ci_high"]) == pytest.approx((1000.0, 1000.0, 1000.0))
+
+
 def test_loss_difference_interval():
     from lattice.bench.runner import loss_difference, loss_of_means
     a = loss_of_means([100.0, 102.0, 98.0, 101.0, 99.0], [80.0, 83.0, 77.0, 81.0, 79.0])
@@ -413,6 +427,7 @@ def test_cli_loss_table_gives_the_loss_of_means(tmp_path, fake_registry, fake_lo
     (row,) = _loss_table(res.output)
     assert (row["engine"], row["decode loss %"], row["of means [95% CI]"], row["drift %"], row["load share %"]) == (
         "slowed", "20.00", "20.00 [20.00, 20.00]", "0.00", "2.00")
+    assert row["us/token lost [95% CI]"] == "2500.0 [2500.0, 2500.0]"   # 10 ms a token, 1.25x as long
     res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "slowed", "-e", "fake", "--runs", "3",
                                         "--warmup", "0", "--load", "1", "--load-device", "cpu", "--in-process"])
     assert res.exit_code == 0, res.output
@@ -852,7 +867,8 @@ def test_cli_contention_table(tmp_path, fake_registry):
     assert "tg448 +load1" in res.output and "decode loss %" in res.output and "load share %" in res.output
     (row,) = _loss_table(res.output)
     cells = list(row.values())
-    assert cells[:8] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00", "0.00 [0.00, 0.00]", "0.00"]
+    assert cells[:9] == ["fake", "100.00", "0.00", "100.00", "0.00", "0.00", "0.00 [0.00, 0.00]", "0.0 [0.0, 0.0]",
+                         "0.00"]
     assert float(row["load share %"]) > 0                                                # the load's measured share
 
 

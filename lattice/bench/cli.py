@@ -222,17 +222,20 @@ def render_report(doc: dict) -> str:
             continue
         u, lo, ld = r["unloaded"]["decode"], r["loaded"]["decode"], r["loaded"]["load"]
         lm, drift = r.get("loss_of_means", {}).get("decode"), r.get("unloaded_drift_pct")
+        tl = r.get("time_lost_us", {}).get("decode")
         rows.append([r["engine"], _fmt(u["median"]), _fmt(u["spread_pct"]), _fmt(lo["median"]),
                      _fmt(lo["spread_pct"]), _fmt(r["degradation_pct"]["decode"]),
                      f"{_fmt(lm['loss_pct'])} [{_fmt(lm['ci_low'])}, {_fmt(lm['ci_high'])}]" if lm else "",
+                     f"{_fmt(tl['us'], 1)} [{_fmt(tl['ci_low'], 1)}, {_fmt(tl['ci_high'], 1)}]" if tl else "",
                      _fmt(drift) if drift is not None else "", _fmt(r["degradation_pct"]["prefill"]),
                      _fmt(ld["share_pct"])])
     if rows:
         out += ["", _table(["engine", "decode t/s", "spread %", f"+load{s['load']} t/s", "spread %",
-                            "decode loss %", "of means [95% CI]", "drift %", "prefill loss %", "load share %"],
-                           rows),
-                "(loss = 1 - loaded / unloaded, of the medians, then of the means with a 95% CI; drift: how "
-                "much slower the unloaded runs after the load were than those before it)",
+                            "decode loss %", "of means [95% CI]", "us/token lost [95% CI]", "drift %",
+                            "prefill loss %", "load share %"], rows),
+                "(loss = 1 - loaded / unloaded, of the medians, then of the means with a 95% CI; us/token "
+                "lost: the decode time per token the load added; drift: how much slower the unloaded runs "
+                "after the load were than those before it)",
                 *_loss_differences([r for r in ok if "loss_of_means" in r]),
                 f"(load: {s['load']} x {s['load_device']} processes, {s['load_duty'] * 100:g}% of every "
                 f"{s['load_period_ms']:g} ms; share = device time the load's own work took"

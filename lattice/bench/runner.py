@@ -320,6 +320,19 @@ def loss_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     return {"points": d, "ci_low": lo, "ci_high": hi}
 
 
+def time_lost_per_token(unloaded: list[float], loaded: list[float], confidence: float = 0.95) -> dict:
+    """The time per token that the load added, in microseconds: the mean of 1 / rate over the loaded
+    runs minus that over the unloaded runs, with a confidence interval (Welch). Unlike the loss, it
+    does not grow with the engine's own speed: the load's kernels take about the same GPU time from
+    any engine that waits on the GPU, and nothing from time spent on the host."""
+    tu, tl = [1e6 / r for r in unloaded], [1e6 / r for r in loaded]
+    vu, vl = stdev(tu) ** 2 / len(tu), stdev(tl) ** 2 / len(tl)
+    df = (vu + vl) ** 2 / (vu ** 2 / (len(tu) - 1) + vl ** 2 / (len(tl) - 1)) if vu + vl > 0 else None
+    d = mean(tl) - mean(tu)
+    lo, hi = _interval(d, math.sqrt(vu + vl), df, confidence)
+    return {"us": d, "ci_low": lo, "ci_high": hi}
+
+
 def unloaded_drift(raw: dict, half: int, s: Settings) -> float | None:
     """How much slower the unloaded runs after the load were than those before it, in percent of the
     median decode rate before (runs without a slope left out; None without runs on either side)."""
@@ -424,6 +437,8 @@ def measure(hosts: list, s: Settings) -> list[dict]:
                     for m in ("decode", "prefill")}
                 rec["loss_of_means"] = {m: loss_of_means(rec["unloaded"][f"{m}_tps"], rec["loaded"][f"{m}_tps"])
                                         for m in ("decode", "prefill")}
+                rec["time_lost_us"] = {"decode": time_lost_per_token(rec["unloaded"]["decode_tps"],
+                                                                     rec["loaded"]["decode_tps"])}
                 rec["unloaded_drift_pct"] = unloaded_drift(sched.raw["unloaded"][i], half, s)
     finally:
         for i, h in enumerate(hosts):
