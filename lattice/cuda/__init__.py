@@ -23,7 +23,8 @@ runs k_rope_kv before the attention instead of in it), LATTICE_CUDA_ATT_DEFER=N 
 with 2 to N splits in use leave their combine to the o-projection's x staging; default 8, 0: never),
 LATTICE_CUDA_EARLY_STATE=0 / 1 (whether decode kernels may read their recurrent state before the
 dependency wait; default: when the program's kernels cannot all be resident at once),
-LATTICE_CUDA_TRACE=1 (a library that records the decode timeline; tests/gpu/trace_step.py).
+LATTICE_CUDA_TRACE=1 (a library that records the decode timeline; tests/gpu/trace_step.py),
+LATTICE_CUDA_PRIORITY=least (the stream gets the lowest priority instead of the highest).
 """
 from __future__ import annotations
 

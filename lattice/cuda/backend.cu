@@ -585,7 +585,10 @@ static int create(lt_cuda *c, const size_t sizes[LT_N_ARENAS]) {
     c->sms = prop.multiProcessorCount;
     int least, greatest;
     CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking, greatest));
+    /* LATTICE_CUDA_PRIORITY=least: the A/B of the highest priority, e.g. under other processes' load */
+    const char *prio = getenv("LATTICE_CUDA_PRIORITY");
+    CK(cudaStreamCreateWithPriority(&c->stream, cudaStreamNonBlocking,
+                                    prio && !strcmp(prio, "least") ? least : greatest));
     for (int i = 0; i < 2; i++)
         CK(cudaEventCreateWithFlags(&c->copied[i], cudaEventDisableTiming));
     for (int i = 0; i < LT_N_ARENAS; i++) {
