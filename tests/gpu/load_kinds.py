@@ -13,16 +13,18 @@ a measurement is the median of five 64 -> 320 token slopes. Prints, per kind, th
 loss and the decode time per token that the load added. Under MPS, start its daemon first.
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", ".."), HERE]
 
-from lattice.bench.load import LoadProcesses, _Stop, _on_signal, _readline, duty_cycle  # noqa: E402
+from decode_variants import decode_rate  # noqa: E402
+from lattice.bench.load import LoadProcesses, _on_signal, _readline, duty_cycle  # noqa: E402
 
 # 256 blocks of 128 threads and ~13 KB of shared memory, like the matmul's main kernel
 # (sm80_xmma_gemm_f32f32 64x64x8, bench/results/cuda-load-session14-2026-11-26.md); CHAINS
@@ -111,19 +113,6 @@ class SpinProcesses:
                 "registers": self.reports[0]["registers"] if self.reports else None}
 
 
-def decode_rate(model) -> float:
-    prompt = list(range(100, 116))
-
-    def run(n):
-        s = model.session()
-        t0 = time.perf_counter()
-        s.generate(prompt, max_tokens=n, ignore_eos=True)
-        return time.perf_counter() - t0
-
-    run(64)
-    return sorted(256 / (run(320) - run(64)) for _ in range(5))[2]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")
@@ -139,18 +128,17 @@ def main():
         return
     import lattice
     model = lattice.load(a.model, backend="cuda", context=512)
-    kinds = {"alone": None, "matmul": lambda: LoadProcesses(a.n, "cuda")}
+    kinds = {"alone": contextlib.nullcontext, "matmul": lambda: LoadProcesses(a.n, "cuda")}
     for c in map(int, a.chains.split(",")):
         kinds[f"spin{c}"] = lambda c=c: SpinProcesses(a.n, c)
     rates, shares = {k: [] for k in kinds}, {k: [] for k in kinds}
     names = list(kinds)
     for r in range(a.r):
         for kind in names[r % len(names):] + names[:r % len(names)]:
-            if kinds[kind] is None:
-                rates[kind].append(decode_rate(model))
-                continue
             with kinds[kind]() as load:
-                rates[kind].append(decode_rate(model))
+                rates[kind].append(decode_rate(model, median=True))
+            if load is None:  # alone
+                continue
             s = load.summary()
             shares[kind].append(s["share_pct"])
             if kind.startswith("spin") and r == 0:
@@ -166,5 +154,4 @@ def main():
 
 
 if __name__ == "__main__":
-    _Stop.requested = False
     main()
