@@ -17,6 +17,7 @@
 #     two lengths (64, 320); TF_CACHES=1: then transformers' two caches alone, side by side (is the
 #     static cache faster?); MPS=1: every run again under CUDA MPS; TIMESLICE=0: only the MPS runs
 #     (skip those under the GPU's default time-slicing)
+# Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/lattice-peers}
@@ -101,7 +102,7 @@ measure() {  # model, tag suffix: every engine in one run, under one load
     [ "${LLAMA:-1}" = 1 ] && engines+=(-e llama.cpp:gpu)
     [ "${EAGER:-1}" = 1 ] && engines+=(-e lattice:cuda:eager)
     case ${TRANSFORMERS:-static} in
-        static) engines+=(-e transformers:bf16:cuda:static) ;;  # torch.compile'd decode, CUDA graphs
+        static | 1) engines+=(-e transformers:bf16:cuda:static) ;;  # torch.compile'd decode, CUDA graphs
         dynamic) engines+=(-e transformers:bf16:cuda) ;;        # Python-bound: ~30 tok/s, use N2=48
     esac
     [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" \
