@@ -584,6 +584,17 @@ def test_cpu_load_processes_report_and_exit():
         assert not _alive([p]) or open(f"/proc/{p}/stat").read().split()[2] == "Z"
 
 
+def test_load_processes_run_another_command():
+    """A diagnostic's own load program (tests/gpu/load_kinds.py) runs under the same protocol."""
+    cmd = [sys.executable, "-m", "lattice.bench.load", "--device", "cpu", "--duty", "0.5", "--period-ms", "10",
+           "--parent", str(os.getpid())]
+    with LoadProcesses(1, "cpu", command=cmd) as lp:
+        assert lp.procs[0].args == cmd
+        time.sleep(0.2)
+    (r,) = lp.summary()["reports"]
+    assert r["device"] == "cpu" and r["bursts"] > 0
+
+
 def test_load_processes_stopped_on_error():
     pids = []
     with pytest.raises(RuntimeError):

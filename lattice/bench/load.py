@@ -266,20 +266,22 @@ def check_load_options(n: int, duty: float, period_ms: float, device: str):
 
 class LoadProcesses:
     """Start n load processes, wait until each is calibrated; on exit (normal, error or Ctrl-C) stop
-    them all and collect their reports. Children also exit by themselves when this process dies."""
+    them all and collect their reports. Children also exit by themselves when this process dies.
+    `command`: another load program speaking the same protocol (a diagnostic's own kernel), in place
+    of `python -m lattice.bench.load`."""
 
     def __init__(self, n: int, device: str = "cpu", duty: float = 0.02, period_ms: float = 10.0,
-                 ready_timeout: float = 120.0, python: str | None = None):
+                 ready_timeout: float = 120.0, python: str | None = None, command: list[str] | None = None):
         check_load_options(n, duty, period_ms, device)
         self.n, self.device, self.duty, self.period_ms = n, device, duty, period_ms
-        self.ready_timeout, self.python = ready_timeout, python or sys.executable
+        self.ready_timeout, self.python, self.command = ready_timeout, python or sys.executable, command
         self.running = False            # the processes' state, as they last answered
         self.procs: list[subprocess.Popen] = []
         self.reports: list[dict] = []
 
     def __enter__(self):
-        cmd = [self.python, "-m", "lattice.bench.load", "--device", self.device, "--duty", str(self.duty),
-               "--period-ms", str(self.period_ms), "--parent", str(os.getpid())]
+        cmd = self.command or [self.python, "-m", "lattice.bench.load", "--device", self.device, "--duty",
+                               str(self.duty), "--period-ms", str(self.period_ms), "--parent", str(os.getpid())]
         try:
             for _ in range(self.n):
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

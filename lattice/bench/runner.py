@@ -290,6 +290,13 @@ def counters_delta(stretches: list[tuple[dict | None, dict | None]]) -> dict | N
     return d
 
 
+def _welch_df(parts: list[tuple[float, float | None]]) -> float | None:
+    """Welch-Satterthwaite degrees of freedom of a sum of independent variances, each with its own
+    degrees of freedom: (sum v)^2 / sum(v^2 / df) over the nonzero ones; None where all are zero."""
+    terms = [v ** 2 / df for v, df in parts if v > 0]
+    return math.fsum(v for v, _ in parts) ** 2 / math.fsum(terms) if terms else None
+
+
 def _interval(estimate: float, se: float, df: float | None, confidence: float) -> tuple[float, float]:
     half = t_quantile(0.5 + confidence / 2.0, df) * se if se > 0 else 0.0
     return estimate - half, estimate + half
@@ -304,7 +311,7 @@ def loss_of_means(unloaded: list[float], loaded: list[float], confidence: float 
     vu, vl = (stdev(unloaded) / mu) ** 2 / len(unloaded), (stdev(loaded) / ml) ** 2 / len(loaded)
     ratio = ml / mu
     loss, se = (1.0 - ratio) * 100.0, ratio * math.sqrt(vu + vl) * 100.0
-    df = (vu + vl) ** 2 / (vu ** 2 / (len(unloaded) - 1) + vl ** 2 / (len(loaded) - 1)) if vu + vl > 0 else None
+    df = _welch_df([(vu, len(unloaded) - 1), (vl, len(loaded) - 1)])
     lo, hi = _interval(loss, se, df, confidence)
     return {"loss_pct": loss, "ci_low": lo, "ci_high": hi, "se": se, "df": df}
 
@@ -313,10 +320,8 @@ def loss_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
     """Engine a's loss minus engine b's (their loss_of_means; independent samples), in percentage
     points, with a confidence interval (Welch-Satterthwaite degrees of freedom)."""
     va, vb = a["se"] ** 2, b["se"] ** 2
-    terms = [v ** 2 / x["df"] for v, x in ((va, a), (vb, b)) if v > 0]
-    df = (va + vb) ** 2 / math.fsum(terms) if terms else None
     d = a["loss_pct"] - b["loss_pct"]
-    lo, hi = _interval(d, math.sqrt(va + vb), df, confidence)
+    lo, hi = _interval(d, math.sqrt(va + vb), _welch_df([(va, a["df"]), (vb, b["df"])]), confidence)
     return {"points": d, "ci_low": lo, "ci_high": hi}
 
 
@@ -327,9 +332,8 @@ def time_lost_per_token(unloaded: list[float], loaded: list[float], confidence: 
     any engine that waits on the GPU, and nothing from time spent on the host."""
     tu, tl = [1e6 / r for r in unloaded], [1e6 / r for r in loaded]
     vu, vl = stdev(tu) ** 2 / len(tu), stdev(tl) ** 2 / len(tl)
-    df = (vu + vl) ** 2 / (vu ** 2 / (len(tu) - 1) + vl ** 2 / (len(tl) - 1)) if vu + vl > 0 else None
     d = mean(tl) - mean(tu)
-    lo, hi = _interval(d, math.sqrt(vu + vl), df, confidence)
+    lo, hi = _interval(d, math.sqrt(vu + vl), _welch_df([(vu, len(tu) - 1), (vl, len(tl) - 1)]), confidence)
     return {"us": d, "ci_low": lo, "ci_high": hi}
 
 

@@ -17,14 +17,13 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", ".."), HERE]
 
 from decode_variants import decode_rate  # noqa: E402
-from lattice.bench.load import LoadProcesses, _on_signal, _readline, duty_cycle  # noqa: E402
+from lattice.bench.load import LoadProcesses, _on_signal, duty_cycle  # noqa: E402
 
 # 256 blocks of 128 threads and ~13 KB of shared memory, like the matmul's main kernel
 # (sm80_xmma_gemm_f32f32 64x64x8, bench/results/cuda-load-session14-2026-11-26.md); CHAINS
@@ -82,35 +81,10 @@ def serve_spin(duty: float, period: float, parent: int, chains: int):
                       "share_events": measured / wall}), flush=True)
 
 
-class SpinProcesses:
-    """n spin load processes, started and stopped like LoadProcesses."""
-
-    def __init__(self, n: int, chains: int):
-        self.n, self.chains, self.procs, self.reports = n, chains, [], []
-
-    def __enter__(self):
-        cmd = [sys.executable, os.path.abspath(__file__), "--serve-spin", str(self.chains), "--parent", str(os.getpid())]
-        self.procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE,
-                                       text=True) for _ in range(self.n)]
-        for p in self.procs:
-            line = _readline(p, 120)
-            if line != "ready":
-                self.__exit__()
-                raise RuntimeError(f"spin process failed: {line} {p.stderr.read()[-2000:] if p.poll() is not None else ''}")
-        return self
-
-    def __exit__(self, *exc):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            out, _ = p.communicate(timeout=30)
-            self.reports += [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-        return False
-
-    def summary(self):
-        return {"share_pct": 100 * sum(r["share"] for r in self.reports),
-                "registers": self.reports[0]["registers"] if self.reports else None}
+def spin_load(n: int, chains: int) -> LoadProcesses:
+    """n spin load processes, run by lattice.bench.load's LoadProcesses with this file's command."""
+    return LoadProcesses(n, "cuda", command=[sys.executable, os.path.abspath(__file__), "--serve-spin", str(chains),
+                                             "--parent", str(os.getpid())])
 
 
 def main():
@@ -130,7 +104,7 @@ def main():
     model = lattice.load(a.model, backend="cuda", context=512)
     kinds = {"alone": contextlib.nullcontext, "matmul": lambda: LoadProcesses(a.n, "cuda")}
     for c in map(int, a.chains.split(",")):
-        kinds[f"spin{c}"] = lambda c=c: SpinProcesses(a.n, c)
+        kinds[f"spin{c}"] = lambda c=c: spin_load(a.n, c)
     rates, shares = {k: [] for k in kinds}, {k: [] for k in kinds}
     names = list(kinds)
     for r in range(a.r):
@@ -142,7 +116,7 @@ def main():
             s = load.summary()
             shares[kind].append(s["share_pct"])
             if kind.startswith("spin") and r == 0:
-                print(f"  {kind} kernel: {s['registers']} registers a thread", flush=True)
+                print(f"  {kind} kernel: {s['reports'][0]['registers']} registers a thread", flush=True)
         print(f"round {r + 1}: " + ", ".join(f"{k} {rates[k][-1]:.1f}" for k in names), flush=True)
     med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
     print(f"{os.path.basename(a.model)}, {a.n} load processes, {a.r} rounds (median decode tok/s over rounds):")
