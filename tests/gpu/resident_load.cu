@@ -1,0 +1,290 @@
+/* Does a decode step that keeps its blocks on the SMs from its first phase to its last lose less to
+ * other processes' load than the same step as a chain of kernels? A synthetic decode step: PHASES
+ * dependent GEMV-like phases (each warp reads 4 rows of 1 KB, its weights requested before it
+ * waits for the previous phase's output), the same grid and work per phase in both forms:
+ *
+ *   kernels:    one kernel per phase, chained with programmatic dependent launch (as Lattice's
+ *               decode graph): the weights are requested at launch, the previous phase's output
+ *               read after griddepcontrol.wait. Between phases the blocks retire, and another
+ *               process's blocks can take their registers.
+ *   persistent: one cooperative kernel per step; the blocks request the next phase's weights, then
+ *               meet at a grid barrier. They hold their registers through the step.
+ *   persistent8: the same, one kernel for 8 steps: a launch boundary every 8 steps.
+ *   persistent8-counter, -red, -flag, -flagsleep: persistent8 with a barrier of one counter
+ *               (counter_barrier's kinds) in place of cooperative_groups' grid.sync().
+ *   persistent8-none: persistent8 without barriers: not a correct step, the floor of its phases.
+ *
+ * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
+ * PAD_STEP (persistent) values live, which brings the kernels to about the registers of Lattice's
+ * decode GEMVs (111-120 at 256 threads): two blocks fill an SM.
+ *
+ *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
+ *   /tmp/resident_load MODE SECONDS      (MODE: kernels | persistent |
+ *                                        persistent8[-counter | -red | -flag | -flagsleep | -none])
+ *
+ * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
+ * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
+ * load processes; bench/results/cuda-load-session18-2026-11-27.md has what they measured. */
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+#define CK(call)                                                                        \
+    do {                                                                                \
+        cudaError_t e_ = (call);                                                        \
+        if (e_ != cudaSuccess) {                                                        \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                    \
+        }                                                                               \
+    } while (0)
+
+constexpr int THREADS = 256, RPW = 4, VPR = 64;  /* rows per warp, 16-byte vectors per 1 KB row */
+constexpr int U = VPR / 32;                      /* vectors per row and lane */
+constexpr int PHASES = 64, STEPS = 8;
+#ifndef PAD_PHASE  /* values held live per thread, chosen for ~120 registers in each form */
+#define PAD_PHASE 68
+#endif
+#ifndef PAD_STEP
+#define PAD_STEP 52
+#endif
+
+template <int PAD> struct pad_regs {  /* PAD values kept live from fill() to keep(): loads (16 bytes,
+                     independent, one address per warp), which ptxas can neither recompute nor move
+                     past the dependency wait or the stores (an empty asm or a clock read does not
+                     hold it; volatile loads would hold it but run one after another) */
+    static_assert(PAD % 4 == 0, "PAD: whole 16-byte loads");
+    uint32_t v[PAD > 0 ? PAD : 1];
+    __device__ void fill(const uint32_t *src) {
+#pragma unroll
+        for (int i = 0; i < PAD; i += 4)
+            asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                : "=r"(v[i]), "=r"(v[i + 1]), "=r"(v[i + 2]), "=r"(v[i + 3]) : "l"(src + i) : "memory");
+    }
+    /* the values stay in registers until `last` (the thread's final result) is known */
+    __device__ void keep(uint32_t *sink, float last) {
+        if (last == 1234.5f)  /* never */
+#pragma unroll
+            for (int i = 0; i < PAD; i++)
+                sink[i * blockDim.x + threadIdx.x] = v[i];
+    }
+};
+
+struct rows_in_flight {  /* one warp's RPW rows of one phase, in registers */
+    uint4 w[RPW][U];
+    __device__ void load(const uint4 *wp, uint32_t row0, uint32_t lane) {
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                w[r][u] = __ldg(wp + (size_t)(row0 + r) * VPR + lane + 32 * u);
+    }
+    /* y[row] from the weights and a value of the previous phase's output; returns the lane's sum */
+    __device__ float reduce(const float *x, float *y, uint32_t row0, uint32_t lane, uint32_t rows) {
+        const float xv = x[(row0 * 7 + lane) % rows];
+        float last = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                s += (float)(w[r][u].x ^ w[r][u].y) + (float)(w[r][u].z ^ w[r][u].w);
+#pragma unroll
+            for (int o = 16; o; o >>= 1)
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (lane == (uint32_t)r)
+                y[row0 + r] = s * 1e-12f + 0.5f * xv;
+            last += s;
+        }
+        return last;
+    }
+};
+
+__global__ void __launch_bounds__(THREADS) k_phase(const uint4 *w, const float *x, float *y, uint32_t rows) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
+    rows_in_flight f;
+    f.load(w, row0, lane);
+    pad_regs<PAD_PHASE> pad;
+    pad.fill((const uint32_t *)x);  /* while the weights are in flight */
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    pad.keep((uint32_t *)y, f.reduce(x, y, row0, lane, rows));
+}
+
+/* Grid barriers of one arrival counter (count[0], zeroed before the launch; barrier p completes
+ * at (p + 1) x grid arrivals), one thread a block arriving and polling:
+ *   BARRIER_COUNTER: an acq_rel add, then acquire polls of the counter;
+ *   BARRIER_RED:     the add without its return value (red), then the same polls;
+ *   BARRIER_FLAG:    the last block to arrive (the add's return value) writes p + 1 to a flag
+ *                    (count[1]) that the others poll, so that the polls do not contend with the
+ *                    adds at one address;
+ *   BARRIER_FLAG_SLEEP: the same, with a 32 ns sleep between polls. */
+enum barrier_kind { BARRIER_CG, BARRIER_COUNTER, BARRIER_RED, BARRIER_FLAG, BARRIER_FLAG_SLEEP, BARRIER_NONE };
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ void counter_barrier(unsigned *count, int kind, unsigned phase) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned target = (phase + 1) * gridDim.x;
+        unsigned v;
+        if (kind == BARRIER_RED) {
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
+            while (ld_acquire(count) < target) {
+            }
+        } else {
+            asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(v) : "l"(count) : "memory");
+            if (kind == BARRIER_COUNTER) {
+                for (v++; v < target;)
+                    v = ld_acquire(count);
+            } else if (v + 1 == target) {  /* the last to arrive */
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(count + 1), "r"(phase + 1) : "memory");
+            } else {
+                while (ld_acquire(count + 1) < phase + 1)
+                    if (kind == BARRIER_FLAG_SLEEP)
+                        __nanosleep(32);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+/* BARRIER_CG: cooperative_groups' grid.sync(); BARRIER_NONE: none (a wrong result: the floor of
+ * the phases' own time, for comparison); the others: counter_barrier on count */
+__global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uint32_t rows, int phases,
+                                                  int barrier, unsigned *count) {
+    cg::grid_group grid = cg::this_grid();
+    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
+    rows_in_flight f;
+    f.load(w, row0, lane);
+    pad_regs<PAD_STEP> pad;
+    pad.fill((const uint32_t *)xy);
+    float last = 0.0f;
+    for (int p = 0; p < phases; p++) {
+        last = f.reduce(xy + (p & 1) * rows, xy + ((p + 1) & 1) * rows, row0, lane, rows);
+        if (p + 1 < phases)
+            f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
+        if (barrier == BARRIER_CG)
+            grid.sync();
+        else if (barrier != BARRIER_NONE)
+            counter_barrier(count, barrier, p);
+    }
+    pad.keep((uint32_t *)xy, last);
+}
+
+int main(int argc, char **argv) {
+    /* steps per persistent kernel (0: the kernel chain), and its barrier */
+    const struct { const char *name; int per_launch, barrier; } modes[] = {
+        {"kernels", 0, 0}, {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
+        {"persistent8-counter", STEPS, BARRIER_COUNTER}, {"persistent8-red", STEPS, BARRIER_RED},
+        {"persistent8-flag", STEPS, BARRIER_FLAG}, {"persistent8-flagsleep", STEPS, BARRIER_FLAG_SLEEP},
+        {"persistent8-none", STEPS, BARRIER_NONE}};
+    int m = -1;
+    for (int i = 0; i < (int)(sizeof modes / sizeof modes[0]); i++)
+        if (argc == 3 && !strcmp(argv[1], modes[i].name))
+            m = i;
+    if (m < 0) {
+        fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels, persistent, persistent8[-counter|-red|-flag|"
+                "-flagsleep|-none]\n", argv[0]);
+        return 2;
+    }
+    const int per_launch = modes[m].per_launch;
+    const bool persistent = per_launch > 0;
+    const double seconds = atof(argv[2]);
+    int sms = 0, per_sm = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    /* the same grid in both forms: as many blocks as fit at once (the persistent form's limit) */
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_step, THREADS, 0));
+    const uint32_t grid = (uint32_t)(per_sm * sms), rows = grid * (THREADS / 32) * RPW;
+    cudaFuncAttributes fa;
+    CK(cudaFuncGetAttributes(&fa, persistent ? (const void *)k_step : (const void *)k_phase));
+    uint4 *w;
+    float *xy;
+    const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
+    CK(cudaMalloc(&w, wbytes));
+    CK(cudaMemset(w, 0x5a, wbytes));
+    CK(cudaMalloc(&xy, 2 * rows * sizeof(float)));
+    CK(cudaMemset(xy, 0, 2 * rows * sizeof(float)));
+    unsigned *count;
+    CK(cudaMalloc(&count, 2 * STEPS * sizeof(unsigned)));
+    cudaStream_t s;
+    int lo, hi;
+    CK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    CK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, hi));
+
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    for (int st = 0; st < STEPS; st += persistent ? per_launch : 1) {
+        if (persistent) {
+            unsigned *c = count + 2 * st;
+            if (modes[m].barrier != BARRIER_CG && modes[m].barrier != BARRIER_NONE)
+                CK(cudaMemsetAsync(c, 0, 2 * sizeof(unsigned), s));
+            cudaLaunchConfig_t cfg = {};
+            cudaLaunchAttribute at[1];
+            at[0].id = cudaLaunchAttributeCooperative;
+            at[0].val.cooperative = 1;
+            cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 1;
+            CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
+        } else {
+            for (int p = 0; p < PHASES; p++) {
+                cudaLaunchConfig_t cfg = {};
+                cudaLaunchAttribute at[1];
+                at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                at[0].val.programmaticStreamSerializationAllowed = 1;
+                cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 1;
+                CK(cudaLaunchKernelEx(&cfg, k_phase, (const uint4 *)(w + (size_t)p * rows * VPR),
+                                      (const float *)(xy + (p & 1) * rows), xy + ((p + 1) & 1) * rows, rows));
+            }
+        }
+    }
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+
+    /* replays in batches of 16 (the queue stays full, as a token loop that launches ahead), each
+       batch timed by events; warm-up first */
+    const int BATCH = 16;
+    std::vector<cudaEvent_t> ev(BATCH + 1);
+    for (auto &e : ev)
+        CK(cudaEventCreate(&e));
+    for (int i = 0; i < 8; i++)
+        CK(cudaGraphLaunch(ge, s));
+    CK(cudaStreamSynchronize(s));
+    std::vector<float> per_replay;
+    double total_ms = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < seconds) {
+        CK(cudaEventRecord(ev[0], s));
+        for (int i = 0; i < BATCH; i++) {
+            CK(cudaGraphLaunch(ge, s));
+            CK(cudaEventRecord(ev[i + 1], s));
+        }
+        CK(cudaEventSynchronize(ev[BATCH]));
+        for (int i = 0; i < BATCH; i++) {
+            float ms;
+            CK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
+            per_replay.push_back(ms);
+        }
+        float ms;
+        CK(cudaEventElapsedTime(&ms, ev[0], ev[BATCH]));
+        total_ms += ms;
+    }
+    std::vector<float> sorted = per_replay;
+    std::sort(sorted.begin(), sorted.end());
+    const double steps = (double)per_replay.size() * STEPS;
+    printf("RESULT %s regs %d grid %u phase_mb %.2f us_per_step_mean %.2f us_per_step_median %.2f steps %.0f\n",
+           argv[1], fa.numRegs, grid, rows * VPR * 16.0 / 1e6, total_ms * 1e3 / steps,
+           sorted[sorted.size() / 2] * 1e3 / STEPS, steps);
+    return 0;
+}

@@ -1,0 +1,97 @@
+"""Does holding the SMs through a decode step protect it from other processes' GPU load? Runs
+resident_load.cu's synthetic decode step (64 dependent GEMV-like phases, ~120 registers a thread,
+two blocks an SM) as a chain of kernels, as one persistent kernel a step and as one for 8 steps
+(with cooperative_groups' grid barrier, with counter barriers of four kinds, and without barriers:
+the phases' floor), alone and under lattice-bench's load processes (N processes of 512x512 fp32
+torch matmuls, 2% of every 10 ms). A diagnostic: it needs a GPU, nvcc and an interpreter with torch
+for the load.
+
+    python3 tests/gpu/resident_load.py -n 10 -r 4 [--pads 68:52,40:52] [--forms kernels,persistent8]
+
+Each round measures every form alone, then every form under one start of the load (the order of
+the forms rotates between rounds, and which phase comes first alternates); a measurement is the
+mean time per step over a 1.5 s window. Prints, per form, the median over rounds of its time per
+step alone and loaded, the loss and the time per step that the load added. Under MPS, start its
+daemon first. Results: bench/results/cuda-load-session18-2026-11-27.md.
+"""
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "..")]
+
+from lattice.bench.load import LoadProcesses  # noqa: E402
+
+FORMS = ("kernels", "persistent", "persistent8", "persistent8-counter", "persistent8-red", "persistent8-flag",
+         "persistent8-flagsleep", "persistent8-none")
+
+
+def build(out: str, pads: str) -> str:
+    """The program with PAD_PHASE:PAD_STEP values held live per thread ("" = the file's defaults)."""
+    exe = os.path.join(out, "resident_load" + (f"_{pads.replace(':', '_')}" if pads else ""))
+    defs = [f"-DPAD_PHASE={pads.split(':')[0]}", f"-DPAD_STEP={pads.split(':')[1]}"] if pads else []
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", *defs, os.path.join(HERE, "resident_load.cu"),
+                    "-o", exe], check=True)
+    return exe
+
+
+def step_us(exe: str, form: str, seconds: float) -> tuple[float, str]:
+    """Mean us per step over the window, and the program's line."""
+    line = subprocess.run([exe, form, str(seconds)], check=True, capture_output=True, text=True).stdout.strip()
+    f = line.split()
+    return float(f[f.index("us_per_step_mean") + 1]), line
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=10, help="load processes")
+    ap.add_argument("-r", type=int, default=4, help="rounds")
+    ap.add_argument("-s", type=float, default=1.5, help="seconds per measurement")
+    ap.add_argument("--load-python", default=None, help="an interpreter with torch for the load processes")
+    ap.add_argument("--pads", default="", help="comma-separated PAD_PHASE:PAD_STEP builds (0:0 = the kernels' "
+                    "own registers); default: the file's (~120 registers)")
+    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms (resident_load.cu's modes)")
+    ap.add_argument("--no-load", action="store_true", help="alone only")
+    ap.add_argument("--out", default="/tmp")
+    a = ap.parse_args()
+    exes = {p: build(a.out, p) for p in a.pads.split(",")}
+    forms = [(f, p) for p in exes for f in a.forms.split(",")]
+    name = {(f, p): f + (f"@{p}" if p else "") for f, p in forms}
+    us = {(k, ph): [] for k in forms for ph in ("alone", "loaded")}
+    shares = []
+    for r in range(a.r):
+        order = forms[r % len(forms):] + forms[:r % len(forms)]
+        phases = ("alone",) if a.no_load else ("alone", "loaded") if r % 2 == 0 else ("loaded", "alone")
+        for ph in phases:
+            load = LoadProcesses(a.n, "cuda", python=a.load_python) if ph == "loaded" else contextlib.nullcontext()
+            with load as lp:
+                for form in order:
+                    t, line = step_us(exes[form[1]], form[0], a.s)
+                    us[(form, ph)].append(t)
+                    if r == 0:
+                        print(f"  {ph}: {line}", flush=True)
+            if lp is not None:
+                shares.append(lp.summary()["share_pct"])
+        print(f"round {r + 1}: " + ", ".join(
+            f"{name[k]} " + " / ".join(f"{us[(k, ph)][-1]:.1f}" for ph in ("alone", "loaded") if ph in phases) + " us"
+            for k in forms), flush=True)
+
+    def med(v):
+        return sorted(v)[len(v) // 2]
+    print(f"{a.n} load processes, {a.r} rounds" + (f", load share {med(shares):.1f}% (median)" if shares else "")
+          + "; us per step, median over rounds:")
+    for f in forms:
+        al = med(us[(f, "alone")])
+        line = f"  {name[f]:26s} alone {al:7.1f}"
+        if us[(f, "loaded")]:
+            lo = med(us[(f, "loaded")])
+            line += f"  loaded {lo:7.1f}  loss {100 * (1 - al / lo):5.2f}%  {lo - al:6.1f} us/step lost"
+        print(line + "  (" + "; ".join(f"{ph}: " + " ".join(f"{x:.1f}" for x in us[(f, ph)])
+                                      for ph in ("alone", "loaded") if us[(f, ph)]) + ")")
+
+
+if __name__ == "__main__":
+    main()
