@@ -7,6 +7,8 @@
  *               decode graph): the weights are requested at launch, the previous phase's output
  *               read after griddepcontrol.wait. Between phases the blocks retire, and another
  *               process's blocks can take their registers.
+ *   kernels-narrow: the same, plus a narrow phase (k_narrow: 64 blocks, as Lattice's GDN recurrence)
+ *               after every fourth phase, which leaves half the SMs idle while it runs.
  *   persistent: one cooperative kernel per step; the blocks request the next phase's weights, then
  *               meet at a grid barrier. They hold their registers through the step.
  *   persistent8: the same, one kernel for 8 steps: a launch boundary every 8 steps.
@@ -15,11 +17,13 @@
  *   persistent8-none: persistent8 without barriers: not a correct step, the floor of its phases.
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
- * PAD_STEP (persistent) values live, which brings the kernels to about the registers of Lattice's
- * decode GEMVs (111-120 at 256 threads): two blocks fill an SM.
+ * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
+ * (Lattice's decode kernels hold 86 for its 4-row Q8 GEMVs, 114-118 for the LM head and 200-210 for
+ * the attention at 256 threads). Other PAD values give other register counts (resident_load.py
+ * --pads).
  *
  *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
- *   /tmp/resident_load MODE SECONDS      (MODE: kernels | persistent |
+ *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow] | persistent |
  *                                        persistent8[-counter | -red | -flag | -flagsleep | -none])
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
@@ -118,6 +122,27 @@ __global__ void __launch_bounds__(THREADS) k_phase(const uint4 *w, const float *
     pad.keep((uint32_t *)y, f.reduce(x, y, row0, lane, rows));
 }
 
+/* A narrow phase, shaped like Lattice's GDN recurrence (64 blocks of 128 threads on 132 SMs, ~3 us):
+ * each thread reads 128 bytes of a state and writes them back changed, after the previous phase's
+ * output. It leaves half the SMs idle while it runs. */
+constexpr int NARROW_BLOCKS = 64, NARROW_THREADS = 128, NARROW_VECS = 8;
+__global__ void __launch_bounds__(NARROW_THREADS) k_narrow(uint4 *state, const float *x, float *y, uint32_t rows) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const uint32_t t = blockIdx.x * NARROW_THREADS + threadIdx.x, n = NARROW_BLOCKS * NARROW_THREADS;
+    uint4 v[NARROW_VECS];
+#pragma unroll
+    for (int i = 0; i < NARROW_VECS; i++)
+        v[i] = state[(size_t)i * n + t];
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    const uint32_t xv = __float_as_uint(x[(t * 7) % rows]);
+#pragma unroll
+    for (int i = 0; i < NARROW_VECS; i++) {
+        v[i].x += xv, v[i].y ^= xv, v[i].z += v[i].x, v[i].w ^= v[i].y;
+        state[(size_t)i * n + t] = v[i];
+    }
+    y[t % rows] = (float)(v[0].x & 0xff) * 1e-3f;
+}
+
 /* Grid barriers of one arrival counter (count[0], zeroed before the launch; barrier p completes
  * at (p + 1) x grid arrivals), one thread a block arriving and polling:
  *   BARRIER_COUNTER: an acq_rel add, then acquire polls of the counter;
@@ -186,7 +211,7 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
-        {"kernels", 0, 0}, {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
+        {"kernels", 0, 0}, {"kernels-narrow", 0, 0}, {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
         {"persistent8-counter", STEPS, BARRIER_COUNTER}, {"persistent8-red", STEPS, BARRIER_RED},
         {"persistent8-flag", STEPS, BARRIER_FLAG}, {"persistent8-flagsleep", STEPS, BARRIER_FLAG_SLEEP},
         {"persistent8-none", STEPS, BARRIER_NONE}};
@@ -195,12 +220,12 @@ int main(int argc, char **argv) {
         if (argc == 3 && !strcmp(argv[1], modes[i].name))
             m = i;
     if (m < 0) {
-        fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels, persistent, persistent8[-counter|-red|-flag|"
+        fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow], persistent, persistent8[-counter|-red|-flag|"
                 "-flagsleep|-none]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
-    const bool persistent = per_launch > 0;
+    const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
     const double seconds = atof(argv[2]);
     int sms = 0, per_sm = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -218,6 +243,9 @@ int main(int argc, char **argv) {
     CK(cudaMemset(xy, 0, 2 * rows * sizeof(float)));
     unsigned *count;
     CK(cudaMalloc(&count, 2 * STEPS * sizeof(unsigned)));
+    uint4 *state;  /* the narrow phases' */
+    CK(cudaMalloc(&state, (size_t)NARROW_VECS * NARROW_BLOCKS * NARROW_THREADS * sizeof(uint4)));
+    CK(cudaMemset(state, 0, (size_t)NARROW_VECS * NARROW_BLOCKS * NARROW_THREADS * sizeof(uint4)));
     cudaStream_t s;
     int lo, hi;
     CK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
@@ -244,6 +272,11 @@ int main(int argc, char **argv) {
                 cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 1;
                 CK(cudaLaunchKernelEx(&cfg, k_phase, (const uint4 *)(w + (size_t)p * rows * VPR),
                                       (const float *)(xy + (p & 1) * rows), xy + ((p + 1) & 1) * rows, rows));
+                if (narrow && p % 4 == 3) {  /* 16 narrow phases more, each after a fourth GEMV phase */
+                    float *out = xy + ((p + 1) & 1) * rows;
+                    cfg.gridDim = NARROW_BLOCKS, cfg.blockDim = NARROW_THREADS;
+                    CK(cudaLaunchKernelEx(&cfg, k_narrow, state, (const float *)out, out, rows));
+                }
             }
         }
     }
