@@ -1,7 +1,7 @@
 /* Does a decode step that keeps its blocks on the SMs from its first phase to its last lose less to
  * other processes' load than the same step as a chain of kernels? A synthetic decode step: PHASES
  * dependent GEMV-like phases (each warp reads 4 rows of 1 KB, its weights requested before it
- * waits for the previous phase's output), the same grid and work per phase in both forms:
+ * waits for the previous phase's output), the same grid and work per phase in every form:
  *
  *   kernels:    one kernel per phase, chained with programmatic dependent launch (as Lattice's
  *               decode graph): the weights are requested at launch, the previous phase's output
