@@ -40,8 +40,11 @@ def build(out: str, pads: str) -> str:
 
 
 def step_us(exe: str, form: str, seconds: float) -> tuple[float, str]:
-    """Mean us per step over the window, and the program's line."""
-    line = subprocess.run([exe, form, str(seconds)], check=True, capture_output=True, text=True).stdout.strip()
+    """Mean us per step over the window, and the program's line (run at the default MPS client
+    priority, whatever the load's)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_MPS_CLIENT_PRIORITY"}
+    line = subprocess.run([exe, form, str(seconds)], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
     f = line.split()
     return float(f[f.index("us_per_step_mean") + 1]), line
 
@@ -56,8 +59,13 @@ def main():
                     "own registers); default: the file's (~120 registers)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms (resident_load.cu's modes)")
     ap.add_argument("--no-load", action="store_true", help="alone only")
+    ap.add_argument("--load-priority", type=int, choices=(0, 1), default=None,
+                    help="the load processes' CUDA_MPS_CLIENT_PRIORITY (0 normal, 1 below normal); the "
+                    "measured program keeps the default")
     ap.add_argument("--out", default="/tmp")
     a = ap.parse_args()
+    if a.load_priority is not None:  # inherited by the load processes only (step_us drops it)
+        os.environ["CUDA_MPS_CLIENT_PRIORITY"] = str(a.load_priority)
     exes = {p: build(a.out, p) for p in a.pads.split(",")}
     forms = [(f, p) for p in exes for f in a.forms.split(",")]
     name = {(f, p): f + (f"@{p}" if p else "") for f, p in forms}
@@ -82,7 +90,9 @@ def main():
 
     def med(v):
         return sorted(v)[len(v) // 2]
-    print(f"{a.n} load processes, {a.r} rounds" + (f", load share {med(shares):.1f}% (median)" if shares else "")
+    prio = f", load at MPS client priority {a.load_priority}" if a.load_priority is not None else ""
+    print(f"{a.n} load processes{prio}, {a.r} rounds"
+          + (f", load share {med(shares):.1f}% (median)" if shares else "")
           + "; us per step, median over rounds:")
     for f in forms:
         al = med(us[(f, "alone")])
