@@ -9,6 +9,8 @@
  *               process's blocks can take their registers.
  *   kernels-narrow: the same, plus a narrow phase (k_narrow: 64 blocks, as Lattice's GDN recurrence)
  *               after every fourth phase, which leaves half the SMs idle while it runs.
+ *   kernels-l1, kernels-shared: the chain, its kernel preferring an L1 / shared-memory carveout
+ *               of all L1 (0% shared) or all shared memory (100%).
  *   persistent: one cooperative kernel per step; the blocks request the next phase's weights, then
  *               meet at a grid barrier. They hold their registers through the step.
  *   persistent8: the same, one kernel for 8 steps: a launch boundary every 8 steps.
@@ -23,7 +25,7 @@
  * --pads).
  *
  *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
- *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow] | persistent |
+ *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow | -l1 | -shared] | persistent |
  *                                        persistent8[-counter | -red | -flag | -flagsleep | -none])
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
@@ -211,7 +213,8 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
-        {"kernels", 0, 0}, {"kernels-narrow", 0, 0}, {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
+        {"kernels", 0, 0}, {"kernels-narrow", 0, 0}, {"kernels-l1", 0, 0}, {"kernels-shared", 0, 0},
+        {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
         {"persistent8-counter", STEPS, BARRIER_COUNTER}, {"persistent8-red", STEPS, BARRIER_RED},
         {"persistent8-flag", STEPS, BARRIER_FLAG}, {"persistent8-flagsleep", STEPS, BARRIER_FLAG_SLEEP},
         {"persistent8-none", STEPS, BARRIER_NONE}};
@@ -220,12 +223,18 @@ int main(int argc, char **argv) {
         if (argc == 3 && !strcmp(argv[1], modes[i].name))
             m = i;
     if (m < 0) {
-        fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow], persistent, persistent8[-counter|-red|-flag|"
+        fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
                 "-flagsleep|-none]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
+    /* kernels-l1 / -shared: the phase kernel's preferred L1 / shared-memory carveout, in percent of
+       the largest shared memory: 0 (all L1, no room for a block that needs shared memory, such as
+       the load's) or 100 */
+    if (!strcmp(argv[1], "kernels-l1") || !strcmp(argv[1], "kernels-shared"))
+        CK(cudaFuncSetAttribute(k_phase, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                !strcmp(argv[1], "kernels-l1") ? 0 : 100));
     const double seconds = atof(argv[2]);
     int sms = 0, per_sm = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
