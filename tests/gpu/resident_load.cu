@@ -17,6 +17,8 @@
  *   persistent8-counter, -red, -flag, -flagsleep: persistent8 with a barrier of one counter
  *               (counter_barrier's kinds) in place of cooperative_groups' grid.sync().
  *   persistent8-none: persistent8 without barriers: not a correct step, the floor of its phases.
+ *   persistent8-ll: persistent8 without barriers, its activations carrying their phase (k_step_ll):
+ *               each block polls a word of every block's output.
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -26,7 +28,7 @@
  *
  *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
  *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow | -l1 | -shared] | persistent |
- *                                        persistent8[-counter | -red | -flag | -flagsleep | -none])
+ *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll])
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
  * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
@@ -94,7 +96,11 @@ struct rows_in_flight {  /* one warp's RPW rows of one phase, in registers */
     }
     /* y[row] from the weights and a value of the previous phase's output; returns the lane's sum */
     __device__ float reduce(const float *x, float *y, uint32_t row0, uint32_t lane, uint32_t rows) {
-        const float xv = x[(row0 * 7 + lane) % rows];
+        return reduce_xv(x[(row0 * 7 + lane) % rows], row0, lane, [&](uint32_t row, float v) { y[row] = v; });
+    }
+    /* the same with the value xv given; lane r stores row r by store(row, value) */
+    template <typename Store>
+    __device__ float reduce_xv(float xv, uint32_t row0, uint32_t lane, Store store) {
         float last = 0.0f;
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
@@ -106,7 +112,7 @@ struct rows_in_flight {  /* one warp's RPW rows of one phase, in registers */
             for (int o = 16; o; o >>= 1)
                 s += __shfl_xor_sync(0xffffffffu, s, o);
             if (lane == (uint32_t)r)
-                y[row0 + r] = s * 1e-12f + 0.5f * xv;
+                store(row0 + r, s * 1e-12f + 0.5f * xv);
             last += s;
         }
         return last;
@@ -210,6 +216,56 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
     pad.keep((uint32_t *)xy, last);
 }
 
+/* persistent8-ll: activations as 64-bit {epoch, value} words, each written by one store. A consumer
+ * polls the words it reads until their epoch is the phase's, so no fence, counter or barrier stands
+ * between phases (NCCL's LL protocol does the same between GPUs). As a GEMV needs all of x, each
+ * block first waits for a word of every block's output (one or two a thread), then reads its
+ * values. Phase g, counted over launches from *epoch_base, reads ring slot (g - 1) % LL_SLOTS and
+ * writes slot g % LL_SLOTS with epoch g + 1; the slots' reuse is safe because no block passes a
+ * phase before every block has written it (a timing experiment: the result is not checked). */
+constexpr int LL_SLOTS = 8;
+
+__device__ __forceinline__ float ll_wait(const unsigned long long *p, uint32_t epoch) {
+    unsigned long long v;
+    do
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    while ((uint32_t)(v >> 32) != epoch);
+    return __uint_as_float((uint32_t)v);
+}
+
+__device__ __forceinline__ void ll_store(unsigned long long *p, float v, uint32_t epoch) {
+    const unsigned long long word = (unsigned long long)epoch << 32 | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(word) : "memory");
+}
+
+__global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned long long *act, uint32_t rows,
+                                                     int phases, unsigned *epoch_base) {
+    const uint32_t g0 = *(volatile unsigned *)epoch_base;
+    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
+    rows_in_flight f;
+    f.load(w, row0, lane);
+    pad_regs<PAD_STEP> pad;
+    pad.fill((const uint32_t *)act);
+    float last = 0.0f;
+    for (int p = 0; p < phases; p++) {
+        const uint32_t g = g0 + p;
+        const unsigned long long *x = act + (size_t)((g + LL_SLOTS - 1) % LL_SLOTS) * rows;
+        unsigned long long *y = act + (size_t)(g % LL_SLOTS) * rows;
+        for (uint32_t j = threadIdx.x; j < gridDim.x; j += THREADS)  /* a word of block j's rows */
+            ll_wait(x + j * (rows / gridDim.x) + j % (rows / gridDim.x), g);
+        __syncthreads();
+        const float xv = ll_wait(x + (row0 * 7 + lane) % rows, g);
+        last = f.reduce_xv(xv, row0, lane, [&](uint32_t row, float v) { ll_store(y + row, v, g + 1); });
+        if (p + 1 < phases)
+            f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
+    }
+    pad.keep((uint32_t *)act, last);
+    /* the next launch's first phase; every block read g0 before block 0 got here (each phase waits
+       for every block) */
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        atomicAdd(epoch_base, (unsigned)phases);
+}
+
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
@@ -217,18 +273,19 @@ int main(int argc, char **argv) {
         {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
         {"persistent8-counter", STEPS, BARRIER_COUNTER}, {"persistent8-red", STEPS, BARRIER_RED},
         {"persistent8-flag", STEPS, BARRIER_FLAG}, {"persistent8-flagsleep", STEPS, BARRIER_FLAG_SLEEP},
-        {"persistent8-none", STEPS, BARRIER_NONE}};
+        {"persistent8-none", STEPS, BARRIER_NONE}, {"persistent8-ll", STEPS, BARRIER_NONE}};
     int m = -1;
     for (int i = 0; i < (int)(sizeof modes / sizeof modes[0]); i++)
         if (argc == 3 && !strcmp(argv[1], modes[i].name))
             m = i;
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
-                "-flagsleep|-none]\n", argv[0]);
+                "-flagsleep|-none|-ll]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
+    const bool ll = !strcmp(argv[1], "persistent8-ll");
     /* kernels-l1 / -shared: the phase kernel's preferred L1 / shared-memory carveout, in percent of
        the largest shared memory: 0 (all L1, no room for a block that needs shared memory, such as
        the load's) or 100 */
@@ -242,7 +299,7 @@ int main(int argc, char **argv) {
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_step, THREADS, 0));
     const uint32_t grid = (uint32_t)(per_sm * sms), rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll : persistent ? (const void *)k_step : (const void *)k_phase));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
@@ -252,6 +309,12 @@ int main(int argc, char **argv) {
     CK(cudaMemset(xy, 0, 2 * rows * sizeof(float)));
     unsigned *count;
     CK(cudaMalloc(&count, 2 * STEPS * sizeof(unsigned)));
+    unsigned long long *act;  /* persistent8-ll's ring of activations, and its epoch */
+    CK(cudaMalloc(&act, (size_t)LL_SLOTS * rows * sizeof(unsigned long long)));
+    CK(cudaMemset(act, 0, (size_t)LL_SLOTS * rows * sizeof(unsigned long long)));
+    unsigned *epoch_base;
+    CK(cudaMalloc(&epoch_base, sizeof(unsigned)));
+    CK(cudaMemset(epoch_base, 0, sizeof(unsigned)));
     uint4 *state;  /* the narrow phases' */
     CK(cudaMalloc(&state, (size_t)NARROW_VECS * NARROW_BLOCKS * NARROW_THREADS * sizeof(uint4)));
     CK(cudaMemset(state, 0, (size_t)NARROW_VECS * NARROW_BLOCKS * NARROW_THREADS * sizeof(uint4)));
@@ -271,7 +334,10 @@ int main(int argc, char **argv) {
             at[0].id = cudaLaunchAttributeCooperative;
             at[0].val.cooperative = 1;
             cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 1;
-            CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
+            if (ll)
+                CK(cudaLaunchKernelEx(&cfg, k_step_ll, (const uint4 *)w, act, rows, PHASES * per_launch, epoch_base));
+            else
+                CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
         } else {
             for (int p = 0; p < PHASES; p++) {
                 cudaLaunchConfig_t cfg = {};

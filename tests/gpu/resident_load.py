@@ -3,8 +3,9 @@ resident_load.cu's synthetic decode step (64 dependent GEMV-like phases, ~120 re
 two blocks an SM) as a chain of kernels (also with narrow phases that leave half the SMs idle, as
 Lattice's GDN recurrence does, and with either extreme of the L1 / shared-memory carveout), as one
 persistent kernel a step and as one for 8 steps
-(with cooperative_groups' grid barrier, with counter barriers of four kinds, and without barriers:
-the phases' floor), alone and under lattice-bench's load processes (N processes of 512x512 fp32
+(with cooperative_groups' grid barrier, with counter barriers of four kinds, without barriers: the
+phases' floor, and with activations that carry their phase, which the next phase polls), alone and
+under lattice-bench's load processes (N processes of 512x512 fp32
 torch matmuls, 2% of every 10 ms). A diagnostic: it needs a GPU, nvcc and an interpreter with torch
 for the load.
 
@@ -28,7 +29,8 @@ sys.path[:0] = [os.path.join(HERE, "..", "..")]
 from lattice.bench.load import LoadProcesses  # noqa: E402
 
 FORMS = ("kernels", "kernels-narrow", "kernels-l1", "kernels-shared", "persistent", "persistent8",
-         "persistent8-counter", "persistent8-red", "persistent8-flag", "persistent8-flagsleep", "persistent8-none")
+         "persistent8-counter", "persistent8-red", "persistent8-flag", "persistent8-flagsleep", "persistent8-none",
+         "persistent8-ll")
 
 
 def build(out: str, pads: str) -> str:
