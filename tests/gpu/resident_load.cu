@@ -19,6 +19,10 @@
  *   persistent8-none: persistent8 without barriers: not a correct step, the floor of its phases.
  *   persistent8-ll: persistent8 without barriers, its activations carrying their phase (k_step_ll):
  *               each block polls a word of every block's output.
+ *   persistent8-tree: persistent8 with a two-level counter barrier (groups of 16 blocks, then a root).
+ *   persistent8-cluster[N]: persistent8 launched in clusters of N blocks (default 8), which meet at
+ *               the hardware cluster barrier; one block a cluster then meets the others at a counter.
+ *   persistent8-clusteronly[N]: the cluster barriers alone (not a correct step: their floor).
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -28,7 +32,8 @@
  *
  *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
  *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow | -l1 | -shared] | persistent |
- *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll])
+ *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll |
+ *                                        -tree | -cluster[N] | -clusteronly[N]])
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
  * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
@@ -54,7 +59,10 @@ namespace cg = cooperative_groups;
         }                                                                               \
     } while (0)
 
-constexpr int THREADS = 256, RPW = 4, VPR = 64;  /* rows per warp, 16-byte vectors per 1 KB row */
+#ifndef THREADS  /* threads a block (resident_load.py --threads) */
+#define THREADS 256
+#endif
+constexpr int RPW = 4, VPR = 64;  /* rows per warp, 16-byte vectors per 1 KB row */
 constexpr int U = VPR / 32;                      /* vectors per row and lane */
 constexpr int PHASES = 64, STEPS = 8;
 #ifndef PAD_PHASE  /* values held live per thread, chosen for ~120 registers in each form */
@@ -159,7 +167,9 @@ __global__ void __launch_bounds__(NARROW_THREADS) k_narrow(uint4 *state, const f
  *                    (count[1]) that the others poll, so that the polls do not contend with the
  *                    adds at one address;
  *   BARRIER_FLAG_SLEEP: the same, with a 32 ns sleep between polls. */
-enum barrier_kind { BARRIER_CG, BARRIER_COUNTER, BARRIER_RED, BARRIER_FLAG, BARRIER_FLAG_SLEEP, BARRIER_NONE };
+enum barrier_kind { BARRIER_CG, BARRIER_COUNTER, BARRIER_RED, BARRIER_FLAG, BARRIER_FLAG_SLEEP, BARRIER_NONE,
+                    BARRIER_TREE, BARRIER_CLUSTER, BARRIER_CLUSTER_ONLY, BARRIER_SPLIT, BARRIER_SPLIT_RELAXED,
+                    BARRIER_SPLIT_WARP, BARRIER_SPLIT_SPREAD, BARRIER_SPLIT_LATE0 };
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
     unsigned v;
@@ -193,8 +203,107 @@ __device__ void counter_barrier(unsigned *count, int kind, unsigned phase) {
     __syncthreads();
 }
 
+/* Barriers with fewer arrivals at one address (session 19), counters 32 words (128 bytes) apart:
+ *   BARRIER_TREE:    blocks arrive (acq_rel add) at their group's counter, TREE_GROUP blocks a group;
+ *                    a group's last arrival adds to the root counter, which every block polls;
+ *   BARRIER_CLUSTER: the launch's thread-block clusters meet at the hardware cluster barrier; then
+ *                    one thread a cluster adds to the root (red.release) and polls it, and the
+ *                    cluster meets again: gridDim / cluster-size arrivals at the root instead of
+ *                    one a block;
+ *   BARRIER_CLUSTER_ONLY: the cluster barrier alone (not a grid barrier: the floor of the two
+ *                    cluster barriers' cost). */
+constexpr int TREE_GROUP = 16, COUNTER_STRIDE = 32, COUNTERS_PER_LAUNCH = 32 * COUNTER_STRIDE;
+
+__device__ void tree_barrier(unsigned *count, unsigned phase) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned groups = (gridDim.x + TREE_GROUP - 1) / TREE_GROUP, group = blockIdx.x / TREE_GROUP;
+        const unsigned in_group = min((unsigned)TREE_GROUP, gridDim.x - group * TREE_GROUP);
+        unsigned *root = count, *mine = count + (1 + group) * COUNTER_STRIDE;
+        unsigned v;
+        asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(v) : "l"(mine) : "memory");
+        if (v + 1 == (phase + 1) * in_group)  /* the group's last arrival */
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(root) : "memory");
+        while (ld_acquire(root) < (phase + 1) * groups) {
+        }
+    }
+    __syncthreads();
+}
+
+__device__ void cluster_barrier(unsigned *count, bool whole_grid, unsigned phase) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  /* barrier.cluster arrive (release) and wait (acquire) */
+    if (!whole_grid)
+        return;
+    if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+        const unsigned clusters = gridDim.x / cluster.num_blocks();
+        /* the release is cumulative: it covers the cluster's writes ordered before it by the
+           cluster barrier */
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
+        while (ld_acquire(count) < (phase + 1) * clusters) {
+        }
+    }
+    cluster.sync();
+}
+
+/* Split barriers (session 19): a block arrives as soon as its phase's output is stored, then requests
+ * the next phase's weights, then waits. An arrival's release (MEMBAR.ALL.GPU in SASS) waits for every
+ * memory operation its thread has in flight, so arriving after the weight requests, as the barriers
+ * above do, makes the arrival wait for the next phase's weights.
+ *   BARRIER_SPLIT:         thread 0 adds to one counter (red.release) and polls it (acquire);
+ *   BARRIER_SPLIT_RELAXED: the same with relaxed polls and one acquire-release fence after them;
+ *   BARRIER_SPLIT_WARP:    each warp arrives once its own rows are stored, at its own counter
+ *                          (one a warp index), and thread i polls counter i;
+ *   BARRIER_SPLIT_SPREAD:  block b arrives at counter b % SPLIT_SPREAD, and thread i polls counter i;
+ *   BARRIER_SPLIT_LATE0:   BARRIER_SPLIT, with warp 0 (whose thread 0 polls) requesting its weights
+ *                          only after the poll (k_step). */
+constexpr unsigned SPLIT_SPREAD = 8;
+
+__device__ void split_arrive(unsigned *count, int kind, uint32_t lane) {
+    if (kind == BARRIER_SPLIT_WARP) {
+        __syncwarp();
+        if (lane == 0)
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count + (threadIdx.x >> 5) * COUNTER_STRIDE)
+                         : "memory");
+        return;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned *c = count + (kind == BARRIER_SPLIT_SPREAD ? blockIdx.x % SPLIT_SPREAD * COUNTER_STRIDE : 0);
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(c) : "memory");
+    }
+}
+
+/* the calling block's wait for phase `phase`'s arrivals; the caller's __syncthreads() ends it */
+__device__ void split_wait(unsigned *count, int kind, unsigned phase) {
+    const unsigned target = (phase + 1) * gridDim.x;
+    if (kind == BARRIER_SPLIT || kind == BARRIER_SPLIT_LATE0) {
+        if (threadIdx.x == 0)
+            while (ld_acquire(count) < target) {
+            }
+    } else if (kind == BARRIER_SPLIT_RELAXED) {
+        if (threadIdx.x == 0) {
+            unsigned v;
+            do
+                asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+            while (v < target);
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        }
+    } else if (kind == BARRIER_SPLIT_SPREAD) {
+        if (threadIdx.x < SPLIT_SPREAD) {
+            const unsigned arrivals = (gridDim.x - threadIdx.x + SPLIT_SPREAD - 1) / SPLIT_SPREAD;
+            while (ld_acquire(count + threadIdx.x * COUNTER_STRIDE) < (phase + 1) * arrivals) {
+            }
+        }
+    } else if (threadIdx.x < THREADS / 32) {  /* BARRIER_SPLIT_WARP */
+        while (ld_acquire(count + threadIdx.x * COUNTER_STRIDE) < target) {
+        }
+    }
+}
+
 /* BARRIER_CG: cooperative_groups' grid.sync(); BARRIER_NONE: none (a wrong result: the floor of
- * the phases' own time, for comparison); the others: counter_barrier on count */
+ * the phases' own time, for comparison); the split ones: split_arrive / split_wait; the others:
+ * tree_barrier, cluster_barrier or counter_barrier on count */
 __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uint32_t rows, int phases,
                                                   int barrier, unsigned *count) {
     cg::grid_group grid = cg::this_grid();
@@ -206,10 +315,25 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
     float last = 0.0f;
     for (int p = 0; p < phases; p++) {
         last = f.reduce(xy + (p & 1) * rows, xy + ((p + 1) & 1) * rows, row0, lane, rows);
+        if (barrier >= BARRIER_SPLIT) {  /* arrive, request the next weights, then wait */
+            split_arrive(count, barrier, lane);
+            const bool late = barrier == BARRIER_SPLIT_LATE0 && threadIdx.x < 32;
+            if (p + 1 < phases && !late)
+                f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
+            split_wait(count, barrier, p);
+            if (p + 1 < phases && late)
+                f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
+            __syncthreads();
+            continue;
+        }
         if (p + 1 < phases)
             f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
         if (barrier == BARRIER_CG)
             grid.sync();
+        else if (barrier == BARRIER_TREE)
+            tree_barrier(count, p);
+        else if (barrier == BARRIER_CLUSTER || barrier == BARRIER_CLUSTER_ONLY)
+            cluster_barrier(count, barrier == BARRIER_CLUSTER, p);
         else if (barrier != BARRIER_NONE)
             counter_barrier(count, barrier, p);
     }
@@ -266,6 +390,45 @@ __global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned lo
         atomicAdd(epoch_base, (unsigned)phases);
 }
 
+/* persistent8-llx: the LL form closer to a GEMV, which reads all of x: each block reads one row of
+ * every warp's output (rows / RPW words, 8-9 a thread), each word polled until it carries the
+ * phase's epoch, with a short sleep after a miss; no block-wide wait. */
+__device__ __forceinline__ float ll_wait_backoff(const unsigned long long *p, uint32_t epoch) {
+    unsigned long long v;
+    for (;;) {
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+        if ((uint32_t)(v >> 32) == epoch)
+            return __uint_as_float((uint32_t)v);
+        __nanosleep(32);
+    }
+}
+
+__global__ void __launch_bounds__(THREADS) k_step_llx(const uint4 *w, unsigned long long *act, uint32_t rows,
+                                                      int phases, unsigned *epoch_base) {
+    const uint32_t g0 = *(volatile unsigned *)epoch_base;
+    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
+    rows_in_flight f;
+    f.load(w, row0, lane);
+    pad_regs<PAD_STEP> pad;
+    pad.fill((const uint32_t *)act);
+    float last = 0.0f;
+    for (int p = 0; p < phases; p++) {
+        const uint32_t g = g0 + p;
+        const unsigned long long *x = act + (size_t)((g + LL_SLOTS - 1) % LL_SLOTS) * rows;
+        unsigned long long *y = act + (size_t)(g % LL_SLOTS) * rows;
+        float xv = 0.0f;
+        for (uint32_t j = threadIdx.x; j < rows / RPW; j += THREADS)
+            xv += ll_wait_backoff(x + j * RPW, g);
+        last = f.reduce_xv(xv, row0, lane, [&](uint32_t row, float v) { ll_store(y + row, v, g + 1); });
+        if (p + 1 < phases)
+            f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
+    }
+    pad.keep((uint32_t *)act, last);
+    __syncthreads();  /* every thread of this block has read g0 */
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        atomicAdd(epoch_base, (unsigned)phases);
+}
+
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
@@ -273,19 +436,44 @@ int main(int argc, char **argv) {
         {"persistent", 1, BARRIER_CG}, {"persistent8", STEPS, BARRIER_CG},
         {"persistent8-counter", STEPS, BARRIER_COUNTER}, {"persistent8-red", STEPS, BARRIER_RED},
         {"persistent8-flag", STEPS, BARRIER_FLAG}, {"persistent8-flagsleep", STEPS, BARRIER_FLAG_SLEEP},
-        {"persistent8-none", STEPS, BARRIER_NONE}, {"persistent8-ll", STEPS, BARRIER_NONE}};
+        {"persistent8-none", STEPS, BARRIER_NONE}, {"persistent8-ll", STEPS, BARRIER_NONE},
+        {"persistent8-tree", STEPS, BARRIER_TREE}, {"persistent8-cluster", STEPS, BARRIER_CLUSTER},
+        {"persistent8-clusteronly", STEPS, BARRIER_CLUSTER_ONLY}, {"persistent8-split", STEPS, BARRIER_SPLIT},
+        {"persistent8-split-relaxed", STEPS, BARRIER_SPLIT_RELAXED}, {"persistent8-split-warp", STEPS, BARRIER_SPLIT_WARP},
+        {"persistent8-llx", STEPS, BARRIER_NONE}, {"persistent8-split-spread", STEPS, BARRIER_SPLIT_SPREAD},
+        {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}};
+    /* a cluster form's name may end in its cluster size: persistent8-cluster4 (default 8) */
+    char mode[64] = "";
+    int cluster = 8;
+    if (argc == 3) {
+        snprintf(mode, sizeof mode, "%s", argv[1]);
+        char *digits = mode + strlen(mode);
+        while (digits > mode && digits[-1] >= '0' && digits[-1] <= '9')
+            digits--;
+        if (*digits && !strncmp(mode, "persistent8-cluster", 19))
+            cluster = atoi(digits), *digits = 0;
+    }
     int m = -1;
     for (int i = 0; i < (int)(sizeof modes / sizeof modes[0]); i++)
-        if (argc == 3 && !strcmp(argv[1], modes[i].name))
+        if (!strcmp(mode, modes[i].name))
             m = i;
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
-                "-flagsleep|-none|-ll]\n", argv[0]);
+                "-flagsleep|-none|-ll|-tree|-cluster[N]|-clusteronly[N]]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
-    const bool ll = !strcmp(argv[1], "persistent8-ll");
+    const bool ll = !strcmp(argv[1], "persistent8-ll"), llx = !strcmp(argv[1], "persistent8-llx");
+    const bool clustered = modes[m].barrier == BARRIER_CLUSTER || modes[m].barrier == BARRIER_CLUSTER_ONLY;
+    if (!clustered)
+        cluster = 1;
+    if (cluster < 1 || cluster > 16) {
+        fprintf(stderr, "cluster size %d: 1 to 16 blocks\n", cluster);
+        return 2;
+    }
+    if (cluster > 8)  /* above 8 blocks a cluster is non-portable */
+        CK(cudaFuncSetAttribute(k_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     /* kernels-l1 / -shared: the phase kernel's preferred L1 / shared-memory carveout, in percent of
        the largest shared memory: 0 (all L1, no room for a block that needs shared memory, such as
        the load's) or 100 */
@@ -297,9 +485,20 @@ int main(int argc, char **argv) {
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     /* the same grid in both forms: as many blocks as fit at once (the persistent form's limit) */
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_step, THREADS, 0));
-    const uint32_t grid = (uint32_t)(per_sm * sms), rows = grid * (THREADS / 32) * RPW;
+    uint32_t grid = (uint32_t)(per_sm * sms);
+    if (clustered) {  /* whole clusters, as many as fit at once (GPCs may leave SMs over) */
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = cluster, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
+        cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;
+        int clusters = 0;
+        CK(cudaOccupancyMaxActiveClusters(&clusters, k_step, &cfg));
+        grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
+    }
+    const uint32_t rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll : persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll : llx ? (const void *)k_step_llx : persistent ? (const void *)k_step : (const void *)k_phase));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
@@ -308,7 +507,7 @@ int main(int argc, char **argv) {
     CK(cudaMalloc(&xy, 2 * rows * sizeof(float)));
     CK(cudaMemset(xy, 0, 2 * rows * sizeof(float)));
     unsigned *count;
-    CK(cudaMalloc(&count, 2 * STEPS * sizeof(unsigned)));
+    CK(cudaMalloc(&count, STEPS * COUNTERS_PER_LAUNCH * sizeof(unsigned)));
     unsigned long long *act;  /* persistent8-ll's ring of activations, and its epoch */
     CK(cudaMalloc(&act, (size_t)LL_SLOTS * rows * sizeof(unsigned long long)));
     CK(cudaMemset(act, 0, (size_t)LL_SLOTS * rows * sizeof(unsigned long long)));
@@ -323,19 +522,43 @@ int main(int argc, char **argv) {
     CK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
     CK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, hi));
 
+    /* a cooperative launch of clusters, if this driver takes one; else clusters alone (the grid fits
+       at once anyway: it was sized by the occupancy) */
+    bool cooperative = true;
+    if (clustered) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute at[2];
+        at[0].id = cudaLaunchAttributeCooperative, at[0].val.cooperative = 1;
+        at[1].id = cudaLaunchAttributeClusterDimension;
+        at[1].val.clusterDim.x = cluster, at[1].val.clusterDim.y = 1, at[1].val.clusterDim.z = 1;
+        cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 2;
+        CK(cudaMemsetAsync(count, 0, COUNTERS_PER_LAUNCH * sizeof(unsigned), s));
+        if (cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, 1, modes[m].barrier, count) != cudaSuccess) {
+            fprintf(stderr, "cooperative cluster launch refused (%s): clusters alone\n",
+                    cudaGetErrorString(cudaGetLastError()));
+            cooperative = false;
+        }
+        CK(cudaStreamSynchronize(s));
+    }
+
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     for (int st = 0; st < STEPS; st += persistent ? per_launch : 1) {
         if (persistent) {
-            unsigned *c = count + 2 * st;
+            unsigned *c = count + st * COUNTERS_PER_LAUNCH;
             if (modes[m].barrier != BARRIER_CG && modes[m].barrier != BARRIER_NONE)
-                CK(cudaMemsetAsync(c, 0, 2 * sizeof(unsigned), s));
+                CK(cudaMemsetAsync(c, 0, COUNTERS_PER_LAUNCH * sizeof(unsigned), s));
             cudaLaunchConfig_t cfg = {};
-            cudaLaunchAttribute at[1];
-            at[0].id = cudaLaunchAttributeCooperative;
-            at[0].val.cooperative = 1;
-            cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = 1;
-            if (ll)
-                CK(cudaLaunchKernelEx(&cfg, k_step_ll, (const uint4 *)w, act, rows, PHASES * per_launch, epoch_base));
+            cudaLaunchAttribute at[2], *a = at;
+            if (cooperative)
+                a->id = cudaLaunchAttributeCooperative, a->val.cooperative = 1, a++;
+            if (clustered) {
+                a->id = cudaLaunchAttributeClusterDimension;
+                a->val.clusterDim.x = cluster, a->val.clusterDim.y = 1, a->val.clusterDim.z = 1, a++;
+            }
+            cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = (unsigned)(a - at);
+            if (ll || llx)
+                CK(cudaLaunchKernelEx(&cfg, ll ? k_step_ll : k_step_llx, (const uint4 *)w, act, rows, PHASES * per_launch,
+                                      epoch_base));
             else
                 CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
         } else {
@@ -391,8 +614,8 @@ int main(int argc, char **argv) {
     std::vector<float> sorted = per_replay;
     std::sort(sorted.begin(), sorted.end());
     const double steps = (double)per_replay.size() * STEPS;
-    printf("RESULT %s regs %d grid %u phase_mb %.2f us_per_step_mean %.2f us_per_step_median %.2f steps %.0f\n",
-           argv[1], fa.numRegs, grid, rows * VPR * 16.0 / 1e6, total_ms * 1e3 / steps,
+    printf("RESULT %s regs %d grid %u cluster %d phase_mb %.2f us_per_step_mean %.2f us_per_step_median %.2f steps %.0f\n",
+           argv[1], fa.numRegs, grid, cluster, rows * VPR * 16.0 / 1e6, total_ms * 1e3 / steps,
            sorted[sorted.size() / 2] * 1e3 / STEPS, steps);
     return 0;
 }

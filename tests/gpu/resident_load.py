@@ -4,7 +4,9 @@ two blocks an SM) as a chain of kernels (also with narrow phases that leave half
 Lattice's GDN recurrence does, and with either extreme of the L1 / shared-memory carveout), as one
 persistent kernel a step and as one for 8 steps
 (with cooperative_groups' grid barrier, with counter barriers of four kinds, without barriers: the
-phases' floor, and with activations that carry their phase, which the next phase polls), alone and
+phases' floor, with activations that carry their phase, which the next phase polls, and with barriers
+of fewer arrivals at one address: a tree of counters, and thread-block clusters that meet at the
+hardware cluster barrier first; persistent8-cluster4 names a cluster size), alone and
 under lattice-bench's load processes (N processes of 512x512 fp32
 torch matmuls, 2% of every 10 ms). A diagnostic: it needs a GPU, nvcc and an interpreter with torch
 for the load.
@@ -30,13 +32,17 @@ from lattice.bench.load import LoadProcesses  # noqa: E402
 
 FORMS = ("kernels", "kernels-narrow", "kernels-l1", "kernels-shared", "persistent", "persistent8",
          "persistent8-counter", "persistent8-red", "persistent8-flag", "persistent8-flagsleep", "persistent8-none",
-         "persistent8-ll")
+         "persistent8-ll", "persistent8-tree", "persistent8-cluster", "persistent8-clusteronly", "persistent8-split",
+         "persistent8-split-relaxed", "persistent8-split-warp", "persistent8-split-spread", "persistent8-split-late0",
+         "persistent8-llx")
 
 
-def build(out: str, pads: str) -> str:
-    """The program with PAD_PHASE:PAD_STEP values held live per thread ("" = the file's defaults)."""
-    exe = os.path.join(out, "resident_load" + (f"_{pads.replace(':', '_')}" if pads else ""))
+def build(out: str, pads: str, threads: int) -> str:
+    """The program with PAD_PHASE:PAD_STEP values held live per thread ("" = the file's defaults) and
+    blocks of `threads`."""
+    exe = os.path.join(out, "resident_load" + (f"_{pads.replace(':', '_')}" if pads else "") + f"_t{threads}")
     defs = [f"-DPAD_PHASE={pads.split(':')[0]}", f"-DPAD_STEP={pads.split(':')[1]}"] if pads else []
+    defs.append(f"-DTHREADS={threads}")
     subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", *defs, os.path.join(HERE, "resident_load.cu"),
                     "-o", exe], check=True)
     return exe
@@ -60,6 +66,7 @@ def main():
     ap.add_argument("--load-python", default=None, help="an interpreter with torch for the load processes")
     ap.add_argument("--pads", default="", help="comma-separated PAD_PHASE:PAD_STEP builds (0:0 = the kernels' "
                     "own registers); default: the file's (~120 registers)")
+    ap.add_argument("--threads", type=int, default=256, help="threads a block (one block an SM at 512)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms (resident_load.cu's modes)")
     ap.add_argument("--no-load", action="store_true", help="alone only")
     ap.add_argument("--load-priority", type=int, choices=(0, 1), default=None,
@@ -69,7 +76,7 @@ def main():
     a = ap.parse_args()
     if a.load_priority is not None:  # inherited by the load processes only (step_us drops it)
         os.environ["CUDA_MPS_CLIENT_PRIORITY"] = str(a.load_priority)
-    exes = {p: build(a.out, p) for p in a.pads.split(",")}
+    exes = {p: build(a.out, p, a.threads) for p in a.pads.split(",")}
     forms = [(f, p) for p in exes for f in a.forms.split(",")]
     name = {(f, p): f + (f"@{p}" if p else "") for f, p in forms}
     us = {(k, ph): [] for k in forms for ph in ("alone", "loaded")}
