@@ -23,6 +23,10 @@
  *   persistent8-cluster[N]: persistent8 launched in clusters of N blocks (default 8), which meet at
  *               the hardware cluster barrier; one block a cluster then meets the others at a counter.
  *   persistent8-clusteronly[N]: the cluster barriers alone (not a correct step: their floor).
+ *   persistent8-split[-relaxed | -warp | -spread | -late0]: persistent8 with a split barrier: arrive
+ *               once the phase's output is stored, request the next weights, then wait (split_arrive,
+ *               split_wait). The fastest form with barriers (session 19).
+ *   persistent8-llx: persistent8-ll, each block reading one row of every warp's output.
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -33,11 +37,12 @@
  *   nvcc -O3 -std=c++17 -arch=sm_90 tests/gpu/resident_load.cu -o /tmp/resident_load
  *   /tmp/resident_load MODE SECONDS      (MODE: kernels[-narrow | -l1 | -shared] | persistent |
  *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll |
- *                                        -tree | -cluster[N] | -clusteronly[N]])
+ *                                        -llx | -tree | -cluster[N] | -clusteronly[N] | -split[...]])
+ *   -DTHREADS=512: one block an SM (resident_load.py --threads 512)
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
  * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
- * load processes; bench/results/cuda-load-session18-2026-11-27.md has what they measured. */
+ * load processes; bench/results/cuda-load-session1{8,9}-2026-11-27.md have what they measured. */
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -362,34 +367,6 @@ __device__ __forceinline__ void ll_store(unsigned long long *p, float v, uint32_
     asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(word) : "memory");
 }
 
-__global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned long long *act, uint32_t rows,
-                                                     int phases, unsigned *epoch_base) {
-    const uint32_t g0 = *(volatile unsigned *)epoch_base;
-    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
-    rows_in_flight f;
-    f.load(w, row0, lane);
-    pad_regs<PAD_STEP> pad;
-    pad.fill((const uint32_t *)act);
-    float last = 0.0f;
-    for (int p = 0; p < phases; p++) {
-        const uint32_t g = g0 + p;
-        const unsigned long long *x = act + (size_t)((g + LL_SLOTS - 1) % LL_SLOTS) * rows;
-        unsigned long long *y = act + (size_t)(g % LL_SLOTS) * rows;
-        for (uint32_t j = threadIdx.x; j < gridDim.x; j += THREADS)  /* a word of block j's rows */
-            ll_wait(x + j * (rows / gridDim.x) + j % (rows / gridDim.x), g);
-        __syncthreads();
-        const float xv = ll_wait(x + (row0 * 7 + lane) % rows, g);
-        last = f.reduce_xv(xv, row0, lane, [&](uint32_t row, float v) { ll_store(y + row, v, g + 1); });
-        if (p + 1 < phases)
-            f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
-    }
-    pad.keep((uint32_t *)act, last);
-    /* the next launch's first phase; every block read g0 before block 0 got here (each phase waits
-       for every block) */
-    if (blockIdx.x == 0 && threadIdx.x == 0)
-        atomicAdd(epoch_base, (unsigned)phases);
-}
-
 /* persistent8-llx: the LL form closer to a GEMV, which reads all of x: each block reads one row of
  * every warp's output (rows / RPW words, 8-9 a thread), each word polled until it carries the
  * phase's epoch, with a short sleep after a miss; no block-wide wait. */
@@ -403,8 +380,9 @@ __device__ __forceinline__ float ll_wait_backoff(const unsigned long long *p, ui
     }
 }
 
-__global__ void __launch_bounds__(THREADS) k_step_llx(const uint4 *w, unsigned long long *act, uint32_t rows,
-                                                      int phases, unsigned *epoch_base) {
+template <bool WHOLE_X>  /* persistent8-llx : persistent8-ll */
+__global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned long long *act, uint32_t rows,
+                                                     int phases, unsigned *epoch_base) {
     const uint32_t g0 = *(volatile unsigned *)epoch_base;
     const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
     rows_in_flight f;
@@ -417,14 +395,24 @@ __global__ void __launch_bounds__(THREADS) k_step_llx(const uint4 *w, unsigned l
         const unsigned long long *x = act + (size_t)((g + LL_SLOTS - 1) % LL_SLOTS) * rows;
         unsigned long long *y = act + (size_t)(g % LL_SLOTS) * rows;
         float xv = 0.0f;
-        for (uint32_t j = threadIdx.x; j < rows / RPW; j += THREADS)
-            xv += ll_wait_backoff(x + j * RPW, g);
+        if constexpr (WHOLE_X) {
+            for (uint32_t j = threadIdx.x; j < rows / RPW; j += THREADS)
+                xv += ll_wait_backoff(x + j * RPW, g);
+        } else {
+            for (uint32_t j = threadIdx.x; j < gridDim.x; j += THREADS)  /* a word of block j's rows */
+                ll_wait(x + j * (rows / gridDim.x) + j % (rows / gridDim.x), g);
+            __syncthreads();
+            xv = ll_wait(x + (row0 * 7 + lane) % rows, g);
+        }
         last = f.reduce_xv(xv, row0, lane, [&](uint32_t row, float v) { ll_store(y + row, v, g + 1); });
         if (p + 1 < phases)
             f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
     }
     pad.keep((uint32_t *)act, last);
-    __syncthreads();  /* every thread of this block has read g0 */
+    /* the next launch's first phase; every block read g0 before block 0 got here (each phase waits
+       for every block) */
+    if constexpr (WHOLE_X)
+        __syncthreads();  /* every thread of this block has read g0 */
     if (blockIdx.x == 0 && threadIdx.x == 0)
         atomicAdd(epoch_base, (unsigned)phases);
 }
@@ -459,7 +447,8 @@ int main(int argc, char **argv) {
             m = i;
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
-                "-flagsleep|-none|-ll|-tree|-cluster[N]|-clusteronly[N]]\n", argv[0]);
+                "-flagsleep|-none|-ll|-llx|-tree|-cluster[N]|-clusteronly[N]|"
+                "-split[-relaxed|-warp|-spread|-late0]]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
@@ -498,7 +487,7 @@ int main(int argc, char **argv) {
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll : llx ? (const void *)k_step_llx : persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : persistent ? (const void *)k_step : (const void *)k_phase));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
@@ -557,8 +546,8 @@ int main(int argc, char **argv) {
             }
             cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.stream = s, cfg.attrs = at, cfg.numAttrs = (unsigned)(a - at);
             if (ll || llx)
-                CK(cudaLaunchKernelEx(&cfg, ll ? k_step_ll : k_step_llx, (const uint4 *)w, act, rows, PHASES * per_launch,
-                                      epoch_base));
+                CK(cudaLaunchKernelEx(&cfg, ll ? k_step_ll<false> : k_step_ll<true>, (const uint4 *)w, act, rows,
+                                      PHASES * per_launch, epoch_base));
             else
                 CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
         } else {
