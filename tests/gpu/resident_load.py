@@ -101,7 +101,7 @@ def main():
     def med(v):
         return sorted(v)[len(v) // 2]
     prio = f", load at MPS client priority {a.load_priority}" if a.load_priority is not None else ""
-    print(f"{a.n} load processes{prio}, {a.r} rounds"
+    print(("alone only" if a.no_load else f"{a.n} load processes{prio}") + f", {a.r} rounds"
           + (f", load share {med(shares):.1f}% (median)" if shares else "")
           + "; us per step, median over rounds:")
     for f in forms:
