@@ -98,6 +98,9 @@ template <int PAD> struct pad_regs {  /* PAD values kept live from fill() to kee
     }
 };
 
+/* the first of the calling warp's RPW rows in every phase */
+__device__ __forceinline__ uint32_t warp_row0() { return (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW; }
+
 struct rows_in_flight {  /* one warp's RPW rows of one phase, in registers */
     uint4 w[RPW][U];
     __device__ void load(const uint4 *wp, uint32_t row0, uint32_t lane) {
@@ -134,7 +137,7 @@ struct rows_in_flight {  /* one warp's RPW rows of one phase, in registers */
 
 __global__ void __launch_bounds__(THREADS) k_phase(const uint4 *w, const float *x, float *y, uint32_t rows) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
+    const uint32_t lane = threadIdx.x & 31, row0 = warp_row0();
     rows_in_flight f;
     f.load(w, row0, lane);
     pad_regs<PAD_PHASE> pad;
@@ -309,14 +312,24 @@ __device__ void split_wait(unsigned *count, int kind, unsigned phase) {
 /* BARRIER_CG: cooperative_groups' grid.sync(); BARRIER_NONE: none (a wrong result: the floor of
  * the phases' own time, for comparison); the split ones: split_arrive / split_wait; the others:
  * tree_barrier, cluster_barrier or counter_barrier on count */
+/* a persistent thread's state at its first phase: its rows' weights requested, its PAD values
+   loaded from pad_src */
+struct persistent_thread {
+    uint32_t lane, row0;
+    rows_in_flight f;
+    pad_regs<PAD_STEP> pad;
+    __device__ persistent_thread(const uint4 *w, const void *pad_src) : lane(threadIdx.x & 31), row0(warp_row0()) {
+        f.load(w, row0, lane);
+        pad.fill((const uint32_t *)pad_src);
+    }
+};
+
 __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uint32_t rows, int phases,
                                                   int barrier, unsigned *count) {
     cg::grid_group grid = cg::this_grid();
-    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
-    rows_in_flight f;
-    f.load(w, row0, lane);
-    pad_regs<PAD_STEP> pad;
-    pad.fill((const uint32_t *)xy);
+    persistent_thread t(w, xy);
+    const uint32_t lane = t.lane, row0 = t.row0;
+    rows_in_flight &f = t.f;
     float last = 0.0f;
     for (int p = 0; p < phases; p++) {
         last = f.reduce(xy + (p & 1) * rows, xy + ((p + 1) & 1) * rows, row0, lane, rows);
@@ -342,7 +355,7 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
         else if (barrier != BARRIER_NONE)
             counter_barrier(count, barrier, p);
     }
-    pad.keep((uint32_t *)xy, last);
+    t.pad.keep((uint32_t *)xy, last);
 }
 
 /* persistent8-ll: activations as 64-bit {epoch, value} words, each written by one store. A consumer
@@ -384,11 +397,9 @@ template <bool WHOLE_X>  /* persistent8-llx : persistent8-ll */
 __global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned long long *act, uint32_t rows,
                                                      int phases, unsigned *epoch_base) {
     const uint32_t g0 = *(volatile unsigned *)epoch_base;
-    const uint32_t lane = threadIdx.x & 31, row0 = (blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5)) * RPW;
-    rows_in_flight f;
-    f.load(w, row0, lane);
-    pad_regs<PAD_STEP> pad;
-    pad.fill((const uint32_t *)act);
+    persistent_thread t(w, act);
+    const uint32_t lane = t.lane, row0 = t.row0;
+    rows_in_flight &f = t.f;
     float last = 0.0f;
     for (int p = 0; p < phases; p++) {
         const uint32_t g = g0 + p;
@@ -408,7 +419,7 @@ __global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned lo
         if (p + 1 < phases)
             f.load(w + (size_t)((p + 1) % PHASES) * rows * VPR, row0, lane);
     }
-    pad.keep((uint32_t *)act, last);
+    t.pad.keep((uint32_t *)act, last);
     /* the next launch's first phase; every block read g0 before block 0 got here (each phase waits
        for every block) */
     if constexpr (WHOLE_X)
