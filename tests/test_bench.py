@@ -204,14 +204,15 @@ def test_failing_engine_is_reported_and_the_others_go_on():
 
 
 class FakeLoad:
-    """Stands in for LoadProcesses: records whether the load runs."""
-    running, events = False, []
+    """Stands in for LoadProcesses: records whether the load runs, and len(CALLS) at each start."""
+    running, events, started_at = False, [], []
 
     def __init__(self, n, device, duty, period_ms, python=None):
         FakeLoad.events = ["start"]
 
     def __enter__(self):
         FakeLoad.running = True
+        FakeLoad.started_at.append(len(CALLS))
         return self
 
     def __exit__(self, *exc):
@@ -226,6 +227,7 @@ class FakeLoad:
 def fake_load(monkeypatch):
     from lattice.bench import runner
     monkeypatch.setattr(runner, "LoadProcesses", FakeLoad)
+    FakeLoad.started_at = []
     return FakeLoad
 
 
@@ -249,6 +251,33 @@ def test_unloaded_runs_bracket_the_loaded_ones(fake_load):
     assert rec["loaded"]["load"] == {"processes": 1, "share_pct": 2.0}
     assert rec["unloaded"]["decode"]["n"] == rec["loaded"]["decode"]["n"] == 5
     assert rec["unloaded_drift_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+class Resident(Slowed):
+    """Logs into CALLS when it loads and closes, so a test sees which engines were loaded at once."""
+    def load(self, model_path, threads, context):
+        super().load(model_path, threads, context)
+        CALLS.append((self.spec, "load"))
+
+    def close(self):
+        CALLS.append((self.spec, "close"))
+
+
+def test_one_at_a_time_measures_each_engine_alone(fake_load):
+    """--one-at-a-time: each engine loads, warms up, runs unloaded / loaded / unloaded under its own
+    load processes and closes before the next one loads; the records keep the hosts' order."""
+    s = Settings(n1=4, n2=8, warmup=1, runs=3, pp=5, prompt_tokens=3, load=1, one_at_a_time=True)
+    recs, engines = measure_fakes(s, "resident:a", "resident:b", registry={"resident": Resident})
+    starts = fake_load.started_at
+    events = [(c[0], c[1] if c[1] in ("load", "close") else "run") for c in CALLS]
+    a_close, b_load = events.index(("resident:a", "close")), events.index(("resident:b", "load"))
+    assert events[0] == ("resident:a", "load") and a_close < b_load and events[-1] == ("resident:b", "close")
+    assert {e[0] for e in events[:a_close]} == {"resident:a"} and {e[0] for e in events[b_load:]} == {"resident:b"}
+    assert len(starts) == 2 and starts[0] < a_close < b_load < starts[1]       # a load of its own each
+    assert [r["engine"] for r in recs] == ["resident:a", "resident:b"]
+    for rec, eng in zip(recs, engines):
+        assert [c[2] for c in eng.calls[::3]] == [False] * 3 + [True] * 3 + [False]
+        assert rec["loss_of_means"]["decode"]["loss_pct"] == pytest.approx(20.0, rel=1e-12)
 
 
 def test_loss_of_means_is_exact(fake_load):
@@ -433,6 +462,14 @@ def test_cli_loss_table_gives_the_loss_of_means(tmp_path, fake_registry, fake_lo
     assert res.exit_code == 0, res.output
     assert ("decode loss, slowed minus fake: +20.00 points [+20.00, +20.00] (95% CI; an interval below 0: "
             "slowed lost less)") in res.output
+    # the same difference one engine at a time: each went through its own load (two starts)
+    started = len(fake_load.started_at)
+    res = CliRunner().invoke(cli.main, ["run", "--gguf", str(model), "-e", "slowed", "-e", "fake", "--runs", "3",
+                                        "--warmup", "0", "--load", "1", "--load-device", "cpu", "--in-process",
+                                        "--one-at-a-time"])
+    assert res.exit_code == 0, res.output
+    assert "(one at a time)" in res.output and len(fake_load.started_at) == started + 2
+    assert "decode loss, slowed minus fake: +20.00 points [+20.00, +20.00]" in res.output
 
 
 def test_cli_rejects_bad_options(tmp_path):

@@ -38,6 +38,9 @@ Method (see bench/README.md):
   for every engine. Results record the machine, versions, model file,
   quantization, backend, threads, runtime counters (Lattice: submissions and
   backend calls per token, dispatches per step) and the exact command line.
+  --one-at-a-time: each engine instead goes through the whole protocol (warm-up,
+  runs, load) with no other engine loaded: under CUDA MPS an idle engine is a
+  client of the one server, and idle clients slow some engines.
 - --load N: N background processes run a small piece of work every period
   (default 0.2 ms every 10 ms, a 2% duty cycle) on the same device (cuda:
   matmuls through torch; metal: one compute dispatch of a busy loop per period
@@ -109,10 +112,14 @@ MLX read --hf.
               help="Draw decode tok/s distributions (needs matplotlib: pip install 'lattice[bench]').")
 @click.option("--python", "pythons", multiple=True, metavar="KIND=PYTHON",
               help="Interpreter for one engine kind, e.g. llama.cpp=/opt/venv/bin/python (repeatable).")
+@click.option("--one-at-a-time", is_flag=True,
+              help="Measure the engines one after another, each with the others not loaded (its own "
+                   "warm-up, runs and load), instead of interleaved: under CUDA MPS idle engines are "
+                   "clients that slow some others.")
 @click.option("--in-process", is_flag=True,
               help="Run engines in this process, still interleaved (debugging: errors raise).")
 def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prompt_tokens, load, load_duty,
-            load_period_ms, load_device, json_path, csv_path, plot_path, pythons, in_process):
+            load_period_ms, load_device, json_path, csv_path, plot_path, pythons, one_at_a_time, in_process):
     if plot_path:
         _require_matplotlib()
     if not gguf_path and not hf_path:
@@ -120,7 +127,8 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
     threads = threads or _default_threads()
     s = Settings(n1=n1, n2=n2, warmup=warmup, runs=runs, pp=pp, prompt_tokens=prompt_tokens, threads=threads,
                  load=load, load_device=_default_load_device() if load_device == "auto" else load_device,
-                 load_duty=load_duty, load_period_ms=load_period_ms, load_python=sys.executable)
+                 load_duty=load_duty, load_period_ms=load_period_ms, load_python=sys.executable,
+                 one_at_a_time=one_at_a_time)
     interpreters = {}
     for item in pythons:
         kind, sep, exe = item.partition("=")
@@ -141,7 +149,8 @@ def run_cmd(gguf_path, hf_path, engines, threads, n1, n2, warmup, runs, pp, prom
     files = {"gguf": gguf_path, "hf": hf_path}
     hosts = [EngineHost(spec, files, s, ENGINES) if in_process else
              EngineWorker(spec, files, s, interpreters.get(spec.split(":")[0])) for spec in engines]
-    click.echo(f"measuring {', '.join(engines)} (interleaved) ...", err=True)
+    click.echo(f"measuring {', '.join(engines)} ({'one at a time' if one_at_a_time else 'interleaved'}) ...",
+               err=True)
     results = measure(hosts, s)
     for rec in results:
         if rec["status"] != "ok":

@@ -53,6 +53,7 @@ class Settings:
     load_duty: float = 0.02
     load_period_ms: float = 10.0
     load_python: str = ""       # interpreter of the load processes (one with torch for cuda) [this one]
+    one_at_a_time: bool = False  # each engine measured alone on the machine (see measure())
 
     def validate(self):
         if not (1 <= self.n1 < self.n2):
@@ -409,6 +410,18 @@ class _Schedule:
 
 
 def measure(hosts: list, s: Settings) -> list[dict]:
+    """Measure the hosts interleaved (see measure_together()), or with s.one_at_a_time one after
+    another, each through the whole protocol (its own load processes included) while no other engine
+    is loaded: under CUDA MPS every engine holding a context is a client of the one server, and idle
+    clients slow some engines (ten slowed llama.cpp by 6-13%), which would lower their baseline.
+    Returns one record per host, in order."""
+    if not s.one_at_a_time:
+        return measure_together(hosts, s)
+    s.validate()
+    return [rec for h in hosts for rec in measure_together([h], s)]
+
+
+def measure_together(hosts: list, s: Settings) -> list[dict]:
     """Open every engine (each loads its model), warm up, then measure them interleaved. With
     s.load > 0 the unloaded runs bracket the loaded ones: the first half of them, then every run
     under load (the load processes start after that half and stop before the rest), then the other

@@ -16,7 +16,8 @@
 #     0: transformers with a static or a dynamic cache, or not at all; N1, N2: the decode slope's
 #     two lengths (64, 320); TF_CACHES=1: then transformers' two caches alone, side by side (is the
 #     static cache faster?); MPS=1: every run again under CUDA MPS; TIMESLICE=0: only the MPS runs
-#     (skip those under the GPU's default time-slicing)
+#     (skip those under the GPU's default time-slicing); ONE_AT_A_TIME=1: lattice-bench --one-at-a-time
+#     (each engine measured with no other engine loaded, its own load included)
 # Everything else lands in $OUT/results.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -106,7 +107,8 @@ measure() {  # model, tag suffix: every engine in one run, under one load
         dynamic) engines+=(-e transformers:bf16:cuda) ;;        # Python-bound: ~30 tok/s, use N2=48
     esac
     [ ${#engines[@]} -gt 0 ] && bench "$m$sfx" --gguf "$M.gguf" --hf "$M" "${engines[@]}" \
-        --n1 "${N1:-64}" --n2 "${N2:-320}" --load "$LOAD" --load-device cuda
+        --n1 "${N1:-64}" --n2 "${N2:-320}" --load "$LOAD" --load-device cuda \
+        $([ "${ONE_AT_A_TIME:-0}" = 1 ] && echo --one-at-a-time)
     # the issue's "static cache if it helps it": transformers with each cache, alone, in one short run
     [ "${TF_CACHES:-0}" = 1 ] && bench "$m$sfx-transformers-caches" --hf "$M" -e transformers:bf16:cuda \
         -e transformers:bf16:cuda:static --n1 16 --n2 48
