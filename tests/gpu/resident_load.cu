@@ -39,6 +39,8 @@
  *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll |
  *                                        -llx | -tree | -cluster[N] | -clusteronly[N] | -split[...]])
  *   -DTHREADS=512: one block an SM (resident_load.py --threads 512)
+ *   -DROWS_PER_WARP=1 -DROW_VECS=32: phases of 1/8 the bytes (1 MB at 512 threads, as SmolLM2's,
+ *               whose phases are latency-bound; resident_load.py --shapes 1:32)
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
  * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
@@ -67,7 +69,14 @@ namespace cg = cooperative_groups;
 #ifndef THREADS  /* threads a block (resident_load.py --threads) */
 #define THREADS 256
 #endif
-constexpr int RPW = 4, VPR = 64;  /* rows per warp, 16-byte vectors per 1 KB row */
+#ifndef ROWS_PER_WARP  /* a phase's shape (resident_load.py --shapes): rows a warp, 16-byte vectors a row */
+#define ROWS_PER_WARP 4
+#endif
+#ifndef ROW_VECS      /* a multiple of 32; 64: rows of 1 KB */
+#define ROW_VECS 64
+#endif
+constexpr int RPW = ROWS_PER_WARP, VPR = ROW_VECS;
+static_assert(VPR % 32 == 0, "ROW_VECS: whole vectors a lane");
 constexpr int U = VPR / 32;                      /* vectors per row and lane */
 constexpr int PHASES = 64, STEPS = 8;
 #ifndef PAD_PHASE  /* values held live per thread, chosen for ~120 registers in each form */

@@ -11,7 +11,7 @@ under lattice-bench's load processes (N processes of 512x512 fp32
 torch matmuls, 2% of every 10 ms). A diagnostic: it needs a GPU, nvcc and an interpreter with torch
 for the load.
 
-    python3 tests/gpu/resident_load.py -n 10 -r 4 [--pads 68:52,40:52] [--forms kernels,persistent8]
+    python3 tests/gpu/resident_load.py -n 10 -r 4 [--pads 68:52,40:52] [--shapes 4:64,1:32] [--forms kernels,persistent8]
 
 Each round measures every form alone, then every form under one start of the load (the order of
 the forms rotates between rounds, and which phase comes first alternates); a measurement is the
@@ -37,11 +37,13 @@ FORMS = ("kernels", "kernels-narrow", "kernels-l1", "kernels-shared", "persisten
          "persistent8-llx")
 
 
-def build(out: str, pads: str, threads: int) -> str:
-    """The program with PAD_PHASE:PAD_STEP values held live per thread ("" = the file's defaults) and
-    blocks of `threads`."""
-    exe = os.path.join(out, "resident_load" + (f"_{pads.replace(':', '_')}" if pads else "") + f"_t{threads}")
+def build(out: str, pads: str, shape: str, threads: int) -> str:
+    """The program with PAD_PHASE:PAD_STEP values held live per thread and phases of shape
+    ROWS_PER_WARP:ROW_VECS ("" = the file's defaults), blocks of `threads`."""
+    exe = os.path.join(out, "resident_load" + "".join(f"_{v.replace(':', '_')}" for v in (pads, shape) if v)
+                       + f"_t{threads}")
     defs = [f"-DPAD_PHASE={pads.split(':')[0]}", f"-DPAD_STEP={pads.split(':')[1]}"] if pads else []
+    defs += [f"-DROWS_PER_WARP={shape.split(':')[0]}", f"-DROW_VECS={shape.split(':')[1]}"] if shape else []
     defs.append(f"-DTHREADS={threads}")
     subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", *defs, os.path.join(HERE, "resident_load.cu"),
                     "-o", exe], check=True)
@@ -66,6 +68,8 @@ def main():
     ap.add_argument("--load-python", default=None, help="an interpreter with torch for the load processes")
     ap.add_argument("--pads", default="", help="comma-separated PAD_PHASE:PAD_STEP builds (0:0 = the kernels' "
                     "own registers); default: the file's (~120 registers)")
+    ap.add_argument("--shapes", default="", help="comma-separated ROWS_PER_WARP:ROW_VECS builds (1:32: phases "
+                    "of 1/8 the bytes); default: the file's (4:64)")
     ap.add_argument("--threads", type=int, default=256, help="threads a block (one block an SM at 512)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms (resident_load.cu's modes)")
     ap.add_argument("--no-load", action="store_true", help="alone only")
@@ -76,9 +80,9 @@ def main():
     a = ap.parse_args()
     if a.load_priority is not None:  # inherited by the load processes only (step_us drops it)
         os.environ["CUDA_MPS_CLIENT_PRIORITY"] = str(a.load_priority)
-    exes = {p: build(a.out, p, a.threads) for p in a.pads.split(",")}
-    forms = [(f, p) for p in exes for f in a.forms.split(",")]
-    name = {(f, p): f + (f"@{p}" if p else "") for f, p in forms}
+    exes = {(p, sh): build(a.out, p, sh, a.threads) for p in a.pads.split(",") for sh in a.shapes.split(",")}
+    forms = [(f, b) for b in exes for f in a.forms.split(",")]
+    name = {(f, b): f + (f"@{b[0]}" if b[0] else "") + (f"#{b[1]}" if b[1] else "") for f, b in forms}
     us = {(k, ph): [] for k in forms for ph in ("alone", "loaded")}
     shares = []
     for r in range(a.r):
