@@ -27,6 +27,10 @@
  *               once the phase's output is stored, request the next weights, then wait (split_arrive,
  *               split_wait). The fastest form with barriers (session 19).
  *   persistent8-llx: persistent8-ll, each block reading one row of every warp's output.
+ *   persistent8-onecluster[N]: persistent8 on one cluster of N blocks (default 8; 16 is the most),
+ *               one an SM, meeting at the hardware cluster barrier: the rest of the GPU is left to
+ *               other work. Give it phases of as many bytes as the others' (e.g. --shapes 8:32 at 16
+ *               blocks of 512 threads: 1 MB, as 1:32 over 132 blocks).
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -449,7 +453,7 @@ int main(int argc, char **argv) {
         {"persistent8-clusteronly", STEPS, BARRIER_CLUSTER_ONLY}, {"persistent8-split", STEPS, BARRIER_SPLIT},
         {"persistent8-split-relaxed", STEPS, BARRIER_SPLIT_RELAXED}, {"persistent8-split-warp", STEPS, BARRIER_SPLIT_WARP},
         {"persistent8-llx", STEPS, BARRIER_NONE}, {"persistent8-split-spread", STEPS, BARRIER_SPLIT_SPREAD},
-        {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}};
+        {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}, {"persistent8-onecluster", STEPS, BARRIER_CLUSTER_ONLY}};
     /* a cluster form's name may end in its cluster size: persistent8-cluster4 (default 8) */
     char mode[64] = "";
     int cluster = 8;
@@ -458,7 +462,7 @@ int main(int argc, char **argv) {
         char *digits = mode + strlen(mode);
         while (digits > mode && digits[-1] >= '0' && digits[-1] <= '9')
             digits--;
-        if (*digits && !strncmp(mode, "persistent8-cluster", 19))
+        if (*digits && (!strncmp(mode, "persistent8-cluster", 19) || !strncmp(mode, "persistent8-onecluster", 22)))
             cluster = atoi(digits), *digits = 0;
     }
     int m = -1;
@@ -468,13 +472,14 @@ int main(int argc, char **argv) {
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
                 "-flagsleep|-none|-ll|-llx|-tree|-cluster[N]|-clusteronly[N]|"
-                "-split[-relaxed|-warp|-spread|-late0]]\n", argv[0]);
+                "-split[-relaxed|-warp|-spread|-late0]|-onecluster[N]]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
     const bool ll = !strcmp(argv[1], "persistent8-ll"), llx = !strcmp(argv[1], "persistent8-llx");
     const bool clustered = modes[m].barrier == BARRIER_CLUSTER || modes[m].barrier == BARRIER_CLUSTER_ONLY;
+    const bool one_cluster = !strcmp(mode, "persistent8-onecluster");  /* the grid is one cluster */
     if (!clustered)
         cluster = 1;
     if (cluster < 1 || cluster > 16) {
@@ -504,6 +509,12 @@ int main(int argc, char **argv) {
         int clusters = 0;
         CK(cudaOccupancyMaxActiveClusters(&clusters, k_step, &cfg));
         grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
+        if (one_cluster)
+            grid = clusters > 0 ? cluster : 0;
+        if (grid == 0) {
+            fprintf(stderr, "no cluster of %d blocks fits\n", cluster);
+            return 1;
+        }
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
@@ -533,8 +544,8 @@ int main(int argc, char **argv) {
 
     /* a cooperative launch of clusters, if this driver takes one; else clusters alone (the grid fits
        at once anyway: it was sized by the occupancy) */
-    bool cooperative = true;
-    if (clustered) {
+    bool cooperative = !one_cluster;  /* one cluster's blocks are co-scheduled anyway */
+    if (clustered && cooperative) {
         cudaLaunchConfig_t cfg = {};
         cudaLaunchAttribute at[2];
         at[0].id = cudaLaunchAttributeCooperative, at[0].val.cooperative = 1;
