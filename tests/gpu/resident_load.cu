@@ -505,7 +505,7 @@ int main(int argc, char **argv) {
         cudaLaunchAttribute at[1];
         at[0].id = cudaLaunchAttributeClusterDimension;
         at[0].val.clusterDim.x = cluster, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
-        cfg.gridDim = grid, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;
+        cfg.gridDim = grid / cluster * cluster, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;  /* whole clusters */
         int clusters = 0;
         CK(cudaOccupancyMaxActiveClusters(&clusters, k_step, &cfg));
         grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
