@@ -54,8 +54,10 @@ def step_us(exe: str, form: str, seconds: float) -> tuple[float, str]:
     """Mean us per step over the window, and the program's line (run at the default MPS client
     priority, whatever the load's)."""
     env = {k: v for k, v in os.environ.items() if k != "CUDA_MPS_CLIENT_PRIORITY"}
-    line = subprocess.run([exe, form, str(seconds)], check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    r = subprocess.run([exe, form, str(seconds)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"{exe} {form}: exit {r.returncode}: {r.stderr.strip()}")
+    line = r.stdout.strip()
     f = line.split()
     return float(f[f.index("us_per_step_mean") + 1]), line
 
