@@ -31,6 +31,8 @@
  *               one an SM, meeting at the hardware cluster barrier: the rest of the GPU is left to
  *               other work. Give it phases of as many bytes as the others' (e.g. --shapes 8:32 at 16
  *               blocks of 512 threads: 1 MB, as 1:32 over 132 blocks).
+ *   persistent8-onecluster-pipe[N]: the same with the weights requested PIPE_STAGES phases ahead into
+ *               shared memory (k_step_pipe).
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -441,6 +443,59 @@ __global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned lo
         atomicAdd(epoch_base, (unsigned)phases);
 }
 
+/* persistent8-onecluster-pipe[N]: persistent8-onecluster with the weights requested PIPE_STAGES
+ * phases ahead into shared memory (cp.async, each thread its own 16-byte pieces, so no block barrier
+ * stands between a copy and its reader), and the cluster barrier split as split_arrive / split_wait:
+ * arrive once the phase's output is stored, request phase p + PIPE_STAGES into the stage just
+ * read, then wait. Can a few SMs stream the weights fast enough when their requests run that far
+ * ahead of the dependency? */
+#ifndef PIPE_STAGES
+#define PIPE_STAGES 3
+#endif
+constexpr size_t PIPE_STAGE_VECS = (size_t)THREADS * RPW * U;  /* a block's weights of one phase */
+
+__device__ __forceinline__ void pipe_request(uint4 *stage, const uint4 *w, uint32_t rows, int p, int phases,
+                                             uint32_t row0, uint32_t lane) {
+    if (p < phases) {
+        const uint4 *wp = w + (size_t)(p % PHASES) * rows * VPR;
+        uint4 *dst = stage + (size_t)(p % PIPE_STAGES) * PIPE_STAGE_VECS + threadIdx.x;
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(
+                                 dst + (size_t)(r * U + u) * THREADS)),
+                             "l"(wp + (size_t)(row0 + r) * VPR + lane + 32 * u)
+                             : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");  /* empty past the end: one group a phase */
+}
+
+__global__ void __launch_bounds__(THREADS) k_step_pipe(const uint4 *w, float *xy, uint32_t rows, int phases) {
+    extern __shared__ uint4 stage[];
+    const uint32_t lane = threadIdx.x & 31, row0 = warp_row0();
+    pad_regs<PAD_STEP> pad;
+    pad.fill((const uint32_t *)xy);
+    for (int p = 0; p < PIPE_STAGES; p++)
+        pipe_request(stage, w, rows, p, phases, row0, lane);
+    float last = 0.0f;
+    for (int p = 0; p < phases; p++) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(PIPE_STAGES - 1) : "memory");  /* phase p's group */
+        rows_in_flight f;
+        const uint4 *src = stage + (size_t)(p % PIPE_STAGES) * PIPE_STAGE_VECS + threadIdx.x;
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                f.w[r][u] = src[(size_t)(r * U + u) * THREADS];
+        last = f.reduce(xy + (p & 1) * rows, xy + ((p + 1) & 1) * rows, row0, lane, rows);
+        asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+        pipe_request(stage, w, rows, p + PIPE_STAGES, phases, row0, lane);
+        asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    }
+    pad.keep((uint32_t *)xy, last);
+}
+
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
@@ -453,7 +508,8 @@ int main(int argc, char **argv) {
         {"persistent8-clusteronly", STEPS, BARRIER_CLUSTER_ONLY}, {"persistent8-split", STEPS, BARRIER_SPLIT},
         {"persistent8-split-relaxed", STEPS, BARRIER_SPLIT_RELAXED}, {"persistent8-split-warp", STEPS, BARRIER_SPLIT_WARP},
         {"persistent8-llx", STEPS, BARRIER_NONE}, {"persistent8-split-spread", STEPS, BARRIER_SPLIT_SPREAD},
-        {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}, {"persistent8-onecluster", STEPS, BARRIER_CLUSTER_ONLY}};
+        {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}, {"persistent8-onecluster", STEPS, BARRIER_CLUSTER_ONLY},
+        {"persistent8-onecluster-pipe", STEPS, BARRIER_CLUSTER_ONLY}};
     /* a cluster form's name may end in its cluster size: persistent8-cluster4 (default 8) */
     char mode[64] = "";
     int cluster = 8;
@@ -472,14 +528,20 @@ int main(int argc, char **argv) {
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
                 "-flagsleep|-none|-ll|-llx|-tree|-cluster[N]|-clusteronly[N]|"
-                "-split[-relaxed|-warp|-spread|-late0]|-onecluster[N]]\n", argv[0]);
+                "-split[-relaxed|-warp|-spread|-late0]|-onecluster[-pipe][N]]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
     const bool ll = !strcmp(argv[1], "persistent8-ll"), llx = !strcmp(argv[1], "persistent8-llx");
     const bool clustered = modes[m].barrier == BARRIER_CLUSTER || modes[m].barrier == BARRIER_CLUSTER_ONLY;
-    const bool one_cluster = !strcmp(mode, "persistent8-onecluster");  /* the grid is one cluster */
+    const bool pipe = !strcmp(mode, "persistent8-onecluster-pipe");
+    const bool one_cluster = pipe || !strcmp(mode, "persistent8-onecluster");  /* the grid is one cluster */
+    const size_t pipe_smem = pipe ? PIPE_STAGES * PIPE_STAGE_VECS * sizeof(uint4) : 0;
+    if (pipe)
+        CK(cudaFuncSetAttribute(k_step_pipe, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pipe_smem));
+    if (pipe && cluster > 8)
+        CK(cudaFuncSetAttribute(k_step_pipe, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     if (!clustered)
         cluster = 1;
     if (cluster < 1 || cluster > 16) {
@@ -507,7 +569,8 @@ int main(int argc, char **argv) {
         at[0].val.clusterDim.x = cluster, at[0].val.clusterDim.y = 1, at[0].val.clusterDim.z = 1;
         cfg.gridDim = grid / cluster * cluster, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;  /* whole clusters */
         int clusters = 0;
-        CK(cudaOccupancyMaxActiveClusters(&clusters, k_step, &cfg));
+        cfg.dynamicSmemBytes = pipe_smem;
+        CK(cudaOccupancyMaxActiveClusters(&clusters, pipe ? (const void *)k_step_pipe : (const void *)k_step, &cfg));
         grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
         if (one_cluster)
             grid = clusters > 0 ? cluster : 0;
@@ -518,7 +581,7 @@ int main(int argc, char **argv) {
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : pipe ? (const void *)k_step_pipe : persistent ? (const void *)k_step : (const void *)k_phase));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
@@ -579,7 +642,10 @@ int main(int argc, char **argv) {
             if (ll || llx)
                 CK(cudaLaunchKernelEx(&cfg, ll ? k_step_ll<false> : k_step_ll<true>, (const uint4 *)w, act, rows,
                                       PHASES * per_launch, epoch_base));
-            else
+            else if (pipe) {
+                cfg.dynamicSmemBytes = pipe_smem;
+                CK(cudaLaunchKernelEx(&cfg, k_step_pipe, (const uint4 *)w, xy, rows, PHASES * per_launch));
+            } else
                 CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
         } else {
             for (int p = 0; p < PHASES; p++) {

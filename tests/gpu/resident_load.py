@@ -34,17 +34,17 @@ FORMS = ("kernels", "kernels-narrow", "kernels-l1", "kernels-shared", "persisten
          "persistent8-counter", "persistent8-red", "persistent8-flag", "persistent8-flagsleep", "persistent8-none",
          "persistent8-ll", "persistent8-tree", "persistent8-cluster", "persistent8-clusteronly", "persistent8-split",
          "persistent8-split-relaxed", "persistent8-split-warp", "persistent8-split-spread", "persistent8-split-late0",
-         "persistent8-llx", "persistent8-onecluster")
+         "persistent8-llx", "persistent8-onecluster", "persistent8-onecluster-pipe")
 
 
-def build(out: str, pads: str, shape: str, threads: int) -> str:
+def build(out: str, pads: str, shape: str, threads: int, stages: int = 3) -> str:
     """The program with PAD_PHASE:PAD_STEP values held live per thread and phases of shape
     ROWS_PER_WARP:ROW_VECS ("" = the file's defaults), blocks of `threads`."""
     exe = os.path.join(out, "resident_load" + "".join(f"_{v.replace(':', '_')}" for v in (pads, shape) if v)
-                       + f"_t{threads}")
+                       + f"_t{threads}_s{stages}")
     defs = [f"-DPAD_PHASE={pads.split(':')[0]}", f"-DPAD_STEP={pads.split(':')[1]}"] if pads else []
     defs += [f"-DROWS_PER_WARP={shape.split(':')[0]}", f"-DROW_VECS={shape.split(':')[1]}"] if shape else []
-    defs.append(f"-DTHREADS={threads}")
+    defs += [f"-DTHREADS={threads}", f"-DPIPE_STAGES={stages}"]
     subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90", *defs, os.path.join(HERE, "resident_load.cu"),
                     "-o", exe], check=True)
     return exe
@@ -72,6 +72,7 @@ def main():
                     "own registers); default: the file's (~120 registers)")
     ap.add_argument("--shapes", default="", help="comma-separated ROWS_PER_WARP:ROW_VECS builds (1:32: phases "
                     "of 1/8 the bytes); default: the file's (4:64)")
+    ap.add_argument("--pipe-stages", type=int, default=3, help="phases the -pipe form requests ahead")
     ap.add_argument("--threads", type=int, default=256, help="threads a block (one block an SM at 512)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated forms (resident_load.cu's modes)")
     ap.add_argument("--no-load", action="store_true", help="alone only")
@@ -82,7 +83,7 @@ def main():
     a = ap.parse_args()
     if a.load_priority is not None:  # inherited by the load processes only (step_us drops it)
         os.environ["CUDA_MPS_CLIENT_PRIORITY"] = str(a.load_priority)
-    exes = {(p, sh): build(a.out, p, sh, a.threads) for p in a.pads.split(",") for sh in a.shapes.split(",")}
+    exes = {(p, sh): build(a.out, p, sh, a.threads, a.pipe_stages) for p in a.pads.split(",") for sh in a.shapes.split(",")}
     forms = [(f, b) for b in exes for f in a.forms.split(",")]
     name = {(f, b): f + (f"@{b[0]}" if b[0] else "") + (f"#{b[1]}" if b[1] else "") for f, b in forms}
     us = {(k, ph): [] for k in forms for ph in ("alone", "loaded")}
