@@ -32,7 +32,7 @@
  *               other work. Give it phases of as many bytes as the others' (e.g. --shapes 8:32 at 16
  *               blocks of 512 threads: 1 MB, as 1:32 over 132 blocks).
  *   persistent8-onecluster-pipe[N]: the same with the weights requested PIPE_STAGES phases ahead into
- *               shared memory (k_step_pipe).
+ *               shared memory (k_step_pipe); -tma: each stage one bulk copy (k_step_tma).
  *
  * Every form runs as CUDA graphs of 8 steps. Each thread also holds PAD_PHASE (the chain) or
  * PAD_STEP (persistent) values live: by default ~120 registers, so that two blocks fill an SM
@@ -496,6 +496,60 @@ __global__ void __launch_bounds__(THREADS) k_step_pipe(const uint4 *w, float *xy
     pad.keep((uint32_t *)xy, last);
 }
 
+/* persistent8-onecluster-tma[N]: persistent8-onecluster-pipe with each stage one bulk copy (the
+ * tensor memory accelerator: cp.async.bulk, completion counted by the stage's mbarrier) of the
+ * block's rows, which are contiguous, instead of 16-byte copies by every thread. Thread 0 requests a
+ * stage once the cluster barrier says every thread has read it. */
+__device__ __forceinline__ void tma_request(uint4 *stage, unsigned long long *bar, const uint4 *w, uint32_t rows,
+                                            int p, int phases) {
+    if (p >= phases)
+        return;
+    const uint32_t bytes = (uint32_t)(PIPE_STAGE_VECS * sizeof(uint4));
+    const uint4 *src = w + (size_t)(p % PHASES) * rows * VPR + (size_t)blockIdx.x * (THREADS / 32) * RPW * VPR;
+    const unsigned b = (unsigned)__cvta_generic_to_shared(bar + p % PIPE_STAGES);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"((unsigned)__cvta_generic_to_shared(stage + (size_t)(p % PIPE_STAGES) * PIPE_STAGE_VECS)),
+                 "l"(src), "r"(bytes), "r"(b) : "memory");
+}
+
+__global__ void __launch_bounds__(THREADS) k_step_tma(const uint4 *w, float *xy, uint32_t rows, int phases) {
+    extern __shared__ uint4 stage[];
+    __shared__ __align__(8) unsigned long long bar[PIPE_STAGES];
+    const uint32_t lane = threadIdx.x & 31, row0 = warp_row0(), warp = threadIdx.x >> 5;
+    pad_regs<PAD_STEP> pad;
+    pad.fill((const uint32_t *)xy);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < PIPE_STAGES; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((unsigned)__cvta_generic_to_shared(bar + i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int p = 0; p < PIPE_STAGES; p++)
+            tma_request(stage, bar, w, rows, p, phases);
+    }
+    __syncthreads();
+    float last = 0.0f;
+    for (int p = 0; p < phases; p++) {
+        const unsigned b = (unsigned)__cvta_generic_to_shared(bar + p % PIPE_STAGES);
+        const unsigned parity = (unsigned)(p / PIPE_STAGES) & 1;
+        asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                     "@!done bra wait_%=;\n}" ::"r"(b), "r"(parity) : "memory");
+        rows_in_flight f;
+        const uint4 *src = stage + (size_t)(p % PIPE_STAGES) * PIPE_STAGE_VECS;
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                f.w[r][u] = src[(size_t)(warp * RPW + r) * VPR + lane + 32 * u];
+        last = f.reduce(xy + (p & 1) * rows, xy + ((p + 1) & 1) * rows, row0, lane, rows);
+        asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+        asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+        if (threadIdx.x == 0)  /* every thread of the cluster has read stage p */
+            tma_request(stage, bar, w, rows, p + PIPE_STAGES, phases);
+    }
+    pad.keep((uint32_t *)xy, last);
+}
+
 int main(int argc, char **argv) {
     /* steps per persistent kernel (0: the kernel chain), and its barrier */
     const struct { const char *name; int per_launch, barrier; } modes[] = {
@@ -509,7 +563,8 @@ int main(int argc, char **argv) {
         {"persistent8-split-relaxed", STEPS, BARRIER_SPLIT_RELAXED}, {"persistent8-split-warp", STEPS, BARRIER_SPLIT_WARP},
         {"persistent8-llx", STEPS, BARRIER_NONE}, {"persistent8-split-spread", STEPS, BARRIER_SPLIT_SPREAD},
         {"persistent8-split-late0", STEPS, BARRIER_SPLIT_LATE0}, {"persistent8-onecluster", STEPS, BARRIER_CLUSTER_ONLY},
-        {"persistent8-onecluster-pipe", STEPS, BARRIER_CLUSTER_ONLY}};
+        {"persistent8-onecluster-pipe", STEPS, BARRIER_CLUSTER_ONLY},
+        {"persistent8-onecluster-tma", STEPS, BARRIER_CLUSTER_ONLY}};
     /* a cluster form's name may end in its cluster size: persistent8-cluster4 (default 8) */
     char mode[64] = "";
     int cluster = 8;
@@ -528,20 +583,22 @@ int main(int argc, char **argv) {
     if (m < 0) {
         fprintf(stderr, "usage: %s MODE SECONDS; MODE: kernels[-narrow|-l1|-shared], persistent, persistent8[-counter|-red|-flag|"
                 "-flagsleep|-none|-ll|-llx|-tree|-cluster[N]|-clusteronly[N]|"
-                "-split[-relaxed|-warp|-spread|-late0]|-onecluster[-pipe][N]]\n", argv[0]);
+                "-split[-relaxed|-warp|-spread|-late0]|-onecluster[-pipe|-tma][N]]\n", argv[0]);
         return 2;
     }
     const int per_launch = modes[m].per_launch;
     const bool persistent = per_launch > 0, narrow = !strcmp(argv[1], "kernels-narrow");
     const bool ll = !strcmp(argv[1], "persistent8-ll"), llx = !strcmp(argv[1], "persistent8-llx");
     const bool clustered = modes[m].barrier == BARRIER_CLUSTER || modes[m].barrier == BARRIER_CLUSTER_ONLY;
-    const bool pipe = !strcmp(mode, "persistent8-onecluster-pipe");
+    const bool tma = !strcmp(mode, "persistent8-onecluster-tma");
+    const bool pipe = tma || !strcmp(mode, "persistent8-onecluster-pipe");  /* weights in shared memory */
+    const void *pipe_kernel = tma ? (const void *)k_step_tma : (const void *)k_step_pipe;
     const bool one_cluster = pipe || !strcmp(mode, "persistent8-onecluster");  /* the grid is one cluster */
     const size_t pipe_smem = pipe ? PIPE_STAGES * PIPE_STAGE_VECS * sizeof(uint4) : 0;
     if (pipe)
-        CK(cudaFuncSetAttribute(k_step_pipe, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pipe_smem));
+        CK(cudaFuncSetAttribute(pipe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pipe_smem));
     if (pipe && cluster > 8)
-        CK(cudaFuncSetAttribute(k_step_pipe, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        CK(cudaFuncSetAttribute(pipe_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     if (!clustered)
         cluster = 1;
     if (cluster < 1 || cluster > 16) {
@@ -570,7 +627,7 @@ int main(int argc, char **argv) {
         cfg.gridDim = grid / cluster * cluster, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;  /* whole clusters */
         int clusters = 0;
         cfg.dynamicSmemBytes = pipe_smem;
-        CK(cudaOccupancyMaxActiveClusters(&clusters, pipe ? (const void *)k_step_pipe : (const void *)k_step, &cfg));
+        CK(cudaOccupancyMaxActiveClusters(&clusters, pipe ? pipe_kernel : (const void *)k_step, &cfg));
         grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
         if (one_cluster)
             grid = clusters > 0 ? cluster : 0;
@@ -581,7 +638,7 @@ int main(int argc, char **argv) {
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : pipe ? (const void *)k_step_pipe : persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : pipe ? pipe_kernel : persistent ? (const void *)k_step : (const void *)k_phase));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
@@ -644,7 +701,7 @@ int main(int argc, char **argv) {
                                       PHASES * per_launch, epoch_base));
             else if (pipe) {
                 cfg.dynamicSmemBytes = pipe_smem;
-                CK(cudaLaunchKernelEx(&cfg, k_step_pipe, (const uint4 *)w, xy, rows, PHASES * per_launch));
+                CK(cudaLaunchKernelEx(&cfg, tma ? k_step_tma : k_step_pipe, (const uint4 *)w, xy, rows, PHASES * per_launch));
             } else
                 CK(cudaLaunchKernelEx(&cfg, k_step, (const uint4 *)w, xy, rows, PHASES * per_launch, modes[m].barrier, c));
         } else {

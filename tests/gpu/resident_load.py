@@ -34,7 +34,7 @@ FORMS = ("kernels", "kernels-narrow", "kernels-l1", "kernels-shared", "persisten
          "persistent8-counter", "persistent8-red", "persistent8-flag", "persistent8-flagsleep", "persistent8-none",
          "persistent8-ll", "persistent8-tree", "persistent8-cluster", "persistent8-clusteronly", "persistent8-split",
          "persistent8-split-relaxed", "persistent8-split-warp", "persistent8-split-spread", "persistent8-split-late0",
-         "persistent8-llx", "persistent8-onecluster", "persistent8-onecluster-pipe")
+         "persistent8-llx", "persistent8-onecluster", "persistent8-onecluster-pipe", "persistent8-onecluster-tma")
 
 
 def build(out: str, pads: str, shape: str, threads: int, stages: int = 3) -> str:
