@@ -29,8 +29,7 @@
  *   persistent8-llx: persistent8-ll, each block reading one row of every warp's output.
  *   persistent8-onecluster[N]: persistent8 on one cluster of N blocks (default 8; 16 is the most),
  *               one an SM, meeting at the hardware cluster barrier: the rest of the GPU is left to
- *               other work. Give it phases of as many bytes as the others' (e.g. --shapes 8:32 at 16
- *               blocks of 512 threads: 1 MB, as 1:32 over 132 blocks).
+ *               other work (e.g. --threads 512 --shapes 8:32: 16 blocks, phases of 1 MB).
  *   persistent8-onecluster-pipe[N]: the same with the weights requested PIPE_STAGES phases ahead into
  *               shared memory (k_step_pipe); -tma: each stage one bulk copy (k_step_tma).
  *
@@ -45,8 +44,9 @@
  *                                        persistent8[-counter | -red | -flag | -flagsleep | -none | -ll |
  *                                        -llx | -tree | -cluster[N] | -clusteronly[N] | -split[...]])
  *   -DTHREADS=512: one block an SM (resident_load.py --threads 512)
- *   -DROWS_PER_WARP=1 -DROW_VECS=32: phases of 1/8 the bytes (1 MB at 512 threads, as SmolLM2's,
- *               whose phases are latency-bound; resident_load.py --shapes 1:32)
+ *   -DROWS_PER_WARP=1 -DROW_VECS=32: short phases, as SmolLM2's, whose time is latency (resident_load.py
+ *               --shapes 1:32): fewer registers, so more blocks fit, and a phase is 1.6 MB at 256
+ *               threads (396 blocks), 2.2 MB at 512 (264); 8.7 MB with the defaults at 512 (132)
  *
  * Prints one line: mode, registers, grid, us per step (mean over the window, and the median of
  * the graph replays). tests/gpu/resident_load.py runs the forms alone and under lattice-bench's
