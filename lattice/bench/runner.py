@@ -9,7 +9,8 @@ Engines take turns run by run (run 0 of A, run 0 of B, run 1 of B, run 1 of A, .
 goes first rotates), so a change of machine load during the measurement hits every engine alike
 instead of skewing their ratio. Warm-up runs come first (interleaved the same way, discarded). With
 a load, the unloaded runs bracket the loaded ones: half of them, then the same runs again while the
-load processes run (one set of processes for all engines), then the other half.
+load processes run (one set of processes for all engines), then the other half. With
+--one-at-a-time each engine instead goes through all of that alone, the others not loaded.
 
 Each engine lives in its own process (EngineWorker; EngineHost in this process with --in-process),
 which loads the model once and answers requests over a pipe, one JSON object a line:
@@ -417,7 +418,6 @@ def measure(hosts: list, s: Settings) -> list[dict]:
     Returns one record per host, in order."""
     if not s.one_at_a_time:
         return measure_together(hosts, s)
-    s.validate()
     return [rec for h in hosts for rec in measure_together([h], s)]
 
 
