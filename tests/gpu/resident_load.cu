@@ -396,16 +396,43 @@ __device__ __forceinline__ void ll_store(unsigned long long *p, float v, uint32_
 }
 
 /* persistent8-llx: the LL form closer to a GEMV, which reads all of x: each block reads one row of
- * every warp's output (rows / RPW words, 8-9 a thread), each word polled until it carries the
- * phase's epoch, with a short sleep after a miss; no block-wide wait. */
-__device__ __forceinline__ float ll_wait_backoff(const unsigned long long *p, uint32_t epoch) {
+ * every warp's output (rows / RPW words, at most LLX_WORDS a thread). A thread requests all its words
+ * at once, then, after a short sleep, again all those that did not yet carry the phase's epoch; no
+ * block-wide wait. */
+constexpr int LLX_WORDS = 8;
+
+__device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long long *p) {
     unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ float llx_wait_all(const unsigned long long *x, uint32_t words, uint32_t epoch) {
+    unsigned long long v[LLX_WORDS];
+    uint32_t missing = 0;  /* bit i: word i not yet of this phase */
+#pragma unroll
+    for (int i = 0; i < LLX_WORDS; i++)
+        if (threadIdx.x + i * THREADS < words)
+            missing |= 1u << i;
     for (;;) {
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-        if ((uint32_t)(v >> 32) == epoch)
-            return __uint_as_float((uint32_t)v);
+#pragma unroll
+        for (int i = 0; i < LLX_WORDS; i++)
+            if (missing >> i & 1)
+                v[i] = ld_relaxed_u64(x + (threadIdx.x + i * THREADS) * RPW);
+#pragma unroll
+        for (int i = 0; i < LLX_WORDS; i++)
+            if ((missing >> i & 1) && (uint32_t)(v[i] >> 32) == epoch)
+                missing &= ~(1u << i);
+        if (!missing)
+            break;
         __nanosleep(32);
     }
+    float xv = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LLX_WORDS; i++)
+        if (threadIdx.x + i * THREADS < words)
+            xv += __uint_as_float((uint32_t)v[i]);
+    return xv;
 }
 
 template <bool WHOLE_X>  /* persistent8-llx : persistent8-ll */
@@ -422,8 +449,7 @@ __global__ void __launch_bounds__(THREADS) k_step_ll(const uint4 *w, unsigned lo
         unsigned long long *y = act + (size_t)(g % LL_SLOTS) * rows;
         float xv = 0.0f;
         if constexpr (WHOLE_X) {
-            for (uint32_t j = threadIdx.x; j < rows / RPW; j += THREADS)
-                xv += ll_wait_backoff(x + j * RPW, g);
+            xv = llx_wait_all(x, rows / RPW, g);
         } else {
             for (uint32_t j = threadIdx.x; j < gridDim.x; j += THREADS)  /* a word of block j's rows */
                 ll_wait(x + j * (rows / gridDim.x) + j % (rows / gridDim.x), g);
@@ -614,10 +640,21 @@ int main(int argc, char **argv) {
         CK(cudaFuncSetAttribute(k_phase, cudaFuncAttributePreferredSharedMemoryCarveout,
                                 !strcmp(argv[1], "kernels-l1") ? 0 : 100));
     const double seconds = atof(argv[2]);
-    int sms = 0, per_sm = 0;
+    /* the kernel this form launches */
+    const void *launched = ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true>
+                           : pipe ? pipe_kernel : persistent ? (const void *)k_step : (const void *)k_phase;
+    int sms = 0, per_sm = 1 << 30;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    /* the same grid in both forms: as many blocks as fit at once (the persistent form's limit) */
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_step, THREADS, 0));
+    /* one grid for the chain and the grid-wide persistent forms of a build, so that they compare at
+       the same bytes a phase: as many blocks as fit at once of the kernel of each that needs the
+       most registers. A larger grid would run a chain in two waves and be refused to a cooperative
+       launch. */
+    for (const void *k : {(const void *)k_phase, (const void *)k_step, (const void *)k_step_ll<false>,
+                          (const void *)k_step_ll<true>}) {
+        int n = 0;
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, THREADS, 0));
+        per_sm = std::min(per_sm, n);
+    }
     uint32_t grid = (uint32_t)(per_sm * sms);
     if (clustered) {  /* whole clusters, as many as fit at once (GPCs may leave SMs over) */
         cudaLaunchConfig_t cfg = {};
@@ -627,7 +664,7 @@ int main(int argc, char **argv) {
         cfg.gridDim = grid / cluster * cluster, cfg.blockDim = THREADS, cfg.attrs = at, cfg.numAttrs = 1;  /* whole clusters */
         int clusters = 0;
         cfg.dynamicSmemBytes = pipe_smem;
-        CK(cudaOccupancyMaxActiveClusters(&clusters, pipe ? pipe_kernel : (const void *)k_step, &cfg));
+        CK(cudaOccupancyMaxActiveClusters(&clusters, launched, &cfg));
         grid = std::min(grid / cluster, (uint32_t)clusters) * cluster;
         if (one_cluster)
             grid = clusters > 0 ? cluster : 0;
@@ -637,8 +674,12 @@ int main(int argc, char **argv) {
         }
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
+    if (llx && rows / RPW > (uint32_t)LLX_WORDS * THREADS) {
+        fprintf(stderr, "persistent8-llx: %u words of x a block, more than %d a thread\n", rows / RPW, LLX_WORDS);
+        return 2;
+    }
     cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true> : pipe ? pipe_kernel : persistent ? (const void *)k_step : (const void *)k_phase));
+    CK(cudaFuncGetAttributes(&fa, launched));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);

@@ -17,7 +17,7 @@ Each round measures every form alone, then every form under one start of the loa
 the forms rotates between rounds, and which phase comes first alternates); a measurement is the
 mean time per step over a 1.5 s window. Prints, per form, the median over rounds of its time per
 step alone and loaded, the loss and the time per step that the load added. Under MPS, start its
-daemon first. Results: bench/results/cuda-load-session1{8,9}-2026-11-27.md.
+daemon first. Results: bench/results/cuda-load-session{18,19,20,21}-2026-11-27.md.
 """
 import argparse
 import contextlib
