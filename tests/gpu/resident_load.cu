@@ -396,9 +396,9 @@ __device__ __forceinline__ void ll_store(unsigned long long *p, float v, uint32_
 }
 
 /* persistent8-llx: the LL form closer to a GEMV, which reads all of x: each block reads one row of
- * every warp's output (rows / RPW words, at most LLX_WORDS a thread). A thread requests all its words
- * at once, then, after a short sleep, again all those that did not yet carry the phase's epoch; no
- * block-wide wait. */
+ * every warp's output (rows / RPW words). A thread requests LLX_WORDS of its words at once, then,
+ * after a short sleep, again all those that did not yet carry the phase's epoch, then the next
+ * LLX_WORDS; no block-wide wait. */
 constexpr int LLX_WORDS = 8;
 
 __device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long long *p) {
@@ -408,30 +408,32 @@ __device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long
 }
 
 __device__ __forceinline__ float llx_wait_all(const unsigned long long *x, uint32_t words, uint32_t epoch) {
-    unsigned long long v[LLX_WORDS];
-    uint32_t missing = 0;  /* bit i: word i not yet of this phase */
-#pragma unroll
-    for (int i = 0; i < LLX_WORDS; i++)
-        if (threadIdx.x + i * THREADS < words)
-            missing |= 1u << i;
-    for (;;) {
-#pragma unroll
-        for (int i = 0; i < LLX_WORDS; i++)
-            if (missing >> i & 1)
-                v[i] = ld_relaxed_u64(x + (threadIdx.x + i * THREADS) * RPW);
-#pragma unroll
-        for (int i = 0; i < LLX_WORDS; i++)
-            if ((missing >> i & 1) && (uint32_t)(v[i] >> 32) == epoch)
-                missing &= ~(1u << i);
-        if (!missing)
-            break;
-        __nanosleep(32);
-    }
     float xv = 0.0f;
+    for (uint32_t base = threadIdx.x; base < words; base += LLX_WORDS * THREADS) {
+        unsigned long long v[LLX_WORDS];
+        uint32_t missing = 0;  /* bit i: word base + i x THREADS not yet of this phase */
 #pragma unroll
-    for (int i = 0; i < LLX_WORDS; i++)
-        if (threadIdx.x + i * THREADS < words)
-            xv += __uint_as_float((uint32_t)v[i]);
+        for (int i = 0; i < LLX_WORDS; i++)
+            if (base + i * THREADS < words)
+                missing |= 1u << i;
+        for (;;) {
+#pragma unroll
+            for (int i = 0; i < LLX_WORDS; i++)
+                if (missing >> i & 1)
+                    v[i] = ld_relaxed_u64(x + (base + i * THREADS) * RPW);
+#pragma unroll
+            for (int i = 0; i < LLX_WORDS; i++)
+                if ((missing >> i & 1) && (uint32_t)(v[i] >> 32) == epoch)
+                    missing &= ~(1u << i);
+            if (!missing)
+                break;
+            __nanosleep(32);
+        }
+#pragma unroll
+        for (int i = 0; i < LLX_WORDS; i++)
+            if (base + i * THREADS < words)
+                xv += __uint_as_float((uint32_t)v[i]);
+    }
     return xv;
 }
 
@@ -646,14 +648,23 @@ int main(int argc, char **argv) {
     int sms = 0, per_sm = 1 << 30;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     /* one grid for the chain and the grid-wide persistent forms of a build, so that they compare at
-       the same bytes a phase: as many blocks as fit at once of the kernel of each that needs the
-       most registers. A larger grid would run a chain in two waves and be refused to a cooperative
-       launch. */
-    for (const void *k : {(const void *)k_phase, (const void *)k_step, (const void *)k_step_ll<false>,
-                          (const void *)k_step_ll<true>}) {
+       the same bytes a phase: as many blocks as fit at once of both the chain's kernel and k_step.
+       A larger grid would run the chain in two waves, or be refused to a cooperative launch. */
+    for (const void *k : {(const void *)k_phase, (const void *)k_step}) {
         int n = 0;
         CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, THREADS, 0));
         per_sm = std::min(per_sm, n);
+    }
+    if (ll || llx) {  /* the tagged-activation kernels must fit that grid at once */
+        int n = 0;
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, launched, THREADS, 0));
+        if (n < per_sm) {
+            cudaFuncAttributes la;
+            CK(cudaFuncGetAttributes(&la, launched));
+            fprintf(stderr, "%s: %d registers a thread, so %d blocks an SM fit, not the grid's %d\n", argv[1],
+                    la.numRegs, n, per_sm);
+            return 2;
+        }
     }
     uint32_t grid = (uint32_t)(per_sm * sms);
     if (clustered) {  /* whole clusters, as many as fit at once (GPCs may leave SMs over) */
@@ -674,10 +685,6 @@ int main(int argc, char **argv) {
         }
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
-    if (llx && rows / RPW > (uint32_t)LLX_WORDS * THREADS) {
-        fprintf(stderr, "persistent8-llx: %u words of x a block, more than %d a thread\n", rows / RPW, LLX_WORDS);
-        return 2;
-    }
     cudaFuncAttributes fa;
     CK(cudaFuncGetAttributes(&fa, launched));
     uint4 *w;
