@@ -382,10 +382,16 @@ __global__ void __launch_bounds__(THREADS) k_step(const uint4 *w, float *xy, uin
  * phase before every block has written it (a timing experiment: the result is not checked). */
 constexpr int LL_SLOTS = 8;
 
+__device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long long *p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
 __device__ __forceinline__ float ll_wait(const unsigned long long *p, uint32_t epoch) {
     unsigned long long v;
     do
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+        v = ld_relaxed_u64(p);
     while ((uint32_t)(v >> 32) != epoch);
     return __uint_as_float((uint32_t)v);
 }
@@ -400,12 +406,6 @@ __device__ __forceinline__ void ll_store(unsigned long long *p, float v, uint32_
  * after a short sleep, again all those that did not yet carry the phase's epoch, then the next
  * LLX_WORDS; no block-wide wait. */
 constexpr int LLX_WORDS = 8;
-
-__device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long long *p) {
-    unsigned long long v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
 
 __device__ __forceinline__ float llx_wait_all(const unsigned long long *x, uint32_t words, uint32_t epoch) {
     float xv = 0.0f;
@@ -645,6 +645,8 @@ int main(int argc, char **argv) {
     /* the kernel this form launches */
     const void *launched = ll ? (const void *)k_step_ll<false> : llx ? (const void *)k_step_ll<true>
                            : pipe ? pipe_kernel : persistent ? (const void *)k_step : (const void *)k_phase;
+    cudaFuncAttributes fa;
+    CK(cudaFuncGetAttributes(&fa, launched));
     int sms = 0, per_sm = 1 << 30;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     /* one grid for the chain and the grid-wide persistent forms of a build, so that they compare at
@@ -659,10 +661,8 @@ int main(int argc, char **argv) {
         int n = 0;
         CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, launched, THREADS, 0));
         if (n < per_sm) {
-            cudaFuncAttributes la;
-            CK(cudaFuncGetAttributes(&la, launched));
             fprintf(stderr, "%s: %d registers a thread, so %d blocks an SM fit, not the grid's %d\n", argv[1],
-                    la.numRegs, n, per_sm);
+                    fa.numRegs, n, per_sm);
             return 2;
         }
     }
@@ -685,8 +685,6 @@ int main(int argc, char **argv) {
         }
     }
     const uint32_t rows = grid * (THREADS / 32) * RPW;
-    cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, launched));
     uint4 *w;
     float *xy;
     const size_t wbytes = (size_t)PHASES * rows * VPR * sizeof(uint4);
